@@ -1,0 +1,36 @@
+"""Error types. Every failure the user can cause is raised as a CPCLError subclass with a message that
+names the file, node or setting and says what is wrong; the CLI prints it without a traceback."""
+
+from __future__ import annotations
+
+
+class CPCLError(Exception):
+    """Base class of every error CPCLSegment raises on purpose."""
+
+    exit_code = 2
+
+
+class InputError(CPCLError):
+    """An input image, segmentation, case list or setting is unusable."""
+
+
+class ModelFileError(CPCLError):
+    """A model file is missing, corrupt, truncated, of another version, or incompatible."""
+
+
+class TrainingDiverged(CPCLError):
+    """The loss became NaN or infinite."""
+
+    exit_code = 3
+
+
+class OutOfMemory(CPCLError):
+    """The device ran out of memory; the message says what to reduce."""
+
+    exit_code = 4
+
+
+class Cancelled(CPCLError):
+    """The run was cancelled (SIGTERM, Ctrl-C, Cancel in Slicer, parent process gone)."""
+
+    exit_code = 130

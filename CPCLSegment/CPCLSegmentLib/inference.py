@@ -1,0 +1,78 @@
+"""Whole-volume prediction: MONAI sliding-window inference with Gaussian blending of softmax maps."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .network import VNet
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
+    """Zero-pads the last three dims of ``x`` up to multiples of ``multiple``; returns the crop back."""
+    sizes = list(x.shape[-3:])
+    extras = [(-s) % multiple for s in sizes]
+    pads = []
+    for e in reversed(extras):  # F.pad takes the last dimension first
+        pads += [e // 2, e - e // 2]
+    crop = tuple(slice(e // 2, e // 2 + s) for e, s in zip(extras, sizes))
+    return F.pad(x, pads), crop
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when supported (fp16 otherwise); a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    net: nn.Module,
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    device: Optional[torch.device] = None,
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    amp: bool = True,
+) -> torch.Tensor:
+    """Softmax probabilities ``(K, D, H, W)`` (float32, CPU) of a preprocessed ``(D, H, W)`` volume.
+
+    Windows of ``patch_size`` overlap by ``overlap`` and are blended with a Gaussian weight (MONAI);
+    volumes smaller than a window are padded with the volume's minimum, as in training (what lies
+    outside a volume is air or empty background, not the mean intensity that 0 stands for). The network runs on ``device``; the output is accumulated
+    on the CPU so large volumes do not need GPU memory for the whole map.
+    """
+    from monai.inferers import sliding_window_inference
+
+    device = device or next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+
+    def predictor(t: torch.Tensor) -> torch.Tensor:
+        with autocast_context(device, amp):
+            logits = net(t.to(device))[0]
+        return torch.softmax(logits.float(), dim=1)
+
+    try:
+        probs = sliding_window_inference(
+            x, tuple(int(p) for p in patch_size), sw_batch_size, predictor, overlap=overlap, mode="gaussian",
+            cval=float(x.min()), sw_device=device, device=torch.device("cpu"),
+        )
+    finally:
+        net.train(was_training)
+    return probs[0].float()
+
+
+def predict_labels(
+    net: VNet, image: np.ndarray, patch_size: Sequence[int], device: Optional[torch.device] = None, **kwargs
+) -> Tuple[np.ndarray, torch.Tensor]:
+    """``(labels (D, H, W) uint8 class indices, probabilities (K, D, H, W))``."""
+    probs = predict_probabilities(net, image, patch_size, device, **kwargs)
+    return probs.argmax(0).numpy().astype(np.uint8), probs

@@ -1,0 +1,153 @@
+"""Planning from the data (as nnU-Net does): target spacing, patch size, memory estimate.
+
+- Target spacing: the per-axis median spacing of the labeled cases.
+- Patch size: the median case shape at that spacing, rounded **up** to a multiple of ``2**depth`` (small
+  volumes get a small patch and are seen whole), then shrunk along its longest physical side until it
+  fits the voxel budget of the device (CPU: speed; GPU: the memory estimate below within the budget).
+- Memory: parameters (student, teacher, gradients, optimizer state) plus the activations the student keeps
+  for backward and the teacher's transient ones; ``bench/memory.py`` checks the estimate against
+  measured peaks (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .network import activation_voxels_per_input_voxel
+
+CPU_PATCH_VOXELS = 64 * 64 * 64  # CPU: above this a step takes seconds on a laptop
+GPU_MAX_PATCH = (128, 128, 128)
+DEFAULT_GPU_BUDGET = 8 * 1024**3  # plan for an 8 GB GPU unless told otherwise
+BYTES_OVERHEAD = 1.35  # allocator slack, cuDNN workspaces, prototype maps (see BENCHMARKS.md, memory)
+
+
+def median_spacing(spacings: Sequence[Sequence[float]]) -> List[float]:
+    arr = np.asarray(spacings, dtype=float)
+    return [float(v) for v in np.median(arr, axis=0)]
+
+
+def shape_at_spacing(size_xyz: Sequence[int], spacing_xyz: Sequence[float], target_xyz: Sequence[float]) -> Tuple[int, int, int]:
+    """(D, H, W) voxels of an image of ``size_xyz`` voxels at ``spacing_xyz`` after resampling."""
+    s = [max(1, int(round(n * sp / t))) for n, sp, t in zip(size_xyz, spacing_xyz, target_xyz)]
+    return (s[2], s[1], s[0])
+
+
+def count_params(width: int, depth: int, num_classes: int, in_channels: int = 1) -> int:
+    """Parameter count of ``VNet(width, depth)`` without building it (conv weights + norm affine)."""
+    total = 0
+    widths = [width * 2**i for i in range(depth + 1)]
+    for i in range(depth + 1):
+        n = min(i + 1, 3)
+        cin = in_channels if i == 0 else widths[i]
+        total += 27 * cin * widths[i] + (n - 1) * 27 * widths[i] ** 2 + 2 * n * widths[i]
+    for i in range(depth):
+        total += 2 * (8 * widths[i] * widths[i + 1] + 2 * widths[i + 1] + 2 * widths[i])  # down + up
+        n = min(i + 1, 3)
+        total += n * (27 * widths[i] ** 2 + 2 * widths[i])
+    total += widths[0] * num_classes + num_classes
+    return total
+
+
+def estimate_memory(
+    patch: Sequence[int],
+    labeled_batch: int,
+    unlabeled_batch: int,
+    width: int,
+    depth: int,
+    num_classes: int,
+    method: str = "cpcl",
+    optimizer: str = "sgd",
+    amp: bool = False,
+) -> Dict[str, float]:
+    """Estimated peak training memory in bytes, with its parts."""
+    voxels = float(np.prod(patch))
+    cfg = dict(width=width, depth=depth, num_classes=num_classes)
+    per_voxel = activation_voxels_per_input_voxel(cfg)
+    act_bytes = 2.0 if amp else 4.0
+    student_batch = labeled_batch + (unlabeled_batch if method != "supervised" else 0)
+    activations = per_voxel * voxels * student_batch * act_bytes
+    teacher = (per_voxel / 3.0) * voxels * unlabeled_batch * act_bytes * 0.5 if method != "supervised" else 0.0
+    losses = 6 * num_classes * voxels * (labeled_batch + unlabeled_batch) * 4.0
+    params = count_params(width, depth, num_classes) * 4.0 * (5 if optimizer == "sgd" else 6)
+    total = (activations + teacher + losses + params) * BYTES_OVERHEAD
+    return {"total": total, "activations": activations, "teacher": teacher, "losses": losses, "parameters": params}
+
+
+def available_memory(device_type: str, device_index: Optional[int] = None) -> Optional[float]:
+    """Free bytes on the device (CUDA: ``mem_get_info``; CPU: available RAM), or None if unknown."""
+    try:
+        if device_type == "cuda":
+            import torch
+
+            free, _total = torch.cuda.mem_get_info(device_index if device_index is not None else torch.cuda.current_device())
+            return float(free)
+        if device_type == "cpu":
+            import psutil
+
+            return float(psutil.virtual_memory().available)
+    except Exception:
+        return None
+    return None
+
+
+def _shrink(patch: List[int], spacing_dhw: Sequence[float], multiple: int) -> bool:
+    """Shrinks the physically longest axis that can still shrink by one multiple; False if none can."""
+    order = sorted(range(3), key=lambda a: -patch[a] * spacing_dhw[a])
+    for a in order:
+        if patch[a] > multiple:
+            patch[a] -= multiple
+            return True
+    return False
+
+
+def plan_patch_size(
+    median_shape: Sequence[int],
+    spacing_xyz: Sequence[float],
+    depth: int,
+    device_type: str,
+    width: int,
+    num_classes: int,
+    labeled_batch: int = 2,
+    unlabeled_batch: int = 2,
+    memory_budget: Optional[float] = None,
+    method: str = "cpcl",
+    amp: bool = True,
+) -> Tuple[Tuple[int, int, int], Dict[str, float]]:
+    """Patch (D, H, W) and its memory estimate; see module docstring."""
+    m = 2**depth
+    patch = [max(m, int(math.ceil(s / m)) * m) for s in median_shape]
+    spacing_dhw = list(reversed(list(spacing_xyz)))
+    if device_type == "cpu":
+        while np.prod(patch) > CPU_PATCH_VOXELS and _shrink(patch, spacing_dhw, m):
+            pass
+    else:
+        patch = [min(p, g) for p, g in zip(patch, GPU_MAX_PATCH)]
+        budget = memory_budget or DEFAULT_GPU_BUDGET
+        while estimate_memory(patch, labeled_batch, unlabeled_batch, width, depth, num_classes, method, amp=amp)["total"] > budget:
+            if not _shrink(patch, spacing_dhw, m):
+                break
+    est = estimate_memory(patch, labeled_batch, unlabeled_batch, width, depth, num_classes, method, amp=amp and device_type == "cuda")
+    return (int(patch[0]), int(patch[1]), int(patch[2])), est
+
+
+def suggest_smaller(patch: Sequence[int], depth: int) -> Tuple[int, int, int]:
+    m = 2**depth
+    return tuple(max(m, (p // 2 // m) * m or m) for p in patch)  # type: ignore[return-value]
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def describe_plan(plan: Dict[str, Any]) -> str:
+    return (
+        f"spacing {['%.3g' % s for s in plan['spacing']]} mm (x, y, z), patch {list(plan['patch_size'])} (D, H, W), "
+        f"normalisation {plan['normalization']['scheme']}"
+    )

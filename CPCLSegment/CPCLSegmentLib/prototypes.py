@@ -1,0 +1,158 @@
+"""Class prototypes by masked average pooling, and cosine-similarity probability maps.
+
+Resolution choice (documented, tested in ``Testing/test_prototypes.py``): prototypes are computed at the
+**feature map's** resolution. Labels (one-hot, optionally confidence-weighted) are brought down to the
+feature grid by average pooling, which gives *soft* masks ``m^k(x') = mean_{x in cell(x')} [Y(x)=k]``.
+Then
+
+    p^k = Σ_x' F(x') m^k(x') / Σ_x' m^k(x')
+
+is **exactly** the full-resolution formula ``Σ_x ↑F(x)[Y(x)=k] / Σ_x [Y(x)=k]`` when ``↑`` is
+nearest-neighbour upsampling, and close to it for the reference's trilinear upsampling, while never
+materialising a many-channel feature map at full resolution (the reference's main cost). Only the
+K-channel similarity logits are brought back to label resolution, which is cheap because K ≪ C.
+
+Absent classes: a class with zero mask mass in the pooled set has no prototype. ``valid`` marks which
+prototypes exist; similarity logits of invalid classes are set to ``NEG`` (probability 0 after softmax)
+and losses skip them, so nothing divides by zero and nothing is NaN.
+
+Unknown voxels (sparse labels) carry the label ``IGNORE_INDEX`` (-1) and have zero mass in every mask.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -1
+NEG = -1.0e4  # logit of a class with no prototype: exp(NEG - max) underflows to exactly 0 in float32
+DEFAULT_SCALE = 20.0
+_TINY = 1e-6
+
+
+def class_masks(
+    labels: torch.Tensor,
+    num_classes: int,
+    weights: Optional[torch.Tensor] = None,
+    class_known: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One-hot masks ``m^k(x) = [Y(x)=k] · w(x)``.
+
+    Args:
+        labels: ``(B, D, H, W)`` int64 class indices; ``IGNORE_INDEX`` voxels get all-zero masks.
+        num_classes: K.
+        weights: optional ``(B, D, H, W)`` per-voxel weights (e.g. the teacher's confidence).
+        class_known: optional ``(B, K)`` bool; ``False`` marks a class not annotated in that case
+            (partial segments). Its channel is zero for that case, and so is the case's background
+            channel, because there "background" may hide the unannotated class.
+    Returns:
+        ``(B, K, D, H, W)`` float32 masks.
+    """
+    known = labels >= 0
+    onehot = F.one_hot(labels.clamp_min(0), num_classes).permute(0, 4, 1, 2, 3).float()
+    onehot = onehot * known.unsqueeze(1)
+    if weights is not None:
+        onehot = onehot * weights.unsqueeze(1).float()
+    if class_known is not None:
+        ck = class_known.float().clone()
+        ck[:, 0] = ck[:, 0] * class_known[:, 1:].all(dim=1).float()
+        onehot = onehot * ck[:, :, None, None, None]
+    return onehot
+
+
+def downsample_masks(masks: torch.Tensor, feature_shape: Sequence[int]) -> torch.Tensor:
+    """Average-pools ``(B, K, D, H, W)`` masks onto the feature grid ``(d, h, w)`` (integer factors)."""
+    size = masks.shape[2:]
+    if tuple(size) == tuple(feature_shape):
+        return masks
+    factors = []
+    for s, f in zip(size, feature_shape):
+        if s % f:
+            raise ValueError(f"label grid {tuple(size)} is not an integer multiple of feature grid {tuple(feature_shape)}")
+        factors.append(s // f)
+    return F.avg_pool3d(masks, kernel_size=factors, stride=factors)
+
+
+Sync = Optional[Callable[[torch.Tensor], torch.Tensor]]
+
+
+def masked_average_pooling(
+    features: torch.Tensor, masks: torch.Tensor, per_sample: bool = False, sync: Sync = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Prototypes ``p^k = Σ_{b,x} F_b(x) m_b^k(x) / Σ_{b,x} m_b^k(x)``.
+
+    Args:
+        features: ``(B, C, d, h, w)``.
+        masks: ``(B, K, d, h, w)`` on the same grid (see ``downsample_masks``).
+        per_sample: pool each sample separately (the reference) instead of over the whole batch.
+        sync: with DDP, a differentiable all-reduce (sum) applied to numerator and denominator so every
+            rank pools over the **global** batch (batch mode only).
+    Returns:
+        ``prototypes`` ``(K, C)`` (or ``(B, K, C)`` per sample) in float32, zero where invalid, and
+        ``valid`` ``(K,)`` (or ``(B, K)``) bool: the class has mask mass.
+    """
+    if features.shape[0] != masks.shape[0] or features.shape[2:] != masks.shape[2:]:
+        raise ValueError(f"features {tuple(features.shape)} and masks {tuple(masks.shape)} do not match")
+    f = features.float()
+    m = masks.float()
+    if per_sample:
+        num = torch.einsum("bkdhw,bcdhw->bkc", m, f)
+        den = m.sum(dim=(2, 3, 4))
+    else:
+        num = torch.einsum("bkdhw,bcdhw->kc", m, f)
+        den = m.sum(dim=(0, 2, 3, 4))
+        if sync is not None:
+            num, den = sync(num), sync(den)
+    valid = den > _TINY
+    protos = num / den.clamp_min(_TINY).unsqueeze(-1)
+    protos = protos * valid.unsqueeze(-1)
+    return protos, valid
+
+
+def prototype_logits(
+    features: torch.Tensor, prototypes: torch.Tensor, valid: torch.Tensor, scale: float = DEFAULT_SCALE
+) -> torch.Tensor:
+    """Cosine logits ``s^k(x) = scale · cos(F(x), p^k)``; ``NEG`` for classes without a prototype.
+
+    Args:
+        features: ``(B, C, d, h, w)``.
+        prototypes: ``(K, C)`` shared by the batch, or ``(B_p, K, C)`` per sample; sample ``b`` of
+            ``features`` uses prototype set ``b % B_p`` (the reference pairs labeled i with unlabeled i).
+        valid: ``(K,)`` or ``(B_p, K)`` bool.
+    Returns:
+        ``(B, K, d, h, w)`` float32 logits. ``softmax`` over K gives ``P^k(x)``.
+    """
+    f = F.normalize(features.float(), dim=1, eps=1e-8)
+    b = f.shape[0]
+    if prototypes.dim() == 2:
+        prototypes = prototypes.unsqueeze(0)
+        valid = valid.unsqueeze(0)
+    idx = torch.arange(b, device=f.device) % prototypes.shape[0]
+    p = F.normalize(prototypes.float(), dim=-1, eps=1e-8)[idx]  # (B, K, C)
+    v = valid[idx]  # (B, K)
+    logits = scale * torch.einsum("bcdhw,bkc->bkdhw", f, p)
+    return logits.masked_fill(~v[:, :, None, None, None], NEG)
+
+
+def prototype_probabilities(
+    features: torch.Tensor, prototypes: torch.Tensor, valid: torch.Tensor, scale: float = DEFAULT_SCALE
+) -> torch.Tensor:
+    """``P^k(x) = softmax_k(scale · cos(F(x), p^k))``, shape ``(B, K, d, h, w)``; 0 for invalid classes."""
+    return torch.softmax(prototype_logits(features, prototypes, valid, scale), dim=1)
+
+
+def to_label_resolution(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Trilinear resize of K-channel logits ``(B, K, d, h, w)`` to the label grid ``size``."""
+    if tuple(logits.shape[2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="trilinear", align_corners=False)
+
+
+def expand_valid(valid: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(K,)`` or ``(B_p, K)`` validity → ``(batch, K)``, pairing sample b with set ``b % B_p``."""
+    if valid.dim() == 1:
+        return valid.unsqueeze(0).expand(batch, -1)
+    idx = torch.arange(batch, device=valid.device) % valid.shape[0]
+    return valid[idx]

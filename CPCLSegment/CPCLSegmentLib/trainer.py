@@ -1,0 +1,554 @@
+"""The training loop: student + EMA teacher, CPCL / mean-teacher / supervised-only, with callbacks.
+
+``train(config, labeled, unlabeled, num_classes, ...)`` returns a ``TrainResult``. The loop body is
+deliberately short (nanoGPT style): sample → loss terms → one optimizer step → EMA teacher → report.
+
+Callbacks: ``on_progress(event: dict)`` receives ``start`` / ``progress`` / ``validation`` / ``warning`` /
+``checkpoint`` events (the CLI prints them as JSON lines); ``should_stop() -> bool`` is polled every
+iteration (Stop in Slicer, SIGTERM): the loop ends cleanly and the result holds the model trained so far.
+
+Multi-GPU: pass ``distributed=DistributedContext(...)`` (see ``distributed.py``). Each rank draws its own
+slice of the global batch; Dice statistics and batch prototypes are all-reduced so every rank computes the
+global batch's loss; gradients are averaged by DDP; the EMA teacher is identical on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import Augmenter, Case, PatchSampler
+from .errors import InputError, OutOfMemory, TrainingDiverged
+from .inference import autocast_context, predict_labels
+from .losses import (
+    cpcl_loss_terms,
+    mean_teacher_loss_terms,
+    sigmoid_rampup,
+    split_terms,
+    supervised_loss_terms,
+    total_loss,
+)
+from .metrics import dice_per_class, nanmean
+from .modelfile import state_dict_cpu
+from .network import VNet
+from .prototypes import class_masks, downsample_masks
+from .teacher import make_teacher, update_teacher
+
+METHODS = ("cpcl", "mean_teacher", "supervised")
+
+
+@dataclass
+class TrainConfig:
+    """Every trainer setting (the CLI's ``--config`` file and the Slicer panel's advanced settings).
+
+    Defaults are the recipe the hippocampus benchmark selected on its validation split (BENCHMARKS.md);
+    the reference's values are noted where they differ.
+    """
+
+    method: str = "cpcl"  # cpcl | mean_teacher | supervised
+    iterations: int = 500
+    patch_size: Optional[Tuple[int, int, int]] = None  # (D, H, W) voxels, multiples of 2**depth; None = planned
+    labeled_batch: int = 2
+    unlabeled_batch: int = 2
+    # optimisation (reference: SGD 0.01, momentum 0.9, wd 1e-4, poly 0.9)
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    freeze_encoder: bool = False
+    # CPCL loss: L = L_s + λ(t)(L_fpc + β L_bpc) [+ λ_mt(t) L_mt]
+    lambda_max: float = 0.1
+    beta: float = 10.0
+    rampup: float = 0.4  # ramp-up length: a fraction of the iterations (<= 1) or a number of iterations (> 1)
+    consistency_weight: Optional[float] = None  # mean-teacher term; None: 0 for cpcl, lambda_max for mean_teacher
+    ema_decay: float = 0.99
+    scale: float = 20.0
+    per_sample_prototypes: bool = False
+    forward_prediction: str = "student"  # student | teacher
+    confidence_weighting: bool = True
+    detach_features: bool = False  # ablation: the public reference's effective behaviour
+    use_forward: bool = True
+    use_backward: bool = True
+    # network (reference: width 16, depth 4, batch norm, feature level 1, dropout 0.5)
+    width: int = 16
+    depth: int = 4
+    norm: str = "instance"
+    feature_level: int = 1
+    dropout: float = 0.0
+    # data
+    foreground_oversample: float = 0.33
+    # Mirroring and rot90 are off by default: they swap left/right (lungs, kidneys) and anterior/posterior
+    # (hippocampus head/body), so a flipped patch teaches the wrong class. Turn them on for symmetric,
+    # single-structure tasks (the reference's left atrium).
+    flip: bool = False
+    rot90: bool = False
+    intensity_prob: float = 0.0  # probability of each intensity augmentation (student views)
+    strong_unlabeled: bool = False  # student sees an intensity-augmented view of X_u, the teacher a clean one
+    teacher_noise: float = 0.0  # σ of clipped Gaussian noise on the teacher input (reference 0.1)
+    # run
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: bool = True  # bf16 / fp16 autocast on CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    validation_every: int = 0  # 0: about 10 times per run when validation cases are given
+    checkpoint_every: int = 0  # 0: about 10 times per run when a checkpoint path is given
+    validation_overlap: float = 0.25
+
+    def validate(self) -> "TrainConfig":
+        """Raises InputError listing every invalid field; returns self."""
+        errs = []
+        if self.method not in METHODS:
+            errs.append(f"method must be one of {METHODS}, not {self.method!r}")
+        if self.iterations < 1:
+            errs.append("iterations must be at least 1")
+        if self.labeled_batch < 1:
+            errs.append("labeled_batch must be at least 1")
+        if self.unlabeled_batch < 0:
+            errs.append("unlabeled_batch must be >= 0")
+        if self.optimizer not in ("sgd", "adamw"):
+            errs.append("optimizer must be 'sgd' or 'adamw'")
+        for name in ("lr", "lambda_max", "beta", "ema_decay", "scale", "weight_decay", "momentum", "poly_power", "rampup"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+                errs.append(f"{name} must be a finite number >= 0, not {v!r}")
+        if not 0 <= self.ema_decay < 1:
+            errs.append("ema_decay must be in [0, 1)")
+        if self.forward_prediction not in ("student", "teacher"):
+            errs.append("forward_prediction must be 'student' or 'teacher'")
+        if self.norm not in ("instance", "batch", "group", "none"):
+            errs.append("norm must be instance, batch, group or none")
+        if not 0 <= self.feature_level < self.depth:
+            errs.append(f"feature_level must be in [0, depth - 1 = {self.depth - 1}]")
+        if not 1 <= self.depth <= 6:
+            errs.append("depth must be between 1 and 6")
+        if self.width < 1:
+            errs.append("width must be at least 1")
+        if not 0 <= self.foreground_oversample <= 1 or not 0 <= self.intensity_prob <= 1 or not 0 <= self.dropout < 1:
+            errs.append("foreground_oversample, intensity_prob must be in [0, 1] and dropout in [0, 1)")
+        if self.patch_size is not None:
+            ps = tuple(int(p) for p in self.patch_size)
+            m = 2**self.depth
+            if len(ps) != 3 or any(p < m or p % m for p in ps):
+                errs.append(f"patch_size must be three multiples of {m} (2**depth), not {self.patch_size}")
+            self.patch_size = ps
+        if errs:
+            raise InputError("invalid training settings: " + "; ".join(errs))
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        if d["patch_size"] is not None:
+            d["patch_size"] = list(d["patch_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"unknown training setting(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        cfg = cls(**{k: v for k, v in d.items()})
+        if cfg.patch_size is not None:
+            cfg.patch_size = tuple(int(p) for p in cfg.patch_size)
+        return cfg
+
+    def network_config(self, num_classes: int, in_channels: int = 1) -> Dict[str, Any]:
+        return dict(
+            in_channels=in_channels, num_classes=num_classes, width=self.width, depth=self.depth, norm=self.norm,
+            feature_level=self.feature_level, dropout=self.dropout,
+        )
+
+    def rampup_iterations(self) -> float:
+        return self.rampup * self.iterations if self.rampup <= 1 else self.rampup
+
+    def mt_weight(self) -> float:
+        if self.consistency_weight is not None:
+            return float(self.consistency_weight)
+        return self.lambda_max if self.method == "mean_teacher" else 0.0
+
+
+@dataclass
+class TrainResult:
+    student: nn.Module
+    teacher: nn.Module
+    history: List[Dict[str, Any]]
+    iterations_done: int
+    status: str  # completed | stopped
+    best_state: Optional[Dict[str, torch.Tensor]] = None
+    best: Optional[Dict[str, Any]] = None
+    prototypes: Optional[torch.Tensor] = None
+    prototype_valid: Optional[torch.Tensor] = None
+    method: str = "cpcl"
+    validation: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA if usable, else Apple MPS, else CPU. Explicit names are checked."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but torch cannot use a CUDA GPU here (CPU-only torch build or no driver)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("device 'mps' requested but Apple MPS is not available")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return f"CUDA: {torch.cuda.get_device_name(idx)}"
+    if device.type == "mps":
+        return "Apple MPS"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def is_oom(e: BaseException) -> bool:
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom_type is not None and isinstance(e, oom_type)) or "out of memory" in str(e).lower()
+
+
+class Trainer:
+    """Holds the networks, optimizer and samplers; ``run()`` trains. See module docstring."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        labeled: Sequence[Case],
+        unlabeled: Sequence[Case],
+        num_classes: int,
+        *,
+        class_names: Optional[Sequence[str]] = None,
+        validation: Sequence[Case] = (),
+        init_state: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        checkpoint: Optional[Callable[["Trainer", int], None]] = None,
+        distributed: Any = None,
+    ) -> None:
+        self.cfg = cfg = copy.deepcopy(config).validate()
+        if not labeled:
+            raise InputError("training needs at least one labeled case")
+        if cfg.patch_size is None:
+            raise InputError("patch_size must be set (planning.plan_patch_size chooses one)")
+        self.K = num_classes
+        self.names = list(class_names) if class_names else [f"class {i}" for i in range(1, num_classes)]
+        self.labeled, self.unlabeled, self.validation = list(labeled), list(unlabeled), list(validation)
+        self.dist = distributed
+        self.rank = distributed.rank if distributed else 0
+        self.world = distributed.world_size if distributed else 1
+        self._emit = on_progress or (lambda e: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.checkpoint_fn = checkpoint
+        self.device = distributed.device if distributed else resolve_device(cfg.device)
+        self.method = cfg.method
+        if self.method != "supervised" and (not self.unlabeled or cfg.unlabeled_batch == 0):
+            self.warn("no unlabeled cases: training supervised-only (add unlabeled volumes for semi-supervised learning)")
+            self.method = "supervised"
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        net = VNet(**cfg.network_config(num_classes))
+        if init_state is not None:
+            net.load_state_dict(init_state["student"])
+        if distributed and cfg.norm == "batch":
+            from .distributed import convert_batchnorm
+
+            net = convert_batchnorm(net, self.device)
+        self.teacher = make_teacher(net)
+        torch.manual_seed(cfg.seed + self.rank)  # per-rank dropout streams
+        if init_state is not None and init_state.get("teacher") is not None:
+            self.teacher.load_state_dict(init_state["teacher"])
+        use_cuda = self.device.type == "cuda"
+        self.amp = bool(cfg.amp and use_cuda)
+        self.memory_format = torch.channels_last_3d if (use_cuda and cfg.channels_last) else torch.contiguous_format
+        net = net.to(self.device, memory_format=self.memory_format)
+        self.teacher = self.teacher.to(self.device, memory_format=self.memory_format)
+        if use_cuda:
+            torch.backends.cudnn.benchmark = True
+        if cfg.freeze_encoder:
+            for m in (net.encoder, net.down):
+                for p in m.parameters():
+                    p.requires_grad_(False)
+        self.student = net  # the plain module (EMA source, state dicts)
+        self.model = distributed.wrap(net) if distributed else net  # what the loss calls
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        params = [p for p in net.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not torch.cuda.is_bf16_supported()) if use_cuda else None
+        aug = Augmenter(cfg.patch_size, cfg.flip, cfg.rot90, cfg.intensity_prob)
+        self.lab_sampler = PatchSampler(self.labeled, cfg.patch_size, num_classes, aug, cfg.seed, 1, cfg.foreground_oversample)
+        self.unl_sampler = (
+            PatchSampler(self.unlabeled, cfg.patch_size, num_classes, aug, cfg.seed, 2, 0.0, cfg.teacher_noise, cfg.strong_unlabeled)
+            if self.method != "supervised"
+            else None
+        )
+        self.iteration = 0
+        self.history: List[Dict[str, Any]] = []
+        self.validations: List[Dict[str, Any]] = []
+        self.best_state: Optional[Dict[str, torch.Tensor]] = None
+        self.best: Optional[Dict[str, Any]] = None
+        self._t0 = None
+        self._time_per_it = None
+
+    # ------------------------------------------------------------------------------------- reporting
+
+    def emit(self, event: Dict[str, Any]) -> None:
+        if self.rank == 0:
+            self._emit(event)
+
+    def warn(self, message: str) -> None:
+        self.emit({"event": "warning", "message": message})
+
+    # ---------------------------------------------------------------------------------------- state
+
+    def state(self) -> Dict[str, Any]:
+        """Everything needed to resume at ``self.iteration`` (weights_only-loadable)."""
+        return {
+            "iteration": self.iteration,
+            "config": self.cfg.to_dict(),
+            "method": self.method,
+            "student": state_dict_cpu(self.student),
+            "teacher": state_dict_cpu(self.teacher),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "validations": self.validations,
+            "best_state": self.best_state,
+            "best": self.best,
+        }
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration = int(state["iteration"])
+        self.history = list(state.get("history", []))
+        self.validations = list(state.get("validations", []))
+        self.best_state = state.get("best_state")
+        self.best = state.get("best")
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def _tensor(self, a: Optional[np.ndarray], dtype=torch.float32) -> Optional[torch.Tensor]:
+        if a is None:
+            return None
+        t = torch.from_numpy(a).to(self.device, dtype=dtype, non_blocking=True)
+        return t.contiguous(memory_format=self.memory_format) if t.dim() == 5 else t
+
+    def _indices(self, batch: int) -> List[int]:
+        return [self.rank * batch + i for i in range(batch)]
+
+    def loss_terms(self, it: int) -> Dict[str, torch.Tensor]:
+        cfg = self.cfg
+        lb = self.lab_sampler.sample(it, self._indices(cfg.labeled_batch))
+        x_l, y_l = self._tensor(lb.images), self._tensor(lb.labels, torch.int64)
+        known = self._tensor(lb.class_known, torch.bool)
+        known = None if known is None or bool(known.all()) else known
+        sync = self.dist.all_reduce if self.dist else None
+        with autocast_context(self.device, self.amp):
+            if self.method == "supervised":
+                return supervised_loss_terms(self.model, x_l, y_l, known, sync)
+            ub = self.unl_sampler.sample(it, self._indices(cfg.unlabeled_batch))
+            x_u, x_t = self._tensor(ub.images), self._tensor(ub.teacher_images)
+            if self.method == "mean_teacher":
+                return mean_teacher_loss_terms(self.model, self.teacher, x_l, y_l, x_u, teacher_images=x_t, class_known=known, sync=sync)
+            return cpcl_loss_terms(
+                self.model, self.teacher, x_l, y_l, x_u, teacher_images=x_t, class_known=known, scale=cfg.scale,
+                per_sample_prototypes=cfg.per_sample_prototypes, forward_prediction=cfg.forward_prediction,
+                confidence_weighting=cfg.confidence_weighting, detach_features=cfg.detach_features,
+                use_forward=cfg.use_forward, use_backward=cfg.use_backward, consistency=cfg.mt_weight() > 0, sync=sync,
+            )
+
+    def step(self, it: int) -> Dict[str, float]:
+        """One iteration: loss, backward, optimizer step, EMA update. Returns the logged values."""
+        cfg = self.cfg
+        lr = cfg.lr * (1.0 - it / cfg.iterations) ** cfg.poly_power
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        ramp = sigmoid_rampup(it, cfg.rampup_iterations())
+        terms = self.loss_terms(it)
+        loss = total_loss(terms, ramp, cfg.lambda_max, cfg.beta, cfg.mt_weight())
+        values, finite = split_terms(terms)
+        values["total"] = float(loss.detach())
+        if not finite or not math.isfinite(values["total"]):
+            bad = ", ".join(f"{k}={v}" for k, v in values.items())
+            raise TrainingDiverged(
+                f"the loss became non-finite at iteration {it + 1} ({bad}); training stopped and the last finite "
+                "checkpoint was kept. Lower the learning rate or check the input intensities."
+            )
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        update_teacher(self.teacher, self.student, it, cfg.ema_decay)
+        values.update(lr=lr, ramp=ramp)
+        return values
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        n_val = max(1, cfg.iterations // 10)
+        val_every = cfg.validation_every or n_val
+        ckpt_every = cfg.checkpoint_every or n_val
+        self.emit({
+            "event": "start", "method": self.method, "iterations": cfg.iterations, "start_iteration": self.iteration,
+            "device": describe_device(self.device), "labeled": len(self.labeled), "unlabeled": len(self.unlabeled),
+            "validation": len(self.validation), "patch_size": list(cfg.patch_size), "world_size": self.world,
+        })
+        status = "completed"
+        self.student.train()
+        self._t0 = time.perf_counter()
+        first = self.iteration
+        while self.iteration < cfg.iterations:
+            stop = self.should_stop()
+            if self.dist is not None:
+                stop = self.dist.any_rank(stop)  # ranks must leave the loop together
+            if stop:
+                status = "stopped"
+                break
+            it = self.iteration
+            t = time.perf_counter()
+            try:
+                values = self.step(it)
+            except RuntimeError as e:
+                if is_oom(e):
+                    raise OutOfMemory(oom_message(cfg, self.device)) from None
+                raise
+            self.iteration = it + 1
+            dt = time.perf_counter() - t
+            self._time_per_it = dt if self._time_per_it is None else 0.9 * self._time_per_it + 0.1 * dt
+            record = {"iteration": self.iteration, **{k: round(v, 6) for k, v in values.items()}}
+            self.history.append(record)
+            left = cfg.iterations - self.iteration
+            self.emit({
+                "event": "progress", "iteration": self.iteration, "of": cfg.iterations,
+                "loss": {k: round(v, 5) for k, v in values.items() if k not in ("lr", "ramp")},
+                "lr": values["lr"], "lambda": cfg.lambda_max * values["ramp"],
+                "seconds_per_iteration": round(self._time_per_it, 4),
+                "eta_s": round(left * (time.perf_counter() - self._t0) / max(1, self.iteration - first), 1),
+            })
+            if self.validation and (self.iteration % val_every == 0 or self.iteration == cfg.iterations):
+                self.validate()
+            if self.checkpoint_fn and self.iteration % ckpt_every == 0 and self.iteration < cfg.iterations:
+                self.checkpoint_fn(self, self.iteration)
+        if status == "stopped" and self.checkpoint_fn:
+            self.checkpoint_fn(self, self.iteration)  # so --resume can continue a stopped run
+        if self.dist is not None:
+            self.emit({"event": "distributed_check", "world_size": self.world,
+                       "teacher_max_abs_diff": self.dist.max_difference_from_rank0(self.teacher),
+                       "student_max_abs_diff": self.dist.max_difference_from_rank0(self.student)})
+        protos, valid = (None, None)
+        if self.rank == 0:
+            protos, valid = labeled_prototypes(self.teacher, self.labeled, cfg.patch_size, self.K, self.device, seed=cfg.seed)
+        return TrainResult(
+            self.student, self.teacher, self.history, self.iteration, status, self.best_state, self.best, protos, valid,
+            self.method, self.validations,
+        )
+
+    def validate(self) -> Dict[str, Any]:
+        """Teacher Dice per segment on the validation cases (rank 0); keeps the best weights."""
+        if self.rank != 0:
+            return {}
+        per_class: List[List[float]] = []
+        for case in self.validation:
+            pred, _ = predict_labels(self.teacher, case.image, self.cfg.patch_size, self.device, overlap=self.cfg.validation_overlap, amp=self.amp)
+            per_class.append(dice_per_class(pred, np.asarray(case.label), self.K))
+        dice = [nanmean([d[c] for d in per_class]) for c in range(self.K - 1)]
+        mean = nanmean(dice)
+        improved = self.best is None or (mean == mean and mean > self.best["mean_dice"])
+        if improved and mean == mean:
+            self.best_state = state_dict_cpu(self.teacher)
+            self.best = {"iteration": self.iteration, "mean_dice": mean, "dice": dict(zip(self.names, dice))}
+        event = {
+            "event": "validation", "iteration": self.iteration, "dice": {n: (None if d != d else round(d, 4)) for n, d in zip(self.names, dice)},
+            "mean_dice": None if mean != mean else round(mean, 4), "best": bool(improved),
+        }
+        stuck = [n for n, d in zip(self.names, dice) if d == 0.0]
+        if stuck and self.iteration >= self.cfg.iterations // 3:
+            event["zero_dice_segments"] = stuck
+            self.warn(f"segment(s) {', '.join(stuck)} still have Dice 0 on the validation cases at iteration {self.iteration}: "
+                      "check that they are labeled in enough training cases")
+        self.validations.append(event)
+        self.emit(event)
+        return event
+
+
+def oom_message(cfg: TrainConfig, device: torch.device) -> str:
+    smaller = tuple(max(2**cfg.depth, (p // 2**cfg.depth // 2 or 1) * 2**cfg.depth) for p in cfg.patch_size)
+    return (
+        f"{device.type.upper()} ran out of memory with patch {list(cfg.patch_size)} (D, H, W), batch "
+        f"{cfg.labeled_batch}+{cfg.unlabeled_batch}, width {cfg.width}. Reduce the patch size (e.g. {list(smaller)}), "
+        "the batch sizes or the network width, or train on the CPU; the last checkpoint was kept."
+    )
+
+
+@torch.no_grad()
+def labeled_prototypes(
+    net: nn.Module, cases: Sequence[Case], patch: Sequence[int], num_classes: int, device: torch.device,
+    patches_per_case: int = 2, max_patches: int = 64, seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Class prototypes ``(K, C)`` of ``net``'s features pooled over foreground-centred patches of the
+    labeled cases (stored in the model file for prototype-based uncertainty scores)."""
+    net.eval()
+    aug = Augmenter(patch, flip=False, rot90=False)
+    sampler = PatchSampler(cases, patch, num_classes, aug, seed, 3, foreground_oversample=0.66)
+    n = min(max_patches, patches_per_case * len(cases))
+    num, den = None, None
+    for i in range(n):
+        b = sampler.sample(0, [i])
+        _, feats = net(torch.from_numpy(b.images).to(device))
+        feats = feats.float()
+        masks = downsample_masks(class_masks(torch.from_numpy(b.labels).to(device), num_classes), feats.shape[2:])
+        nn_ = torch.einsum("bkdhw,bcdhw->kc", masks, feats)
+        dn = masks.sum(dim=(0, 2, 3, 4))
+        num = nn_ if num is None else num + nn_
+        den = dn if den is None else den + dn
+    valid = den > 1e-6
+    protos = (num / den.clamp_min(1e-6).unsqueeze(1)) * valid.unsqueeze(1)
+    return protos.cpu(), valid.cpu()
+
+
+def train(
+    config: TrainConfig,
+    labeled: Sequence[Case],
+    unlabeled: Sequence[Case],
+    num_classes: int,
+    **kwargs: Any,
+) -> TrainResult:
+    """Convenience wrapper: ``Trainer(...).run()`` (optionally resuming from ``resume_state``)."""
+    resume = kwargs.pop("resume_state", None)
+    trainer = Trainer(config, labeled, unlabeled, num_classes, **kwargs)
+    if resume is not None:
+        trainer.load_state(resume)
+    return trainer.run()
+
+
+def suppress_known_warnings() -> None:
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")

@@ -1,0 +1,95 @@
+"""Shared fixtures: real data paths and ONE trained model reused by many tests (keeps the suite fast).
+
+The shared model is trained once per session through the pipeline (the same path as ``cpcl-segment
+train``) on slicerio's chest CT (two lung segments), resampled to 6 mm in-plane so a 16×64×64 patch sees a
+whole slice: about 30 s on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+HIPPO = SHARED_DATA / "msd-hippocampus"
+TOTALSEG = SHARED_DATA / "totalsegmentator-example"
+
+LUNGS = ["right lung", "left lung"]
+COARSE_SPACING = [6.09375190734864, 6.09375190734864, 10.0]
+
+
+def slicerio_data_dir() -> Path:
+    import slicerio
+
+    return Path(slicerio.__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def ct_path() -> str:
+    return str(slicerio_data_dir() / "CTChest4.nrrd")
+
+
+@pytest.fixture(scope="session")
+def seg_path() -> str:
+    return str(slicerio_data_dir() / "Segmentation.seg.nrrd")
+
+
+@pytest.fixture(scope="session")
+def overlapping_seg_path() -> str:
+    return str(slicerio_data_dir() / "SegmentationOverlapping.seg.nrrd")
+
+
+def small_config(**overrides):
+    from CPCLSegmentLib.trainer import TrainConfig
+
+    cfg = dict(iterations=120, patch_size=(16, 64, 64), width=8, optimizer="adamw", lr=3e-3, seed=0, device="cpu",
+               validation_every=60, checkpoint_every=60)
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, ct_path, seg_path):
+    """(model path, events, result) of one short CPCL run on the chest CT, lungs only."""
+    from CPCLSegmentLib import pipeline
+
+    out = tmp_path_factory.mktemp("shared-model") / "lungs.pt"
+    events = []
+    request = pipeline.TrainRequest(
+        labeled=[pipeline.LabeledInput(ct_path, seg_path)],
+        unlabeled=[ct_path],
+        out=str(out),
+        segments=list(LUNGS),
+        spacing=list(COARSE_SPACING),
+        config=small_config(),
+    )
+    result = pipeline.train(request, events.append)
+    return str(out), events, result
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cli_command(*args) -> list:
+    return [sys.executable, "-m", "CPCLSegmentLib.cli", *[str(a) for a in args]]
+
+
+def needs_shared(path: Path):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is not present (it lives beside the project, in ../shared/data)")
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "CPCLSegment") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env

@@ -1,0 +1,52 @@
+"""Worker for Testing/test_distributed.py (spawned processes import it by name)."""
+
+import os
+
+import numpy as np
+import torch
+
+
+def small_real_cases():
+    """Two labeled crops and one unlabeled crop of slicerio's chest CT (lungs), normalised."""
+    import slicerio
+
+    from CPCLSegmentLib import io as cio
+    from CPCLSegmentLib.data import make_case, normalize, plan_normalization, foreground_intensity_sample
+
+    d = os.path.join(os.path.dirname(slicerio.__file__), "data")
+    img = cio.read_image(os.path.join(d, "CTChest4.nrrd"))
+    lab, _ = cio.build_label_array(cio.read_segmentation(os.path.join(d, "Segmentation.seg.nrrd")), ["right lung", "left lung"], img, "ct")
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(img)
+    norm = plan_normalization("ct", [foreground_intensity_sample(arr, lab, np.random.RandomState(0))])
+    a = normalize(arr, norm)[:, ::2, ::2]
+    lab = lab[:, ::2, ::2]
+    return [make_case("top", a[:18], lab[:18]), make_case("bottom", a[16:], lab[16:])], [make_case("all", a)]
+
+
+def config(labeled_batch, unlabeled_batch):
+    from CPCLSegmentLib.trainer import TrainConfig
+
+    return TrainConfig(iterations=1, patch_size=(16, 32, 32), width=4, depth=3, labeled_batch=labeled_batch,
+                       unlabeled_batch=unlabeled_batch, optimizer="sgd", lr=0.05, seed=3, device="cpu",
+                       foreground_oversample=0.5)
+
+
+def run_rank(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    from CPCLSegmentLib.distributed import DistributedContext
+    from CPCLSegmentLib.trainer import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    ctx = DistributedContext(rank, world, rank, torch.device("cpu"))
+    labeled, unlabeled = small_real_cases()
+    events = []
+    trainer = Trainer(config(1, 1), labeled, unlabeled, 3, distributed=ctx, on_progress=events.append)
+    trainer.run()
+    if rank == 0:
+        check = [e for e in events if e["event"] == "distributed_check"][0]
+        torch.save({"student": trainer.student.state_dict(), "loss": events[1]["loss"], "check": check}, out_file)
+    ctx.close()

@@ -1,0 +1,66 @@
+"""DDP on CPU (gloo, 2 processes): the first step equals one process with the doubled batch; torchrun
+through the CLI writes one model file and the teachers agree across ranks."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_worker
+from conftest import ROOT, child_env, cli_command
+
+# float32 sums in another order: weights after one SGD step agree to this absolute tolerance
+WEIGHT_ATOL = 1e-6
+
+
+def test_two_ranks_first_step_equals_one_rank_with_doubled_batch(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(dist_worker.run_rank, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    two = torch.load(out, weights_only=True)
+    assert two["check"]["teacher_max_abs_diff"] == 0.0 and two["check"]["student_max_abs_diff"] == 0.0
+
+    from CPCLSegmentLib.trainer import Trainer
+
+    labeled, unlabeled = dist_worker.small_real_cases()
+    torch.manual_seed(0)
+    events = []
+    one = Trainer(dist_worker.config(2, 2), labeled, unlabeled, 3, on_progress=events.append)
+    init = {k: v.clone() for k, v in one.student.state_dict().items()}
+    one.run()
+    moved = max((one.student.state_dict()[k] - init[k]).abs().max().item() for k in init)
+    assert moved > 100 * WEIGHT_ATOL  # the step changed the weights far beyond the tolerance
+    worst = max((one.student.state_dict()[k] - two["student"][k]).abs().max().item() for k in init)
+    assert worst < WEIGHT_ATOL, worst
+    for k in ("supervised", "forward", "backward"):  # the same global loss on every rank
+        assert two["loss"][k] == pytest.approx(events[1]["loss"][k], rel=1e-4, abs=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_cli_trains_with_two_processes(tmp_path, ct_path, seg_path):
+    cfg = tmp_path / "small.json"
+    cfg.write_text(json.dumps({"width": 4, "depth": 3, "labeled_batch": 1, "unlabeled_batch": 1, "optimizer": "adamw", "lr": 0.003}))
+    out = tmp_path / "model.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "CPCLSegmentLib.cli", "train", "--labeled", ct_path, seg_path,
+           "--unlabeled", ct_path, "--segments", "right lung", "left lung", "--out", str(out), "--iterations", "6",
+           "--patch-size", "32", "32", "16", "--spacing", "6.1", "6.1", "10", "--device", "cpu", "--progress", "json",
+           "--config", str(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sum(e["event"] == "done" for e in events) == 1  # rank 0 only
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 1 and starts[0]["world_size"] == 2
+    check = [e for e in events if e["event"] == "distributed_check"][0]
+    assert check["teacher_max_abs_diff"] == 0.0
+    assert sorted(os.listdir(tmp_path)) == ["model.pt", "model.run.json", "small.json"]
