@@ -91,5 +91,4 @@ def needs_shared(path: Path):
 def child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "CPCLSegment") + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
     return env

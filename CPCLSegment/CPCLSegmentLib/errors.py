@@ -18,6 +18,10 @@ class ModelFileError(CPCLError):
     """A model file is missing, corrupt, truncated, of another version, or incompatible."""
 
 
+class OutputError(CPCLError):
+    """An output could not be written (disk full, no permission); any previous file is left intact."""
+
+
 class TrainingDiverged(CPCLError):
     """The loss became NaN or infinite."""
 

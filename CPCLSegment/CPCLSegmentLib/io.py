@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEG_EXTENSION = ".seg.nrrd"
@@ -102,7 +102,10 @@ def as_scalar_3d(image: sitk.Image, name: str) -> sitk.Image:
         raise InputError(f"{name} is empty (size {image.GetSize()})")
     # float32 holds every integer type up to 2^24 exactly and larger ones (int32 / uint32 / int64 CT
     # exports) to 7 significant digits, which is far below any imaging noise: the documented conversion.
-    image = sitk.Cast(image, sitk.sitkFloat32)
+    try:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    except RuntimeError:
+        raise InputError(f"{name} has voxel type {image.GetPixelIDTypeAsString()}, which cannot be converted to a scalar volume") from None
     arr = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(arr).all():
         raise InputError(f"{name} contains NaN or infinite voxel values")
@@ -357,22 +360,29 @@ def atomic_path(path: str) -> Iterator[str]:
 
     On any failure (including ENOSPC) the temporary file is removed and ``path`` is untouched.
     """
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(path)
-    suffix = next((e for e in IMAGE_EXTENSIONS + (SEG_EXTENSION, ".pt", ".json", ".csv") if base.lower().endswith(e)), "")
-    if base.lower().endswith(SEG_EXTENSION):
-        suffix = SEG_EXTENSION
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + base[: 40 - len(suffix)] + "-", suffix=suffix, dir=folder)
-    os.close(fd)
     from . import cleanup
 
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    base = os.path.basename(path)
+    suffix = SEG_EXTENSION if base.lower().endswith(SEG_EXTENSION) else next(
+        (e for e in IMAGE_EXTENSIONS + (".pt", ".json", ".csv") if base.lower().endswith(e)), ""
+    )
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + base[: 40 - len(suffix)] + "-", suffix=suffix, dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     cleanup.register(tmp)
     try:
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e} (any previous {base} is unchanged)") from None
+    except RuntimeError as e:  # torch.save / SimpleITK wrap write failures (e.g. a full disk) in RuntimeError
+        raise OutputError(f"cannot write {path}: {_first_line(e)} (any previous {base} is unchanged)") from None
     finally:
         if os.path.exists(tmp):
             with contextlib.suppress(OSError):

@@ -501,11 +501,15 @@ class Trainer:
 
 
 def oom_message(cfg: TrainConfig, device: torch.device) -> str:
-    smaller = tuple(max(2**cfg.depth, (p // 2**cfg.depth // 2 or 1) * 2**cfg.depth) for p in cfg.patch_size)
+    from .planning import suggest_smaller
+
+    smaller = list(suggest_smaller(cfg.patch_size, cfg.depth))
+    where = "the computer" if device.type == "cpu" else device.type.upper()
     return (
-        f"{device.type.upper()} ran out of memory with patch {list(cfg.patch_size)} (D, H, W), batch "
-        f"{cfg.labeled_batch}+{cfg.unlabeled_batch}, width {cfg.width}. Reduce the patch size (e.g. {list(smaller)}), "
-        "the batch sizes or the network width, or train on the CPU; the last checkpoint was kept."
+        f"{where} ran out of memory with patch {list(cfg.patch_size)} (D, H, W), batch "
+        f"{cfg.labeled_batch}+{cfg.unlabeled_batch}, width {cfg.width}. Reduce the patch size (e.g. {smaller}), "
+        "the batch sizes or the network width" + ("" if device.type == "cpu" else ", or train on the CPU")
+        + "; the last checkpoint was kept."
     )
 
 

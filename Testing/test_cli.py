@@ -1,0 +1,229 @@
+"""The ``cpcl-segment`` command as a user runs it (subprocesses on real data)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from CPCLSegmentLib import io as cio
+from CPCLSegmentLib.modelfile import load_model
+
+from conftest import COARSE_SPACING, LUNGS, child_env, cli_command, sha256
+
+SMALL = ["--iterations", "8", "--patch-size", "32", "32", "16", "--width", "4", "--spacing", *map(str, COARSE_SPACING), "--device", "cpu"]
+
+
+def run_cli(*args, cwd=None, timeout=300, env=None):
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, env=env or child_env(), cwd=cwd)
+
+
+def json_lines(stdout):
+    return [json.loads(line) for line in stdout.splitlines()]  # every stdout line must be JSON
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, ct_path, seg_path):
+    """train through the CLI in a folder whose name has a space and non-ASCII letters."""
+    folder = tmp_path_factory.mktemp("cli") / "Lékař data"
+    folder.mkdir()
+    ct_copy = folder / "chest CT.nrrd"
+    ct_copy.write_bytes(open(ct_path, "rb").read())
+    hashes = {p: sha256(p) for p in (ct_path, seg_path, str(ct_copy))}
+    model = folder / "model ü.pt"
+    proc = run_cli("train", "--labeled", ct_copy, seg_path, "--unlabeled", ct_copy, "--validation", ct_path, seg_path,
+                   "--segments", *LUNGS, "--out", model, "--progress", "json", *SMALL, "--config", _config(folder))
+    return folder, ct_copy, model, proc, hashes
+
+
+def _config(folder):
+    path = folder / "settings.yaml"
+    path.write_text("optimizer: adamw\nlr: 0.003\nvalidation_every: 4\ndepth: 3\n", encoding="utf-8")
+    return path
+
+
+def test_train_writes_json_lines_model_and_run_record(cli_run):
+    folder, _, model, proc, _ = cli_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = json_lines(proc.stdout)
+    kinds = [e["event"] for e in events]
+    assert kinds.index("summary") < kinds.index("start") < kinds.index("progress") and kinds[-1] == "done"
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["iteration"] for e in progress] == list(range(1, 9))
+    assert {"supervised", "forward", "backward", "total"} <= set(progress[0]["loss"]) and "eta_s" in progress[0]
+    vals = [e for e in events if e["event"] == "validation"]
+    assert [v["iteration"] for v in vals] == [4, 8] and set(vals[0]["dice"]) == set(LUNGS)
+    assert "CPCLSegment" in proc.stderr and "voxels per segment" in proc.stderr  # the summary, on stderr
+    rec = load_model(str(model))
+    assert rec["network"]["depth"] == 3 and rec["training"]["config"]["optimizer"] == "adamw"  # from the YAML
+    assert rec["weights"]["best"] is not None and rec["best"]["iteration"] in (4, 8)
+    assert sorted(p.name for p in folder.iterdir()) == ["chest CT.nrrd", "model ü.pt", "model ü.run.json", "settings.yaml"]
+
+
+def test_inputs_are_never_modified(cli_run):
+    *_, hashes = cli_run
+    assert all(sha256(p) == h for p, h in hashes.items())
+
+
+def test_predict_seg_nrrd_on_the_original_grid_with_every_segment(cli_run, ct_path, tmp_path):
+    _, _, model, _, _ = cli_run
+    out = tmp_path / "pred.seg.nrrd"
+    proc = run_cli("predict", "--model", model, "--image", ct_path, "--out", out, "--device", "cpu", "--progress", "json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = json_lines(proc.stdout)
+    assert events[-1]["event"] == "done" and events[-1]["outputs"] == [str(out)]
+    seg = slicerio.read_segmentation(str(out))
+    assert [s["name"] for s in seg["segments"]] == LUNGS  # listed even if predicted empty
+    assert np.allclose(seg["segments"][0]["color"], [0.0862745, 0.772549, 0.278431], atol=1e-5)
+    assert seg["voxels"].shape == (128, 128, 34)
+    assert np.allclose(seg["ijkToLPS"], cio.ijk_to_lps_matrix(cio.read_image(ct_path)), atol=1e-4)
+
+
+def test_predict_several_images_into_a_folder_as_label_maps(cli_run, ct_path, tmp_path):
+    _, ct_copy, model, _, _ = cli_run
+    out = tmp_path / "preds"
+    proc = run_cli("predict", "--model", model, "--image", ct_path, ct_copy, "--out", out, "--format", ".nii.gz", "--device", "cpu", "--progress", "none")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["CTChest4.nii.gz", "chest CT.nii.gz"]
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "CTChest4.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "chest CT.nii.gz")))
+    assert np.array_equal(a, b) and set(np.unique(a)) <= {0, 5, 6}  # the .seg.nrrd label values of the lungs
+
+
+def test_label_map_model_writes_the_values_it_was_trained_on(tmp_path, ct_path, seg_path):
+    image = cio.read_image(ct_path)
+    labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
+    lm = sitk.GetImageFromArray(np.where(labels == 1, 3, np.where(labels == 2, 7, 0)).astype(np.uint8))
+    lm.CopyInformation(image)
+    lm_path = tmp_path / "lungs.nii.gz"
+    sitk.WriteImage(lm, str(lm_path))
+    model = tmp_path / "lm.pt"
+    proc = run_cli("train", "--labeled", ct_path, lm_path, "--segment-names", "3=right", "7=left", "--out", model,
+                   "--progress", "none", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "supervised-only" in proc.stderr  # no --unlabeled: says so
+    rec = load_model(str(model))
+    assert [(c["name"], c["label_value"]) for c in rec["classes"]] == [("background", 0), ("right", 3), ("left", 7)]
+    out = tmp_path / "pred.nrrd"
+    assert run_cli("predict", "--model", model, "--image", ct_path, "--out", out, "--progress", "none").returncode == 0
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out))))) <= {0, 3, 7}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing image", "missing segmentation", "unknown segment", "unreadable image", "no overlap", "bad model"],
+)
+def test_bad_inputs_exit_non_zero_naming_the_file(case, tmp_path, ct_path, seg_path):
+    bad = tmp_path / "broken file.nrrd"
+    bad.write_bytes(b"garbage")
+    far = tmp_path / "elsewhere.nrrd"
+    img = sitk.ReadImage(ct_path)
+    img.SetOrigin([5000, 5000, 5000])
+    sitk.WriteImage(img, str(far))
+    args = {
+        "missing image": (["--labeled", tmp_path / "nope.nrrd", seg_path], "nope.nrrd"),
+        "missing segmentation": (["--labeled", ct_path, tmp_path / "nope.seg.nrrd"], "nope.seg.nrrd"),
+        "unknown segment": (["--labeled", ct_path, seg_path, "--segments", "spleen"], "spleen"),
+        "unreadable image": (["--labeled", bad, seg_path], "broken file.nrrd"),
+        "no overlap": (["--labeled", far, seg_path], "elsewhere.nrrd"),
+        "bad model": (["--labeled", ct_path, seg_path, "--init", bad], "broken file.nrrd"),
+    }[case]
+    proc = run_cli("train", *args[0], "--out", tmp_path / "m.pt", "--progress", "json", *SMALL)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert args[1] in proc.stderr and "Traceback" not in proc.stderr
+    err = json_lines(proc.stdout)[-1]
+    assert err["event"] == "error" and args[1] in err["message"]
+    assert not (tmp_path / "m.pt").exists()
+
+
+def _wait_for_progress(proc, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if '"progress"' in line:
+            return True
+    return False
+
+
+def test_sigterm_cancels_within_seconds_and_leaves_nothing(tmp_path, ct_path, seg_path):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = child_env()
+    env["TMPDIR"] = str(tmpdir)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = cli_command("train", "--labeled", ct_path, seg_path, "--unlabeled", ct_path, "--segments", *LUNGS,
+                       "--out", out_dir / "m.pt", "--progress", "json", *SMALL[:1], "100000", *SMALL[2:])
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert _wait_for_progress(proc), proc.stderr.read()[-2000:]
+        t = time.time()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+        elapsed = time.time() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130 and elapsed < 5, (code, elapsed)
+    assert os.listdir(out_dir) == []  # no model, no partial or temporary file
+    # the preprocessing work folder is gone (torch keeps its own compiler cache there: not ours)
+    assert [n for n in os.listdir(tmpdir) if not n.startswith("torchinductor")] == []
+
+
+def test_child_exits_when_its_parent_dies(tmp_path, ct_path, seg_path):
+    """Stands in for Slicer closing (or crashing) while training runs."""
+    out = tmp_path / "m.pt"
+    child = cli_command("train", "--labeled", ct_path, seg_path, "--segments", *LUNGS, "--out", out, "--progress", "json",
+                        "--exit-with-parent", *SMALL[:1], "100000", *SMALL[2:])
+    parent_code = (
+        "import subprocess, sys, json, time\n"
+        f"p = subprocess.Popen({child!r}, stdout=subprocess.PIPE, text=True)\n"
+        "print(p.pid, flush=True)\n"
+        "for line in p.stdout:\n"
+        "    if '\"progress\"' in line:\n"
+        "        print('training', flush=True)\n"
+        "        break\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, env=child_env())
+    child_pid = int(parent.stdout.readline())
+    try:
+        assert parent.stdout.readline().strip() == "training"
+        parent.kill()
+        parent.wait()
+        t = time.time()
+        while time.time() - t < 10 and _alive(child_pid):
+            time.sleep(0.2)
+        assert not _alive(child_pid) and time.time() - t < 5
+        assert not out.exists()
+    finally:
+        if _alive(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
+
+
+def _alive(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_case_list_dataset_folder_and_info(tmp_path, ct_path, seg_path):
+    cases = tmp_path / "cases.csv"
+    cases.write_text(f"image,segmentation,role\n{ct_path},{seg_path},labeled\n{ct_path},,unlabeled\n", encoding="utf-8")
+    model = tmp_path / "m.pt"
+    proc = run_cli("train", "--cases", cases, "--segments", *LUNGS, "--out", model, "--progress", "none", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "given both as labeled and unlabeled" in proc.stderr  # a warning, not an error
+    info = run_cli("info", model)
+    assert info.returncode == 0 and "right lung" in info.stdout and "cpcl" in info.stdout
