@@ -53,7 +53,7 @@ def predict_probabilities(
     device = device or next(net.parameters()).device
     was_training = net.training
     net.eval()
-    x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None]  # a copy: memmaps are read-only
 
     def predictor(t: torch.Tensor) -> torch.Tensor:
         with autocast_context(device, amp):

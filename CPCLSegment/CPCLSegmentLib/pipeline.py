@@ -379,22 +379,28 @@ def _preprocess_unlabeled(paths: Sequence[str], plan, work_dir: str, emit: Emit)
 
 
 def _estimate_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
-    """Times one forward/backward of the student on a single random patch and scales it."""
+    """Times the network work of one step at the real batch sizes (student forward + backward on the
+    labeled and unlabeled batch, teacher forward on the unlabeled one), best of two after a warm-up."""
     from .network import VNet
 
     try:
         net = VNet(**cfg.network_config(num_classes)).to(device)
-        x = torch.randn(1, 1, *cfg.patch_size, device=device)
-        net(x)[0].sum().backward()  # warm-up
-        t = time.perf_counter()
-        net(x)[0].sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        one = time.perf_counter() - t
+        n_student = cfg.labeled_batch + (cfg.unlabeled_batch if cfg.method != "supervised" else 0)
+        x = torch.randn(n_student, 1, *cfg.patch_size, device=device)
+        xt = x[: cfg.unlabeled_batch] if cfg.method != "supervised" else None
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            net(x)[0].sum().backward()
+            if xt is not None and len(xt):
+                with torch.no_grad():
+                    net(xt)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
     except Exception:
         return None
-    per_it = one * (cfg.labeled_batch + (cfg.unlabeled_batch * 1.35 if cfg.method != "supervised" else 0))
-    return round(per_it * cfg.iterations, 0)
+    return round(min(times[1:]) * 1.1 * cfg.iterations, 0)  # +10%: losses, sampling, optimizer, EMA
 
 
 def _init_state(request: TrainRequest, record: Dict[str, Any], classes, cfg: TrainConfig, emit: Emit) -> Dict[str, Any]:

@@ -1,0 +1,132 @@
+"""The panel's Qt Designer file, checked without Qt: valid XML, known widget classes, and every ``ui.<name>``
+the module code uses exists (with the class the code expects). Utilities/render_panel.py also loads it
+with a real Qt binding and renders Resources/Screenshots/panel.png."""
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UI = ROOT / "CPCLSegment" / "Resources" / "UI" / "CPCLSegment.ui"
+MODULE = ROOT / "CPCLSegment" / "CPCLSegment.py"
+
+# Qt widget classes (QtWidgets) that may appear in a Slicer .ui file.
+QT_WIDGETS = {
+    "QWidget", "QLabel", "QPushButton", "QToolButton", "QCheckBox", "QRadioButton", "QComboBox", "QSpinBox",
+    "QDoubleSpinBox", "QLineEdit", "QTextEdit", "QPlainTextEdit", "QListWidget", "QTableWidget", "QTreeWidget",
+    "QProgressBar", "QGroupBox", "QFrame", "QSlider", "QTabWidget", "QStackedWidget", "QScrollArea", "QSplitter",
+}
+QT_LAYOUTS = {"QVBoxLayout", "QHBoxLayout", "QFormLayout", "QGridLayout"}
+# CTK and Slicer MRML widgets used here, with the Qt class each extends (as Slicer's own .ui files declare them).
+SLICER_WIDGETS = {
+    "qMRMLWidget": "QWidget",
+    "qMRMLNodeComboBox": "QWidget",
+    "qMRMLCheckableNodeComboBox": "qMRMLNodeComboBox",
+    "ctkCollapsibleButton": "QWidget",
+    "ctkCollapsibleGroupBox": "QGroupBox",
+    "ctkPathLineEdit": "QWidget",
+}
+
+
+def _tree():
+    return ET.parse(UI).getroot()
+
+
+def _widgets():
+    return {w.get("name"): w.get("class") for w in _tree().iter("widget")}
+
+
+def test_ui_file_parses_and_has_the_slicer_module_shape():
+    root = _tree()
+    assert root.tag == "ui" and root.get("version") == "4.0"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == root.findtext("class") == "CPCLSegment"
+    names = [w.get("name") for w in root.iter("widget")]
+    assert len(names) == len(set(names)), "widget names must be unique"
+
+
+def test_every_class_is_qt_ctk_or_qmrml():
+    root = _tree()
+    declared = {c.findtext("class"): c.findtext("extends") for c in root.iter("customwidget")}
+    for name, cls in _widgets().items():
+        assert cls in QT_WIDGETS or cls in SLICER_WIDGETS, f"{name}: unknown widget class {cls}"
+        if cls in SLICER_WIDGETS:
+            assert declared.get(cls) == SLICER_WIDGETS[cls], f"{cls} must be declared as a custom widget extending {SLICER_WIDGETS[cls]}"
+    for layout in root.iter("layout"):
+        assert layout.get("class") in QT_LAYOUTS
+    for cls, header in ((c.findtext("class"), c.findtext("header")) for c in root.iter("customwidget")):
+        assert header == f"{cls}.h"
+
+
+def test_every_mrml_selector_gets_the_scene():
+    root = _tree()
+    widgets = _widgets()
+    receivers = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)" and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    selectors = {n for n, cls in widgets.items() if cls.startswith("qMRML") and cls != "qMRMLWidget"}
+    assert selectors and selectors == receivers
+
+
+def test_every_ui_name_used_by_the_module_exists_with_the_expected_class():
+    widgets = _widgets()
+    code = MODULE.read_text(encoding="utf-8")
+    used = set(re.findall(r"\.ui\.(\w+)", code))
+    assert len(used) > 30
+    missing = sorted(used - set(widgets))
+    assert not missing, f"CPCLSegment.py uses ui names missing from the .ui file: {missing}"
+    # the code calls checkedNodes() / setCheckState(node, ...) on these, currentNode() on those
+    for name in ("unlabeledSelector", "segmentVolumesSelector"):
+        assert widgets[name] == "qMRMLCheckableNodeComboBox"
+    for name in ("labeledVolumeSelector", "labeledSegmentationSelector"):
+        assert widgets[name] == "qMRMLNodeComboBox"
+    assert widgets["initModelPathLineEdit"] == "ctkPathLineEdit"
+    for name in ("casesTable", "labelNextTable"):
+        assert widgets[name] == "QTableWidget"
+
+
+def test_settings_start_collapsed_and_defaults_match_the_logic():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "CPCLSegment"))
+    root = _tree()
+
+    def prop(widget_name, prop_name):
+        for w in root.iter("widget"):
+            if w.get("name") == widget_name:
+                for p in w.findall("property"):
+                    if p.get("name") == prop_name:
+                        return next(iter(p)).text
+        return None
+
+    assert prop("settingsCollapsibleButton", "collapsed") == "true"
+    assert prop("advancedGroupBox", "collapsed") == "true"
+    from CPCLSegmentLib.trainer import TrainConfig
+
+    defaults = TrainConfig()
+    assert float(prop("lambdaSpinBox", "value")) == defaults.lambda_max
+    assert float(prop("betaSpinBox", "value")) == defaults.beta
+    assert float(prop("rampUpSpinBox", "value")) == defaults.rampup
+    assert float(prop("lrSpinBox", "value")) == defaults.lr
+    assert int(prop("iterationsSpinBox", "value")) == 300
+    assert [i.findtext("property/string") for i in next(w for w in root.iter("widget") if w.get("name") == "deviceComboBox").findall("item")] \
+        == ["auto", "CPU", "GPU (CUDA)", "Apple GPU (MPS)"]
+
+
+def test_ui_file_loads_in_a_real_qt_binding(tmp_path):
+    """Loads the .ui with PySide6 (optional: `pip install PySide6-Essentials`) and renders the panel."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("PySide6.QtUiTools", reason="PySide6 is optional (pip install PySide6-Essentials)")
+    out = tmp_path / "panel.png"
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    proc = subprocess.run([sys.executable, str(ROOT / "Utilities" / "render_panel.py"), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width == 440 and height > 800
