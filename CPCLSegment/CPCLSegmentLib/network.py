@@ -34,7 +34,12 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class ConvStage(nn.Sequential):
-    """``n`` × (Conv3d 3³ → norm → ReLU)."""
+    """``n`` × (Conv3d 3³ → norm → ReLU).
+
+    ReLU is not in place: after instance norm (a view) an in-place ReLU makes autograd copy whole
+    activations back (CopySlices); out of place is 7-10 % faster on the CPU with 3 % less memory
+    (bench/results/ENGINE_REQUESTS.md).
+    """
 
     def __init__(self, n: int, c_in: int, c_out: int, norm: str) -> None:
         layers: List[nn.Module] = []
@@ -42,7 +47,7 @@ class ConvStage(nn.Sequential):
             layers += [
                 nn.Conv3d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=norm == "none"),
                 _norm(norm, c_out),
-                nn.ReLU(inplace=True),
+                nn.ReLU(),
             ]
         super().__init__(*layers)
 
@@ -51,7 +56,7 @@ class Down(nn.Sequential):
     """Conv3d(k=2, s=2) → norm → ReLU: halves each spatial size, changes channels."""
 
     def __init__(self, c_in: int, c_out: int, norm: str) -> None:
-        super().__init__(nn.Conv3d(c_in, c_out, 2, stride=2, bias=norm == "none"), _norm(norm, c_out), nn.ReLU(inplace=True))
+        super().__init__(nn.Conv3d(c_in, c_out, 2, stride=2, bias=norm == "none"), _norm(norm, c_out), nn.ReLU())
 
 
 class Up(nn.Sequential):
@@ -59,7 +64,7 @@ class Up(nn.Sequential):
 
     def __init__(self, c_in: int, c_out: int, norm: str) -> None:
         super().__init__(
-            nn.ConvTranspose3d(c_in, c_out, 2, stride=2, bias=norm == "none"), _norm(norm, c_out), nn.ReLU(inplace=True)
+            nn.ConvTranspose3d(c_in, c_out, 2, stride=2, bias=norm == "none"), _norm(norm, c_out), nn.ReLU()
         )
 
 

@@ -333,7 +333,7 @@ def plan_run(request: TrainRequest, classes, infos, fg_samples, looks_ct, init_r
         cfg.patch_size = patch
     if est is None:
         est = estimate_memory(cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth, len(classes),
-                              cfg.method, cfg.optimizer, cfg.amp and device.type == "cuda")
+                              cfg.method, cfg.optimizer, cfg.amp and device.type == "cuda", device.type)
     return {"spacing": spacing, "normalization": normalization, "patch_size": list(cfg.patch_size),
             "median_shape": median_shape, "memory": est, "orientation": CANONICAL_ORIENTATION}
 

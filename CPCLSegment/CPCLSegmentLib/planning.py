@@ -21,7 +21,10 @@ from .network import activation_voxels_per_input_voxel
 CPU_PATCH_VOXELS = 64 * 64 * 64  # CPU: above this a step takes seconds on a laptop
 GPU_MAX_PATCH = (128, 128, 128)
 DEFAULT_GPU_BUDGET = 8 * 1024**3  # plan for an 8 GB GPU unless told otherwise
-BYTES_OVERHEAD = 1.35  # allocator slack, cuDNN workspaces, prototype maps (see BENCHMARKS.md, memory)
+BYTES_OVERHEAD = 1.35  # GPU: allocator slack, cuDNN workspaces, prototype maps (to be measured on a GPU)
+# CPU: the process itself (Python, torch, MONAI, oneDNN scratch) plus the tensors counted below, which
+# the measured peaks fit with factor 1.0 (measured / estimated 0.85-0.97 over 10 settings, BENCHMARKS.md).
+CPU_PROCESS_BASE = 512 * 1024**2
 
 
 def median_spacing(spacings: Sequence[Sequence[float]]) -> List[float]:
@@ -61,8 +64,10 @@ def estimate_memory(
     method: str = "cpcl",
     optimizer: str = "sgd",
     amp: bool = False,
+    device_type: str = "cuda",
 ) -> Dict[str, float]:
-    """Estimated peak training memory in bytes, with its parts."""
+    """Estimated peak training memory in bytes, with its parts (CPU: peak RSS of the process; CUDA:
+    allocated GPU memory)."""
     voxels = float(np.prod(patch))
     cfg = dict(width=width, depth=depth, num_classes=num_classes)
     per_voxel = activation_voxels_per_input_voxel(cfg)
@@ -72,7 +77,8 @@ def estimate_memory(
     teacher = (per_voxel / 3.0) * voxels * unlabeled_batch * act_bytes * 0.5 if method != "supervised" else 0.0
     losses = 6 * num_classes * voxels * (labeled_batch + unlabeled_batch) * 4.0
     params = count_params(width, depth, num_classes) * 4.0 * (5 if optimizer == "sgd" else 6)
-    total = (activations + teacher + losses + params) * BYTES_OVERHEAD
+    raw = activations + teacher + losses + params
+    total = CPU_PROCESS_BASE + raw if device_type == "cpu" else raw * BYTES_OVERHEAD
     return {"total": total, "activations": activations, "teacher": teacher, "losses": losses, "parameters": params}
 
 
@@ -129,7 +135,8 @@ def plan_patch_size(
         while estimate_memory(patch, labeled_batch, unlabeled_batch, width, depth, num_classes, method, amp=amp)["total"] > budget:
             if not _shrink(patch, spacing_dhw, m):
                 break
-    est = estimate_memory(patch, labeled_batch, unlabeled_batch, width, depth, num_classes, method, amp=amp and device_type == "cuda")
+    est = estimate_memory(patch, labeled_batch, unlabeled_batch, width, depth, num_classes, method,
+                          amp=amp and device_type == "cuda", device_type=device_type)
     return (int(patch[0]), int(patch[1]), int(patch[2])), est
 
 
