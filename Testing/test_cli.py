@@ -227,3 +227,65 @@ def test_case_list_dataset_folder_and_info(tmp_path, ct_path, seg_path):
     assert "given both as labeled and unlabeled" in proc.stderr  # a warning, not an error
     info = run_cli("info", model)
     assert info.returncode == 0 and "right lung" in info.stdout and "cpcl" in info.stdout
+
+
+def _labelmap(tmp_path, ct_path, seg_path, values=(3, 7)):
+    image = cio.read_image(ct_path)
+    labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
+    lm = sitk.GetImageFromArray(np.where(labels == 1, values[0], np.where(labels == 2, values[1], 0)).astype(np.uint8))
+    lm.CopyInformation(image)
+    path = tmp_path / "lungs.nrrd"
+    sitk.WriteImage(lm, str(path))
+    return str(path)
+
+
+def test_compare_supervised_segments_by_value_colour_table_and_starting_model_score(tmp_path, ct_path, seg_path, trained, capsys):
+    from CPCLSegmentLib import cli
+
+    lm = _labelmap(tmp_path, ct_path, seg_path)
+    table = tmp_path / "colors.ctbl"
+    table.write_text("# Slicer colour table\n0 background 0 0 0 0\n3 right_lung 200 80 80 255\n7 left_lung 80 80 200 255\n")
+    out = tmp_path / "m.pt"
+    code = cli.main(["train", "--labeled", ct_path, lm, "--unlabeled", ct_path, "--validation", ct_path, lm, "--segments", "7",
+                     "--color-table", str(table), "--compare-supervised", "--out", str(out), "--progress", "none", *SMALL])
+    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--compare-supervised: training the supervised model" in err and "mean Dice on the validation cases" in err
+    rec = load_model(str(out))
+    assert [c["name"] for c in rec["classes"]] == ["background", "left_lung"] and rec["classes"][1]["label_value"] == 7
+    assert set(rec["training"]["comparison"]) == {"cpcl", "supervised"}
+    # fine-tuning with validation cases scores the starting model first
+    model, _, _ = trained
+    code = cli.main(["train", "--labeled", ct_path, seg_path, "--validation", ct_path, seg_path, "--segments", *LUNGS, "--init", model,
+                     "--out", str(tmp_path / "ft.pt"), "--progress", "none", "--iterations", "2", "--spacing", *map(str, COARSE_SPACING)])
+    assert code == 0
+    assert "validation Dice (starting model)" in capsys.readouterr().err
+    assert load_model(str(tmp_path / "ft.pt"))["training"]["starting_model_validation"]["mean_dice"] > 0.5
+
+
+def test_preprocessed_cases_are_memory_mapped_not_held_in_memory(tmp_path, ct_path, seg_path):
+    from CPCLSegmentLib import pipeline
+
+    req = pipeline.TrainRequest(labeled=[pipeline.LabeledInput(ct_path, seg_path)], out=str(tmp_path / "m.pt"), segments=LUNGS)
+    classes = pipeline.resolve_classes(req)
+    infos, fg, is_ct = pipeline._inspect(req, classes, lambda e: None)
+    import torch
+
+    plan = pipeline.plan_run(req, classes, infos, fg, is_ct, None, torch.device("cpu"), lambda e: None)
+    cases = pipeline._preprocess(req.labeled, classes, plan, req, str(tmp_path / "work"), lambda e: None, "labeled")
+    assert isinstance(cases[0].image, np.memmap) and isinstance(cases[0].label, np.memmap)
+    assert isinstance(cases[0].image_source, str)  # only the path is held
+
+
+@pytest.mark.slow
+def test_demo_on_the_hippocampus_folder(tmp_path):
+    from conftest import HIPPO
+
+    if not HIPPO.exists():
+        pytest.skip(f"{HIPPO} is not present (it lives beside the project, in ../shared/data)")
+    proc = run_cli("demo", "--data", HIPPO, "--out", tmp_path, "--labeled", "2", "--unlabeled", "4", "--iterations", "20",
+                   "--progress", "json", "--device", "cpu", timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    done = json_lines(proc.stdout)[-1]
+    assert set(done["dice"]) == {"cpcl", "supervised"} and "Label 1" in done["dice"]["cpcl"]
+    assert "held-out Dice" in proc.stderr

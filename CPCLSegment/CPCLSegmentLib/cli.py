@@ -12,6 +12,7 @@ Ctrl-C, or parent gone with ``--exit-with-parent``); 1 internal error. Cancelled
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -146,7 +147,12 @@ class StopControl:
             os._exit(Cancelled.exit_code)
 
     def _watch_parent(self) -> None:
+        """Cancels when the parent dies: the direct parent, and the process named by CPCL_PARENT_PID
+        (Slicer itself when a launcher such as PythonSlicer sits in between)."""
         ppid = os.getppid()
+        watched = {ppid}
+        with contextlib.suppress(ValueError):
+            watched.add(int(os.environ.get("CPCL_PARENT_PID", "")))
 
         def alive() -> bool:
             if os.name != "nt" and os.getppid() != ppid:
@@ -154,7 +160,7 @@ class StopControl:
             try:
                 import psutil
 
-                return psutil.pid_exists(ppid)
+                return all(psutil.pid_exists(pid) for pid in watched)
             except ImportError:
                 return True
 
@@ -261,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True)
     r.add_argument("--images", nargs="+", required=True)
     r.add_argument("--out", help="CSV file for the ranking")
-    r.add_argument("--score", default="auto", help="which uncertainty score ranks the cases")
+    r.add_argument("--score", default="auto",
+                   help="which uncertainty score ranks the cases: auto (the best on the hippocampus benchmark), entropy, "
+                        "student_teacher, label_disagreement or prototype (docs/uncertainty.md)")
     r.add_argument("--uncertainty-dir", help="also write a per-voxel uncertainty map per image into this folder")
     _add_common(r)
 
@@ -497,11 +505,20 @@ def cmd_demo(args, report: Reporter, control: StopControl) -> int:
 def cmd_rank(args, report: Reporter, control: StopControl) -> int:
     from . import uncertainty
 
-    rows = uncertainty.rank_files(args.model, args.images, args.out, args.score, args.device, args.uncertainty_dir, report, control.should_stop)
+    def emit(event: Dict[str, Any]) -> None:
+        if event.get("event") == "rank" and report.mode != "json":
+            report.text(f"[{event['index']}/{event['of']}] {event['image']}: {event['score']:.4f} ({event['seconds']} s)")
+        else:
+            report(event)
+
+    rows = uncertainty.rank_files(args.model, args.images, args.out, args.score, args.device, args.uncertainty_dir, emit, control.should_stop)
+    chosen = uncertainty.resolve_score(args.score, [k for k in uncertainty.SCORES if rows and k in rows[0]] or uncertainty.SCORES)
     if report.mode == "json":
-        report({"event": "done", "ranking": rows, "csv": args.out})
+        report({"event": "done", "ranking": rows, "csv": args.out, "score_name": chosen, "uncertainty_dir": args.uncertainty_dir})
     else:
-        report.text(uncertainty.format_ranking(rows))
+        report.text(uncertainty.format_ranking(rows, chosen))
+        if args.out:
+            report.text(f"ranking written to {args.out}")
     return 0
 
 
@@ -527,6 +544,10 @@ COMMANDS: Dict[str, Callable[..., int]] = {"train": cmd_train, "predict": cmd_pr
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # torch's CPU OpenMP threads spin while waiting; when Slicer or other jobs share the cores a
+    # descheduled spinner stalls every parallel region (up to 3x slower, BENCHMARKS.md). Set before torch
+    # is first imported; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     mode = getattr(args, "progress", "none")

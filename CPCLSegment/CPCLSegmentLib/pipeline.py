@@ -688,14 +688,20 @@ def back_to_image_grid(probs: torch.Tensor, grid: sitk.Image, image: sitk.Image,
     class probability is resampled linearly onto the image grid, then argmax.
     """
     same_spacing = np.allclose(sorted(grid.GetSpacing()), sorted(image.GetSpacing()), rtol=1e-3) and sorted(grid.GetSize()) == sorted(image.GetSize())
+    labels = None
     if same_spacing:
-        lab = sitk.GetImageFromArray(probs.argmax(0).numpy().astype(np.uint8))
+        lab = sitk.GetImageFromArray(probs.numpy().argmax(0).astype(np.uint8))
         lab.CopyInformation(grid)
-        out = sitk.Resample(lab, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        labels = sitk.GetArrayFromImage(out)
+        # the exact inverse of the canonical reorientation (an axis permutation / flip, no interpolation)
+        code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+        back = sitk.DICOMOrient(lab, code)
+        if cio.same_grid(back, image):
+            labels = sitk.GetArrayFromImage(back)
+        else:
+            out = sitk.Resample(lab, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+            labels = sitk.GetArrayFromImage(out)
     else:
         best = None
-        labels = None
         for k in range(probs.shape[0]):
             p = sitk.GetImageFromArray(probs[k].numpy())
             p.CopyInformation(grid)
