@@ -1,0 +1,561 @@
+"""Hippocampus accuracy benchmark: CPCL vs mean teacher vs supervised-only (issue 5, accuracy part).
+
+Data: MSD Task04 hippocampus (``../shared/data/msd-hippocampus``), its ``splits.json``. From ``train`` (150):
+a fixed validation set of 10 subjects, then per seed a draw of N labeled subjects; every other ``train``
+subject (plus the unlabeled ``imagesTs`` subject) is the unlabeled stream. ``test`` (50) is only used for
+the final numbers: never for training, tuning (``--tune`` never touches it) or checkpoint choice.
+
+Runs (each one ``trainer.Trainer`` on cases preprocessed as ``pipeline.train`` does; see ``common.py``):
+
+    python bench/accuracy.py                  # default: 4 labeled x seeds 0,1,2 x {supervised, mean teacher, CPCL}
+    python bench/accuracy.py --full           # + budgets 8, 15, all-labeled, ablations, MONAI UNet
+    python bench/accuracy.py --full --shard 0/2   # half of the grid (run 1/2 elsewhere, same results file)
+    python bench/accuracy.py --tune           # the validation-only tuning probes (ablation table)
+    python bench/accuracy.py --report         # only rebuild the tables and the plot from the results file
+    python bench/accuracy.py --smoke          # CI: 2 iterations, 2 subjects, own results file
+
+Every finished run is one JSON line in the results file (``bench/results/accuracy.jsonl``); runs already
+there are skipped, so an interrupted run resumes where it stopped. ``--shard i/n`` runs jobs i, i+n, ...
+Tables (``accuracy_tables.md``) and the plot (``accuracy_dice_vs_labeled.png``) are rebuilt at the end.
+Numbers are the teacher's (the weights a user gets from ``cpcl-segment train``), scored on the original
+test images by the same path as ``Predictor.segment``: the LAST weights, and separately the weights the
+validation set picked (``best``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import common as C  # noqa: E402
+from CPCLSegmentLib.trainer import TrainConfig, Trainer  # noqa: E402
+
+# -------------------------------------------------------------------------------------- the recipe
+
+# Shared by every method (network, patch, budget, batches, optimiser, augmentation): the benchmark's
+# setting, chosen on the validation set by ``--tune`` (see accuracy.md). Width 8 and a 32x48x32 patch keep
+# a run within minutes on two CPU cores; the hippocampus crops are about 36x50x35 voxels at 1 mm.
+BASE: Dict[str, Any] = dict(
+    iterations=600,
+    patch_size=(32, 48, 32),
+    labeled_batch=2,
+    unlabeled_batch=2,
+    width=8,
+    depth=4,
+    norm="instance",
+    optimizer="adamw",
+    lr=3e-3,
+    weight_decay=1e-4,
+    intensity_prob=0.5,  # tuning round 1: +2.2 val Dice points for supervised-only, also given to every method
+    flip=False,
+    rot90=False,
+    device="cpu",
+)
+# Semi-supervised settings (CPCL and mean teacher), also validated by ``--tune``: the student sees an
+# intensity-augmented view of the unlabeled patch, the teacher the clean one (round 1).
+SEMI: Dict[str, Any] = dict(strong_unlabeled=True, teacher_noise=0.0, rampup=0.4, ema_decay=0.99)
+# CPCL-only settings. consistency_weight 1.0: CPCL's prototype terms plus the mean-teacher MSE term that the
+# reference code also carries (at 0.1); round 2's winner on validation (cpcl_r2_plus_mt1).
+CPCL: Dict[str, Any] = dict(lambda_max=0.1, beta=10.0, per_sample_prototypes=False, confidence_weighting=True,
+                            feature_level=1, forward_prediction="student", consistency_weight=1.0)
+# Mean teacher: the SSL4MIS / UA-MT consistency weight 0.1 (with the same ramp-up).
+MT: Dict[str, Any] = dict(consistency_weight=0.1)
+
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "supervised": dict(method="supervised"),
+    "mean_teacher": dict(method="mean_teacher", **MT),
+    "cpcl": dict(method="cpcl", **CPCL),
+    "cpcl_no_backward": dict(method="cpcl", **{**CPCL, "use_backward": False}),
+    "cpcl_no_forward": dict(method="cpcl", **{**CPCL, "use_forward": False}),
+    "cpcl_detached": dict(method="cpcl", **{**CPCL, "detach_features": True}),
+    "monai_unet": dict(method="monai_unet"),
+}
+LABELS = {
+    "supervised": "supervised-only",
+    "mean_teacher": "mean teacher",
+    "cpcl": "CPCL",
+    "cpcl_no_backward": "CPCL w/o backward (U2L)",
+    "cpcl_no_forward": "CPCL w/o forward (L2U)",
+    "cpcl_detached": "CPCL, detached features (reference code)",
+    "monai_unet": "MONAI UNet 16-128, supervised, Adam 1e-3",
+}
+MAIN = ["supervised", "mean_teacher", "cpcl"]
+ABLATIONS = ["cpcl_no_backward", "cpcl_no_forward", "cpcl_detached"]
+SEEDS = [0, 1, 2]
+
+
+def config_for(variant: str, seed: int, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    v = VARIANTS[variant]
+    cfg = dict(BASE)
+    if v["method"] in ("cpcl", "mean_teacher"):
+        cfg.update(SEMI)
+    cfg.update(v)
+    cfg.update(overrides or {})
+    cfg["seed"] = seed
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- the grid
+
+
+@dataclass
+class Job:
+    experiment: str  # main | tune
+    variant: str
+    budget: Optional[int]  # labeled subjects; None = all of train minus validation
+    seed: int
+    config: Dict[str, Any]
+    name: str = ""  # tuning probe name
+    test: bool = True  # evaluate on test (never for tuning)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        h = hashlib.sha1(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        b = "all" if self.budget is None else str(self.budget)
+        return f"{self.experiment}|{self.name or self.variant}|L{b}|s{self.seed}|{h}"
+
+
+def main_jobs(full: bool, seeds: Sequence[int], iterations: Optional[int]) -> List[Job]:
+    over = {"iterations": iterations} if iterations else {}
+    jobs: List[Job] = []
+
+    def add(variant, budget):
+        for s in seeds:
+            cfg = config_for(variant, s, over)
+            if budget is None and cfg["method"] != "monai_unet":
+                cfg["method"] = "supervised"  # no unlabeled cases left: the upper bound is supervised
+            jobs.append(Job("main", variant, budget, s, cfg))
+
+    for v in MAIN:
+        add(v, 4)
+    if not full:
+        return jobs
+    for v in ABLATIONS:
+        add(v, 4)
+    add("monai_unet", 4)
+    for b in (15, 8):
+        for v in MAIN:
+            add(v, b)
+    add("supervised", None)
+    for b in (15, 8):
+        for v in ABLATIONS:
+            add(v, b)
+    for b in (15, 8, None):
+        add("monai_unet", b)
+    return jobs
+
+
+# Validation-only tuning (``--tune``). Probes start from the frozen settings below (the state before tuning:
+# engine defaults for the method weights, AdamW 3e-3 / 600 iterations picked by a first supervised probe), so a
+# rerun reproduces the same configurations whatever BASE becomes. Each round's winners (by the validation
+# set's last-checkpoint mean Dice, never test) are written explicitly into the next round's probes.
+TUNE_BASE: Dict[str, Any] = dict(
+    iterations=600, patch_size=(32, 48, 32), labeled_batch=2, unlabeled_batch=2, width=8, depth=4, norm="instance",
+    optimizer="adamw", lr=3e-3, weight_decay=1e-4, intensity_prob=0.0, flip=False, rot90=False, device="cpu",
+)
+TUNE_SEMI: Dict[str, Any] = dict(strong_unlabeled=False, teacher_noise=0.0, rampup=0.4, ema_decay=0.99)
+TUNE_CPCL: Dict[str, Any] = dict(lambda_max=0.1, beta=10.0, per_sample_prototypes=False, confidence_weighting=True,
+                                 feature_level=1, forward_prediction="student", consistency_weight=0.0)
+TUNE_MT: Dict[str, Any] = dict(consistency_weight=0.1)
+
+R1: Dict[str, Any] = {"intensity_prob": 0.5, "strong_unlabeled": True}  # round 1's winner
+TUNE: List[tuple] = [
+    # round 1: the three methods at the starting point, then augmentation / perturbation and weights
+    ("sup_base", "supervised", {}),
+    ("mt_base", "mean_teacher", {}),
+    ("cpcl_base", "cpcl", {}),
+    ("sup_intensity0.5", "supervised", {"intensity_prob": 0.5}),
+    ("cpcl_strong_u", "cpcl", {"intensity_prob": 0.5, "strong_unlabeled": True}),
+    ("mt_strong_u", "mean_teacher", {"intensity_prob": 0.5, "strong_unlabeled": True}),
+    ("cpcl_teacher_noise", "cpcl", {"teacher_noise": 0.1}),
+    ("mt_teacher_noise", "mean_teacher", {"teacher_noise": 0.1}),
+    ("sup_flip", "supervised", {"flip": True}),
+    # round 2: on top of round 1's winner, intensity augmentation with a strong student view of the
+    # unlabeled patch (teacher noise lost on validation for both CPCL and mean teacher)
+    ("cpcl_r2_lambda1", "cpcl", {**R1, "lambda_max": 1.0}),
+    ("mt_r2_w1", "mean_teacher", {**R1, "consistency_weight": 1.0}),
+    ("cpcl_r2_plus_mt1", "cpcl", {**R1, "consistency_weight": 1.0}),
+    ("cpcl_r2_per_sample", "cpcl", {**R1, "per_sample_prototypes": True}),
+    ("cpcl_r2_feat0", "cpcl", {**R1, "feature_level": 0}),
+    ("cpcl_r2_no_conf", "cpcl", {**R1, "confidence_weighting": False}),
+    ("sup_r2_iter1200", "supervised", {**R1, "iterations": 1200}),
+    ("cpcl_r2_iter1200", "cpcl", {**R1, "iterations": 1200}),
+    ("cpcl_r2_beta1", "cpcl", {**R1, "beta": 1.0}),
+    # stronger perturbation: every intensity transform on every student view (consistency MSE stayed ~1e-4)
+    ("sup_r2_int1.0", "supervised", {**R1, "intensity_prob": 1.0}),
+    ("cpcl_r2_int1.0", "cpcl", {**R1, "intensity_prob": 1.0}),
+    ("mt_r2_int1.0", "mean_teacher", {**R1, "intensity_prob": 1.0}),
+]
+TUNE_SEEDS = [0]
+TUNE_BUDGET = 4
+
+
+def tune_config(variant: str, seed: int, overrides: Dict[str, Any]) -> Dict[str, Any]:
+    cfg = dict(TUNE_BASE)
+    method = VARIANTS[variant]["method"]
+    if method in ("cpcl", "mean_teacher"):
+        cfg.update(TUNE_SEMI)
+    cfg["method"] = method
+    cfg.update(TUNE_CPCL if method == "cpcl" else TUNE_MT if method == "mean_teacher" else {})
+    cfg.update(overrides)
+    cfg["seed"] = seed
+    return cfg
+
+
+def tune_jobs(names: Optional[Sequence[str]], seeds: Sequence[int], extra: Dict[str, Any]) -> List[Job]:
+    jobs = []
+    for name, variant, over in TUNE:
+        if names and name not in names:
+            continue
+        for s in seeds:
+            jobs.append(Job("tune", variant, TUNE_BUDGET, s, tune_config(variant, s, {**over, **extra}), name=name, test=False))
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------- running
+
+
+class Data:
+    """Subjects loaded once per process (preprocessed as the pipeline does)."""
+
+    def __init__(self, d: Path, smoke: bool = False) -> None:
+        self.dir = d
+        self.splits = C.read_splits(d)
+        if smoke:
+            self.splits = {"train": self.splits["train"][:14], "test": self.splits["test"][:2]}
+        self.plan = C.plan_for(d, self.splits["train"])
+        self.subjects: Dict[str, C.Subject] = {}
+        self.validation_size = 2 if smoke else C.VALIDATION_SIZE
+        self.extra = [] if smoke else C.load_unlabeled_extra(d, self.plan)
+
+    def get(self, names: Sequence[str]) -> List[C.Subject]:
+        missing = [n for n in names if n not in self.subjects]
+        self.subjects.update(C.load_hippocampus(self.dir, missing, self.plan))
+        return [self.subjects[n] for n in names]
+
+
+class TupleOut(torch.nn.Module):
+    """Wraps a plain MONAI network so it returns ``(logits, None)`` like the engine's VNet."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x), None
+
+
+def train_monai_unet(cfg: Dict[str, Any], labeled, validation, device) -> Dict[str, Any]:
+    """The figure a user gets from a plain supervised MONAI ``UNet`` (16-32-64-128, 2 residual units, Adam 1e-3,
+    DiceCE loss), on the same labeled patches (the engine's sampler, no intensity augmentation) and budget."""
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    from CPCLSegmentLib.data import Augmenter, PatchSampler
+
+    torch.manual_seed(cfg["seed"])
+    net = TupleOut(UNet(3, 1, C.NUM_CLASSES, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    patch = cfg["patch_size"]
+    sampler = PatchSampler(labeled, patch, C.NUM_CLASSES, Augmenter(patch, False, False, 0.0), cfg["seed"], 1)
+    its = cfg["iterations"]
+    every = max(1, its // 10)
+    best, best_state, curve = None, None, []
+    for it in range(its):
+        b = sampler.sample(it, list(range(cfg["labeled_batch"])))
+        x = torch.from_numpy(b.images).to(device)
+        y = torch.from_numpy(b.labels).to(device)[:, None]
+        net.train()
+        loss = loss_fn(net(x)[0], y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if validation and ((it + 1) % every == 0 or it + 1 == its):
+            m = C.evaluate(net, validation, patch, device, hd95=False)["mean_dice"]
+            curve.append((it + 1, round(m, 4)))
+            if best is None or m > best["mean_dice"]:
+                best = {"iteration": it + 1, "mean_dice": m}
+                best_state = copy.deepcopy(net.state_dict())
+    best_net = None
+    if best_state is not None:
+        best_net = TupleOut(UNet(3, 1, C.NUM_CLASSES, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)).to(device)
+        best_net.load_state_dict(best_state)
+    return {"last": net, "best_net": best_net, "best": best, "curve": curve}
+
+
+def run_job(job: Job, data: Data, device: torch.device, log=print) -> Dict[str, Any]:
+    split = C.split_train(data.splits["train"], job.budget, job.seed, data.validation_size)
+    t0 = time.perf_counter()
+    lab_subjects = data.get(split["labeled"])
+    labeled = [s.case(label=job.extra.get("labels", {}).get(s.name), seed=i) for i, s in enumerate(lab_subjects)]
+    val_subjects = data.get(split["validation"])
+    validation = [s.case() for s in val_subjects]
+    cfg = dict(job.config)
+    record: Dict[str, Any] = {
+        "key": job.key, "experiment": job.experiment, "variant": job.variant, "probe": job.name,
+        "budget": job.budget if job.budget is not None else len(split["labeled"]), "all_labeled": job.budget is None,
+        "seed": job.seed, "config": cfg, "labeled": split["labeled"], "machine": C.machine(), "versions": C.versions(),
+    }
+    if cfg["method"] == "monai_unet":
+        out = train_monai_unet(cfg, labeled, val_subjects, device)
+        last, best_net, best, curve = out["last"], out["best_net"], out["best"], out["curve"]
+        n_unl = 0
+        spi = None
+    else:
+        unlabeled = []
+        if cfg["method"] != "supervised":
+            unlabeled = [s.case(labeled=False) for s in data.get(split["unlabeled"])] + list(data.extra)
+            unlabeled += [s.case(labeled=False) for s in lab_subjects if s.name in job.extra.get("labels", {})]
+        n_unl = len(unlabeled)
+        tcfg = TrainConfig.from_dict({k: v for k, v in cfg.items()})
+        events: List[Dict[str, Any]] = []
+        trainer = Trainer(tcfg, labeled, unlabeled, C.NUM_CLASSES, class_names=C.CLASS_NAMES, validation=validation,
+                          on_progress=lambda e: events.append(e) if e.get("event") in ("validation", "warning") else None)
+        result = trainer.run()
+        last = result.teacher
+        best, curve = result.best, [(v["iteration"], v["mean_dice"]) for v in result.validation]
+        best_net = None
+        if result.best_state is not None:
+            best_net = copy.deepcopy(result.teacher)
+            best_net.load_state_dict(result.best_state)
+        spi = trainer._time_per_it
+        record["warnings"] = [e["message"] for e in events if e.get("event") == "warning"]
+        record["final_loss"] = result.history[-1] if result.history else None
+    train_s = time.perf_counter() - t0
+    record.update(unlabeled=n_unl, validation_curve=curve, best=C._plain(best), train_seconds=round(train_s, 1),
+                  seconds_per_iteration=None if spi is None else round(spi, 4))
+    record["validation_last"] = C.evaluate(last, val_subjects, cfg["patch_size"], device, hd95=False)
+    if job.test:
+        test_subjects = data.get(data.splits["test"])
+        record["test_last"] = C.evaluate(last, test_subjects, cfg["patch_size"], device)
+        if best_net is not None:
+            record["test_best"] = C.evaluate(best_net, test_subjects, cfg["patch_size"], device)
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return record
+
+
+def run_jobs(jobs: Sequence[Job], results: C.Results, data: Data, device: torch.device, shard=(0, 1), log=print) -> None:
+    done = results.done()
+    mine = [j for i, j in enumerate(jobs) if i % shard[1] == shard[0]]
+    todo = [j for j in mine if j.key not in done]
+    log(f"{len(jobs)} jobs in the grid, {len(mine)} in this shard, {len(mine) - len(todo)} already done, {len(todo)} to run")
+    for n, job in enumerate(todo, 1):
+        t = time.perf_counter()
+        rec = run_job(job, data, device, log)
+        results.append(rec)
+        tl = rec.get("test_last", {}).get("mean_dice")
+        log(f"[{n}/{len(todo)}] {job.key}: val(last) {rec['validation_last']['mean_dice']:.4f}"
+            + (f", test(last) {tl:.4f}" if tl is not None else "") + f"  ({time.perf_counter() - t:.0f} s)")
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _fmt(m: float, s: float, scale: float = 1.0, digits: int = 1) -> str:
+    if m != m:
+        return "–"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def summarize(records: Sequence[Dict[str, Any]]) -> Dict[tuple, Dict[str, Any]]:
+    """(variant, budget label) -> aggregated metrics over seeds (latest record per key)."""
+    latest: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        latest[r["key"]] = r
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in latest.values():
+        if r["experiment"] != "main" or "test_last" not in r:
+            continue
+        b = "all" if r.get("all_labeled") else r["budget"]
+        groups.setdefault((r["variant"], b, r["config"]["iterations"]), []).append(r)
+    out = {}
+    for k, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        agg: Dict[str, Any] = {"n": len(rs), "seeds": [r["seed"] for r in rs], "machines": sorted({r["machine"] for r in rs}),
+                               "budget_n": rs[0]["budget"]}
+        for which in ("test_last", "test_best"):
+            have = [r for r in rs if which in r]
+            if not have:
+                continue
+            agg[which] = {
+                "mean_dice": C.mean_std([r[which]["mean_dice"] for r in have]),
+                "dice": {c: C.mean_std([r[which]["dice"][c] for r in have]) for c in C.CLASS_NAMES},
+                "hd95": {c: C.mean_std([r[which]["hd95"][c] for r in have]) for c in C.CLASS_NAMES},
+                "per_seed": [round(r[which]["mean_dice"], 4) for r in have],
+            }
+        agg["val_last"] = C.mean_std([r["validation_last"]["mean_dice"] for r in rs])
+        agg["minutes"] = float(np.mean([r["seconds"] for r in rs])) / 60
+        out[k] = agg
+    return out
+
+
+def tables(records: Sequence[Dict[str, Any]]) -> str:
+    summ = summarize(records)
+    lines = ["<!-- generated by bench/accuracy.py from accuracy.jsonl; do not edit by hand -->", ""]
+    budgets = sorted({k[1] for k in summ}, key=lambda b: 10**6 if b == "all" else b)
+    order = MAIN + ABLATIONS + ["monai_unet"]
+    n_test = max((len(r.get("test_last", {}).get("per_case_dice", [])) for r in records), default=0)
+    for which, title in (("test_last", "LAST checkpoint"), ("test_best", "validation-selected checkpoint (separately marked)")):
+        lines += [f"### Test set ({n_test} subjects), {title}: Dice (%) and HD95 (mm), mean ± std over seeds", "",
+                  "| labeled | method | iterations | seeds | Dice anterior | Dice posterior | mean Dice | HD95 anterior | HD95 posterior | per-seed mean Dice | machine |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for b in budgets:
+            for v in order:
+                for (vv, bb, its), agg in sorted(summ.items(), key=lambda kv: kv[0][2]):
+                    if vv != v or bb != b or which not in agg:
+                        continue
+                    a = agg[which]
+                    lab = f"all ({agg['budget_n']})" if b == "all" else str(b)
+                    lines.append(
+                        f"| {lab} | {LABELS[v]} | {its} | {','.join(map(str, agg['seeds']))} | {_fmt(*a['dice']['anterior'], 100)} | "
+                        f"{_fmt(*a['dice']['posterior'], 100)} | **{_fmt(*a['mean_dice'], 100)}** | {_fmt(*a['hd95']['anterior'], digits=2)} | "
+                        f"{_fmt(*a['hd95']['posterior'], digits=2)} | {', '.join(f'{x * 100:.1f}' for x in a['per_seed'])} | "
+                        f"{'; '.join(agg['machines'])} |")
+        lines.append("")
+    lines += tune_table(records)
+    return "\n".join(lines) + "\n"
+
+
+def tune_table(records: Sequence[Dict[str, Any]]) -> List[str]:
+    latest: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        if r["experiment"] == "tune":
+            latest[r["key"]] = r
+    if not latest:
+        return []
+    by: Dict[str, List[Dict[str, Any]]] = {}
+    for r in latest.values():
+        by.setdefault(r["probe"], []).append(r)
+    lines = ["### Tuning probes (VALIDATION set only, 10 subjects; 4 labeled; test never evaluated)", "",
+             "| probe | method | change vs. benchmark base | seeds | val Dice, last (%) | val Dice, best during run (%) | s/iteration |",
+             "|---|---|---|---|---|---|---|"]
+    order = [t[0] for t in TUNE]
+    for probe in sorted(by, key=lambda p: order.index(p) if p in order else 999):
+        rs = by[probe]
+        change = next((json.dumps(t[2]) for t in TUNE if t[0] == probe), "")
+        last = C.mean_std([r["validation_last"]["mean_dice"] for r in rs])
+        best = C.mean_std([(r["best"] or {}).get("mean_dice", float("nan")) for r in rs])
+        spi = np.mean([r["seconds_per_iteration"] or 0 for r in rs])
+        lines.append(f"| {probe} | {rs[0]['config']['method']} | `{change}` | {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
+                     f"{_fmt(*last, 100)} | {_fmt(*best, 100)} | {spi:.2f} |")
+    lines.append("")
+    return lines
+
+
+def plot(records: Sequence[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = summarize(records)
+    if not summ:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    upper = [(agg, b) for (v, b, _), agg in summ.items() if b == "all" and v == "supervised" and "test_last" in agg]
+    for v, marker in (("supervised", "o"), ("mean_teacher", "s"), ("cpcl", "^"), ("monai_unet", "x")):
+        pts = sorted((b, agg["test_last"]["mean_dice"]) for (vv, b, _), agg in summ.items()
+                     if vv == v and b != "all" and "test_last" in agg)
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        ms = [p[1][0] * 100 for p in pts]
+        ss = [p[1][1] * 100 for p in pts]
+        ax.errorbar(xs, ms, yerr=ss, marker=marker, capsize=3, label=LABELS[v])
+    if upper:
+        m = upper[0][0]["test_last"]["mean_dice"][0] * 100
+        ax.axhline(m, color="gray", ls="--", label=f"all {upper[0][0]['budget_n']} labeled (supervised)")
+    ax.set_xscale("log")
+    ax.set_xticks([4, 8, 15])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("labeled training subjects")
+    ax.set_ylabel("test mean Dice (%), last checkpoint")
+    ax.set_title("MSD hippocampus, 50 test subjects (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: C.Results, out_dir: Path, prefix: str = "accuracy") -> None:
+    recs = results.records()
+    (out_dir / f"{prefix}_tables.md").write_text(tables(recs), encoding="utf-8")
+    plot(recs, out_dir / f"{prefix}_dice_vs_labeled.png")
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="msd-hippocampus folder (default ../shared/data/msd-hippocampus)")
+    p.add_argument("--results", help="results JSON-lines file (default bench/results/accuracy.jsonl)")
+    p.add_argument("--full", action="store_true", help="all budgets, ablations, all-labeled bound, MONAI UNet")
+    p.add_argument("--tune", nargs="*", metavar="PROBE", help="run the validation-only tuning probes (all, or those named)")
+    p.add_argument("--tune-seeds", type=int, nargs="+", default=TUNE_SEEDS)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="extra config overrides for --tune probes")
+    p.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+    p.add_argument("--iterations", type=int, help=f"override the iteration budget (default {BASE['iterations']})")
+    p.add_argument("--shard", help="i/n: run every n-th job starting at i")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--report", action="store_true", help="only rebuild tables and plot")
+    p.add_argument("--smoke", action="store_true", help="CI smoke run: 2 iterations, 2 labeled subjects, 2 test subjects")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results_path = Path(args.results) if args.results else C.RESULTS_DIR / ("accuracy-smoke.jsonl" if args.smoke else "accuracy.jsonl")
+    results = C.Results(results_path)
+    out_dir = results_path.parent
+    if args.report:
+        write_report(results, out_dir)
+        return 0
+    from CPCLSegmentLib.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    data = Data(C.data_dir(args.data), smoke=args.smoke)
+    if args.smoke:
+        jobs = []
+        for v in MAIN + ["monai_unet"]:
+            cfg = config_for(v, 0, {"iterations": 2, "validation_every": 1})
+            jobs.append(Job("main", v, 2, 0, cfg))
+        run_jobs(jobs, results, data, device)
+        write_report(results, out_dir, prefix="accuracy-smoke")
+        return 0
+    if args.tune is not None:
+        extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+        if args.iterations:
+            extra["iterations"] = args.iterations
+        jobs = tune_jobs(args.tune, args.tune_seeds, extra)
+    else:
+        jobs = main_jobs(args.full, args.seeds, args.iterations)
+    run_jobs(jobs, results, data, device, C.parse_shard(args.shard))
+    write_report(results, out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""Peak training memory, measured vs ``planning.estimate_memory`` (issues 5, 6).
+
+Every measurement runs in a **fresh child process** so its peak is its own:
+
+- ``cli``: the default Slicer / CLI settings. ``python -m CPCLSegmentLib.cli train`` with nothing but the
+  data, ``--iterations``, ``--device cpu`` (so width 16, depth 4, batch 2 + 2, the planned patch) on
+  (a) slicerio's real chest CT with its Slicer-written segmentation (all 7 segments; the CT is also the
+  unlabeled case) and (b) the same CT synthesised at 256×256×128 (labels resampled onto it by the engine),
+  plus ``cli predict`` on (b). Peak RSS of the child from ``os.wait4`` (the kernel's ``ru_maxrss``); the
+  estimate is the one the CLI prints in its ``summary`` event.
+- ``grid``: training steps (``speed_common.StepRunner``: the trainer's exact step on random batches) for
+  several patch / batch / width / method settings. The child records its RSS after imports (``base``:
+  interpreter + torch + MONAI), then builds the networks and runs ``--steps`` steps; peak RSS − base is what
+  ``estimate_memory`` models (tensors), and on CUDA ``torch.cuda.max_memory_allocated`` is recorded too.
+
+For each run: measured / estimated, a least-squares fit of peak vs the raw estimate, and the check of the
+proposed CPU formula (a constant process base + 1.0 × the raw estimate) as an upper bound of the measured
+peaks, for the planner and the panel's warning (results/ENGINE_REQUESTS.md).
+
+Usage::
+
+    python bench/memory.py                 # CLI runs + the grid, results/memory.json
+    python bench/memory.py --only grid
+    python bench/memory.py --smoke         # CI: two tiny grid settings, one step each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed_common import RESULTS_DIR, ROOT, load_average, machine_info, slicerio_data_dir, synth_ct, write_json  # noqa: E402
+
+MIB = 1024.0**2
+
+# (name, method, patch (D, H, W), labeled batch, unlabeled batch, width, K)
+GRID = [
+    ("cpcl 48x64x64 w16 2+2 (reference)", "cpcl", (48, 64, 64), 2, 2, 16, 2),
+    ("mean_teacher 48x64x64 w16 2+2", "mean_teacher", (48, 64, 64), 2, 2, 16, 2),
+    ("supervised 48x64x64 w16 2", "supervised", (48, 64, 64), 2, 2, 16, 2),
+    ("cpcl 48x64x64 w16 1+1", "cpcl", (48, 64, 64), 1, 1, 16, 2),
+    ("cpcl 48x64x48 w16 2+2 (hippocampus CPU plan)", "cpcl", (48, 64, 48), 2, 2, 16, 3),
+    ("cpcl 16x96x96 w16 2+2 K8 (CTChest4 CPU plan)", "cpcl", (16, 96, 96), 2, 2, 16, 8),
+    ("cpcl 64x64x64 w16 2+2 (CPU patch cap)", "cpcl", (64, 64, 64), 2, 2, 16, 4),
+    ("cpcl 48x64x64 w32 2+2", "cpcl", (48, 64, 64), 2, 2, 32, 2),
+    ("cpcl 16x64x64 w8 2+2 K4 (demo)", "cpcl", (16, 64, 64), 2, 2, 8, 4),
+    ("cpcl 64x128x128 w16 2+2", "cpcl", (64, 128, 128), 2, 2, 16, 2),
+]
+SMOKE_GRID = [
+    ("smoke cpcl 16x32x32 w4", "cpcl", (16, 32, 32), 2, 2, 4, 2),
+    ("smoke supervised 16x32x32 w4", "supervised", (16, 32, 32), 2, 2, 4, 2),
+]
+
+
+def peak_rss_bytes() -> float:
+    """This process's peak resident set size (Linux ru_maxrss is KiB, macOS bytes; Windows: peak working set)."""
+    try:
+        import resource
+
+        v = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return float(v if sys.platform == "darwin" else v * 1024)
+    except ImportError:
+        import psutil
+
+        return float(psutil.Process().memory_info().peak_wset)
+
+
+def current_rss_bytes() -> float:
+    import psutil
+
+    return float(psutil.Process().memory_info().rss)
+
+
+# ----------------------------------------------------------------------------------------------- child
+
+
+def child(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Runs in the child process: build, step, report."""
+    import torch
+
+    from speed_common import StepRunner, config, make_batches  # imports everything the trainer imports
+
+    from CPCLSegmentLib.planning import estimate_memory
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    base = current_rss_bytes()
+    base_peak = peak_rss_bytes()
+    device = torch.device(spec.get("device", "cpu"))
+    patch, k, width = tuple(spec["patch"]), int(spec["K"]), int(spec["width"])
+    lb, ub = int(spec["labeled"]), int(spec["unlabeled"])
+    cfg = config(spec["method"], patch, width, labeled_batch=lb, unlabeled_batch=ub)
+    amp = device.type == "cuda" and bool(spec.get("amp", False))
+    est = estimate_memory(patch, lb, ub, width, 4, k, spec["method"], cfg.optimizer, amp)
+    batches = make_batches(1, lb, ub, patch, k, 0, device)
+    runner = StepRunner(cfg, k, device=device, amp=amp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    after_build = current_rss_bytes()
+    for _ in range(int(spec.get("steps", 2))):
+        runner.step(batches[0])
+    out = {
+        "base_rss_bytes": base, "base_peak_bytes": base_peak, "after_build_rss_bytes": after_build,
+        "peak_rss_bytes": peak_rss_bytes(), "estimate": est,
+    }
+    if device.type == "cuda":
+        out["cuda_max_allocated_bytes"] = float(torch.cuda.max_memory_allocated())
+        out["cuda_max_reserved_bytes"] = float(torch.cuda.max_memory_reserved())
+    return out
+
+
+def run_child(spec: Dict[str, Any]) -> Dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "CPCLSegment") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child failed for {spec}: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def grid(settings: List[Any], steps: int, device: str, threads: Optional[int], log) -> List[Dict[str, Any]]:
+    rows = []
+    for name, method, patch, lb, ub, width, k in settings:
+        spec = {"method": method, "patch": list(patch), "labeled": lb, "unlabeled": ub, "width": width, "K": k,
+                "steps": steps, "device": device, "threads": threads, "amp": device.startswith("cuda")}
+        r = run_child(spec)
+        est = r["estimate"]["total"]
+        training = r["peak_rss_bytes"] - r["base_rss_bytes"]
+        row = {"name": name, **spec, **r, "training_peak_bytes": training,
+               "ratio_training_to_estimate": training / est, "ratio_peak_to_estimate": r["peak_rss_bytes"] / est,
+               "ratio_training_to_raw_estimate": training / (est / _overhead())}
+        if "cuda_max_allocated_bytes" in r:
+            row["ratio_cuda_allocated_to_estimate"] = r["cuda_max_allocated_bytes"] / est
+        rows.append(row)
+        log(f"[grid] {name}: peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB (base {r['base_rss_bytes'] / MIB:.0f}), "
+            f"training {training / MIB:.0f} MiB, estimate {est / MIB:.0f} MiB, measured/estimate {training / est:.2f}")
+    return rows
+
+
+def _overhead() -> float:
+    from CPCLSegmentLib.planning import BYTES_OVERHEAD
+
+    return BYTES_OVERHEAD
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def cli_run(args: Sequence[str], threads: Optional[int]) -> Dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "CPCLSegment") + os.pathsep + env.get("PYTHONPATH", "")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "CPCLSegmentLib.cli", *args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        _, status, ru = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {stderr[-3000:]}")
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return {"command": "cpcl-segment " + " ".join(args), "peak_rss_bytes": ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024.0),
+            "cpu_s": ru.ru_utime + ru.ru_stime, "events": events}
+
+
+def cli_base(threads: Optional[int]) -> float:
+    """Peak RSS of a child that only imports what the CLI imports (the process's fixed part)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "CPCLSegment") + os.pathsep + env.get("PYTHONPATH", "")
+    code = "import CPCLSegmentLib.cli, CPCLSegmentLib.pipeline, torch, monai, SimpleITK, slicerio"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    _, _, ru = os.wait4(proc.pid, 0)
+    return ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024.0)
+
+
+def parse_bytes(text: str) -> float:
+    num, unit = text.split()
+    return float(num) * {"B": 1, "KiB": 1024, "MiB": MIB, "GiB": 1024**3, "TiB": 1024**4}[unit]
+
+
+def cli_runs(iterations: int, threads: Optional[int], log) -> Dict[str, Any]:
+    data = slicerio_data_dir()
+    ct, seg = str(data / "CTChest4.nrrd"), str(data / "Segmentation.seg.nrrd")
+    base = cli_base(threads)
+    log(f"[cli] import-only child: peak RSS {base / MIB:.0f} MiB")
+    out: Dict[str, Any] = {"import_only_peak_rss_bytes": base, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="cpcl-mem-bench-") as d:
+        big = synth_ct(Path(d) / "ct256.nrrd")["path"]
+        cases = [
+            ("train CTChest4 (128x128x34), all 7 segments", ["train", "--labeled", ct, seg, "--unlabeled", ct]),
+            ("train CT 256x256x128, all 7 segments", ["train", "--labeled", big, seg, "--unlabeled", big]),
+        ]
+        for name, a in cases:
+            model = str(Path(d) / (name.split()[1] + ".pt"))
+            r = cli_run([*a, "--out", model, "--iterations", str(iterations), "--device", "cpu", "--progress", "json"], threads)
+            summary = next(e for e in r["events"] if e.get("event") == "summary")
+            est = parse_bytes(summary["estimated_memory"])
+            row = {"name": name, "command": r["command"].replace(d, "$TMP").replace(str(data), "$SLICERIO_DATA"),
+                   "patch_dhw": summary["patch_size"], "estimate_bytes": est, "peak_rss_bytes": r["peak_rss_bytes"],
+                   "training_peak_bytes": r["peak_rss_bytes"] - base, "ratio_peak_to_estimate": r["peak_rss_bytes"] / est,
+                   "ratio_training_to_estimate": (r["peak_rss_bytes"] - base) / est, "cpu_s": r["cpu_s"]}
+            out["runs"].append(row)
+            log(f"[cli] {name}: patch {row['patch_dhw']}, peak RSS {row['peak_rss_bytes'] / MIB:.0f} MiB, "
+                f"estimate {est / MIB:.0f} MiB, (peak − imports) / estimate {row['ratio_training_to_estimate']:.2f}")
+        model = str(Path(d) / "CT.pt")
+        r = cli_run(["predict", "--model", model, "--image", big, "--out", str(Path(d) / "pred.seg.nrrd"), "--device", "cpu",
+                     "--progress", "none"], threads)
+        out["predict"] = {"name": "predict CT 256x256x128 with the model trained on it", "peak_rss_bytes": r["peak_rss_bytes"],
+                          "cpu_s": r["cpu_s"], "command": r["command"].replace(d, "$TMP")}
+        log(f"[cli] predict 256x256x128: peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB")
+    return out
+
+
+CPU_PROCESS_BASE_MIB = 512  # proposed constant: Python + torch + MONAI + oneDNN scratch (see ENGINE_REQUESTS.md)
+
+
+def proposal(rows: List[Dict[str, Any]], cli: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Least-squares fit ``peak ≈ a + b · raw`` (raw = the estimate without ``BYTES_OVERHEAD``) and the check of the
+    proposed CPU formula ``total = CPU_PROCESS_BASE_MIB + 1.0 · raw``: measured peak / proposed must stay below 1."""
+    import numpy as np
+
+    ov = _overhead()
+    raw = np.array([r["estimate"]["total"] / ov for r in rows]) / MIB
+    peak = np.array([r["peak_rss_bytes"] for r in rows]) / MIB
+    tensors = np.array([r["training_peak_bytes"] for r in rows]) / MIB
+    a = np.vstack([np.ones_like(raw), raw]).T
+    fit_peak = np.linalg.lstsq(a, peak, rcond=None)[0]
+    fit_tensors = np.linalg.lstsq(a, tensors, rcond=None)[0]
+    proposed = CPU_PROCESS_BASE_MIB + raw
+    out: Dict[str, Any] = {
+        "current_BYTES_OVERHEAD": ov,
+        "fit_peak_mib": {"constant": float(fit_peak[0]), "per_raw_mib": float(fit_peak[1])},
+        "fit_tensors_mib": {"constant": float(fit_tensors[0]), "per_raw_mib": float(fit_tensors[1])},
+        "measured_over_current_estimate": [round(float(r["ratio_peak_to_estimate"]), 3) for r in rows],
+        "proposed_cpu_formula": f"{CPU_PROCESS_BASE_MIB} MiB + 1.0 x raw",
+        "measured_over_proposed": [round(float(v), 3) for v in peak / proposed],
+    }
+    if cli:
+        out["cli_measured_over_proposed"] = [round(r["peak_rss_bytes"] / (CPU_PROCESS_BASE_MIB * MIB + r["estimate_bytes"] / ov), 3)
+                                             for r in cli.get("runs", [])]
+        out["cli_import_only_peak_mib"] = cli["import_only_peak_rss_bytes"] / MIB
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=["cli", "grid"], default=None)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=2, help="training iterations of the CLI runs")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (grid only)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    result: Dict[str, Any] = {"benchmark": "memory", "command": " ".join(["python", "bench/memory.py", *(argv or sys.argv[1:])]),
+                              "machine": machine_info()}
+    if args.smoke:
+        result["grid"] = grid(SMOKE_GRID, 1, args.device, args.threads, log)
+    else:
+        if args.only in (None, "cli") and args.device == "cpu":
+            result["cli"] = cli_runs(args.iterations, args.threads, log)
+        if args.only in (None, "grid"):
+            result["grid"] = grid(GRID, args.steps, args.device, args.threads, log)
+    if result.get("grid"):
+        result["proposal"] = proposal(result["grid"], result.get("cli"))
+        print(table(result), flush=True)
+    result["machine"]["load_average_at_end"] = load_average()
+    out = Path(args.out) if args.out else RESULTS_DIR / ("memory_smoke.json" if args.smoke else "memory.json")
+    write_json(out, result)
+    log(f"wrote {out}")
+    return 0
+
+
+def table(result: Dict[str, Any]) -> str:
+    rows = ["| setting | peak RSS | − imports | estimate | measured / estimate | peak / proposed |", "|---|---|---|---|---|---|"]
+    prop = (result.get("proposal") or {}).get("measured_over_proposed") or [float("nan")] * len(result.get("grid", []))
+    for r, pr in zip(result.get("grid", []), prop):
+        rows.append(f"| {r['name']} | {r['peak_rss_bytes'] / MIB:.0f} MiB | {r['training_peak_bytes'] / MIB:.0f} MiB | "
+                    f"{r['estimate']['total'] / MIB:.0f} MiB | {r['ratio_training_to_estimate']:.2f} | {pr:.2f} |")
+    for r in (result.get("cli") or {}).get("runs", []):
+        rows.append(f"| CLI {r['name']} (patch {r['patch_dhw']}) | {r['peak_rss_bytes'] / MIB:.0f} MiB | "
+                    f"{r['training_peak_bytes'] / MIB:.0f} MiB | {r['estimate_bytes'] / MIB:.0f} MiB | {r['ratio_training_to_estimate']:.2f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

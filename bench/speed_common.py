@@ -1,0 +1,303 @@
+"""Shared helpers for the speed / memory benchmarks (``step_time.py``, ``predict_speed.py``, ``memory.py``,
+``gpu_step.py``).
+
+- ``machine_info()``: CPU model, cores, GPU, library versions and the load average (the machine these numbers
+  were produced on is shared, so the load is recorded with every result).
+- ``blob_labels``: deterministic label patches with one ellipsoid per foreground class, so every class is
+  present in every labeled patch (prototypes exist, as in a real foreground-oversampled batch).
+- ``StepRunner``: one training step **exactly as** ``trainer.Trainer.step`` does it (poly learning rate,
+  ramp-up, the engine's loss-term function for the method, ``total_loss``, ``split_terms``, zero_grad,
+  backward, optimizer step, ``teacher.update_teacher``), minus patch sampling, on batches given by the caller.
+- ``Clock``: wall time and process CPU time of a region (CPU time is far less sensitive to other processes
+  competing for the cores than wall time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "CPCLSegment") not in sys.path:
+    sys.path.insert(0, str(ROOT / "CPCLSegment"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from CPCLSegmentLib.losses import (  # noqa: E402
+    cpcl_loss_terms,
+    mean_teacher_loss_terms,
+    sigmoid_rampup,
+    split_terms,
+    supervised_loss_terms,
+    total_loss,
+)
+from CPCLSegmentLib.network import VNet  # noqa: E402
+from CPCLSegmentLib.teacher import make_teacher, update_teacher  # noqa: E402
+from CPCLSegmentLib.trainer import TrainConfig  # noqa: E402
+
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+# ------------------------------------------------------------------------------------------ machine
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> Optional[List[float]]:
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(v, 2) for v in os.getloadavg()]
+    return None
+
+
+def machine_info() -> Dict[str, Any]:
+    info: Dict[str, Any] = {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_1_5_15min": load_average(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    with contextlib.suppress(Exception):
+        import psutil
+
+        info["ram_gib"] = round(psutil.virtual_memory().total / 1024**3, 1)
+    for mod in ("torch", "monai", "numpy", "SimpleITK", "slicerio"):
+        with contextlib.suppress(Exception):
+            m = __import__(mod)
+            info[mod] = getattr(m, "__version__", None) or getattr(m, "Version", lambda: "?")()
+    from CPCLSegmentLib import __version__
+
+    info["cpcl-segment"] = __version__
+    return info
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    return str(o)
+
+
+def set_threads(n: Optional[int]) -> int:
+    if n:
+        torch.set_num_threads(int(n))
+    return torch.get_num_threads()
+
+
+# -------------------------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """``with Clock(sync) as c: ...`` then ``c.wall`` / ``c.cpu`` in seconds (``sync`` e.g. cuda.synchronize)."""
+
+    def __init__(self, sync: Optional[Callable[[], None]] = None) -> None:
+        self.sync = sync
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> "Clock":
+        if self.sync:
+            self.sync()
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.sync:
+            self.sync()
+        self.wall = time.perf_counter() - self._w
+        self.cpu = time.process_time() - self._c
+
+
+def median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, dtype=float))) if len(values) else float("nan")
+
+
+def quartiles(values: Sequence[float]) -> Tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    return (float(np.percentile(v, 25)), float(np.percentile(v, 75))) if v.size else (float("nan"), float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def blob_labels(batch: int, patch: Sequence[int], num_classes: int, seed: int = 0) -> torch.Tensor:
+    """``(batch, D, H, W)`` int64 labels: background plus one solid ellipsoid per foreground class, at a
+    random centre with radii a quarter to a sixth of the patch (every class present in every sample)."""
+    rng = np.random.RandomState(seed)
+    d, h, w = (int(p) for p in patch)
+    zz, yy, xx = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+    out = np.zeros((batch, d, h, w), dtype=np.int64)
+    for b in range(batch):
+        for k in range(1, num_classes):
+            r = np.array([d, h, w]) / rng.uniform(4.0, 6.0, size=3)
+            c = [rng.uniform(0.3, 0.7) * s for s in (d, h, w)]
+            inside = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2 <= 1.0
+            out[b][inside] = k
+    return torch.from_numpy(out)
+
+
+def make_batches(n: int, labeled: int, unlabeled: int, patch: Sequence[int], num_classes: int, seed: int = 0,
+                 device: torch.device = torch.device("cpu")) -> List[Dict[str, torch.Tensor]]:
+    """``n`` distinct batches (rotated through while timing, never zeros): images N(0, 1) with the label's
+    class index added (so the classes differ in intensity, like anatomy), labels from ``blob_labels``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        y = blob_labels(labeled, patch, num_classes, seed * 1000 + i)
+        x_l = torch.randn(labeled, 1, *patch, generator=g) + y.unsqueeze(1).float()
+        y_u = blob_labels(unlabeled, patch, num_classes, seed * 1000 + 500 + i) if unlabeled else None
+        x_u = torch.randn(unlabeled, 1, *patch, generator=g) + (y_u.unsqueeze(1).float() if unlabeled else 0.0)
+        out.append({"x_l": x_l.to(device), "y_l": y.to(device), "x_u": x_u.to(device)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+class StepRunner:
+    """A student, its EMA teacher and an optimizer, stepping exactly like ``Trainer.step``.
+
+    ``terms_fn(runner, batch) -> dict`` computes the loss terms; by default the engine's own function for
+    ``cfg.method``. ``loss_fn(runner, terms, ramp) -> tensor`` combines them; by default ``total_loss`` with
+    the config's λ_max, β and mean-teacher weight (what the trainer does).
+    """
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, init_state: Optional[Dict[str, torch.Tensor]] = None,
+                 device: torch.device = torch.device("cpu"), terms_fn: Optional[Callable] = None,
+                 loss_fn: Optional[Callable] = None, memory_format: Any = torch.contiguous_format,
+                 amp: bool = False, compile: bool = False) -> None:
+        self.cfg = cfg
+        self.K = num_classes
+        self.device = device
+        net = VNet(**cfg.network_config(num_classes))
+        if init_state is not None:
+            net.load_state_dict(init_state)
+        self.teacher = make_teacher(net).to(device, memory_format=memory_format)
+        self.student = net.to(device, memory_format=memory_format)
+        self.model = torch.compile(self.student) if compile else self.student
+        self.memory_format = memory_format
+        self.amp = amp
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(self.student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.terms_fn = terms_fn or engine_terms
+        self.loss_fn = loss_fn or (lambda r, terms, ramp: total_loss(terms, ramp, r.cfg.lambda_max, r.cfg.beta, r.cfg.mt_weight()))
+        self.it = 0
+        self.region: Callable[[str], Any] = lambda name: contextlib.nullcontext()  # e.g. profiler.record_function
+        self.student.train()
+
+    def autocast(self):
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        cfg, it = self.cfg, self.it
+        lr = cfg.lr * (1.0 - (it % cfg.iterations) / cfg.iterations) ** cfg.poly_power
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        ramp = sigmoid_rampup(it % cfg.iterations, cfg.rampup_iterations())
+        with self.region("loss_terms"), self.autocast():
+            terms = self.terms_fn(self, batch)
+            loss = self.loss_fn(self, terms, ramp)
+        values, finite = split_terms(terms)
+        if not finite:
+            raise FloatingPointError(f"non-finite loss terms: {values}")
+        self.opt.zero_grad(set_to_none=True)
+        with self.region("backward"):
+            loss.backward()
+        with self.region("optimizer_step"):
+            self.opt.step()
+        with self.region("ema_update"):
+            update_teacher(self.teacher, self.student, it, cfg.ema_decay)
+        self.it += 1
+        return values
+
+
+def engine_terms(r: StepRunner, b: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The loss terms exactly as ``Trainer.loss_terms`` computes them for ``r.cfg.method``."""
+    cfg = r.cfg
+    if cfg.method == "supervised":
+        return supervised_loss_terms(r.model, b["x_l"], b["y_l"])
+    if cfg.method == "mean_teacher":
+        return mean_teacher_loss_terms(r.model, r.teacher, b["x_l"], b["y_l"], b["x_u"])
+    return cpcl_loss_terms(
+        r.model, r.teacher, b["x_l"], b["y_l"], b["x_u"], scale=cfg.scale, per_sample_prototypes=cfg.per_sample_prototypes,
+        forward_prediction=cfg.forward_prediction, confidence_weighting=cfg.confidence_weighting,
+        detach_features=cfg.detach_features, use_forward=cfg.use_forward, use_backward=cfg.use_backward,
+        consistency=cfg.mt_weight() > 0,
+    )
+
+
+def config(method: str, patch: Sequence[int], width: int, depth: int = 4, **overrides: Any) -> TrainConfig:
+    """``TrainConfig`` with the engine's defaults (what the CLI and the Slicer panel use) for ``method``."""
+    cfg = TrainConfig(method=method, patch_size=tuple(int(p) for p in patch), width=width, depth=depth, device="cpu",
+                      iterations=10000, **overrides)
+    return cfg.validate()
+
+
+def fmt_s(v: float) -> str:
+    if v != v:
+        return "n/a"
+    return f"{v:.3f} s" if v < 10 else f"{v:.1f} s"
+
+
+def fmt_ratio(v: float) -> str:
+    return "n/a" if v != v or math.isinf(v) else f"{v:.2f}×"
+
+
+# ------------------------------------------------------------------------------- real data, synthesised
+
+
+def slicerio_data_dir() -> Path:
+    import slicerio
+
+    return Path(slicerio.__file__).parent / "data"
+
+
+def synth_ct(path: Path, size_xyz: Sequence[int] = (256, 256, 128)) -> Dict[str, Any]:
+    """Writes slicerio's real chest CT (``CTChest4.nrrd``, 128×128×34 at 3.05×3.05×10 mm) resampled
+    (linear) to ``size_xyz`` voxels over the same physical extent, as a gzip-compressed int16 NRRD (what
+    Slicer writes), keeping its direction matrix (so the reorientation step runs as for the original)."""
+    import SimpleITK as sitk
+
+    src = sitk.ReadImage(str(slicerio_data_dir() / "CTChest4.nrrd"))
+    old_size, old_sp = np.array(src.GetSize(), float), np.array(src.GetSpacing(), float)
+    new_size = np.array(size_xyz, dtype=int)
+    new_sp = old_sp * old_size / new_size
+    img = sitk.Resample(src, [int(s) for s in new_size], sitk.Transform(), sitk.sitkLinear, src.GetOrigin(),
+                        [float(s) for s in new_sp], src.GetDirection(), -1024.0, sitk.sitkInt16)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), useCompression=True)
+    return {"path": str(path), "size_xyz": [int(s) for s in new_size], "spacing_xyz": [float(s) for s in new_sp],
+            "source": "slicerio CTChest4.nrrd, linear resampling, int16, gzip NRRD", "bytes": path.stat().st_size}
