@@ -84,6 +84,8 @@ class Reporter:
             self.bar = tqdm(total=event["of"], initial=event["iteration"] - 1, file=sys.stderr, dynamic_ncols=True, unit="it")
         self.bar.update(event["iteration"] - self.bar.n)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in event["loss"].items()}, refresh=False)
+        if event["iteration"] >= event["of"]:
+            self.close()  # training is over: what follows (Dice, paths) prints below a finished bar
 
     def close(self) -> None:
         if self.bar is not None:
