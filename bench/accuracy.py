@@ -10,6 +10,7 @@ Runs (each one ``trainer.Trainer`` on cases preprocessed as ``pipeline.train`` d
     python bench/accuracy.py                  # default: 4 labeled x seeds 0,1,2 x {supervised, mean teacher, CPCL}
     python bench/accuracy.py --full           # + budgets 8, 15, all-labeled, ablations, MONAI UNet
     python bench/accuracy.py --full --shard 0/2   # half of the grid (run 1/2 elsewhere, same results file)
+    python bench/accuracy.py --full --seeds 0 --budgets 15 8 all --variants supervised mean_teacher cpcl
     python bench/accuracy.py --tune           # the validation-only tuning probes (ablation table)
     python bench/accuracy.py --report         # only rebuild the tables and the plot from the results file
     python bench/accuracy.py --smoke          # CI: 2 iterations, 2 subjects, own results file
@@ -47,7 +48,7 @@ from CPCLSegmentLib.trainer import TrainConfig, Trainer  # noqa: E402
 # -------------------------------------------------------------------------------------- the recipe
 
 # Shared by every method (network, patch, budget, batches, optimiser, augmentation): the benchmark's
-# setting, chosen on the validation set by ``--tune`` (see accuracy.md). Width 8 and a 32x48x32 patch keep
+# setting, chosen on the validation set by ``--tune`` (BENCHMARKS.md, tuning table). Width 8 and a 32x48x32 patch keep
 # a run within minutes on two CPU cores; the hippocampus crops are about 36x50x35 voxels at 1 mm.
 BASE: Dict[str, Any] = dict(
     iterations=600,
@@ -516,6 +517,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     p.add_argument("--iterations", type=int, help=f"override the iteration budget (default {BASE['iterations']})")
     p.add_argument("--shard", help="i/n: run every n-th job starting at i")
+    p.add_argument("--budgets", nargs="+", metavar="N|all", help="only these labeled budgets of the grid (e.g. 15 8 all)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these methods / ablations of the grid")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--report", action="store_true", help="only rebuild tables and plot")
@@ -552,6 +555,10 @@ def main(argv=None) -> int:
         jobs = tune_jobs(args.tune, args.tune_seeds, extra)
     else:
         jobs = main_jobs(args.full, args.seeds, args.iterations)
+        if args.budgets:
+            jobs = [j for j in jobs if ("all" if j.budget is None else str(j.budget)) in args.budgets]
+        if args.variants:
+            jobs = [j for j in jobs if j.variant in args.variants]
     run_jobs(jobs, results, data, device, C.parse_shard(args.shard))
     write_report(results, out_dir)
     return 0

@@ -15,7 +15,7 @@ Every measurement runs in a **fresh child process** so its peak is its own:
 
 For each run: measured / estimated, a least-squares fit of peak vs the raw estimate, and the check of the
 proposed CPU formula (a constant process base + 1.0 × the raw estimate) as an upper bound of the measured
-peaks, for the planner and the panel's warning (results/ENGINE_REQUESTS.md).
+peaks, for the planner and the panel's warning (BENCHMARKS.md, "Engine changes").
 
 Usage::
 
@@ -223,7 +223,7 @@ def cli_runs(iterations: int, threads: Optional[int], log) -> Dict[str, Any]:
     return out
 
 
-CPU_PROCESS_BASE_MIB = 512  # proposed constant: Python + torch + MONAI + oneDNN scratch (see ENGINE_REQUESTS.md)
+CPU_PROCESS_BASE_MIB = 512  # proposed constant: Python + torch + MONAI + oneDNN scratch (BENCHMARKS.md, "Speed and memory")
 
 
 def proposal(rows: List[Dict[str, Any]], cli: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -5,8 +5,8 @@ same physical extent, int16, gzip NRRD as Slicer writes it) into a temporary fol
 The model is trained by ``pipeline.train`` itself (engine defaults: VNet width 16, depth 4, planned patch,
 CT normalisation; the demo's three segments of slicerio's ``Segmentation.seg.nrrd``, resampled by the
 engine onto the synthesised CT), supervised, for ``--train-iterations`` (default 40) iterations: enough for a
-smooth, plausible label map. This matters for the write stage: the ``.seg.nrrd`` is gzip-compressed at level 9
-(slicerio's default), which takes 0.4 s for a real segmentation of this volume but 7–30 s for the noisy map of
+smooth, plausible label map. This matters for the write stage: the ``.seg.nrrd`` is gzip-compressed (level 6 in
+``io.write_prediction``; slicerio's default 9), which at level 9 takes 0.4 s for a real segmentation of this volume but 7–30 s for the noisy map of
 an untrained network. The write time of the ground-truth labels is reported beside it.
 
 Timed, in the order ``pipeline.predict`` runs them (the same functions it calls):
@@ -113,7 +113,23 @@ def run_stages(model: str, image_path: str, out_path: str, overlap: float) -> Di
     with Clock() as c:
         cio.write_prediction(out_path, labels, image, pred.classes)
     t["write"] = c
-    return {"clocks": t, "net": pred.net, "arr": arr, "patch": pred.patch, "grid_size_xyz": list(grid.GetSize())}
+    return {"clocks": t, "net": pred.net, "arr": arr, "patch": pred.patch, "grid_size_xyz": list(grid.GetSize()),
+            "labels": labels, "image": image, "classes": pred.classes}
+
+
+def compression_levels(labels, image, classes, out: str, levels: Sequence[int] = (6, 9)) -> Dict[str, Dict[str, float]]:
+    """The write stage at each gzip level (``io.SEG_NRRD_COMPRESSION``; slicerio's default is 9)."""
+    res = {}
+    saved = cio.SEG_NRRD_COMPRESSION
+    try:
+        for level in levels:
+            cio.SEG_NRRD_COMPRESSION = level
+            with Clock() as c:
+                cio.write_prediction(out, labels, image, classes)
+            res[str(level)] = {"wall_s": c.wall, "cpu_s": c.cpu, "bytes": os.path.getsize(out)}
+    finally:
+        cio.SEG_NRRD_COMPRESSION = saved
+    return res
 
 
 def cli_time(model: str, image_path: str, out_path: str, threads: int) -> Dict[str, float]:
@@ -184,6 +200,7 @@ def scenario(name: str, tmp: Path, image: Dict[str, Any], width: int, repeats: i
             windows = count_windows(r["arr"].shape, r["patch"], overlap)
             grid_dhw = tuple(r["arr"].shape)
             gt_write = ground_truth_write(image["path"], load_model(str(model))["classes"], str(tmp / f"gt-{name}.seg.nrrd"))
+            levels = compression_levels(r["labels"], r["image"], r["classes"], str(tmp / f"levels-{name}.seg.nrrd"))
         with Clock() as c:
             pipeline.predict(str(model), [image["path"]], str(tmp / f"e2e-{name}.seg.nrrd"), device="cpu")
         e2e_wall.append(c.wall)
@@ -197,7 +214,7 @@ def scenario(name: str, tmp: Path, image: Dict[str, Any], width: int, repeats: i
     total_wall = sum(median(stage_wall[s]) for s in STAGES)
     out: Dict[str, Any] = {
         "model": info, "grid_dhw": list(grid_dhw), "patch_dhw": list(patch), "overlap": overlap, "sw_batch_size": 2,
-        "windows": windows, "repeats": repeats, "write_ground_truth_labels": gt_write,
+        "windows": windows, "repeats": repeats, "write_ground_truth_labels": gt_write, "write_by_gzip_level": levels,
         "output_bytes": os.path.getsize(tmp / f"stages-{name}.seg.nrrd"),
         "stages": {s: {"median_wall_s": median(stage_wall[s]), "median_cpu_s": median(stage_cpu[s]),
                        "wall_s": stage_wall[s], "cpu_s": stage_cpu[s],
@@ -231,6 +248,8 @@ def table(name: str, r: Dict[str, Any]) -> str:
                     f"{r['ratio_cli_to_monai']:.2f} |")
     gt = r["write_ground_truth_labels"]
     rows.append(f"| (write, ground-truth labels instead) | {fmt_s(gt['wall_s'])} | {fmt_s(gt['cpu_s'])} | | |")
+    for level, w in r.get("write_by_gzip_level", {}).items():
+        rows.append(f"| (write at gzip level {level}: {w['bytes'] / 2**20:.2f} MiB) | {fmt_s(w['wall_s'])} | {fmt_s(w['cpu_s'])} | | |")
     rows.append(f"| MONAI sliding_window_inference alone | {fmt_s(mw)} | {fmt_s(r['monai_alone']['median_cpu_s'])} | | 1.00 |")
     return "\n".join(rows)
 

@@ -30,7 +30,7 @@ Variants (``--variants``; default all but ``fullres_grad``; ``all`` adds it):
   and every prototype set, masked sums by broadcasting at full resolution, one ``F.cosine_similarity`` per
   class): the kind of cost the issue measured (2.2× on the reference's own network).
 - ``mean_teacher_relu_copy``, ``cpcl_relu_copy`` (experiments, only when named): the same steps with the
-  network's ``nn.ReLU(inplace=True)`` switched to ``inplace=False`` (see ``results/ENGINE_REQUESTS.md``).
+  network's ``nn.ReLU(inplace=True)`` switched to ``inplace=False`` (BENCHMARKS.md, "Engine changes").
 - ``fullres_grad``: what gradient-carrying CPCL would cost at full resolution (``ref_cpcl``'s full-resolution
   prototype maths without the detach and without the extra teacher pass): why the engine works at the
   feature resolution.
@@ -94,7 +94,7 @@ HIPPOCAMPUS_SPACING = (1.0, 1.0, 1.0)
 
 DEFAULT_VARIANTS = ["supervised", "mean_teacher", "cpcl", "cpcl_mt", "ref_teacher_passes", "ref_cpcl", "ref_cpcl_ops"]
 ALL_VARIANTS = DEFAULT_VARIANTS + ["fullres_grad"]
-EXPERIMENTS = ["mean_teacher_relu_copy", "cpcl_relu_copy"]  # engine-change experiments (ENGINE_REQUESTS.md)
+EXPERIMENTS = ["mean_teacher_relu_copy", "cpcl_relu_copy"]  # engine-change experiments (BENCHMARKS.md, "Engine changes")
 
 
 def configurations(smoke: bool) -> Dict[str, Dict[str, Any]]:

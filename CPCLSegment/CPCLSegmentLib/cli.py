@@ -547,7 +547,7 @@ COMMANDS: Dict[str, Callable[..., int]] = {"train": cmd_train, "predict": cmd_pr
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     # torch's CPU OpenMP threads spin while waiting; when Slicer or other jobs share the cores a
-    # descheduled spinner stalls every parallel region (up to 3x slower, BENCHMARKS.md). Set before torch
+    # descheduled spinner stalls every parallel region. Set before torch
     # is first imported; a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()

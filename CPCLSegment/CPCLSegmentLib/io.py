@@ -457,8 +457,12 @@ def write_seg_nrrd(
         "referenceImageExtentOffset": [0, 0, 0],
     }
     with atomic_path(path) as tmp:
-        # gzip level 6: 2-12x faster than level 9 for 10-15 % larger files (bench/predict_speed.py)
-        slicerio.write_segmentation(tmp, seg_dict, compression_level=6)
+        slicerio.write_segmentation(tmp, seg_dict, compression_level=SEG_NRRD_COMPRESSION)
+
+
+# gzip level of written .seg.nrrd files; slicerio's default is 9. Level 6 is much faster for slightly larger
+# files (bench/predict_speed.py measures both; BENCHMARKS.md, "Speed and memory").
+SEG_NRRD_COMPRESSION = 6
 
 
 def write_prediction(path: str, labels: np.ndarray, reference: sitk.Image, classes: Sequence[Dict[str, Any]]) -> None:

@@ -38,7 +38,7 @@ class ConvStage(nn.Sequential):
 
     ReLU is not in place: after instance norm (a view) an in-place ReLU makes autograd copy whole
     activations back (CopySlices); out of place is 7-10 % faster on the CPU with 3 % less memory
-    (bench/results/ENGINE_REQUESTS.md).
+    (bench/step_time.py; BENCHMARKS.md, "Engine changes").
     """
 
     def __init__(self, n: int, c_in: int, c_out: int, norm: str) -> None:
