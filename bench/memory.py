@@ -13,9 +13,10 @@ Every measurement runs in a **fresh child process** so its peak is its own:
   interpreter + torch + MONAI), then builds the networks and runs ``--steps`` steps; peak RSS − base is what
   ``estimate_memory`` models (tensors), and on CUDA ``torch.cuda.max_memory_allocated`` is recorded too.
 
-For each run: measured / estimated, a least-squares fit of peak vs the raw estimate, and the check of the
-proposed CPU formula (a constant process base + 1.0 × the raw estimate) as an upper bound of the measured
-peaks, for the planner and the panel's warning (BENCHMARKS.md, "Engine changes").
+For each run: peak / estimate, where the estimate is ``planning.estimate_memory`` for the device (CPU: the
+process base ``planning.CPU_PROCESS_BASE`` + 1.0 × the tensor estimate; it must stay an upper bound of the
+measured peaks, for the planner and the panel's warning), and a least-squares fit of peak vs the tensor
+estimate (BENCHMARKS.md, "Speed and memory").
 
 Usage::
 
@@ -99,7 +100,7 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
     lb, ub = int(spec["labeled"]), int(spec["unlabeled"])
     cfg = config(spec["method"], patch, width, labeled_batch=lb, unlabeled_batch=ub)
     amp = device.type == "cuda" and bool(spec.get("amp", False))
-    est = estimate_memory(patch, lb, ub, width, 4, k, spec["method"], cfg.optimizer, amp)
+    est = estimate_memory(patch, lb, ub, width, 4, k, spec["method"], cfg.optimizer, amp, device_type=device.type)
     batches = make_batches(1, lb, ub, patch, k, 0, device)
     runner = StepRunner(cfg, k, device=device, amp=amp)
     if device.type == "cuda":
@@ -135,21 +136,21 @@ def grid(settings: List[Any], steps: int, device: str, threads: Optional[int], l
         r = run_child(spec)
         est = r["estimate"]["total"]
         training = r["peak_rss_bytes"] - r["base_rss_bytes"]
-        row = {"name": name, **spec, **r, "training_peak_bytes": training,
-               "ratio_training_to_estimate": training / est, "ratio_peak_to_estimate": r["peak_rss_bytes"] / est,
-               "ratio_training_to_raw_estimate": training / (est / _overhead())}
+        row = {"name": name, **spec, **r, "training_peak_bytes": training, "raw_estimate_bytes": _raw(r["estimate"]),
+               "ratio_peak_to_estimate": r["peak_rss_bytes"] / est,
+               "ratio_training_to_raw_estimate": training / _raw(r["estimate"])}
         if "cuda_max_allocated_bytes" in r:
             row["ratio_cuda_allocated_to_estimate"] = r["cuda_max_allocated_bytes"] / est
         rows.append(row)
         log(f"[grid] {name}: peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB (base {r['base_rss_bytes'] / MIB:.0f}), "
-            f"training {training / MIB:.0f} MiB, estimate {est / MIB:.0f} MiB, measured/estimate {training / est:.2f}")
+            f"training {training / MIB:.0f} MiB, estimate {est / MIB:.0f} MiB, peak/estimate {r['peak_rss_bytes'] / est:.2f}")
     return rows
 
 
-def _overhead() -> float:
-    from CPCLSegmentLib.planning import BYTES_OVERHEAD
-
-    return BYTES_OVERHEAD
+def _raw(estimate: Dict[str, float]) -> float:
+    """The estimate's tensor part (activations, teacher, losses, parameters + optimizer state), without the
+    CPU process base or the GPU overhead factor."""
+    return float(sum(estimate[k] for k in ("activations", "teacher", "losses", "parameters")))
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -213,7 +214,7 @@ def cli_runs(iterations: int, threads: Optional[int], log) -> Dict[str, Any]:
                    "ratio_training_to_estimate": (r["peak_rss_bytes"] - base) / est, "cpu_s": r["cpu_s"]}
             out["runs"].append(row)
             log(f"[cli] {name}: patch {row['patch_dhw']}, peak RSS {row['peak_rss_bytes'] / MIB:.0f} MiB, "
-                f"estimate {est / MIB:.0f} MiB, (peak − imports) / estimate {row['ratio_training_to_estimate']:.2f}")
+                f"estimate {est / MIB:.0f} MiB, peak / estimate {row['ratio_peak_to_estimate']:.2f}")
         model = str(Path(d) / "CT.pt")
         r = cli_run(["predict", "--model", model, "--image", big, "--out", str(Path(d) / "pred.seg.nrrd"), "--device", "cpu",
                      "--progress", "none"], threads)
@@ -223,33 +224,28 @@ def cli_runs(iterations: int, threads: Optional[int], log) -> Dict[str, Any]:
     return out
 
 
-CPU_PROCESS_BASE_MIB = 512  # proposed constant: Python + torch + MONAI + oneDNN scratch (BENCHMARKS.md, "Speed and memory")
-
-
 def proposal(rows: List[Dict[str, Any]], cli: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Least-squares fit ``peak ≈ a + b · raw`` (raw = the estimate without ``BYTES_OVERHEAD``) and the check of the
-    proposed CPU formula ``total = CPU_PROCESS_BASE_MIB + 1.0 · raw``: measured peak / proposed must stay below 1."""
+    """Least-squares fit ``peak ≈ a + b · raw`` (raw = the estimate's tensor part) and the check of the CPU
+    formula the planner uses, ``planning.CPU_PROCESS_BASE + 1.0 · raw``: measured peak / estimate must stay
+    below 1 (the panel's warning relies on it)."""
     import numpy as np
 
-    ov = _overhead()
-    raw = np.array([r["estimate"]["total"] / ov for r in rows]) / MIB
+    from CPCLSegmentLib.planning import CPU_PROCESS_BASE
+
+    raw = np.array([_raw(r["estimate"]) for r in rows]) / MIB
     peak = np.array([r["peak_rss_bytes"] for r in rows]) / MIB
     tensors = np.array([r["training_peak_bytes"] for r in rows]) / MIB
     a = np.vstack([np.ones_like(raw), raw]).T
     fit_peak = np.linalg.lstsq(a, peak, rcond=None)[0]
     fit_tensors = np.linalg.lstsq(a, tensors, rcond=None)[0]
-    proposed = CPU_PROCESS_BASE_MIB + raw
     out: Dict[str, Any] = {
-        "current_BYTES_OVERHEAD": ov,
+        "cpu_formula": f"{CPU_PROCESS_BASE / MIB:.0f} MiB + 1.0 x raw",
         "fit_peak_mib": {"constant": float(fit_peak[0]), "per_raw_mib": float(fit_peak[1])},
         "fit_tensors_mib": {"constant": float(fit_tensors[0]), "per_raw_mib": float(fit_tensors[1])},
-        "measured_over_current_estimate": [round(float(r["ratio_peak_to_estimate"]), 3) for r in rows],
-        "proposed_cpu_formula": f"{CPU_PROCESS_BASE_MIB} MiB + 1.0 x raw",
-        "measured_over_proposed": [round(float(v), 3) for v in peak / proposed],
+        "peak_over_estimate": [round(float(r["ratio_peak_to_estimate"]), 3) for r in rows],
     }
     if cli:
-        out["cli_measured_over_proposed"] = [round(r["peak_rss_bytes"] / (CPU_PROCESS_BASE_MIB * MIB + r["estimate_bytes"] / ov), 3)
-                                             for r in cli.get("runs", [])]
+        out["cli_peak_over_estimate"] = [round(float(r["ratio_peak_to_estimate"]), 3) for r in cli.get("runs", [])]
         out["cli_import_only_peak_mib"] = cli["import_only_peak_rss_bytes"] / MIB
     return out
 
@@ -294,14 +290,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def table(result: Dict[str, Any]) -> str:
-    rows = ["| setting | peak RSS | − imports | estimate | measured / estimate | peak / proposed |", "|---|---|---|---|---|---|"]
-    prop = (result.get("proposal") or {}).get("measured_over_proposed") or [float("nan")] * len(result.get("grid", []))
-    for r, pr in zip(result.get("grid", []), prop):
+    rows = ["| setting | peak RSS | − imports | estimate (tensors) | peak / estimate |", "|---|---|---|---|---|"]
+    for r in result.get("grid", []):
         rows.append(f"| {r['name']} | {r['peak_rss_bytes'] / MIB:.0f} MiB | {r['training_peak_bytes'] / MIB:.0f} MiB | "
-                    f"{r['estimate']['total'] / MIB:.0f} MiB | {r['ratio_training_to_estimate']:.2f} | {pr:.2f} |")
+                    f"{r['estimate']['total'] / MIB:.0f} MiB ({r['raw_estimate_bytes'] / MIB:.0f}) | {r['ratio_peak_to_estimate']:.2f} |")
     for r in (result.get("cli") or {}).get("runs", []):
         rows.append(f"| CLI {r['name']} (patch {r['patch_dhw']}) | {r['peak_rss_bytes'] / MIB:.0f} MiB | "
-                    f"{r['training_peak_bytes'] / MIB:.0f} MiB | {r['estimate_bytes'] / MIB:.0f} MiB | {r['ratio_training_to_estimate']:.2f} |")
+                    f"{r['training_peak_bytes'] / MIB:.0f} MiB | {r['estimate_bytes'] / MIB:.0f} MiB | {r['ratio_peak_to_estimate']:.2f} |")
+    if "predict" in (result.get("cli") or {}):
+        pr = result["cli"]["predict"]
+        rows.append(f"| CLI {pr['name']} | {pr['peak_rss_bytes'] / MIB:.0f} MiB | | | |")
     return "\n".join(rows)
 
 

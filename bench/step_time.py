@@ -15,8 +15,9 @@ Variants (``--variants``; default all but ``fullres_grad``; ``all`` adds it):
 - ``mean_teacher``: student on 2 + 2, teacher on the 2 unlabeled, MSE of softmaxes
   (``losses.mean_teacher_loss_terms``; the SSL4MIS / UA-MT recipe).
 - ``cpcl``: ours, the engine defaults (``losses.cpcl_loss_terms``): one student pass on 2 + 2, one teacher pass
-  on the 2 unlabeled, prototypes and cosine maps at the feature map's resolution, gradient-carrying.
-- ``cpcl_mt``: ``cpcl`` plus the mean-teacher consistency term (``consistency_weight`` > 0).
+  on the 2 unlabeled, prototypes and cosine maps at the feature map's resolution, gradient-carrying, plus the
+  mean-teacher consistency term at the default weight (``trainer.CPCL_CONSISTENCY``).
+- ``cpcl_mt``: the same with the mean-teacher term at weight 0.1 (the reference's weight).
 - ``ref_teacher_passes``: the reference script (lemoshu/CPCL ``train_CPCL_general_3D.py``) without its
   prototype terms: student on 4, teacher on the **noisy batch of 4** (logit-MSE "stability" loss) **and**
   again on the clean unlabeled 2.
@@ -29,8 +30,9 @@ Variants (``--variants``; default all but ``fullres_grad``; ``all`` adds it):
   ``calDist`` / ``prototype_pred`` re-implemented op for op: the features are upsampled again for every class
   and every prototype set, masked sums by broadcasting at full resolution, one ``F.cosine_similarity`` per
   class): the kind of cost the issue measured (2.2× on the reference's own network).
-- ``mean_teacher_relu_copy``, ``cpcl_relu_copy`` (experiments, only when named): the same steps with the
-  network's ``nn.ReLU(inplace=True)`` switched to ``inplace=False`` (BENCHMARKS.md, "Engine changes").
+- ``mean_teacher_relu_inplace``, ``cpcl_relu_inplace`` (experiments, only when named): the same steps with the
+  network's out-of-place ``nn.ReLU()`` switched back to ``inplace=True`` (the engine before the change measured
+  in BENCHMARKS.md, "Engine changes").
 - ``fullres_grad``: what gradient-carrying CPCL would cost at full resolution (``ref_cpcl``'s full-resolution
   prototype maths without the detach and without the extra teacher pass): why the engine works at the
   feature resolution.
@@ -94,7 +96,7 @@ HIPPOCAMPUS_SPACING = (1.0, 1.0, 1.0)
 
 DEFAULT_VARIANTS = ["supervised", "mean_teacher", "cpcl", "cpcl_mt", "ref_teacher_passes", "ref_cpcl", "ref_cpcl_ops"]
 ALL_VARIANTS = DEFAULT_VARIANTS + ["fullres_grad"]
-EXPERIMENTS = ["mean_teacher_relu_copy", "cpcl_relu_copy"]  # engine-change experiments (BENCHMARKS.md, "Engine changes")
+EXPERIMENTS = ["mean_teacher_relu_inplace", "cpcl_relu_inplace"]  # engine-change experiments (BENCHMARKS.md, "Engine changes")
 
 
 def configurations(smoke: bool) -> Dict[str, Dict[str, Any]]:
@@ -223,18 +225,18 @@ VARIANT_DOC = {
     "ref_cpcl": "reference-style CPCL (teacher twice, 32-ch features upsampled to full patch, detached)",
     "ref_cpcl_ops": "reference CPCL with the reference's own operation sequence (per-class upsampling, cosine_similarity)",
     "fullres_grad": "CPCL at full resolution with gradients (teacher once)",
-    "mean_teacher_relu_copy": "mean_teacher with nn.ReLU(inplace=False) in the network (engine-change experiment)",
-    "cpcl_relu_copy": "cpcl with nn.ReLU(inplace=False) in the network (engine-change experiment)",
+    "mean_teacher_relu_inplace": "mean_teacher with nn.ReLU(inplace=True) in the network (the engine before the change)",
+    "cpcl_relu_inplace": "cpcl with nn.ReLU(inplace=True) in the network (the engine before the change)",
 }
 
 
 def build_runner(variant: str, patch, width: int, k: int, state: Dict[str, torch.Tensor], norm: str, dropout: float,
                  device: torch.device = torch.device("cpu")) -> StepRunner:
-    if variant.endswith("_relu_copy"):
-        r = build_runner(variant[: -len("_relu_copy")], patch, width, k, state, norm, dropout, device)
+    if variant.endswith("_relu_inplace"):
+        r = build_runner(variant[: -len("_relu_inplace")], patch, width, k, state, norm, dropout, device)
         for m in list(r.student.modules()) + list(r.teacher.modules()):
             if isinstance(m, torch.nn.ReLU):
-                m.inplace = False
+                m.inplace = True
         return r
     method = {"supervised": "supervised", "mean_teacher": "mean_teacher"}.get(variant, "cpcl")
     over: Dict[str, Any] = {"norm": norm, "dropout": dropout}
