@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from conftest import ROOT, child_env
+from CPCLSegmentLib.planning import CPU_PROCESS_BASE
 
 pytestmark = pytest.mark.slow
 BENCH = ROOT / "bench"
@@ -71,10 +72,12 @@ def test_memory_smoke(tmp_path):
     for r in rows:
         assert r["peak_rss_bytes"] >= r["base_rss_bytes"] > 0
         assert r["estimate"]["total"] > 0
-        assert r["ratio_training_to_estimate"] == pytest.approx(r["training_peak_bytes"] / r["estimate"]["total"])
+        assert r["ratio_peak_to_estimate"] == pytest.approx(r["peak_rss_bytes"] / r["estimate"]["total"])
+        # the CPU estimate is the process base plus the tensor part (what the planner and the panel use)
+        assert r["estimate"]["total"] == pytest.approx(CPU_PROCESS_BASE + r["raw_estimate_bytes"])
     assert rows[0]["estimate"]["total"] > rows[1]["estimate"]["total"]  # CPCL keeps 4 patches' activations, supervised 2
-    assert len(res["proposal"]["measured_over_proposed"]) == 2
-    assert "measured / estimate" in table
+    assert len(res["proposal"]["peak_over_estimate"]) == 2
+    assert "peak / estimate" in table
 
 
 def test_gpu_step_smoke_falls_back_to_cpu(tmp_path):
