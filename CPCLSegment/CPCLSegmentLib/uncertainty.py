@@ -62,8 +62,9 @@ Emit = Callable[[Dict[str, Any]], None]
 
 SCORES = ("entropy", "student_teacher", "label_disagreement", "prototype")
 # Chosen by bench/uncertainty.py on MSD hippocampus (BENCHMARKS.md, "Label this next": Spearman rank
-# correlation of each score with 1 - mean Dice on 30 held-back labeled cases; see bench/results/uncertainty.md).
-AUTO_SCORE = "entropy"
+# correlation of each score with 1 - mean Dice on 30 held-back labeled cases per seed, 6 seeds: the highest
+# mean rho and positive on every seed; see bench/results/uncertainty.md).
+AUTO_SCORE = "label_disagreement"
 AGGREGATION = "region"  # how a voxel map becomes a case score (bench/uncertainty.py compares the alternatives)
 REGION_THRESHOLD = 0.1  # a voxel is "foreground or near it" when either network gives it >= 10 % foreground
 _NEEDS = {"entropy": (), "student_teacher": ("student",), "label_disagreement": ("student",), "prototype": ("prototypes",)}
