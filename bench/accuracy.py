@@ -352,12 +352,40 @@ def run_job(job: Job, data: Data, device: torch.device, log=print) -> Dict[str, 
     return record
 
 
+def _claim(results_path: Path, key: str) -> bool:
+    """Claims a job for this process, so processes sharing a results file (shards, extra runs) never run the
+    same job at once. A claim whose process has died is taken over (an interrupted run resumes)."""
+    d = results_path.parent / "logs" / "claims"
+    d.mkdir(parents=True, exist_ok=True)
+    f = d / hashlib.sha1(f"{results_path.name}|{key}".encode()).hexdigest()
+    for _ in range(2):
+        try:
+            fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(f.read_text() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                f.unlink(missing_ok=True)  # the claiming process is gone
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+    return False
+
+
 def run_jobs(jobs: Sequence[Job], results: C.Results, data: Data, device: torch.device, shard=(0, 1), log=print) -> None:
     done = results.done()
     mine = [j for i, j in enumerate(jobs) if i % shard[1] == shard[0]]
     todo = [j for j in mine if j.key not in done]
     log(f"{len(jobs)} jobs in the grid, {len(mine)} in this shard, {len(mine) - len(todo)} already done, {len(todo)} to run")
     for n, job in enumerate(todo, 1):
+        if job.key in results.done() or not _claim(results.path, job.key):
+            log(f"[{n}/{len(todo)}] {job.key}: done or running in another process, skipped")
+            continue
         t = time.perf_counter()
         rec = run_job(job, data, device, log)
         results.append(rec)
@@ -372,6 +400,8 @@ def run_jobs(jobs: Sequence[Job], results: C.Results, data: Data, device: torch.
 def _fmt(m: float, s: float, scale: float = 1.0, digits: int = 1) -> str:
     if m != m:
         return "–"
+    if s != s:  # one seed: no spread to report
+        return f"{m * scale:.{digits}f}"
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
@@ -423,6 +453,10 @@ def tables(records: Sequence[Dict[str, Any]]) -> str:
                     if vv != v or bb != b or which not in agg:
                         continue
                     a = agg[which]
+                    if agg["n"] == 1:  # one seed: no standard deviation
+                        a = {**a, "mean_dice": (a["mean_dice"][0], float("nan")),
+                             "dice": {c: (v[0], float("nan")) for c, v in a["dice"].items()},
+                             "hd95": {c: (v[0], float("nan")) for c, v in a["hd95"].items()}}
                     lab = f"all ({agg['budget_n']})" if b == "all" else str(b)
                     lines.append(
                         f"| {lab} | {LABELS[v]} | {its} | {','.join(map(str, agg['seeds']))} | {_fmt(*a['dice']['anterior'], 100)} | "
