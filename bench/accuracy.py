@@ -488,6 +488,8 @@ def tune_table(records: Sequence[Dict[str, Any]]) -> List[str]:
         last = C.mean_std([r["validation_last"]["mean_dice"] for r in rs])
         best = C.mean_std([(r["best"] or {}).get("mean_dice", float("nan")) for r in rs])
         spi = np.mean([r["seconds_per_iteration"] or 0 for r in rs])
+        if len(rs) == 1:  # one seed: no standard deviation
+            last, best = (last[0], float("nan")), (best[0], float("nan"))
         lines.append(f"| {probe} | {rs[0]['config']['method']} | `{change}` | {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
                      f"{_fmt(*last, 100)} | {_fmt(*best, 100)} | {spi:.2f} |")
     lines.append("")
@@ -520,9 +522,10 @@ def plot(records: Sequence[Dict[str, Any]], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xticks([4, 8, 15])
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labeled training subjects")
     ax.set_ylabel("test mean Dice (%), last checkpoint")
-    ax.set_title("MSD hippocampus, 50 test subjects (mean ± std over seeds)")
+    ax.set_title("MSD hippocampus, 50 test subjects\n(mean ± std over seeds; seeds per point: see the table)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
