@@ -400,7 +400,7 @@ def run_jobs(jobs: Sequence[Job], results: C.Results, data: Data, device: torch.
 def _fmt(m: float, s: float, scale: float = 1.0, digits: int = 1) -> str:
     if m != m:
         return "–"
-    if s != s:  # one seed: no spread to report
+    if s != s:  # one seed (C.mean_std): no spread to report
         return f"{m * scale:.{digits}f}"
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
@@ -453,10 +453,6 @@ def tables(records: Sequence[Dict[str, Any]]) -> str:
                     if vv != v or bb != b or which not in agg:
                         continue
                     a = agg[which]
-                    if agg["n"] == 1:  # one seed: no standard deviation
-                        a = {**a, "mean_dice": (a["mean_dice"][0], float("nan")),
-                             "dice": {c: (v[0], float("nan")) for c, v in a["dice"].items()},
-                             "hd95": {c: (v[0], float("nan")) for c, v in a["hd95"].items()}}
                     lab = f"all ({agg['budget_n']})" if b == "all" else str(b)
                     lines.append(
                         f"| {lab} | {LABELS[v]} | {its} | {','.join(map(str, agg['seeds']))} | {_fmt(*a['dice']['anterior'], 100)} | "
@@ -488,8 +484,6 @@ def tune_table(records: Sequence[Dict[str, Any]]) -> List[str]:
         last = C.mean_std([r["validation_last"]["mean_dice"] for r in rs])
         best = C.mean_std([(r["best"] or {}).get("mean_dice", float("nan")) for r in rs])
         spi = np.mean([r["seconds_per_iteration"] or 0 for r in rs])
-        if len(rs) == 1:  # one seed: no standard deviation
-            last, best = (last[0], float("nan")), (best[0], float("nan"))
         lines.append(f"| {probe} | {rs[0]['config']['method']} | `{change}` | {','.join(str(r['seed']) for r in sorted(rs, key=lambda r: r['seed']))} | "
                      f"{_fmt(*last, 100)} | {_fmt(*best, 100)} | {spi:.2f} |")
     lines.append("")

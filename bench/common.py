@@ -270,10 +270,12 @@ def parse_shard(text: Optional[str]) -> Tuple[int, int]:
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation of the finite values; the std is NaN for one value (no spread to
+    report: tables print the mean alone), both are NaN for none."""
     v = np.asarray([x for x in values if x is not None and x == x], dtype=float)
     if not v.size:
         return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
 class Timer:

@@ -232,7 +232,7 @@ def proposal(rows: List[Dict[str, Any]], cli: Optional[Dict[str, Any]]) -> Dict[
 
     from CPCLSegmentLib.planning import CPU_PROCESS_BASE
 
-    raw = np.array([_raw(r["estimate"]) for r in rows]) / MIB
+    raw = np.array([r["raw_estimate_bytes"] for r in rows]) / MIB
     peak = np.array([r["peak_rss_bytes"] for r in rows]) / MIB
     tensors = np.array([r["training_peak_bytes"] for r in rows]) / MIB
     a = np.vstack([np.ones_like(raw), raw]).T

@@ -5,9 +5,10 @@ same physical extent, int16, gzip NRRD as Slicer writes it) into a temporary fol
 The model is trained by ``pipeline.train`` itself (engine defaults: VNet width 16, depth 4, planned patch,
 CT normalisation; the demo's three segments of slicerio's ``Segmentation.seg.nrrd``, resampled by the
 engine onto the synthesised CT), supervised, for ``--train-iterations`` (default 40) iterations: enough for a
-smooth, plausible label map. This matters for the write stage: the ``.seg.nrrd`` is gzip-compressed (level 6 in
-``io.write_prediction``; slicerio's default 9), which at level 9 takes 0.4 s for a real segmentation of this volume but 7–30 s for the noisy map of
-an untrained network. The write time of the ground-truth labels is reported beside it.
+smooth, plausible label map. This matters for the write stage: the ``.seg.nrrd`` is gzip-compressed (level
+``io.SEG_NRRD_COMPRESSION`` = 6; slicerio's default is 9), which at level 9 takes 0.4 s for a real segmentation
+of this volume but 7–30 s for the noisy map of an untrained network. The write time of the ground-truth
+labels, and of the prediction at levels 6 and 9, are reported beside it.
 
 Timed, in the order ``pipeline.predict`` runs them (the same functions it calls):
 
@@ -118,17 +119,12 @@ def run_stages(model: str, image_path: str, out_path: str, overlap: float) -> Di
 
 
 def compression_levels(labels, image, classes, out: str, levels: Sequence[int] = (6, 9)) -> Dict[str, Dict[str, float]]:
-    """The write stage at each gzip level (``io.SEG_NRRD_COMPRESSION``; slicerio's default is 9)."""
+    """The write stage at each gzip level (the engine writes ``io.SEG_NRRD_COMPRESSION``; slicerio's default is 9)."""
     res = {}
-    saved = cio.SEG_NRRD_COMPRESSION
-    try:
-        for level in levels:
-            cio.SEG_NRRD_COMPRESSION = level
-            with Clock() as c:
-                cio.write_prediction(out, labels, image, classes)
-            res[str(level)] = {"wall_s": c.wall, "cpu_s": c.cpu, "bytes": os.path.getsize(out)}
-    finally:
-        cio.SEG_NRRD_COMPRESSION = saved
+    for level in levels:
+        with Clock() as c:
+            cio.write_seg_nrrd(out, labels, image, classes, compression_level=level)
+        res[str(level)] = {"wall_s": c.wall, "cpu_s": c.cpu, "bytes": os.path.getsize(out)}
     return res
 
 

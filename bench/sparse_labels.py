@@ -74,7 +74,6 @@ def table(records: Sequence[Dict[str, Any]]) -> str:
     for (m, n, b, its), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][3], A.MAIN.index(kv[0][0]) if kv[0][0] in A.MAIN else 9, kv[0][1])):
         rs = sorted(rs, key=lambda r: r["seed"])
         md = C.mean_std([r["test_last"]["mean_dice"] for r in rs])
-        one = len(rs) == 1  # one seed: no standard deviation
         ref = full.get((m, b, its))
         delta = f"{(md[0] - ref[0]) * 100:+.1f}" if ref and n != 1 else "–"
         da = C.mean_std([r["test_last"]["dice"]["anterior"] for r in rs])
@@ -82,8 +81,6 @@ def table(records: Sequence[Dict[str, Any]]) -> str:
         ha = C.mean_std([r["test_last"]["hd95"]["anterior"] for r in rs])
         hp = C.mean_std([r["test_last"]["hd95"]["posterior"] for r in rs])
         kept = np.mean([r.get("foreground_fraction_kept", 1.0) for r in rs])
-        if one:
-            md, da, dp, ha, hp = ((v[0], float("nan")) for v in (md, da, dp, ha, hp))
         lines.append(f"| {b} | {n} | {kept * 100:.0f}% | {A.LABELS[m]} | {its} | {','.join(str(r['seed']) for r in rs)} | "
                      f"{A._fmt(*da, 100)} | {A._fmt(*dp, 100)} | **{A._fmt(*md, 100)}** | {delta} | {A._fmt(*ha, digits=2)} | "
                      f"{A._fmt(*hp, digits=2)} | {'; '.join(sorted({r['machine'] for r in rs}))} |")

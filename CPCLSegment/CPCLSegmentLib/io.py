@@ -410,11 +410,18 @@ def write_label_image(path: str, labels: np.ndarray, reference: sitk.Image, labe
         sitk.WriteImage(img, tmp, useCompression=True)
 
 
+# gzip level of written .seg.nrrd files; slicerio's default is 9. Level 6 is much faster for slightly larger
+# files (bench/predict_speed.py measures both; BENCHMARKS.md, "Speed and memory").
+SEG_NRRD_COMPRESSION = 6
+
+
 def write_seg_nrrd(
-    path: str, labels: np.ndarray, reference: sitk.Image, classes: Sequence[Dict[str, Any]]
+    path: str, labels: np.ndarray, reference: sitk.Image, classes: Sequence[Dict[str, Any]],
+    compression_level: int = SEG_NRRD_COMPRESSION,
 ) -> None:
     """Writes class indices as a Slicer ``.seg.nrrd``: one segment per class 1..K-1 (names, colours,
-    terminology from ``classes``), each listed even when empty, on the reference image's grid."""
+    terminology from ``classes``), each listed even when empty, on the reference image's grid, gzip level
+    ``compression_level``."""
     import slicerio
 
     if labels.shape != tuple(reversed(reference.GetSize())):
@@ -457,12 +464,7 @@ def write_seg_nrrd(
         "referenceImageExtentOffset": [0, 0, 0],
     }
     with atomic_path(path) as tmp:
-        slicerio.write_segmentation(tmp, seg_dict, compression_level=SEG_NRRD_COMPRESSION)
-
-
-# gzip level of written .seg.nrrd files; slicerio's default is 9. Level 6 is much faster for slightly larger
-# files (bench/predict_speed.py measures both; BENCHMARKS.md, "Speed and memory").
-SEG_NRRD_COMPRESSION = 6
+        slicerio.write_segmentation(tmp, seg_dict, compression_level=compression_level)
 
 
 def write_prediction(path: str, labels: np.ndarray, reference: sitk.Image, classes: Sequence[Dict[str, Any]]) -> None:
