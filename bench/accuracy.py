@@ -75,11 +75,21 @@ CPCL: Dict[str, Any] = dict(lambda_max=0.1, beta=10.0, per_sample_prototypes=Fal
                             feature_level=1, forward_prediction="student", consistency_weight=1.0)
 # Mean teacher: the SSL4MIS / UA-MT consistency weight 0.1 (with the same ramp-up).
 MT: Dict[str, Any] = dict(consistency_weight=0.1)
+# CPCL as the method claims it (issue 12): the teacher's P_u in the forward loss, per-sample prototypes (labeled
+# sample i with unlabeled sample i, as the reference pairs them), no mean-teacher term.
+CPCL_CLAIMED: Dict[str, Any] = dict(lambda_max=0.1, beta=10.0, per_sample_prototypes=True, confidence_weighting=True,
+                                    feature_level=1, forward_prediction="teacher", consistency_weight=0.0)
+# What differs from BASE per data set. Left atrium: volumes are about 44 x 71 x 95 voxels (D, H, W) at 1.25 mm;
+# the literature's 112 x 112 x 80 patch at full resolution is 40 x 56 x 56 here, rounded down to multiples of 16.
+DATASET_BASE: Dict[str, Dict[str, Any]] = {"hippocampus": {}, "la": dict(patch_size=(32, 48, 48))}
+# Labeled budgets of the default grid per data set (``--budgets`` picks others).
+DEFAULT_BUDGETS: Dict[str, List[str]] = {"hippocampus": ["4"], "la": ["8"]}
 
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "supervised": dict(method="supervised"),
     "mean_teacher": dict(method="mean_teacher", **MT),
     "cpcl": dict(method="cpcl", **CPCL),
+    "cpcl_claimed": dict(method="cpcl", **CPCL_CLAIMED),
     "cpcl_no_backward": dict(method="cpcl", **{**CPCL, "use_backward": False}),
     "cpcl_no_forward": dict(method="cpcl", **{**CPCL, "use_forward": False}),
     "cpcl_detached": dict(method="cpcl", **{**CPCL, "detach_features": True}),
@@ -88,20 +98,23 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 LABELS = {
     "supervised": "supervised-only",
     "mean_teacher": "mean teacher",
-    "cpcl": "CPCL",
+    "cpcl": "CPCL (default recipe)",
+    "cpcl_claimed": "CPCL as claimed (teacher P_u, per-sample prototypes, no MT term)",
     "cpcl_no_backward": "CPCL w/o backward (U2L)",
     "cpcl_no_forward": "CPCL w/o forward (L2U)",
     "cpcl_detached": "CPCL, detached features (reference code)",
     "monai_unet": "MONAI UNet 16-128, supervised, Adam 1e-3",
 }
 MAIN = ["supervised", "mean_teacher", "cpcl"]
+ORDER = ["supervised", "mean_teacher", "cpcl_claimed", "cpcl"]  # table / plot order of the main methods
 ABLATIONS = ["cpcl_no_backward", "cpcl_no_forward", "cpcl_detached"]
 SEEDS = [0, 1, 2]
 
 
-def config_for(variant: str, seed: int, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def config_for(variant: str, seed: int, overrides: Optional[Dict[str, Any]] = None, dataset: str = "hippocampus") -> Dict[str, Any]:
     v = VARIANTS[variant]
     cfg = dict(BASE)
+    cfg.update(DATASET_BASE[dataset])
     if v["method"] in ("cpcl", "mean_teacher"):
         cfg.update(SEMI)
     cfg.update(v)
@@ -131,19 +144,27 @@ class Job:
         return f"{self.experiment}|{self.name or self.variant}|L{b}|s{self.seed}|{h}"
 
 
-def main_jobs(full: bool, seeds: Sequence[int], iterations: Optional[int]) -> List[Job]:
-    over = {"iterations": iterations} if iterations else {}
+def main_jobs(full: bool, seeds: Sequence[int], overrides: Optional[Dict[str, Any]] = None, dataset: str = "hippocampus",
+              budgets: Optional[Sequence[str]] = None, variants: Optional[Sequence[str]] = None) -> List[Job]:
+    """The grid: ``budgets`` (labeled subjects, or "all") x ``variants`` x ``seeds``. Without ``budgets`` /
+    ``variants``: the data set's default budgets x the main methods (``--full``, hippocampus: also budgets 15,
+    8 and all-labeled, the ablations and the MONAI UNet context row)."""
     jobs: List[Job] = []
 
     def add(variant, budget):
         for s in seeds:
-            cfg = config_for(variant, s, over)
+            cfg = config_for(variant, s, overrides, dataset)
             if budget is None and cfg["method"] != "monai_unet":
                 cfg["method"] = "supervised"  # no unlabeled cases left: the upper bound is supervised
             jobs.append(Job("main", variant, budget, s, cfg))
 
+    if budgets or variants:
+        for b in budgets or DEFAULT_BUDGETS[dataset]:
+            for v in variants or MAIN:
+                add(v, None if b == "all" else int(b))
+        return jobs
     for v in MAIN:
-        add(v, 4)
+        add(v, int(DEFAULT_BUDGETS[dataset][0]))
     if not full:
         return jobs
     for v in ABLATIONS:
@@ -232,21 +253,30 @@ def tune_jobs(names: Optional[Sequence[str]], seeds: Sequence[int], extra: Dict[
 
 
 class Data:
-    """Subjects loaded once per process (preprocessed as the pipeline does)."""
+    """Subjects of one benchmark data set, loaded once per process (preprocessed as the pipeline does)."""
 
-    def __init__(self, d: Path, smoke: bool = False) -> None:
+    def __init__(self, d: Path, smoke: bool = False, dataset: C.Dataset = C.HIPPOCAMPUS) -> None:
         self.dir = d
+        self.dataset = dataset
         self.splits = C.read_splits(d)
         if smoke:
             self.splits = {"train": self.splits["train"][:14], "test": self.splits["test"][:2]}
-        self.plan = C.plan_for(d, self.splits["train"])
+        self.plan = C.plan_for(d, self.splits["train"], dataset)
         self.subjects: Dict[str, C.Subject] = {}
         self.validation_size = 2 if smoke else C.VALIDATION_SIZE
-        self.extra = [] if smoke else C.load_unlabeled_extra(d, self.plan)
+        self.extra = [] if smoke else C.load_unlabeled_extra(d, self.plan, dataset)
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.dataset.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
 
     def get(self, names: Sequence[str]) -> List[C.Subject]:
         missing = [n for n in names if n not in self.subjects]
-        self.subjects.update(C.load_hippocampus(self.dir, missing, self.plan))
+        self.subjects.update(C.load_subjects(self.dir, missing, self.plan, self.dataset))
         return [self.subjects[n] for n in names]
 
 
@@ -261,7 +291,7 @@ class TupleOut(torch.nn.Module):
         return self.net(x), None
 
 
-def train_monai_unet(cfg: Dict[str, Any], labeled, validation, device) -> Dict[str, Any]:
+def train_monai_unet(cfg: Dict[str, Any], labeled, validation, device, num_classes: int = C.NUM_CLASSES) -> Dict[str, Any]:
     """The figure a user gets from a plain supervised MONAI ``UNet`` (16-32-64-128, 2 residual units, Adam 1e-3,
     DiceCE loss), on the same labeled patches (the engine's sampler, no intensity augmentation) and budget."""
     from monai.losses import DiceCELoss
@@ -270,11 +300,11 @@ def train_monai_unet(cfg: Dict[str, Any], labeled, validation, device) -> Dict[s
     from CPCLSegmentLib.data import Augmenter, PatchSampler
 
     torch.manual_seed(cfg["seed"])
-    net = TupleOut(UNet(3, 1, C.NUM_CLASSES, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)).to(device)
+    net = TupleOut(UNet(3, 1, num_classes, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     patch = cfg["patch_size"]
-    sampler = PatchSampler(labeled, patch, C.NUM_CLASSES, Augmenter(patch, False, False, 0.0), cfg["seed"], 1)
+    sampler = PatchSampler(labeled, patch, num_classes, Augmenter(patch, False, False, 0.0), cfg["seed"], 1)
     its = cfg["iterations"]
     every = max(1, its // 10)
     best, best_state, curve = None, None, []
@@ -288,14 +318,14 @@ def train_monai_unet(cfg: Dict[str, Any], labeled, validation, device) -> Dict[s
         loss.backward()
         opt.step()
         if validation and ((it + 1) % every == 0 or it + 1 == its):
-            m = C.evaluate(net, validation, patch, device, hd95=False)["mean_dice"]
+            m = C.evaluate(net, validation, patch, device, hd95=False, class_names=[f"c{i}" for i in range(1, num_classes)])["mean_dice"]
             curve.append((it + 1, round(m, 4)))
             if best is None or m > best["mean_dice"]:
                 best = {"iteration": it + 1, "mean_dice": m}
                 best_state = copy.deepcopy(net.state_dict())
     best_net = None
     if best_state is not None:
-        best_net = TupleOut(UNet(3, 1, C.NUM_CLASSES, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)).to(device)
+        best_net = TupleOut(UNet(3, 1, num_classes, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)).to(device)
         best_net.load_state_dict(best_state)
     return {"last": net, "best_net": best_net, "best": best, "curve": curve}
 
@@ -314,7 +344,7 @@ def run_job(job: Job, data: Data, device: torch.device, log=print) -> Dict[str, 
         "seed": job.seed, "config": cfg, "labeled": split["labeled"], "machine": C.machine(), "versions": C.versions(),
     }
     if cfg["method"] == "monai_unet":
-        out = train_monai_unet(cfg, labeled, val_subjects, device)
+        out = train_monai_unet(cfg, labeled, val_subjects, device, data.num_classes)
         last, best_net, best, curve = out["last"], out["best_net"], out["best"], out["curve"]
         n_unl = 0
         spi = None
@@ -326,7 +356,7 @@ def run_job(job: Job, data: Data, device: torch.device, log=print) -> Dict[str, 
         n_unl = len(unlabeled)
         tcfg = TrainConfig.from_dict({k: v for k, v in cfg.items()})
         events: List[Dict[str, Any]] = []
-        trainer = Trainer(tcfg, labeled, unlabeled, C.NUM_CLASSES, class_names=C.CLASS_NAMES, validation=validation,
+        trainer = Trainer(tcfg, labeled, unlabeled, data.num_classes, class_names=data.class_names, validation=validation,
                           on_progress=lambda e: events.append(e) if e.get("event") in ("validation", "warning") else None)
         result = trainer.run()
         last = result.teacher
@@ -341,12 +371,14 @@ def run_job(job: Job, data: Data, device: torch.device, log=print) -> Dict[str, 
     train_s = time.perf_counter() - t0
     record.update(unlabeled=n_unl, validation_curve=curve, best=C._plain(best), train_seconds=round(train_s, 1),
                   seconds_per_iteration=None if spi is None else round(spi, 4))
-    record["validation_last"] = C.evaluate(last, val_subjects, cfg["patch_size"], device, hd95=False)
+    names = data.class_names
+    record["dataset"] = data.dataset.key
+    record["validation_last"] = C.evaluate(last, val_subjects, cfg["patch_size"], device, hd95=False, class_names=names)
     if job.test:
         test_subjects = data.get(data.splits["test"])
-        record["test_last"] = C.evaluate(last, test_subjects, cfg["patch_size"], device)
+        record["test_last"] = C.evaluate(last, test_subjects, cfg["patch_size"], device, class_names=names)
         if best_net is not None:
-            record["test_best"] = C.evaluate(best_net, test_subjects, cfg["patch_size"], device)
+            record["test_best"] = C.evaluate(best_net, test_subjects, cfg["patch_size"], device, class_names=names)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return record
@@ -427,8 +459,9 @@ def summarize(records: Sequence[Dict[str, Any]]) -> Dict[tuple, Dict[str, Any]]:
                 continue
             agg[which] = {
                 "mean_dice": C.mean_std([r[which]["mean_dice"] for r in have]),
-                "dice": {c: C.mean_std([r[which]["dice"][c] for r in have]) for c in C.CLASS_NAMES},
-                "hd95": {c: C.mean_std([r[which]["hd95"][c] for r in have]) for c in C.CLASS_NAMES},
+                "dice": {c: C.mean_std([r[which]["dice"][c] for r in have]) for c in have[0][which]["dice"]},
+                "hd95": {c: C.mean_std([r[which]["hd95"][c] for r in have]) for c in have[0][which]["hd95"]},
+                "mean_hd95": C.mean_std([r[which]["mean_hd95"] for r in have]),
                 "per_seed": [round(r[which]["mean_dice"], 4) for r in have],
             }
         agg["val_last"] = C.mean_std([r["validation_last"]["mean_dice"] for r in rs])
@@ -437,16 +470,18 @@ def summarize(records: Sequence[Dict[str, Any]]) -> Dict[tuple, Dict[str, Any]]:
     return out
 
 
-def tables(records: Sequence[Dict[str, Any]]) -> str:
+def tables(records: Sequence[Dict[str, Any]], source: str = "accuracy.jsonl") -> str:
     summ = summarize(records)
-    lines = ["<!-- generated by bench/accuracy.py from accuracy.jsonl; do not edit by hand -->", ""]
+    lines = [f"<!-- generated by bench/accuracy.py from {source}; do not edit by hand -->", ""]
     budgets = sorted({k[1] for k in summ}, key=lambda b: 10**6 if b == "all" else b)
-    order = MAIN + ABLATIONS + ["monai_unet"]
+    order = ORDER + [v for v in VARIANTS if v not in ORDER]
     n_test = max((len(r.get("test_last", {}).get("per_case_dice", [])) for r in records), default=0)
+    classes = next((list(r["test_last"]["dice"]) for r in records if "test_last" in r), [])
     for which, title in (("test_last", "LAST checkpoint"), ("test_best", "validation-selected checkpoint (separately marked)")):
         lines += [f"### Test set ({n_test} subjects), {title}: Dice (%) and HD95 (mm), mean ± std over seeds", "",
-                  "| labeled | method | iterations | seeds | Dice anterior | Dice posterior | mean Dice | HD95 anterior | HD95 posterior | per-seed mean Dice | machine |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| labeled | method | iterations | seeds | " + " | ".join(f"Dice {c}" for c in classes) + " | mean Dice | "
+                  + " | ".join(f"HD95 {c}" for c in classes) + " | per-seed mean Dice | Δ vs supervised, per seed | min / run | machine |",
+                  "|" + "---|" * (9 + 2 * len(classes))]
         for b in budgets:
             for v in order:
                 for (vv, bb, its), agg in sorted(summ.items(), key=lambda kv: kv[0][2]):
@@ -454,10 +489,18 @@ def tables(records: Sequence[Dict[str, Any]]) -> str:
                         continue
                     a = agg[which]
                     lab = f"all ({agg['budget_n']})" if b == "all" else str(b)
+                    sup = summ.get(("supervised", b, its), {}).get(which)
+                    delta = "–"
+                    if sup is not None and v != "supervised":
+                        ref = dict(zip(summ[("supervised", b, its)]["seeds"], sup["per_seed"]))
+                        pairs = [(s_, x) for s_, x in zip(agg["seeds"], a["per_seed"]) if s_ in ref]
+                        if pairs:
+                            delta = ", ".join(f"{(x - ref[s_]) * 100:+.1f}" for s_, x in pairs)
                     lines.append(
-                        f"| {lab} | {LABELS[v]} | {its} | {','.join(map(str, agg['seeds']))} | {_fmt(*a['dice']['anterior'], 100)} | "
-                        f"{_fmt(*a['dice']['posterior'], 100)} | **{_fmt(*a['mean_dice'], 100)}** | {_fmt(*a['hd95']['anterior'], digits=2)} | "
-                        f"{_fmt(*a['hd95']['posterior'], digits=2)} | {', '.join(f'{x * 100:.1f}' for x in a['per_seed'])} | "
+                        f"| {lab} | {LABELS[v]} | {its} | {','.join(map(str, agg['seeds']))} | "
+                        + " | ".join(_fmt(*a["dice"][c], 100) for c in classes) + f" | **{_fmt(*a['mean_dice'], 100)}** | "
+                        + " | ".join(_fmt(*a["hd95"][c], digits=2) for c in classes)
+                        + f" | {', '.join(f'{x * 100:.1f}' for x in a['per_seed'])} | {delta} | {agg['minutes']:.0f} | "
                         f"{'; '.join(agg['machines'])} |")
         lines.append("")
     lines += tune_table(records)
@@ -490,7 +533,7 @@ def tune_table(records: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def plot(records: Sequence[Dict[str, Any]], path: Path) -> None:
+def plot(records: Sequence[Dict[str, Any]], path: Path, title: str = "MSD hippocampus, 50 test subjects") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,37 +544,76 @@ def plot(records: Sequence[Dict[str, Any]], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     upper = [(agg, b) for (v, b, _), agg in summ.items() if b == "all" and v == "supervised" and "test_last" in agg]
-    for v, marker in (("supervised", "o"), ("mean_teacher", "s"), ("cpcl", "^"), ("monai_unet", "x")):
-        pts = sorted((b, agg["test_last"]["mean_dice"]) for (vv, b, _), agg in summ.items()
-                     if vv == v and b != "all" and "test_last" in agg)
-        if not pts:
-            continue
-        xs = [p[0] for p in pts]
-        ms = [p[1][0] * 100 for p in pts]
-        ss = [p[1][1] * 100 for p in pts]
-        ax.errorbar(xs, ms, yerr=ss, marker=marker, capsize=3, label=LABELS[v])
+    ticks = set()
+    for v, marker in (("supervised", "o"), ("mean_teacher", "s"), ("cpcl_claimed", "v"), ("cpcl", "^"), ("monai_unet", "x")):
+        its_seen = sorted({its for (vv, b, its) in summ if vv == v and b != "all"})
+        for its in its_seen:
+            pts = sorted((b, agg["test_last"]["mean_dice"]) for (vv, b, ii), agg in summ.items()
+                         if vv == v and ii == its and b != "all" and "test_last" in agg)
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ticks.update(xs)
+            ax.errorbar(xs, [p[1][0] * 100 for p in pts], yerr=[0 if p[1][1] != p[1][1] else p[1][1] * 100 for p in pts],
+                        marker=marker, capsize=3, label=LABELS[v] + (f", {its} it." if len(its_seen) > 1 else ""))
     if upper:
         m = upper[0][0]["test_last"]["mean_dice"][0] * 100
         ax.axhline(m, color="gray", ls="--", label=f"all {upper[0][0]['budget_n']} labeled (supervised)")
     ax.set_xscale("log")
-    ax.set_xticks([4, 8, 15])
+    ax.set_xticks(sorted(ticks))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labeled training subjects")
     ax.set_ylabel("test mean Dice (%), last checkpoint")
-    ax.set_title("MSD hippocampus, 50 test subjects\n(mean ± std over seeds; seeds per point: see the table)", fontsize=10)
+    ax.set_title(f"{title}\n(mean ± std over seeds; seeds per point: see the table)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(results: C.Results, out_dir: Path, prefix: str = "accuracy") -> None:
+def plot_curves(records: Sequence[Dict[str, Any]], path: Path, title: str) -> bool:
+    """Validation mean Dice against iteration (the trainer's own validation events, model grid), one line per
+    run that validated at least 5 times; colour = method, line style = seed. Returns whether it drew."""
+    runs = [r for r in records if r.get("experiment") == "main" and len(r.get("validation_curve") or []) >= 5]
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["budget"] for r in runs})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.4 * len(budgets), 4.2), squeeze=False)
+    colours = {v: f"C{i}" for i, v in enumerate(ORDER + [v for v in VARIANTS if v not in ORDER])}
+    styles = ["-", "--", ":", "-."]
+    for ax, b in zip(axes[0], budgets):
+        seen = set()
+        for r in sorted(runs, key=lambda r: (r["variant"], r["seed"])):
+            if r["budget"] != b:
+                continue
+            xs, ys = zip(*r["validation_curve"])
+            label = LABELS[r["variant"]] if r["variant"] not in seen else None
+            seen.add(r["variant"])
+            ax.plot(xs, [y * 100 for y in ys], color=colours[r["variant"]], ls=styles[r["seed"] % 4], label=label)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("validation mean Dice (%)")
+        ax.set_title(f"{title}, {b} labeled (line style = seed)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: C.Results, out_dir: Path, prefix: str = "accuracy", title: str = "MSD hippocampus, 50 test subjects") -> None:
     recs = results.records()
-    (out_dir / f"{prefix}_tables.md").write_text(tables(recs), encoding="utf-8")
-    plot(recs, out_dir / f"{prefix}_dice_vs_labeled.png")
+    (out_dir / f"{prefix}_tables.md").write_text(tables(recs, results.path.name), encoding="utf-8")
+    plot(recs, out_dir / f"{prefix}_dice_vs_labeled.png", title)
+    plot_curves(recs, out_dir / f"{prefix}_validation_curves.png", title)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -539,17 +621,19 @@ def write_report(results: C.Results, out_dir: Path, prefix: str = "accuracy") ->
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="msd-hippocampus folder (default ../shared/data/msd-hippocampus)")
-    p.add_argument("--results", help="results JSON-lines file (default bench/results/accuracy.jsonl)")
+    p.add_argument("--dataset", default="hippocampus", choices=sorted(C.DATASETS), help="benchmark data set (default hippocampus)")
+    p.add_argument("--data", help="data folder (default ../shared/data/<the data set's folder>)")
+    p.add_argument("--results", help="results JSON-lines file (default bench/results/accuracy.jsonl; accuracy_la.jsonl for la)")
     p.add_argument("--full", action="store_true", help="all budgets, ablations, all-labeled bound, MONAI UNet")
     p.add_argument("--tune", nargs="*", metavar="PROBE", help="run the validation-only tuning probes (all, or those named)")
     p.add_argument("--tune-seeds", type=int, nargs="+", default=TUNE_SEEDS)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="extra config overrides for --tune probes")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="config overrides for every job (grid or --tune)")
     p.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     p.add_argument("--iterations", type=int, help=f"override the iteration budget (default {BASE['iterations']})")
+    p.add_argument("--validation-every", type=int, help="validate every N iterations (learning curves; default about 10 times per run)")
     p.add_argument("--shard", help="i/n: run every n-th job starting at i")
-    p.add_argument("--budgets", nargs="+", metavar="N|all", help="only these labeled budgets of the grid (e.g. 15 8 all)")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="only these methods / ablations of the grid")
+    p.add_argument("--budgets", nargs="+", metavar="N|all", help="labeled budgets of the grid (e.g. 1 2 4 8 all)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="methods / ablations of the grid")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--report", action="store_true", help="only rebuild tables and plot")
@@ -561,37 +645,38 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results_path = Path(args.results) if args.results else C.RESULTS_DIR / ("accuracy-smoke.jsonl" if args.smoke else "accuracy.jsonl")
+    dataset = C.DATASETS[args.dataset]
+    stem = "accuracy" if args.dataset == "hippocampus" else f"accuracy_{args.dataset}"
+    results_path = Path(args.results) if args.results else C.RESULTS_DIR / (f"{stem}-smoke.jsonl" if args.smoke else f"{stem}.jsonl")
     results = C.Results(results_path)
     out_dir = results_path.parent
+    title = f"{dataset.title}, test set"
     if args.report:
-        write_report(results, out_dir)
+        write_report(results, out_dir, stem, title)
         return 0
     from CPCLSegmentLib.trainer import resolve_device
 
     device = resolve_device(args.device)
-    data = Data(C.data_dir(args.data), smoke=args.smoke)
+    data = Data(C.data_dir(args.data, dataset), smoke=args.smoke, dataset=dataset)
+    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.iterations:
+        extra["iterations"] = args.iterations
+    if args.validation_every:
+        extra["validation_every"] = args.validation_every
     if args.smoke:
         jobs = []
         for v in MAIN + ["monai_unet"]:
-            cfg = config_for(v, 0, {"iterations": 2, "validation_every": 1})
+            cfg = config_for(v, 0, {"iterations": 2, "validation_every": 1, **extra}, args.dataset)
             jobs.append(Job("main", v, 2, 0, cfg))
         run_jobs(jobs, results, data, device)
-        write_report(results, out_dir, prefix="accuracy-smoke")
+        write_report(results, out_dir, prefix=f"{stem}-smoke", title=title)
         return 0
     if args.tune is not None:
-        extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-        if args.iterations:
-            extra["iterations"] = args.iterations
         jobs = tune_jobs(args.tune, args.tune_seeds, extra)
     else:
-        jobs = main_jobs(args.full, args.seeds, args.iterations)
-        if args.budgets:
-            jobs = [j for j in jobs if ("all" if j.budget is None else str(j.budget)) in args.budgets]
-        if args.variants:
-            jobs = [j for j in jobs if j.variant in args.variants]
+        jobs = main_jobs(args.full, args.seeds, extra, args.dataset, args.budgets, args.variants)
     run_jobs(jobs, results, data, device, C.parse_shard(args.shard))
-    write_report(results, out_dir)
+    write_report(results, out_dir, stem, title)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Shared helpers for the accuracy benchmarks (``bench/accuracy.py``, ``bench/sparse_labels.py``).
 
-- ``load_hippocampus``: reads the MSD hippocampus subjects once and preprocesses them **exactly as
+- ``Dataset`` / ``DATASETS``: the benchmark data sets (hippocampus, left atrium); ``load_subjects`` reads subjects once and preprocesses them **exactly as
   ``pipeline.train`` / ``pipeline.Predictor`` do** (``pipeline._read_labeled`` for the label map,
   ``to_model_grid`` at the median spacing of the training pool, per-volume z-score, ``labels_to_grid``),
   keeping both the model-grid arrays (for training) and the original image + label (for evaluation).
@@ -45,20 +45,56 @@ from CPCLSegmentLib.metrics import dice_per_class, hd95_per_class, nanmean  # no
 from CPCLSegmentLib.planning import median_spacing  # noqa: E402
 from CPCLSegmentLib.prototypes import IGNORE_INDEX  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd-hippocampus"
+SHARED_DATA = ROOT.parent / "shared" / "data"
 RESULTS_DIR = ROOT / "bench" / "results"
-CLASS_NAMES = ["anterior", "posterior"]  # label 1 = anterior hippocampus (head), 2 = posterior (body)
-SEGMENTS = ["Label 1", "Label 2"]  # what pipeline.resolve_classes names the label-map values
-NUM_CLASSES = 3
 VALIDATION_SIZE = 10
 VALIDATION_SEED = 1234
 
 
-def data_dir(path: Optional[str] = None) -> Path:
-    d = Path(path or os.environ.get("CPCL_HIPPO_DIR") or DEFAULT_DATA)
+@dataclass(frozen=True)
+class Dataset:
+    """A benchmark data set beside the project (``../shared/data/<folder>``) with a ``splits.json`` of
+    ``train`` / ``test`` subject names; images and label maps are NIfTI files named after the subject."""
+
+    key: str  # --dataset value
+    folder: str
+    env: str  # environment variable that overrides the folder
+    images: str  # sub-folder of the images
+    labels: str  # sub-folder of the label maps
+    class_names: Tuple[str, ...]  # label value i + 1 -> class_names[i]
+    unlabeled_extra: str = ""  # sub-folder of extra images without labels ("" = none)
+    title: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) + 1
+
+    @property
+    def segments(self) -> List[str]:
+        """What ``pipeline.resolve_classes`` names the label-map values."""
+        return [f"Label {i}" for i in range(1, self.num_classes)]
+
+    def files(self, d: Path, name: str) -> Tuple[str, str]:
+        return str(d / self.images / f"{name}.nii.gz"), str(d / self.labels / f"{name}.nii.gz")
+
+
+DATASETS: Dict[str, Dataset] = {
+    # label 1 = anterior hippocampus (head), 2 = posterior (body)
+    "hippocampus": Dataset("hippocampus", "msd-hippocampus", "CPCL_HIPPO_DIR", "imagesTr", "labelsTr",
+                           ("anterior", "posterior"), "imagesTs", "MSD hippocampus"),
+    "la": Dataset("la", "la2018-halfres", "CPCL_LA_DIR", "images", "labels", ("atrium",), "", "left atrium (LA2018, half resolution)"),
+}
+HIPPOCAMPUS = DATASETS["hippocampus"]
+DEFAULT_DATA = SHARED_DATA / HIPPOCAMPUS.folder
+CLASS_NAMES = list(HIPPOCAMPUS.class_names)  # the hippocampus benchmarks' classes
+NUM_CLASSES = HIPPOCAMPUS.num_classes
+
+
+def data_dir(path: Optional[str] = None, dataset: Dataset = HIPPOCAMPUS) -> Path:
+    d = Path(path or os.environ.get(dataset.env) or SHARED_DATA / dataset.folder)
     if not (d / "splits.json").exists():
-        raise SystemExit(f"hippocampus data not found at {d} (it lives beside the project in ../shared/data; "
-                         "or set CPCL_HIPPO_DIR / --data)")
+        raise SystemExit(f"{dataset.title or dataset.key} data not found at {d} (it lives beside the project in "
+                         f"../shared/data; or set {dataset.env} / --data)")
     return d
 
 
@@ -89,39 +125,36 @@ class Subject:
         return make_case(self.name, self.array, self.grid_label if label is None else label, None, seed=seed)
 
 
-def _subject_files(d: Path, name: str) -> Tuple[str, str]:
-    return str(d / "imagesTr" / f"{name}.nii.gz"), str(d / "labelsTr" / f"{name}.nii.gz")
-
-
-def plan_for(d: Path, names: Sequence[str]) -> Dict[str, Any]:
+def plan_for(d: Path, names: Sequence[str], dataset: Dataset = HIPPOCAMPUS) -> Dict[str, Any]:
     """What ``pipeline.plan_run`` would choose for these labeled cases: median spacing, MR z-score."""
     spacings, ct_votes = [], []
     for n in names:
-        img = sitk.ReadImage(_subject_files(d, n)[0])
+        img = sitk.ReadImage(dataset.files(d, n)[0])
         spacings.append(list(img.GetSpacing()))
         ct_votes.append(looks_like_ct(sitk.GetArrayViewFromImage(img)))
     modality = "ct" if sum(ct_votes) > len(ct_votes) / 2 else "mr"
     if modality != "mr":
-        raise RuntimeError("hippocampus MR detected as CT: the benchmark's preprocessing assumption is wrong")
+        raise RuntimeError(f"{dataset.key} MR detected as CT: the benchmark's preprocessing assumption is wrong")
     norm = plan_normalization("mr", [])
     norm["modality"] = "mr"
     return {"spacing": median_spacing(spacings), "normalization": norm}
 
 
-def load_subject(d: Path, name: str, plan: Dict[str, Any]) -> Subject:
-    img_path, lab_path = _subject_files(d, name)
+def load_subject(d: Path, name: str, plan: Dict[str, Any], dataset: Dataset = HIPPOCAMPUS) -> Subject:
+    img_path, lab_path = dataset.files(d, name)
     item = pipeline.LabeledInput(img_path, lab_path)
-    image, labels, _ = pipeline._read_labeled(item, SEGMENTS, None, False, lambda e: None)
+    image, labels, _ = pipeline._read_labeled(item, dataset.segments, None, False, lambda e: None)
     grid = to_model_grid(image, plan["spacing"])
     arr = normalize(sitk.GetArrayViewFromImage(grid), plan["normalization"])
     lab = pipeline.labels_to_grid(labels, image, grid)
     return Subject(name, image, labels.astype(np.int16), grid, arr, lab)
 
 
-def load_unlabeled_extra(d: Path, plan: Dict[str, Any]) -> List[Case]:
-    """``imagesTs`` (one subject without a label): an extra unlabeled case, preprocessed as the pipeline does."""
+def load_unlabeled_extra(d: Path, plan: Dict[str, Any], dataset: Dataset = HIPPOCAMPUS) -> List[Case]:
+    """Extra images without labels (hippocampus ``imagesTs``: one subject), preprocessed as the pipeline does."""
     out = []
-    for p in sorted((d / "imagesTs").glob("*.nii.gz")) if (d / "imagesTs").exists() else []:
+    folder = d / dataset.unlabeled_extra if dataset.unlabeled_extra else None
+    for p in sorted(folder.glob("*.nii.gz")) if folder is not None and folder.exists() else []:
         from CPCLSegmentLib import io as cio
 
         grid = to_model_grid(cio.read_image(str(p)), plan["spacing"])
@@ -130,8 +163,8 @@ def load_unlabeled_extra(d: Path, plan: Dict[str, Any]) -> List[Case]:
     return out
 
 
-def load_hippocampus(d: Path, names: Iterable[str], plan: Dict[str, Any]) -> Dict[str, Subject]:
-    return {n: load_subject(d, n, plan) for n in names}
+def load_subjects(d: Path, names: Iterable[str], plan: Dict[str, Any], dataset: Dataset = HIPPOCAMPUS) -> Dict[str, Subject]:
+    return {n: load_subject(d, n, plan, dataset) for n in names}
 
 
 def split_train(train: Sequence[str], budget: Optional[int], seed: int, validation_size: int = VALIDATION_SIZE) -> Dict[str, List[str]]:
@@ -157,21 +190,22 @@ def segment(net: torch.nn.Module, subject: Subject, patch: Sequence[int], device
 
 
 def evaluate(net: torch.nn.Module, subjects: Sequence[Subject], patch: Sequence[int], device: torch.device,
-             hd95: bool = True) -> Dict[str, Any]:
+             hd95: bool = True, class_names: Sequence[str] = CLASS_NAMES) -> Dict[str, Any]:
     """Per-class mean Dice / HD95 (mm) over ``subjects`` plus the per-case values."""
+    k = len(class_names) + 1
     per_dice, per_hd = [], []
     for s in subjects:
         pred = segment(net, s, patch, device)
-        per_dice.append(dice_per_class(pred, s.label, NUM_CLASSES))
+        per_dice.append(dice_per_class(pred, s.label, k))
         if hd95:
-            per_hd.append(hd95_per_class(pred, s.label, NUM_CLASSES, spacing=list(s.image.GetSpacing())[::-1]))
+            per_hd.append(hd95_per_class(pred, s.label, k, spacing=list(s.image.GetSpacing())[::-1]))
     out: Dict[str, Any] = {
-        "dice": {c: nanmean([d[i] for d in per_dice]) for i, c in enumerate(CLASS_NAMES)},
+        "dice": {c: nanmean([d[i] for d in per_dice]) for i, c in enumerate(class_names)},
         "per_case_dice": [[round(v, 5) for v in d] for d in per_dice],
     }
     out["mean_dice"] = nanmean(list(out["dice"].values()))
     if hd95:
-        out["hd95"] = {c: nanmean([h[i] for h in per_hd]) for i, c in enumerate(CLASS_NAMES)}
+        out["hd95"] = {c: nanmean([h[i] for h in per_hd]) for i, c in enumerate(class_names)}
         out["mean_hd95"] = nanmean(list(out["hd95"].values()))
         out["per_case_hd95"] = [[round(v, 3) for v in h] for h in per_hd]
     return out

@@ -25,8 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__, cleanup
 from .errors import Cancelled, CPCLError, InputError
-
-PROGRESS_MODES = ("bar", "json", "none")
+from .settings import ANNOTATED_SLICES, MODALITIES, OUTPUT_FORMATS, PRESETS, PROGRESS_MODES, WEIGHTS, cli_settings, field_type
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -218,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train (or fine-tune) a model on labeled and unlabeled volumes")
     t.add_argument("--labeled", nargs=2, action=_LabeledAction, metavar=("IMAGE", "SEGMENTATION"), default=[],
                    help="a labeled case (repeatable); SEGMENTATION is a .seg.nrrd or a label map")
-    t.add_argument("--annotated-slices", action=_AnnotatedAction, choices=("all", "auto", "axial", "coronal", "sagittal"), default=None,
+    t.add_argument("--annotated-slices", action=_AnnotatedAction, choices=ANNOTATED_SLICES, default=None,
                    help="after a --labeled: which of its slices are annotated (sparse labels); before any: default for all")
     t.add_argument("--unlabeled", nargs="+", default=[], metavar="IMAGE", help="unlabeled volumes (repeatable)")
     t.add_argument("--validation", nargs=2, action=_LabeledAction, metavar=("IMAGE", "SEGMENTATION"), default=[],
@@ -231,15 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--color-table", help="Slicer colour table (.ctbl / .txt: 'value name r g b a') naming label-map values")
     t.add_argument("--partial-segments", action="store_true", help="a segment missing from a case means 'not annotated there', not 'absent'")
     t.add_argument("--init", help="model file to fine-tune from (same segments: continue; other segments: new output head)")
-    t.add_argument("--freeze-encoder", action="store_true", help="with --init: train only the decoder and head")
-    t.add_argument("--config", help="JSON or YAML file with training settings (see TrainConfig); flags override it")
-    t.add_argument("--method", choices=("cpcl", "mean_teacher", "supervised"))
-    t.add_argument("--iterations", type=int)
-    t.add_argument("--patch-size", nargs=3, type=int, metavar=("X", "Y", "Z"), help="patch size in voxels (multiples of 16)")
-    t.add_argument("--lr", type=float, help="learning rate")
-    t.add_argument("--width", type=int, help="network width (channels of the first stage)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--modality", choices=("auto", "ct", "mr", "other"), default="auto", help="intensity normalisation (auto: CT if it has air at -1000)")
+    t.add_argument("--config", help="JSON or YAML file of training settings (TrainConfig in CPCLSegmentLib/settings.py), or a "
+                                    f"named recipe: {', '.join(PRESETS)}; flags override it")
+    for name, meta in cli_settings():  # one flag per TrainConfig field that declares one (settings.py)
+        kind = field_type(name)
+        kw: Dict[str, Any] = {"dest": name, "default": None, "help": meta["help"]}
+        if kind is bool:
+            kw["action"] = "store_const"
+            kw["const"] = True
+        elif meta.get("xyz"):
+            kw.update(nargs=3, type=int, metavar=("X", "Y", "Z"))
+        else:
+            kw["type"] = kind
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]
+        t.add_argument(meta["flag"], **kw)
+    t.add_argument("--modality", choices=MODALITIES, default="auto", help="intensity normalisation (auto: CT if it has air at -1000)")
     t.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"), help="target spacing in mm (default: median of the labeled cases)")
     t.add_argument("--compare-supervised", action="store_true", help="also train supervised-only; keep the better on the validation cases")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.checkpoint.pt")
@@ -251,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--image", nargs="+", required=True, help="image file(s) or DICOM folder(s)")
     p.add_argument("--out", required=True, help="output file (.seg.nrrd, .nii.gz, .nrrd, .mha) or folder for several images")
-    p.add_argument("--format", default=".seg.nrrd", choices=(".seg.nrrd", ".nii.gz", ".nrrd", ".mha"), help="file type when --out is a folder")
-    p.add_argument("--weights", default="teacher", choices=("teacher", "best", "student"), help="teacher (last), best (on validation), student")
+    p.add_argument("--format", default=".seg.nrrd", choices=OUTPUT_FORMATS, help="file type when --out is a folder")
+    p.add_argument("--weights", default="teacher", choices=WEIGHTS, help="teacher (last), best (on validation), student")
     p.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each segment")
     _add_common(p)
 
@@ -377,8 +383,11 @@ def decathlon_cases(folder: str) -> Dict[str, List[Dict[str, Any]]]:
 
 
 def load_config_file(path: str) -> Dict[str, Any]:
+    """A ``--config`` value: a named recipe (``settings.PRESETS``) or a JSON / YAML file of settings."""
+    if path in PRESETS:
+        return dict(PRESETS[path])
     if not os.path.isfile(path):
-        raise InputError(f"config file not found: {path}")
+        raise InputError(f"config file not found: {path} (or name a recipe: {', '.join(PRESETS)})")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
@@ -397,22 +406,17 @@ def load_config_file(path: str) -> Dict[str, Any]:
 
 def build_train_request(args: argparse.Namespace):
     from .pipeline import LabeledInput, TrainRequest
-    from .trainer import TrainConfig
+    from .settings import TrainConfig
 
     cfg_dict: Dict[str, Any] = load_config_file(args.config) if args.config else {}
-    flag_map = {"method": "method", "iterations": "iterations", "lr": "lr", "width": "width", "seed": "seed"}
-    for flag, key in flag_map.items():
-        v = getattr(args, flag)
+    for name, meta in cli_settings():
+        v = getattr(args, name)
         if v is not None:
-            cfg_dict[key] = v
-    if args.patch_size:
-        cfg_dict["patch_size"] = list(reversed(args.patch_size))  # X Y Z on the command line, (D, H, W) inside
+            cfg_dict[name] = list(reversed(v)) if meta.get("xyz") else v  # X Y Z on the command line, (D, H, W) inside
     if args.device != "auto" or "device" not in cfg_dict:
         cfg_dict["device"] = args.device
-    if args.freeze_encoder:
-        cfg_dict["freeze_encoder"] = True
     network_overrides = {k: cfg_dict[k] for k in ("width", "depth", "norm", "feature_level") if k in cfg_dict}
-    cfg = TrainConfig.from_dict(cfg_dict)
+    cfg = TrainConfig.from_dict(cfg_dict).validate()  # every setting checked before any work
     default_sparse = args.annotated_slices or "all"
     labeled = [dict(c) for c in args.labeled]
     unlabeled = list(args.unlabeled)

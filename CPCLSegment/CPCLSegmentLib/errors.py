@@ -38,3 +38,15 @@ class Cancelled(CPCLError):
     """The run was cancelled (SIGTERM, Ctrl-C, Cancel in Slicer, parent process gone)."""
 
     exit_code = 130
+
+
+# Exit codes of ``cpcl-segment`` (0 done, 1 internal error, the rest from the classes above) and what each means;
+# the Slicer module reads them from the child process.
+EXIT_INTERNAL = 1
+EXIT_MESSAGES = {
+    EXIT_INTERNAL: "internal error",
+    CPCLError.exit_code: "bad input or model file",
+    TrainingDiverged.exit_code: "training diverged (the loss became NaN or infinite)",
+    OutOfMemory.exit_code: "out of memory",
+    Cancelled.exit_code: "cancelled",
+}

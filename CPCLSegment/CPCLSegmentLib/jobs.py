@@ -38,18 +38,11 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
-from .errors import Cancelled, CPCLError
+from .errors import EXIT_MESSAGES, Cancelled, CPCLError
 
 Event = Dict[str, Any]
 
-# What the CLI's exit codes mean (cli.py); shown when a child dies without an "error" line.
-EXIT_MESSAGES = {
-    1: "internal error",
-    2: "bad input or model file",
-    3: "training diverged (the loss became NaN or infinite)",
-    4: "out of memory",
-    130: "cancelled",
-}
+# What the CLI's exit codes mean (``errors.EXIT_MESSAGES``) is shown when a child dies without an "error" line.
 CANCELLED_EXIT_CODE = Cancelled.exit_code
 
 _WINDOWS = os.name == "nt"

@@ -57,10 +57,10 @@ from .modelfile import (
 )
 from .planning import describe_plan, estimate_memory, format_bytes, median_spacing, plan_patch_size, shape_at_spacing
 from .prototypes import IGNORE_INDEX
+from .settings import ANNOTATED_SLICES
 from .trainer import TrainConfig, TrainResult, Trainer, resolve_device
 
 Emit = Callable[[Dict[str, Any]], None]
-ANNOTATED_SLICES = ("all", "auto", "axial", "coronal", "sagittal")
 _PATIENT_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # L, P, S components of LPS
 
 

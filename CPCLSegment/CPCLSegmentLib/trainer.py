@@ -18,7 +18,7 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,147 +40,8 @@ from .metrics import dice_per_class, nanmean
 from .modelfile import state_dict_cpu
 from .network import VNet
 from .prototypes import class_masks, downsample_masks
+from .settings import METHODS, TrainConfig  # noqa: F401  (TrainConfig is re-exported: ``trainer.TrainConfig``)
 from .teacher import make_teacher, update_teacher
-
-METHODS = ("cpcl", "mean_teacher", "supervised")
-
-
-CPCL_CONSISTENCY = 1.0  # the mean-teacher term's weight inside CPCL by default (BENCHMARKS.md, tuning round 2)
-
-
-@dataclass
-class TrainConfig:
-    """Every trainer setting (the CLI's ``--config`` file and the Slicer panel's advanced settings).
-
-    Defaults are the recipe the hippocampus benchmark selected on its validation split (BENCHMARKS.md);
-    the reference's values are noted where they differ.
-    """
-
-    method: str = "cpcl"  # cpcl | mean_teacher | supervised
-    iterations: int = 500
-    patch_size: Optional[Tuple[int, int, int]] = None  # (D, H, W) voxels, multiples of 2**depth; None = planned
-    labeled_batch: int = 2
-    unlabeled_batch: int = 2
-    # optimisation (reference: SGD 0.01, momentum 0.9, wd 1e-4, poly 0.9; AdamW 3e-3 won on validation)
-    optimizer: str = "adamw"  # sgd | adamw
-    lr: float = 3e-3
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    freeze_encoder: bool = False
-    # CPCL loss: L = L_s + λ(t)(L_fpc + β L_bpc) [+ λ_mt(t) L_mt]
-    lambda_max: float = 0.1
-    beta: float = 10.0
-    rampup: float = 0.4  # ramp-up length: a fraction of the iterations (<= 1) or a number of iterations (> 1)
-    # mean-teacher MSE term; None: 1.0 for cpcl (the reference carries it at 0.1; 1.0 won on validation),
-    # lambda_max for mean_teacher (the SSL4MIS / UA-MT recipe)
-    consistency_weight: Optional[float] = None
-    ema_decay: float = 0.99
-    scale: float = 20.0
-    per_sample_prototypes: bool = False
-    forward_prediction: str = "student"  # student | teacher
-    confidence_weighting: bool = True
-    detach_features: bool = False  # ablation: the public reference's effective behaviour
-    use_forward: bool = True
-    use_backward: bool = True
-    # network (reference: width 16, depth 4, batch norm, feature level 1, dropout 0.5)
-    width: int = 16
-    depth: int = 4
-    norm: str = "instance"
-    feature_level: int = 1
-    dropout: float = 0.0
-    # data
-    foreground_oversample: float = 0.33
-    # Mirroring and rot90 are off by default: they swap left/right (lungs, kidneys) and anterior/posterior
-    # (hippocampus head/body), so a flipped patch teaches the wrong class. Turn them on for symmetric,
-    # single-structure tasks (the reference's left atrium).
-    flip: bool = False
-    rot90: bool = False
-    intensity_prob: float = 0.5  # probability of each intensity augmentation (student views; reference: none)
-    strong_unlabeled: bool = True  # student sees an intensity-augmented view of X_u, the teacher a clean one
-    teacher_noise: float = 0.0  # σ of clipped Gaussian noise on the teacher input (reference 0.1)
-    # run
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: bool = True  # bf16 / fp16 autocast on CUDA only
-    channels_last: bool = True  # CUDA only
-    compile: bool = False
-    validation_every: int = 0  # 0: about 10 times per run when validation cases are given
-    checkpoint_every: int = 0  # 0: about 10 times per run when a checkpoint path is given
-    validation_overlap: float = 0.25
-
-    def validate(self) -> "TrainConfig":
-        """Raises InputError listing every invalid field; returns self."""
-        errs = []
-        if self.method not in METHODS:
-            errs.append(f"method must be one of {METHODS}, not {self.method!r}")
-        if self.iterations < 1:
-            errs.append("iterations must be at least 1")
-        if self.labeled_batch < 1:
-            errs.append("labeled_batch must be at least 1")
-        if self.unlabeled_batch < 0:
-            errs.append("unlabeled_batch must be >= 0")
-        if self.optimizer not in ("sgd", "adamw"):
-            errs.append("optimizer must be 'sgd' or 'adamw'")
-        for name in ("lr", "lambda_max", "beta", "ema_decay", "scale", "weight_decay", "momentum", "poly_power", "rampup"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
-                errs.append(f"{name} must be a finite number >= 0, not {v!r}")
-        if not 0 <= self.ema_decay < 1:
-            errs.append("ema_decay must be in [0, 1)")
-        if self.forward_prediction not in ("student", "teacher"):
-            errs.append("forward_prediction must be 'student' or 'teacher'")
-        if self.norm not in ("instance", "batch", "group", "none"):
-            errs.append("norm must be instance, batch, group or none")
-        if not 0 <= self.feature_level < self.depth:
-            errs.append(f"feature_level must be in [0, depth - 1 = {self.depth - 1}]")
-        if not 1 <= self.depth <= 6:
-            errs.append("depth must be between 1 and 6")
-        if self.width < 1:
-            errs.append("width must be at least 1")
-        if not 0 <= self.foreground_oversample <= 1 or not 0 <= self.intensity_prob <= 1 or not 0 <= self.dropout < 1:
-            errs.append("foreground_oversample, intensity_prob must be in [0, 1] and dropout in [0, 1)")
-        if self.patch_size is not None:
-            ps = tuple(int(p) for p in self.patch_size)
-            m = 2**self.depth
-            if len(ps) != 3 or any(p < m or p % m for p in ps):
-                errs.append(f"patch_size must be three multiples of {m} (2**depth), not {self.patch_size}")
-            self.patch_size = ps
-        if errs:
-            raise InputError("invalid training settings: " + "; ".join(errs))
-        return self
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        if d["patch_size"] is not None:
-            d["patch_size"] = list(d["patch_size"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InputError(f"unknown training setting(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-        cfg = cls(**{k: v for k, v in d.items()})
-        if cfg.patch_size is not None:
-            cfg.patch_size = tuple(int(p) for p in cfg.patch_size)
-        return cfg
-
-    def network_config(self, num_classes: int, in_channels: int = 1) -> Dict[str, Any]:
-        return dict(
-            in_channels=in_channels, num_classes=num_classes, width=self.width, depth=self.depth, norm=self.norm,
-            feature_level=self.feature_level, dropout=self.dropout,
-        )
-
-    def rampup_iterations(self) -> float:
-        return self.rampup * self.iterations if self.rampup <= 1 else self.rampup
-
-    def mt_weight(self) -> float:
-        if self.consistency_weight is not None:
-            return float(self.consistency_weight)
-        return {"mean_teacher": self.lambda_max, "cpcl": CPCL_CONSISTENCY}.get(self.method, 0.0)
-
 
 @dataclass
 class TrainResult:

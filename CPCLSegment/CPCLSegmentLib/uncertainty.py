@@ -57,10 +57,11 @@ import torch
 from . import io as cio
 from .errors import InputError, ModelFileError
 from .prototypes import NEG, prototype_logits, to_label_resolution
+from .settings import UNCERTAINTY_SCORES
 
 Emit = Callable[[Dict[str, Any]], None]
 
-SCORES = ("entropy", "student_teacher", "label_disagreement", "prototype")
+SCORES = UNCERTAINTY_SCORES
 # Chosen by bench/uncertainty.py on MSD hippocampus (BENCHMARKS.md, "Label this next": Spearman rank
 # correlation of each score with 1 - mean Dice on 30 held-back labeled cases per seed, 6 seeds: the highest
 # mean rho and positive on every seed; see bench/results/uncertainty.md).

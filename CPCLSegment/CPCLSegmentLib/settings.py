@@ -1,0 +1,267 @@
+"""Every training setting and every allowed choice, in one torch-free place.
+
+``TrainConfig`` is the single source of the trainer's settings: the CLI's ``train`` flags, the ``--config``
+file keys, the Slicer panel's settings and the model file's record are all derived from its fields. A field
+whose ``metadata`` carries ``flag`` gets that command-line flag (with ``help``, and ``choices`` when given);
+every field is a valid ``--config`` key. Adding a setting therefore means adding a field here (and a widget
+to the ``.ui`` file if the panel shows it) and nothing else.
+
+Also here: the choices the CLI, the engine and the Slicer module share (methods, annotated slices, weights,
+output formats, uncertainty scores; exit codes are the error classes' in ``errors``) and the named recipes (``PRESETS``) that ``--config NAME``
+accepts. This module imports only the standard library, so the Slicer GUI process can read it without
+loading torch.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import InputError
+
+METHODS = ("cpcl", "mean_teacher", "supervised")
+OPTIMIZERS = ("sgd", "adamw")
+NORMS = ("instance", "batch", "group", "none")
+FORWARD_PREDICTIONS = ("student", "teacher")
+ANNOTATED_SLICES = ("all", "auto", "axial", "coronal", "sagittal")
+WEIGHTS = ("teacher", "best", "student")  # which weights of a model file segment: last teacher, validation-best, student
+OUTPUT_FORMATS = (".seg.nrrd", ".nii.gz", ".nrrd", ".mha")
+MODALITIES = ("auto", "ct", "mr", "other")
+PROGRESS_MODES = ("bar", "json", "none")
+UNCERTAINTY_SCORES = ("entropy", "student_teacher", "label_disagreement", "prototype")
+
+CPCL_CONSISTENCY = 1.0  # the mean-teacher term's weight inside the default CPCL recipe (BENCHMARKS.md, tuning round 2)
+
+
+def _flag(flag: str, help: str, **extra: Any) -> Dict[str, Any]:
+    return {"flag": flag, "help": help, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """Every trainer setting (the CLI's flags and ``--config`` file, the Slicer panel's settings).
+
+    Defaults are the recipe the hippocampus benchmark selected on its validation split (BENCHMARKS.md);
+    the reference's values are noted where they differ. ``metadata["flag"]``: the CLI flag of the setting.
+    """
+
+    method: str = field(default="cpcl", metadata=_flag("--method", "training method", choices=METHODS))
+    iterations: int = field(default=500, metadata=_flag("--iterations", "training iterations (optimizer steps)"))
+    # (D, H, W) voxels, multiples of 2**depth; None = planned. The CLI flag takes X Y Z.
+    patch_size: Optional[Tuple[int, int, int]] = field(
+        default=None, metadata=_flag("--patch-size", "patch size in voxels, X Y Z (multiples of 16); default: planned", xyz=True))
+    labeled_batch: int = 2
+    unlabeled_batch: int = 2
+    # optimisation (reference: SGD 0.01, momentum 0.9, wd 1e-4, poly 0.9; AdamW 3e-3 won on validation)
+    optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZERS})
+    lr: float = field(default=3e-3, metadata=_flag("--lr", "learning rate"))
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    freeze_encoder: bool = field(default=False, metadata=_flag("--freeze-encoder", "with --init: train only the decoder and head"))
+    # CPCL loss: L = L_s + λ(t)(L_fpc + β L_bpc) [+ w_mt · r(t) · L_mt]
+    lambda_max: float = 0.1
+    beta: float = 10.0
+    rampup: float = 0.4  # ramp-up length: a fraction of the iterations (<= 1) or a number of iterations (> 1)
+    # mean-teacher MSE term's weight w_mt; None: CPCL_CONSISTENCY for cpcl, lambda_max for mean_teacher
+    consistency_weight: Optional[float] = None
+    ema_decay: float = 0.99
+    scale: float = 20.0  # s, the cosine scale of the prototype maps
+    per_sample_prototypes: bool = False
+    forward_prediction: str = field(default="student", metadata={"choices": FORWARD_PREDICTIONS})  # whose P_u in L_fpc
+    confidence_weighting: bool = True
+    detach_features: bool = False  # ablation: the public reference's effective behaviour
+    use_forward: bool = True
+    use_backward: bool = True
+    # network (reference: width 16, depth 4, batch norm, feature level 1, dropout 0.5)
+    width: int = field(default=16, metadata=_flag("--width", "network width (channels of the first stage)"))
+    depth: int = 4
+    norm: str = field(default="instance", metadata={"choices": NORMS})
+    feature_level: int = 1
+    dropout: float = 0.0
+    # data
+    foreground_oversample: float = 0.33
+    # Mirroring and rot90 are off by default: they swap left/right (lungs, kidneys) and anterior/posterior
+    # (hippocampus head/body), so a flipped patch teaches the wrong class. Turn them on for symmetric,
+    # single-structure tasks (the reference's left atrium).
+    flip: bool = False
+    rot90: bool = False
+    intensity_prob: float = 0.5  # probability of each intensity augmentation (student views; reference: none)
+    strong_unlabeled: bool = True  # student sees an intensity-augmented view of X_u, the teacher a clean one
+    teacher_noise: float = 0.0  # σ of clipped Gaussian noise on the teacher input (reference 0.1)
+    # run
+    seed: int = field(default=0, metadata=_flag("--seed", "random seed (weights, patches, augmentation)"))
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (the CLI's --device)
+    amp: bool = True  # bf16 / fp16 autocast on CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    validation_every: int = 0  # 0: about 10 times per run when validation cases are given
+    checkpoint_every: int = 0  # 0: about 10 times per run when a checkpoint path is given
+    validation_overlap: float = 0.25
+
+    # ------------------------------------------------------------------------------------ checks
+
+    def validate(self) -> "TrainConfig":
+        """Raises ``InputError`` listing every invalid field (wrong type or out of range); returns self."""
+        errs = [e for f in fields(self) for e in _type_errors(f.name, getattr(self, f.name), _field_types()[f.name])]
+        if errs:  # ranges only make sense once the types are right
+            raise InputError("invalid training settings: " + "; ".join(errs))
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                errs.append(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
+        for name in ("iterations", "labeled_batch", "width"):
+            if getattr(self, name) < 1:
+                errs.append(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("unlabeled_batch", "validation_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                errs.append(f"{name} must be >= 0, not {getattr(self, name)}")
+        for name in ("lr", "lambda_max", "beta", "scale", "weight_decay", "momentum", "poly_power", "rampup", "teacher_noise",
+                     "consistency_weight"):
+            v = getattr(self, name)
+            if v is not None and (v < 0 or not math.isfinite(v)):
+                errs.append(f"{name} must be a finite number >= 0, not {v!r}")
+        if not 0 <= self.ema_decay < 1:
+            errs.append(f"ema_decay must be in [0, 1), not {self.ema_decay}")
+        if not 1 <= self.depth <= 6:
+            errs.append(f"depth must be between 1 and 6, not {self.depth}")
+        elif not 0 <= self.feature_level < self.depth:
+            errs.append(f"feature_level must be in [0, depth - 1 = {self.depth - 1}], not {self.feature_level}")
+        for name in ("foreground_oversample", "intensity_prob", "validation_overlap"):
+            if not 0 <= getattr(self, name) <= 1:
+                errs.append(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            errs.append(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.patch_size is not None:
+            m = 2 ** self.depth if 1 <= self.depth <= 6 else 16
+            if len(self.patch_size) != 3 or any(p < m or p % m for p in self.patch_size):
+                errs.append(f"patch_size must be three multiples of {m} (2**depth), not {list(self.patch_size)}")
+            else:
+                self.patch_size = tuple(int(p) for p in self.patch_size)
+        if not (self.device in ("auto", "cpu", "mps", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            errs.append(f"device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        if errs:
+            raise InputError("invalid training settings: " + "; ".join(errs))
+        return self
+
+    # ------------------------------------------------------------------------------ conversions
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        if d["patch_size"] is not None:
+            d["patch_size"] = list(d["patch_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        """From a ``--config`` mapping: unknown keys are an ``InputError`` (types: ``validate``)."""
+        unknown = sorted(set(d) - set(setting_names()))
+        if unknown:
+            raise InputError(f"unknown training setting(s): {', '.join(unknown)} (known: {', '.join(setting_names())})")
+        d = dict(d)
+        for k, v in d.items():  # YAML 1.1 reads 3e-3 as text: accept number literals for float settings
+            if isinstance(v, str) and field_type(k) is float:
+                try:
+                    d[k] = float(v)
+                except ValueError:
+                    pass
+        cfg = cls(**d)
+        if isinstance(cfg.patch_size, list):
+            cfg.patch_size = tuple(cfg.patch_size)
+        return cfg
+
+    def network_config(self, num_classes: int, in_channels: int = 1) -> Dict[str, Any]:
+        return dict(
+            in_channels=in_channels, num_classes=num_classes, width=self.width, depth=self.depth, norm=self.norm,
+            feature_level=self.feature_level, dropout=self.dropout,
+        )
+
+    def rampup_iterations(self) -> float:
+        """The ramp-up length T in iterations: ``rampup`` × iterations when ``rampup`` <= 1, else ``rampup``."""
+        return self.rampup * self.iterations if self.rampup <= 1 else self.rampup
+
+    def mt_weight(self) -> float:
+        """The weight of the mean-teacher MSE term (0: the term is not computed)."""
+        if self.consistency_weight is not None:
+            return float(self.consistency_weight)
+        return {"mean_teacher": self.lambda_max, "cpcl": CPCL_CONSISTENCY}.get(self.method, 0.0)
+
+
+NETWORK_KEYS = ("width", "depth", "norm", "feature_level", "dropout")  # settings a model file fixes
+
+
+def setting_names() -> List[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def default_settings() -> Dict[str, Any]:
+    """The default value of every setting."""
+    return TrainConfig().to_dict()
+
+
+def cli_settings() -> List[Tuple[str, Dict[str, Any]]]:
+    """``(field name, metadata)`` of the settings that have a command-line flag, in declaration order."""
+    return [(f.name, dict(f.metadata)) for f in fields(TrainConfig) if f.metadata.get("flag")]
+
+
+def field_type(name: str) -> Any:
+    """The Python type of a setting (``int``, ``float``, ``bool``, ``str``; ``Optional[...]`` unwrapped)."""
+    t = _field_types()[name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if typing.get_origin(t) is typing.Union and len(args) == 1 else t
+
+
+def _field_types() -> Dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _type_errors(name: str, value: Any, t: Any) -> List[str]:
+    """Strict type check of one setting (JSON / YAML values): no strings for numbers, no 2.5 for an int,
+    no "yes" for a bool; an int is accepted where a float is expected."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return []
+        inner = [a for a in args if a is not type(None)]
+        return _type_errors(name, value, inner[0]) if len(inner) == 1 else []
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [f"{name} must be a list of whole numbers, not {value!r}"]
+        return []
+    if t is bool:
+        return [] if isinstance(value, bool) else [f"{name} must be true or false, not {value!r}"]
+    if t is int:
+        return [] if isinstance(value, int) and not isinstance(value, bool) else [f"{name} must be a whole number, not {value!r}"]
+    if t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return [] if ok else [f"{name} must be a number, not {value!r}"]
+    if t is str:
+        return [] if isinstance(value, str) else [f"{name} must be text, not {value!r}"]
+    return []
+
+
+# Named recipes for ``--config NAME`` (a mapping of settings, applied like a config file).
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # The method exactly as claimed (``../shared/design.md``): L = L_s + λ(t)(L_fpc + β L_bpc) with the teacher's
+    # P_u in the forward loss, per-sample prototypes (labeled sample i with unlabeled sample i, as the reference
+    # pairs them) and no extra term; reference weights λ_max 0.1, β 10.
+    "cpcl-paper": dict(method="cpcl", forward_prediction="teacher", per_sample_prototypes=True, consistency_weight=0.0,
+                       lambda_max=0.1, beta=10.0, confidence_weighting=True, use_forward=True, use_backward=True,
+                       detach_features=False),
+    # Today's default CPCL recipe, spelled out (what ``method: cpcl`` with no other setting trains).
+    "cpcl-default": dict(method="cpcl", forward_prediction="student", per_sample_prototypes=False,
+                         consistency_weight=CPCL_CONSISTENCY),
+    "mean-teacher": dict(method="mean_teacher"),
+    "supervised": dict(method="supervised"),
+}
+
+
+def _check_defaults() -> None:  # every field has a default (the CLI and the panel rely on it)
+    for f in fields(TrainConfig):
+        if f.default is MISSING and f.default_factory is MISSING:  # pragma: no cover - a programming error
+            raise TypeError(f"TrainConfig.{f.name} needs a default")
+
+
+_check_defaults()
