@@ -379,8 +379,15 @@ def _preprocess_unlabeled(paths: Sequence[str], plan, work_dir: str, emit: Emit)
 
 
 def _estimate_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
+    """The whole run's estimated time in seconds (``step_seconds`` × iterations), or None."""
+    per_it = step_seconds(cfg, num_classes, device)
+    return None if per_it is None else round(per_it * cfg.iterations, 0)
+
+
+def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
     """Times the network work of one step at the real batch sizes (student forward + backward on the
-    labeled and unlabeled batch, teacher forward on the unlabeled one), best of two after a warm-up."""
+    labeled and unlabeled batch, teacher forward on the unlabeled one), best of two after a warm-up, +10 %
+    for the losses, sampling, optimizer and EMA update; None if it cannot run."""
     from .network import VNet
 
     try:
@@ -400,7 +407,15 @@ def _estimate_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) 
             times.append(time.perf_counter() - t)
     except Exception:
         return None
-    return round(min(times[1:]) * 1.1 * cfg.iterations, 0)  # +10%: losses, sampling, optimizer, EMA
+    return min(times[1:]) * 1.1
+
+
+def iterations_for_minutes(cfg: TrainConfig, num_classes: int, device: torch.device) -> int:
+    """The iteration count that fits ``cfg.minutes`` at the timed step (``step_seconds``); at least 1."""
+    per_it = step_seconds(cfg, num_classes, device)
+    if not per_it:
+        raise InputError("--minutes: could not time a training step on this device; give --iterations instead")
+    return max(1, int(cfg.minutes * 60.0 / per_it))
 
 
 def _init_state(request: TrainRequest, record: Dict[str, Any], classes, cfg: TrainConfig, emit: Emit) -> Dict[str, Any]:
@@ -487,6 +502,11 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
     _check_memory(plan, device, say)
     sparse_items = [i for i, info in zip(request.labeled, infos) if info.known_fraction < 1.0]
     unlabeled_paths = list(request.unlabeled) + [i.image for i in sparse_items]
+    if cfg.minutes is not None:
+        if distributed is not None:
+            raise InputError("--minutes plans the iterations from one process's step time: with torchrun give --iterations")
+        cfg.iterations = iterations_for_minutes(cfg, len(classes), device)
+        say({"event": "info", "message": f"training for about {cfg.minutes:g} min: {cfg.iterations} iterations at the measured step time"})
     est_s = _estimate_seconds(cfg, len(classes), device) if rank0 else None
     if est_s is not None and request.compare_supervised:
         est_s *= 1.6

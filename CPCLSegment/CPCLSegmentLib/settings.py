@@ -49,6 +49,10 @@ class TrainConfig:
 
     method: str = field(default="cpcl", metadata=_flag("--method", "training method", choices=METHODS))
     iterations: int = field(default=500, metadata=_flag("--iterations", "training iterations (optimizer steps)"))
+    # Train for about this long instead: the iteration count is planned from the measured step time (one GPU or
+    # the CPU; not with torchrun). None: ``iterations`` decides.
+    minutes: Optional[float] = field(default=None, metadata=_flag(
+        "--minutes", "train for about this many minutes: the iteration count is planned from a timed step (overrides --iterations)"))
     # (D, H, W) voxels, multiples of 2**depth; None = planned. The CLI flag takes X Y Z.
     patch_size: Optional[Tuple[int, int, int]] = field(
         default=None, metadata=_flag("--patch-size", "patch size in voxels, X Y Z (multiples of 16); default: planned", xyz=True))
@@ -118,6 +122,8 @@ class TrainConfig:
         for name in ("unlabeled_batch", "validation_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 errs.append(f"{name} must be >= 0, not {getattr(self, name)}")
+        if self.minutes is not None and not (0 < self.minutes < 10**6):
+            errs.append(f"minutes must be a number > 0, not {self.minutes!r}")
         for name in ("lr", "lambda_max", "beta", "scale", "weight_decay", "momentum", "poly_power", "rampup", "teacher_noise",
                      "consistency_weight"):
             v = getattr(self, name)

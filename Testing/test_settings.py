@@ -1,0 +1,103 @@
+"""The one source of training settings (``CPCLSegmentLib/settings.py``): typed checks, named recipes, the CLI
+flags derived from ``TrainConfig``, and ``--minutes``."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from CPCLSegmentLib import cli, settings
+from CPCLSegmentLib.errors import InputError
+from CPCLSegmentLib.settings import PRESETS, TrainConfig
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"iterations": "ten"}, "iterations must be a whole number"),
+    ({"width": 2.5}, "width must be a whole number"),
+    ({"compile": "yes"}, "compile must be true or false"),
+    ({"consistency_weight": -5}, "consistency_weight must be a finite number >= 0"),
+    ({"validation_every": -3}, "validation_every must be >= 0"),
+    ({"patch_size": [16, 16, 15]}, "patch_size must be three multiples of 16"),
+    ({"method": "cpl"}, "method must be one of cpcl, mean_teacher, supervised"),
+    ({"minutes": 0}, "minutes must be a number > 0"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"device": "gpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
+])
+def test_invalid_settings_are_named(bad, words):
+    with pytest.raises(InputError, match=words):
+        TrainConfig.from_dict(bad).validate()
+
+
+def test_unknown_setting_lists_the_known_ones():
+    with pytest.raises(InputError, match="unknown training setting.*lamda_max.*known:.*lambda_max"):
+        TrainConfig.from_dict({"lamda_max": 0.1})
+
+
+def test_yaml_number_text_is_read_as_a_number_only_for_float_settings():
+    assert TrainConfig.from_dict({"lr": "3e-3"}).validate().lr == pytest.approx(3e-3)
+    with pytest.raises(InputError, match="iterations must be a whole number"):
+        TrainConfig.from_dict({"iterations": "300"}).validate()
+
+
+def test_every_default_is_valid_and_round_trips():
+    cfg = TrainConfig().validate()
+    assert TrainConfig.from_dict(cfg.to_dict()).validate() == cfg
+
+
+def test_paper_preset_is_the_claimed_method():
+    cfg = TrainConfig.from_dict(PRESETS["cpcl-paper"]).validate()
+    assert (cfg.method, cfg.forward_prediction, cfg.per_sample_prototypes, cfg.mt_weight()) == ("cpcl", "teacher", True, 0.0)
+    assert (cfg.lambda_max, cfg.beta, cfg.scale, cfg.detach_features) == (0.1, 10.0, 20.0, False)
+    default = TrainConfig.from_dict(PRESETS["cpcl-default"]).validate()
+    plain = TrainConfig().validate()  # the spelled-out default trains what the default trains
+    assert dataclasses.replace(default, consistency_weight=None) == plain and default.mt_weight() == plain.mt_weight()
+
+
+def test_config_flag_takes_a_preset_name(tmp_path):
+    args = cli.build_parser().parse_args(["train", "--labeled", "a.nrrd", "a.seg.nrrd", "--out", str(tmp_path / "m.pt"),
+                                          "--config", "cpcl-paper", "--iterations", "7"])
+    cfg = cli.build_train_request(args).config
+    assert cfg.forward_prediction == "teacher" and cfg.per_sample_prototypes and cfg.iterations == 7
+
+
+def test_cli_flags_are_derived_from_train_config():
+    parser = cli.build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    flags = {opt for a in train._actions for opt in a.option_strings}
+    for name, meta in settings.cli_settings():
+        assert meta["flag"] in flags, name
+    assert "--patch-size" in flags and "--minutes" in flags
+
+
+def test_adding_a_setting_to_train_config_is_all_it_takes(monkeypatch, tmp_path):
+    """A new field with a flag reaches the CLI parser and the trainer's config without other edits."""
+    extended = dataclasses.make_dataclass(
+        "TrainConfig", [("warmup_fraction", float, dataclasses.field(default=0.0, metadata={"flag": "--warmup-fraction", "help": "x"}))],
+        bases=(TrainConfig,))
+    monkeypatch.setattr(settings, "TrainConfig", extended)
+    args = cli.build_parser().parse_args(["train", "--labeled", "a.nrrd", "a.seg.nrrd", "--out", str(tmp_path / "m.pt"),
+                                          "--warmup-fraction", "0.25"])
+    cfg = cli.build_train_request(args).config
+    assert cfg.warmup_fraction == 0.25 and cfg.to_dict()["warmup_fraction"] == 0.25
+    assert "warmup_fraction" in settings.setting_names() and settings.default_settings()["warmup_fraction"] == 0.0
+
+
+def test_settings_module_does_not_import_torch():
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import CPCLSegmentLib.settings; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "CPCLSegment")], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_minutes_plans_the_iterations_from_a_timed_step():
+    import torch
+
+    from CPCLSegmentLib.pipeline import iterations_for_minutes, step_seconds
+
+    cfg = TrainConfig(minutes=0.2, patch_size=(16, 32, 32), width=4, device="cpu").validate()
+    n = iterations_for_minutes(cfg, 3, torch.device("cpu"))
+    per_it = step_seconds(cfg, 3, torch.device("cpu"))
+    assert n >= 1 and abs(n * per_it - 12.0) < 12.0  # the same order as 12 s (timings are noisy)
