@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from CPCLSegmentLib.losses import (
+    StepInputs,
     backward_prototype_loss,
     consistency_loss,
-    cpcl_loss_terms,
+    cpcl_terms,
     cross_entropy,
     forward_prototype_loss,
     sigmoid_rampup,
@@ -19,7 +20,14 @@ from CPCLSegmentLib.losses import (
 )
 from CPCLSegmentLib.network import VNet
 from CPCLSegmentLib.prototypes import IGNORE_INDEX
+from CPCLSegmentLib.settings import TrainConfig
 from CPCLSegmentLib.teacher import make_teacher
+
+
+def cpcl_loss_terms(student, teacher, xl, yl, xu, consistency=False, **settings):
+    """The engine's CPCL terms with the default settings, overridden by ``settings``."""
+    cfg = TrainConfig(consistency_weight=1.0 if consistency else 0.0, **settings)
+    return cpcl_terms(student, teacher, StepInputs(xl, yl, xu), cfg)
 
 
 def test_supervised_loss_matches_monai_dice_and_torch_ce():
@@ -105,7 +113,11 @@ def test_consistency_and_rampup():
     assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-5 * 0.25))
     assert sigmoid_rampup(100, 100) == 1.0 and sigmoid_rampup(500, 100) == 1.0 and sigmoid_rampup(3, 0) == 1.0
     terms = {"supervised": torch.tensor(1.0), "forward": torch.tensor(2.0), "backward": torch.tensor(3.0)}
-    assert total_loss(terms, ramp=0.5, lambda_max=0.1, beta=10) == pytest.approx(1 + 0.05 * (2 + 30))
+    cfg = TrainConfig(lambda_max=0.1, beta=10, consistency_weight=0.0)
+    assert total_loss(terms, 0.5, cfg) == pytest.approx(1 + 0.05 * (2 + 30))
+    terms["consistency"] = torch.tensor(4.0)
+    cfg.consistency_weight = 2.0  # w_mt · r(t) · L_mt
+    assert total_loss(terms, 0.5, cfg) == pytest.approx(1 + 0.05 * (2 + 30) + 2.0 * 0.5 * 4.0)
 
 
 def _nets(k=3, seed=0):

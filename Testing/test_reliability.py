@@ -101,11 +101,11 @@ def test_cli_retries_once_with_a_smaller_patch_after_out_of_memory(tmp_path, ct_
     calls = {"n": 0}
     original = Trainer.step
 
-    def step(self, it):
+    def step(self, inputs, it):
         if calls["n"] == 0 and it == 2:
             calls["n"] += 1
             raise RuntimeError("CUDA out of memory")
-        return original(self, it)
+        return original(self, inputs, it)
 
     monkeypatch.setattr(Trainer, "step", step)
     out = tmp_path / "m.pt"
@@ -118,15 +118,15 @@ def test_cli_retries_once_with_a_smaller_patch_after_out_of_memory(tmp_path, ct_
 
 
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_finite_checkpoint(tmp_path, ct_path, seg_path, monkeypatch):
-    original = Trainer.loss_terms
+    original = Trainer.sample
 
-    def loss_terms(self, it):
-        terms = original(self, it)
+    def sample(self, it):  # a NaN in the 5th labeled batch makes every loss term of that step non-finite
+        inputs = original(self, it)
         if it == 4:
-            terms["supervised"] = terms["supervised"] * float("nan")
-        return terms
+            inputs.labeled = inputs.labeled * float("nan")
+        return inputs
 
-    monkeypatch.setattr(Trainer, "loss_terms", loss_terms)
+    monkeypatch.setattr(Trainer, "sample", sample)
     req = request(tmp_path, ct_path, seg_path)
     with pytest.raises(TrainingDiverged, match="non-finite at iteration 5"):
         pipeline.train(req)

@@ -90,6 +90,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "mean_teacher": dict(method="mean_teacher", **MT),
     "cpcl": dict(method="cpcl", **CPCL),
     "cpcl_claimed": dict(method="cpcl", **CPCL_CLAIMED),
+    "cpcl_cp": dict(method="cpcl", **CPCL, copy_paste=True),
+    "bcp": dict(method="mean_teacher", consistency_weight=0.0, copy_paste=True),
     "cpcl_no_backward": dict(method="cpcl", **{**CPCL, "use_backward": False}),
     "cpcl_no_forward": dict(method="cpcl", **{**CPCL, "use_forward": False}),
     "cpcl_detached": dict(method="cpcl", **{**CPCL, "detach_features": True}),
@@ -100,13 +102,15 @@ LABELS = {
     "mean_teacher": "mean teacher",
     "cpcl": "CPCL (default recipe)",
     "cpcl_claimed": "CPCL as claimed (teacher P_u, per-sample prototypes, no MT term)",
+    "cpcl_cp": "CPCL default + cross-image copy-paste",
+    "bcp": "bidirectional copy-paste only (BCP-style: EMA teacher pseudo-labels, no MSE term)",
     "cpcl_no_backward": "CPCL w/o backward (U2L)",
     "cpcl_no_forward": "CPCL w/o forward (L2U)",
     "cpcl_detached": "CPCL, detached features (reference code)",
     "monai_unet": "MONAI UNet 16-128, supervised, Adam 1e-3",
 }
 MAIN = ["supervised", "mean_teacher", "cpcl"]
-ORDER = ["supervised", "mean_teacher", "cpcl_claimed", "cpcl"]  # table / plot order of the main methods
+ORDER = ["supervised", "mean_teacher", "cpcl_claimed", "cpcl", "bcp", "cpcl_cp"]  # table / plot order of the main methods
 ABLATIONS = ["cpcl_no_backward", "cpcl_no_forward", "cpcl_detached"]
 SEEDS = [0, 1, 2]
 

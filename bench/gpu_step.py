@@ -126,14 +126,12 @@ def count_step_flops(runner: StepRunner, batch: Dict[str, torch.Tensor]) -> Dict
 
 def run_variant(name: str, opts: Dict[str, Any], args, state, batches_cpu, device: torch.device, log) -> Dict[str, Any]:
     cuda = device.type == "cuda"
+    cfg = config(args.method, args.patch, args.width, device=str(device), amp=bool(opts["amp"]) and cuda,
+                 channels_last=bool(opts["channels_last"]), compile=bool(opts["compile"]))
+    runner = StepRunner(cfg, args.K, copy.deepcopy(state))  # the product's Trainer with these settings
     if cuda:
-        torch.backends.cudnn.benchmark = bool(opts["cudnn_benchmark"])
-    mf = torch.channels_last_3d if (opts["channels_last"] and cuda) else torch.contiguous_format
-    cfg = config(args.method, args.patch, args.width)
-    runner = StepRunner(cfg, args.K, copy.deepcopy(state), device=device, memory_format=mf, amp=bool(opts["amp"]) and cuda,
-                        compile=bool(opts["compile"]))
-    batches = [{k: (v.to(device).contiguous(memory_format=mf) if v.dim() == 5 else v.to(device)) for k, v in b.items()}
-               for b in batches_cpu]
+        torch.backends.cudnn.benchmark = bool(opts["cudnn_benchmark"])  # after the Trainer, which turns it on
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches_cpu]
     for i in range(args.warmup):
         runner.step(batches[i % len(batches)])
     if cuda:
@@ -214,7 +212,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "K": args.K, "method": args.method, "batch": "2+2" if args.method != "supervised" else "2",
     }
     # FLOPs of one step (fp32 on the target device; the count does not depend on precision or layout)
-    flop_runner = StepRunner(config(args.method, args.patch, args.width), args.K, copy.deepcopy(state), device=device)
+    flop_runner = StepRunner(config(args.method, args.patch, args.width, device=str(device), amp=False, channels_last=False),
+                             args.K, copy.deepcopy(state))
     fb = {k: v.to(device) for k, v in batches[0].items()}
     with Clock(torch.cuda.synchronize if device.type == "cuda" else None) as c:
         flops = count_step_flops(flop_runner, fb)

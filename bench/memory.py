@@ -98,11 +98,11 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
     device = torch.device(spec.get("device", "cpu"))
     patch, k, width = tuple(spec["patch"]), int(spec["K"]), int(spec["width"])
     lb, ub = int(spec["labeled"]), int(spec["unlabeled"])
-    cfg = config(spec["method"], patch, width, labeled_batch=lb, unlabeled_batch=ub)
     amp = device.type == "cuda" and bool(spec.get("amp", False))
+    cfg = config(spec["method"], patch, width, labeled_batch=lb, unlabeled_batch=ub, device=str(device), amp=amp)
     est = estimate_memory(patch, lb, ub, width, 4, k, spec["method"], cfg.optimizer, amp, device_type=device.type)
     batches = make_batches(1, lb, ub, patch, k, 0, device)
-    runner = StepRunner(cfg, k, device=device, amp=amp)
+    runner = StepRunner(cfg, k)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     after_build = current_rss_bytes()

@@ -5,9 +5,9 @@
   were produced on is shared, so the load is recorded with every result).
 - ``blob_labels``: deterministic label patches with one ellipsoid per foreground class, so every class is
   present in every labeled patch (prototypes exist, as in a real foreground-oversampled batch).
-- ``StepRunner``: one training step **exactly as** ``trainer.Trainer.step`` does it (poly learning rate,
-  ramp-up, the engine's loss-term function for the method, ``total_loss``, ``split_terms``, zero_grad,
-  backward, optimizer step, ``teacher.update_teacher``), minus patch sampling, on batches given by the caller.
+- ``StepRunner``: a real ``trainer.Trainer`` (the product's own object) whose ``Trainer.step`` is timed on batches
+  given by the caller (patch sampling, ``Trainer.sample``, is left out); benchmark-only step variants (the
+  reference implementation's costs) replace the trainer's loss-term function, nothing else.
 - ``Clock``: wall time and process CPU time of a region (CPU time is far less sensitive to other processes
   competing for the cores than wall time).
 """
@@ -31,17 +31,10 @@ if str(ROOT / "CPCLSegment") not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from CPCLSegmentLib.losses import (  # noqa: E402
-    cpcl_loss_terms,
-    mean_teacher_loss_terms,
-    sigmoid_rampup,
-    split_terms,
-    supervised_loss_terms,
-    total_loss,
-)
-from CPCLSegmentLib.network import VNet  # noqa: E402
-from CPCLSegmentLib.teacher import make_teacher, update_teacher  # noqa: E402
-from CPCLSegmentLib.trainer import TrainConfig  # noqa: E402
+from CPCLSegmentLib.data import make_case  # noqa: E402
+from CPCLSegmentLib.losses import StepInputs  # noqa: E402
+from CPCLSegmentLib.settings import TrainConfig  # noqa: E402
+from CPCLSegmentLib.trainer import Trainer  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 
@@ -183,86 +176,57 @@ def make_batches(n: int, labeled: int, unlabeled: int, patch: Sequence[int], num
 
 
 class StepRunner:
-    """A student, its EMA teacher and an optimizer, stepping exactly like ``Trainer.step``.
+    """A ``Trainer`` built for timing: ``step(batch)`` is ``Trainer.step(inputs, it)`` on the caller's batch.
 
-    ``terms_fn(runner, batch) -> dict`` computes the loss terms; by default the engine's own function for
-    ``cfg.method``. ``loss_fn(runner, terms, ramp) -> tensor`` combines them; by default ``total_loss`` with
-    the config's λ_max, β and mean-teacher weight (what the trainer does).
+    ``terms_fn(runner, batch) -> dict`` replaces the trainer's loss-term function (benchmark-only variants such
+    as the reference implementation's step); by default the trainer keeps the engine's own
+    (``losses.LOSS_TERMS[cfg.method]``). ``cfg.device`` / ``amp`` / ``channels_last`` / ``compile`` are the
+    trainer's own settings. The trainer's samplers are built on two tiny synthetic cases and never used.
     """
 
     def __init__(self, cfg: TrainConfig, num_classes: int, init_state: Optional[Dict[str, torch.Tensor]] = None,
-                 device: torch.device = torch.device("cpu"), terms_fn: Optional[Callable] = None,
-                 loss_fn: Optional[Callable] = None, memory_format: Any = torch.contiguous_format,
-                 amp: bool = False, compile: bool = False) -> None:
+                 terms_fn: Optional[Callable] = None) -> None:
         self.cfg = cfg
         self.K = num_classes
-        self.device = device
-        net = VNet(**cfg.network_config(num_classes))
-        if init_state is not None:
-            net.load_state_dict(init_state)
-        self.teacher = make_teacher(net).to(device, memory_format=memory_format)
-        self.student = net.to(device, memory_format=memory_format)
-        self.model = torch.compile(self.student) if compile else self.student
-        self.memory_format = memory_format
-        self.amp = amp
-        if cfg.optimizer == "sgd":
-            self.opt = torch.optim.SGD(self.student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        else:
-            self.opt = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.terms_fn = terms_fn or engine_terms
-        self.loss_fn = loss_fn or (lambda r, terms, ramp: total_loss(terms, ramp, r.cfg.lambda_max, r.cfg.beta, r.cfg.mt_weight()))
+        patch = tuple(cfg.patch_size)
+        case = make_case("synthetic", np.zeros(patch, np.float32), np.zeros(patch, np.int16))
+        unl = [make_case("synthetic-u", np.zeros(patch, np.float32))] if cfg.method != "supervised" else []
+        self.trainer = Trainer(cfg, [case], unl, num_classes,
+                               init_state={"student": init_state} if init_state is not None else None)
+        self.device = self.trainer.device
+        if terms_fn is not None:
+            self.trainer.loss_terms = lambda student, teacher, inputs, cfg, sync: terms_fn(self, _as_dict(inputs))
         self.it = 0
-        self.region: Callable[[str], Any] = lambda name: contextlib.nullcontext()  # e.g. profiler.record_function
         self.student.train()
 
-    def autocast(self):
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    # the trainer's networks (a profiler may wrap ``model`` / ``teacher`` to tag their forward passes)
+    student = property(lambda self: self.trainer.student)
+    model = property(lambda self: self.trainer.model, lambda self, m: setattr(self.trainer, "model", m))
+    teacher = property(lambda self: self.trainer.teacher, lambda self, m: setattr(self.trainer, "teacher", m))
+    opt = property(lambda self: self.trainer.opt)
+
+    def inputs(self, batch: Dict[str, torch.Tensor]) -> StepInputs:
+        t = self.trainer
+        lab = batch["x_l"].to(t.device).contiguous(memory_format=t.memory_format)
+        unl = batch["x_u"].to(t.device).contiguous(memory_format=t.memory_format) if self.cfg.method != "supervised" else None
+        return StepInputs(lab, batch["y_l"].to(t.device), unl)
 
     def step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        cfg, it = self.cfg, self.it
-        lr = cfg.lr * (1.0 - (it % cfg.iterations) / cfg.iterations) ** cfg.poly_power
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        ramp = sigmoid_rampup(it % cfg.iterations, cfg.rampup_iterations())
-        with self.region("loss_terms"), self.autocast():
-            terms = self.terms_fn(self, batch)
-            loss = self.loss_fn(self, terms, ramp)
-        values, finite = split_terms(terms)
-        if not finite:
-            raise FloatingPointError(f"non-finite loss terms: {values}")
-        self.opt.zero_grad(set_to_none=True)
-        with self.region("backward"):
-            loss.backward()
-        with self.region("optimizer_step"):
-            self.opt.step()
-        with self.region("ema_update"):
-            update_teacher(self.teacher, self.student, it, cfg.ema_decay)
+        values = self.trainer.step(self.inputs(batch), self.it % self.cfg.iterations)
         self.it += 1
         return values
 
 
-def engine_terms(r: StepRunner, b: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The loss terms exactly as ``Trainer.loss_terms`` computes them for ``r.cfg.method``."""
-    cfg = r.cfg
-    if cfg.method == "supervised":
-        return supervised_loss_terms(r.model, b["x_l"], b["y_l"])
-    if cfg.method == "mean_teacher":
-        return mean_teacher_loss_terms(r.model, r.teacher, b["x_l"], b["y_l"], b["x_u"])
-    return cpcl_loss_terms(
-        r.model, r.teacher, b["x_l"], b["y_l"], b["x_u"], scale=cfg.scale, per_sample_prototypes=cfg.per_sample_prototypes,
-        forward_prediction=cfg.forward_prediction, confidence_weighting=cfg.confidence_weighting,
-        detach_features=cfg.detach_features, use_forward=cfg.use_forward, use_backward=cfg.use_backward,
-        consistency=cfg.mt_weight() > 0,
-    )
+def _as_dict(inputs: StepInputs) -> Dict[str, torch.Tensor]:
+    return {"x_l": inputs.labeled, "y_l": inputs.labels, "x_u": inputs.unlabeled}
 
 
 def config(method: str, patch: Sequence[int], width: int, depth: int = 4, **overrides: Any) -> TrainConfig:
     """``TrainConfig`` with the engine's defaults (what the CLI and the Slicer panel use) for ``method``."""
-    cfg = TrainConfig(method=method, patch_size=tuple(int(p) for p in patch), width=width, depth=depth, device="cpu",
-                      iterations=10000, **overrides)
-    return cfg.validate()
+    settings = dict(method=method, patch_size=tuple(int(p) for p in patch), width=width, depth=depth, device="cpu",
+                    iterations=10000)
+    settings.update(overrides)
+    return TrainConfig(**settings).validate()
 
 
 def fmt_s(v: float) -> str:

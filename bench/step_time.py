@@ -74,7 +74,6 @@ from speed_common import (  # noqa: E402
     Clock,
     StepRunner,
     config,
-    engine_terms,
     fmt_ratio,
     fmt_s,
     load_average,
@@ -86,7 +85,8 @@ from speed_common import (  # noqa: E402
     write_json,
 )
 
-from CPCLSegmentLib.losses import supervised_loss, total_loss  # noqa: E402
+from CPCLSegmentLib.losses import supervised_loss  # noqa: E402
+from CPCLSegmentLib.settings import PRESETS  # noqa: E402
 from CPCLSegmentLib.network import VNet  # noqa: E402
 from CPCLSegmentLib.planning import plan_patch_size  # noqa: E402
 from CPCLSegmentLib.prototypes import masked_average_pooling, prototype_logits  # noqa: E402
@@ -94,8 +94,8 @@ from CPCLSegmentLib.prototypes import masked_average_pooling, prototype_logits  
 HIPPOCAMPUS_MEDIAN_SHAPE = (36, 51, 36)  # (D, H, W) at 1 mm: median of ../shared/data/msd-hippocampus (x, y, z 36×51×36.5)
 HIPPOCAMPUS_SPACING = (1.0, 1.0, 1.0)
 
-DEFAULT_VARIANTS = ["supervised", "mean_teacher", "cpcl", "cpcl_mt", "ref_teacher_passes", "ref_cpcl", "ref_cpcl_ops"]
-ALL_VARIANTS = DEFAULT_VARIANTS + ["fullres_grad"]
+DEFAULT_VARIANTS = ["supervised", "mean_teacher", "cpcl", "cpcl_mt", "cpcl_paper", "ref_teacher_passes", "ref_cpcl", "ref_cpcl_ops"]
+ALL_VARIANTS = DEFAULT_VARIANTS + ["cpcl_label_maps", "fullres_grad"]
 EXPERIMENTS = ["mean_teacher_relu_inplace", "cpcl_relu_inplace"]  # engine-change experiments (BENCHMARKS.md, "Engine changes")
 
 
@@ -180,8 +180,8 @@ def reference_terms(r: StepRunner, b: Dict[str, torch.Tensor], *, prototypes: bo
         t_logits, t_feats = r.teacher(x_u)  # pass 2: the clean unlabeled half (prototypes, pseudo-masks)
     if keep:
         r._last_teacher = (t_logits, t_feats)
-    if stability:
-        terms["stability"] = torch.mean((t_all.float() - logits.float()) ** 2)
+    if stability:  # the reference's logit-MSE "stability" loss, weighted λ(t) (the runner's consistency_weight = λ_max)
+        terms["consistency"] = torch.mean((t_all.float() - logits.float()) ** 2)
     if not prototypes:
         return terms
     f_l = feats[:bl].detach() if detach else feats[:bl]
@@ -201,26 +201,13 @@ def reference_terms(r: StepRunner, b: Dict[str, torch.Tensor], *, prototypes: bo
     return terms
 
 
-def reference_loss(r: StepRunner, terms: Dict[str, torch.Tensor], ramp: float) -> torch.Tensor:
-    """Reference: ``L_s + λ(t)(L_fpc + L_stab) + β λ(t) L_bpc``."""
-    lam = r.cfg.lambda_max * ramp
-    loss = terms["supervised"]
-    if "stability" in terms:
-        loss = loss + lam * terms["stability"]
-    if "forward" in terms:
-        loss = loss + lam * (terms["forward"] + r.cfg.beta * terms["backward"])
-    return loss
-
-
-def fullres_loss(r: StepRunner, terms: Dict[str, torch.Tensor], ramp: float) -> torch.Tensor:
-    return total_loss(terms, ramp, r.cfg.lambda_max, r.cfg.beta)
-
-
 VARIANT_DOC = {
     "supervised": "supervised only (student on 2 labeled)",
     "mean_teacher": "plain mean teacher (student on 4, teacher on 2, MSE on softmax)",
-    "cpcl": "CPCL, ours (engine default: 1 teacher pass, prototypes at feature resolution, gradients)",
-    "cpcl_mt": "CPCL + mean-teacher consistency term",
+    "cpcl": "CPCL, ours (engine default: 1 teacher pass, prototypes at feature resolution, gradients, mean-teacher term 1.0)",
+    "cpcl_mt": "CPCL with the mean-teacher term at the reference's weight 0.1",
+    "cpcl_paper": "CPCL as claimed (--config cpcl-paper: teacher P_u, per-sample prototypes, no mean-teacher term)",
+    "cpcl_label_maps": "CPCL default with map_resolution=label (features upsampled before the cosine maps: the literal form)",
     "ref_teacher_passes": "reference step without prototypes (student on 4, teacher on noisy 4 + clean 2)",
     "ref_cpcl": "reference-style CPCL (teacher twice, 32-ch features upsampled to full patch, detached)",
     "ref_cpcl_ops": "reference CPCL with the reference's own operation sequence (per-class upsampling, cosine_similarity)",
@@ -232,6 +219,9 @@ VARIANT_DOC = {
 
 def build_runner(variant: str, patch, width: int, k: int, state: Dict[str, torch.Tensor], norm: str, dropout: float,
                  device: torch.device = torch.device("cpu")) -> StepRunner:
+    """A ``Trainer`` for ``variant``: the engine's own loss terms for the product's variants; the reference-style
+    variants replace only the loss-term function (their losses combine as ``total_loss`` does, the reference's
+    stability term weighted by λ(t))."""
     if variant.endswith("_relu_inplace"):
         r = build_runner(variant[: -len("_relu_inplace")], patch, width, k, state, norm, dropout, device)
         for m in list(r.student.modules()) + list(r.teacher.modules()):
@@ -239,21 +229,22 @@ def build_runner(variant: str, patch, width: int, k: int, state: Dict[str, torch
                 m.inplace = True
         return r
     method = {"supervised": "supervised", "mean_teacher": "mean_teacher"}.get(variant, "cpcl")
-    over: Dict[str, Any] = {"norm": norm, "dropout": dropout}
-    if variant == "cpcl_mt":
-        over["consistency_weight"] = 0.1
-    cfg = config(method, patch, width, **over)
-    if variant in ("supervised", "mean_teacher", "cpcl", "cpcl_mt"):
-        return StepRunner(cfg, k, state, device=device, terms_fn=engine_terms)
+    over: Dict[str, Any] = {"norm": norm, "dropout": dropout, "device": str(device)}
+    engine = {"supervised": {}, "mean_teacher": {}, "cpcl": {}, "cpcl_mt": {"consistency_weight": 0.1},
+              "cpcl_paper": {k: v for k, v in PRESETS["cpcl-paper"].items() if k != "method"},
+              "cpcl_label_maps": {"map_resolution": "label"}}
+    if variant in engine:
+        return StepRunner(config(method, patch, width, **over, **engine[variant]), k, state)
+    ref_cfg = config(method, patch, width, **over, consistency_weight=config(method, patch, width).lambda_max)
     if variant == "ref_teacher_passes":
-        return StepRunner(cfg, k, state, device=device, terms_fn=lambda r, b: reference_terms(r, b, prototypes=False), loss_fn=reference_loss)
+        return StepRunner(ref_cfg, k, state, terms_fn=lambda r, b: reference_terms(r, b, prototypes=False))
     if variant == "ref_cpcl":
-        return StepRunner(cfg, k, state, device=device, terms_fn=reference_terms, loss_fn=reference_loss)
+        return StepRunner(ref_cfg, k, state, terms_fn=reference_terms)
     if variant == "ref_cpcl_ops":
-        return StepRunner(cfg, k, state, device=device, terms_fn=literal_reference_terms, loss_fn=reference_loss)
+        return StepRunner(ref_cfg, k, state, terms_fn=literal_reference_terms)
     if variant == "fullres_grad":
-        return StepRunner(cfg, k, state, device=device, terms_fn=lambda r, b: reference_terms(r, b, detach=False, stability=False),
-                          loss_fn=fullres_loss)
+        return StepRunner(config(method, patch, width, **over, consistency_weight=0.0), k, state,
+                          terms_fn=lambda r, b: reference_terms(r, b, detach=False, stability=False))
     raise SystemExit(f"unknown variant {variant!r}; choose from {ALL_VARIANTS + EXPERIMENTS}")
 
 
@@ -345,7 +336,6 @@ def profile_config(name: str, spec: Dict[str, Any], variants: List[str], steps: 
         r.step(batches[0])  # warm-up
         student, teacher = r.model, r.teacher
         r.model, r.teacher = Tagged(student, "student_forward"), Tagged(teacher, "teacher_forward")
-        r.region = record_function
         try:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for i in range(steps):
@@ -354,22 +344,21 @@ def profile_config(name: str, spec: Dict[str, Any], variants: List[str], steps: 
         finally:
             r.model, r.teacher = student, teacher
         ka = prof.key_averages()
-        region = {e.key: e.cpu_time_total / 1e6 / steps for e in ka
-                  if e.key in ("step", "student_forward", "teacher_forward", "loss_terms", "backward", "optimizer_step", "ema_update")}
+        region = {e.key: e.cpu_time_total / 1e6 / steps for e in ka if e.key in ("step", "student_forward", "teacher_forward")}
+        optimizer = sum(e.cpu_time_total for e in ka if e.key.startswith("Optimizer.step")) / 1e6 / steps
         stages = {
             "student_forward_s": region.get("student_forward", 0.0),
             "teacher_forward_s": region.get("teacher_forward", 0.0),
-            "loss_rest_s": region.get("loss_terms", 0.0) - region.get("student_forward", 0.0) - region.get("teacher_forward", 0.0),
-            "backward_s": region.get("backward", 0.0),
-            "optimizer_s": region.get("optimizer_step", 0.0),
-            "ema_s": region.get("ema_update", 0.0),
+            "optimizer_s": optimizer,
+            "rest_s": region.get("step", 0.0) - region.get("student_forward", 0.0) - region.get("teacher_forward", 0.0) - optimizer,
             "step_s": region.get("step", 0.0),
         }
-        ops = {e.key: e.self_cpu_time_total / 1e6 / steps for e in ka if not e.key.startswith(("step", "student_forward",
-               "teacher_forward", "loss_terms", "backward", "optimizer_step", "ema_update", "ProfilerStep"))}
+        ops = {e.key: e.self_cpu_time_total / 1e6 / steps for e in ka
+               if not e.key.startswith(("step", "student_forward", "teacher_forward", "Optimizer.", "ProfilerStep"))}
         ops_by_variant[v] = ops
         top = sorted(ops.items(), key=lambda kv: -kv[1])[:15]
-        out[v] = {"stages": stages, "top_ops_self_cpu_s": [[kk, round(vv, 4)] for kk, vv in top]}
+        total = sum(ops.values()) or 1.0
+        out[v] = {"stages": stages, "top_ops_self_cpu_s": [[kk, round(vv, 4), round(vv / total, 4)] for kk, vv in top]}
         log(f"[{name}] profile {v}: " + ", ".join(f"{kk} {vv:.3f}" for kk, vv in stages.items()))
     if "cpcl" in ops_by_variant and "mean_teacher" in ops_by_variant:
         a, b = ops_by_variant["cpcl"], ops_by_variant["mean_teacher"]

@@ -436,7 +436,8 @@ def _init_state(request: TrainRequest, record: Dict[str, Any], classes, cfg: Tra
     new_names = [c["name"] for c in classes]
     if old_names == new_names:
         emit({"event": "info", "message": f"fine-tuning {request.init}: same segments, continuing from its weights"})
-        return {"student": student, "teacher": teacher}
+        # the EMA continues from the model's own step count (trainer.Trainer: ema_offset)
+        return {"student": student, "teacher": teacher, "iterations": int(record.get("training", {}).get("iterations") or 0)}
     trunk = {k: v for k, v in student.items() if not k.startswith("head.")}
     from .network import VNet
 

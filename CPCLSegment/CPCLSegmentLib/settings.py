@@ -25,6 +25,7 @@ METHODS = ("cpcl", "mean_teacher", "supervised")
 OPTIMIZERS = ("sgd", "adamw")
 NORMS = ("instance", "batch", "group", "none")
 FORWARD_PREDICTIONS = ("student", "teacher")
+MAP_RESOLUTIONS = ("feature", "label")
 ANNOTATED_SLICES = ("all", "auto", "axial", "coronal", "sagittal")
 WEIGHTS = ("teacher", "best", "student")  # which weights of a model file segment: last teacher, validation-best, student
 OUTPUT_FORMATS = (".seg.nrrd", ".nii.gz", ".nrrd", ".mha")
@@ -32,6 +33,7 @@ MODALITIES = ("auto", "ct", "mr", "other")
 PROGRESS_MODES = ("bar", "json", "none")
 UNCERTAINTY_SCORES = ("entropy", "student_teacher", "label_disagreement", "prototype")
 
+COSINE_SCALE = 20.0  # s in softmax_k(s · cos(F(x), p^k)) (the method's value)
 CPCL_CONSISTENCY = 1.0  # the mean-teacher term's weight inside the default CPCL recipe (BENCHMARKS.md, tuning round 2)
 
 
@@ -72,13 +74,24 @@ class TrainConfig:
     # mean-teacher MSE term's weight w_mt; None: CPCL_CONSISTENCY for cpcl, lambda_max for mean_teacher
     consistency_weight: Optional[float] = None
     ema_decay: float = 0.99
-    scale: float = 20.0  # s, the cosine scale of the prototype maps
+    scale: float = COSINE_SCALE  # s, the cosine scale of the prototype maps
     per_sample_prototypes: bool = False
     forward_prediction: str = field(default="student", metadata={"choices": FORWARD_PREDICTIONS})  # whose P_u in L_fpc
     confidence_weighting: bool = True
     detach_features: bool = False  # ablation: the public reference's effective behaviour
+    # where the cosine maps P_l2u / P_u2l are computed: "feature" = on the decoder feature grid, the K-channel
+    # logits then upsampled trilinearly; "label" = features upsampled to the label grid first (the literal form)
+    map_resolution: str = field(default="feature", metadata={"choices": MAP_RESOLUTIONS})
     use_forward: bool = True
     use_backward: bool = True
+    # Cross-image copy-paste (bidirectional copy-paste, Bai et al. CVPR 2023), for cpcl and mean_teacher: labeled
+    # patch i and unlabeled patch i are mixed through a box of copy_paste_size of the patch (inward for even i: the
+    # unlabeled box pasted into the labeled patch; outward for odd i); the student learns the ground truth where it
+    # is known (term "paste", weight 1) and the teacher's pseudo-label elsewhere ("paste_pseudo", weight
+    # copy_paste_weight · r(t)).
+    copy_paste: bool = False
+    copy_paste_weight: float = 0.5
+    copy_paste_size: float = 2.0 / 3.0
     # network (reference: width 16, depth 4, batch norm, feature level 1, dropout 0.5)
     width: int = field(default=16, metadata=_flag("--width", "network width (channels of the first stage)"))
     depth: int = 4
@@ -125,7 +138,7 @@ class TrainConfig:
         if self.minutes is not None and not (0 < self.minutes < 10**6):
             errs.append(f"minutes must be a number > 0, not {self.minutes!r}")
         for name in ("lr", "lambda_max", "beta", "scale", "weight_decay", "momentum", "poly_power", "rampup", "teacher_noise",
-                     "consistency_weight"):
+                     "consistency_weight", "copy_paste_weight"):
             v = getattr(self, name)
             if v is not None and (v < 0 or not math.isfinite(v)):
                 errs.append(f"{name} must be a finite number >= 0, not {v!r}")
@@ -135,6 +148,8 @@ class TrainConfig:
             errs.append(f"depth must be between 1 and 6, not {self.depth}")
         elif not 0 <= self.feature_level < self.depth:
             errs.append(f"feature_level must be in [0, depth - 1 = {self.depth - 1}], not {self.feature_level}")
+        if not 0 < self.copy_paste_size < 1:
+            errs.append(f"copy_paste_size must be in (0, 1), not {self.copy_paste_size}")
         for name in ("foreground_oversample", "intensity_prob", "validation_overlap"):
             if not 0 <= getattr(self, name) <= 1:
                 errs.append(f"{name} must be in [0, 1], not {getattr(self, name)}")

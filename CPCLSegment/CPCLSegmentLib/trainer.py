@@ -1,7 +1,8 @@
 """The training loop: student + EMA teacher, CPCL / mean-teacher / supervised-only, with callbacks.
 
 ``train(config, labeled, unlabeled, num_classes, ...)`` returns a ``TrainResult``. The loop body is
-deliberately short (nanoGPT style): sample → loss terms → one optimizer step → EMA teacher → report.
+deliberately short (nanoGPT style): ``inputs = sample(it)`` → ``step(inputs, it)`` (the method's loss terms
+from ``losses.LOSS_TERMS``, ``total_loss``, one optimizer step, EMA teacher) → report.
 
 Callbacks: ``on_progress(event: dict)`` receives ``start`` / ``progress`` / ``validation`` / ``warning`` /
 ``checkpoint`` events (the CLI prints them as JSON lines); ``should_stop() -> bool`` is polled every
@@ -17,7 +18,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -25,21 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Augmenter, Case, PatchSampler
+from .data import Augmenter, Case, PatchSampler, paste_masks
 from .errors import InputError, OutOfMemory, TrainingDiverged
 from .inference import autocast_context, predict_labels
-from .losses import (
-    cpcl_loss_terms,
-    mean_teacher_loss_terms,
-    sigmoid_rampup,
-    split_terms,
-    supervised_loss_terms,
-    total_loss,
-)
+from .losses import LOSS_TERMS, StepInputs, read_terms, sigmoid_rampup, total_loss
 from .metrics import dice_per_class, nanmean
 from .modelfile import state_dict_cpu
 from .network import VNet
-from .prototypes import class_masks, downsample_masks
+from .prototypes import feature_masks
 from .settings import METHODS, TrainConfig  # noqa: F401  (TrainConfig is re-exported: ``trainer.TrainConfig``)
 from .teacher import make_teacher, update_teacher
 
@@ -103,7 +96,7 @@ class Trainer:
         *,
         class_names: Optional[Sequence[str]] = None,
         validation: Sequence[Case] = (),
-        init_state: Optional[Dict[str, Dict[str, torch.Tensor]]] = None,
+        init_state: Optional[Dict[str, Any]] = None,
         on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
         checkpoint: Optional[Callable[["Trainer", int], None]] = None,
@@ -138,8 +131,13 @@ class Trainer:
             net = convert_batchnorm(net, self.device)
         self.teacher = make_teacher(net)
         torch.manual_seed(cfg.seed + self.rank)  # per-rank dropout streams
+        # Fine-tuning continues the starting model's EMA: its teacher is loaded and α counts from the iterations it
+        # was trained for (α = min(1 - 1/(t0 + t + 1), decay)), so the first update does not replace it with a copy of
+        # the student. A new output head (other segments) starts a new EMA (t0 = 0, teacher = student).
+        self.ema_offset = 0
         if init_state is not None and init_state.get("teacher") is not None:
             self.teacher.load_state_dict(init_state["teacher"])
+            self.ema_offset = int(init_state.get("iterations") or 0)
         use_cuda = self.device.type == "cuda"
         self.amp = bool(cfg.amp and use_cuda)
         self.memory_format = torch.channels_last_3d if (use_cuda and cfg.channels_last) else torch.contiguous_format
@@ -152,6 +150,7 @@ class Trainer:
                 for p in m.parameters():
                     p.requires_grad_(False)
         self.student = net  # the plain module (EMA source, state dicts)
+        self.loss_terms = LOSS_TERMS[self.method]  # (student, teacher, StepInputs, cfg, sync) -> terms
         self.model = distributed.wrap(net) if distributed else net  # what the loss calls
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -219,53 +218,44 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
-    def _tensor(self, a: Optional[np.ndarray], dtype=torch.float32) -> Optional[torch.Tensor]:
+    def _tensor(self, a: Optional[np.ndarray], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+        """A batch array on the device; images in the networks' parameter dtype (float32; float64 in tests)."""
         if a is None:
             return None
+        dtype = dtype or next(self.student.parameters()).dtype
         t = torch.from_numpy(a).to(self.device, dtype=dtype, non_blocking=True)
         return t.contiguous(memory_format=self.memory_format) if t.dim() == 5 else t
 
     def _indices(self, batch: int) -> List[int]:
         return [self.rank * batch + i for i in range(batch)]
 
-    def loss_terms(self, it: int) -> Dict[str, torch.Tensor]:
+    def sample(self, it: int) -> StepInputs:
+        """This rank's slice of iteration ``it``'s global batch, on the device."""
         cfg = self.cfg
         lb = self.lab_sampler.sample(it, self._indices(cfg.labeled_batch))
-        x_l, y_l = self._tensor(lb.images), self._tensor(lb.labels, torch.int64)
-        known = self._tensor(lb.class_known, torch.bool)
-        known = None if known is None or bool(known.all()) else known
-        sync = self.dist.all_reduce if self.dist else None
-        with autocast_context(self.device, self.amp):
-            if self.method == "supervised":
-                return supervised_loss_terms(self.model, x_l, y_l, known, sync)
+        known = lb.class_known
+        inputs = StepInputs(self._tensor(lb.images), self._tensor(lb.labels, torch.int64),
+                            class_known=None if known is None or known.all() else self._tensor(known, torch.bool))
+        if self.unl_sampler is not None:
             ub = self.unl_sampler.sample(it, self._indices(cfg.unlabeled_batch))
-            x_u, x_t = self._tensor(ub.images), self._tensor(ub.teacher_images)
-            if self.method == "mean_teacher":
-                return mean_teacher_loss_terms(self.model, self.teacher, x_l, y_l, x_u, teacher_images=x_t, class_known=known, sync=sync)
-            return cpcl_loss_terms(
-                self.model, self.teacher, x_l, y_l, x_u, teacher_images=x_t, class_known=known, scale=cfg.scale,
-                per_sample_prototypes=cfg.per_sample_prototypes, forward_prediction=cfg.forward_prediction,
-                confidence_weighting=cfg.confidence_weighting, detach_features=cfg.detach_features,
-                use_forward=cfg.use_forward, use_backward=cfg.use_backward, consistency=cfg.mt_weight() > 0, sync=sync,
-            )
+            inputs.unlabeled, inputs.teacher_view = self._tensor(ub.images), self._tensor(ub.teacher_images)
+            pairs = min(cfg.labeled_batch, cfg.unlabeled_batch)
+            if cfg.copy_paste and pairs:
+                boxes = paste_masks(cfg.patch_size, cfg.copy_paste_size, cfg.seed, it, self._indices(pairs))
+                inputs.paste_mask = self._tensor(boxes, torch.bool)
+        return inputs
 
-    def step(self, it: int) -> Dict[str, float]:
-        """One iteration: loss, backward, optimizer step, EMA update. Returns the logged values."""
+    def step(self, inputs: StepInputs, it: int) -> Dict[str, float]:
+        """One iteration on ``inputs``: loss terms, backward, optimizer step, EMA update. Returns the logged
+        values (every term, the total, lr and ramp), read from the device once."""
         cfg = self.cfg
         lr = cfg.lr * (1.0 - it / cfg.iterations) ** cfg.poly_power
         for g in self.opt.param_groups:
             g["lr"] = lr
         ramp = sigmoid_rampup(it, cfg.rampup_iterations())
-        terms = self.loss_terms(it)
-        loss = total_loss(terms, ramp, cfg.lambda_max, cfg.beta, cfg.mt_weight())
-        values, finite = split_terms(terms)
-        values["total"] = float(loss.detach())
-        if not finite or not math.isfinite(values["total"]):
-            bad = ", ".join(f"{k}={v}" for k, v in values.items())
-            raise TrainingDiverged(
-                f"the loss became non-finite at iteration {it + 1} ({bad}); training stopped and the last finite "
-                "checkpoint was kept. Lower the learning rate or check the input intensities."
-            )
+        with autocast_context(self.device, self.amp):
+            terms = self.loss_terms(self.model, self.teacher, inputs, cfg, self.dist.all_reduce if self.dist else None)
+        loss = total_loss(terms, ramp, cfg)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None and self.scaler.is_enabled():
             self.scaler.scale(loss).backward()
@@ -274,7 +264,14 @@ class Trainer:
         else:
             loss.backward()
             self.opt.step()
-        update_teacher(self.teacher, self.student, it, cfg.ema_decay)
+        update_teacher(self.teacher, self.student, self.ema_offset + it, cfg.ema_decay)
+        values, finite = read_terms(terms, loss)
+        if not finite:
+            bad = ", ".join(f"{k}={v}" for k, v in values.items())
+            raise TrainingDiverged(
+                f"the loss became non-finite at iteration {it + 1} ({bad}); training stopped and the last finite "
+                "checkpoint was kept. Lower the learning rate or check the input intensities."
+            )
         values.update(lr=lr, ramp=ramp)
         return values
 
@@ -302,7 +299,7 @@ class Trainer:
             it = self.iteration
             t = time.perf_counter()
             try:
-                values = self.step(it)
+                values = self.step(self.sample(it), it)
             except RuntimeError as e:
                 if is_oom(e):
                     raise OutOfMemory(oom_message(cfg, self.device)) from None
@@ -395,7 +392,7 @@ def labeled_prototypes(
         b = sampler.sample(0, [i])
         _, feats = net(torch.from_numpy(b.images).to(device))
         feats = feats.float()
-        masks = downsample_masks(class_masks(torch.from_numpy(b.labels).to(device), num_classes), feats.shape[2:])
+        masks = feature_masks(torch.from_numpy(b.labels).to(device), num_classes, feats.shape[2:])
         nn_ = torch.einsum("bkdhw,bcdhw->kc", masks, feats)
         dn = masks.sum(dim=(0, 2, 3, 4))
         num = nn_ if num is None else num + nn_
@@ -418,7 +415,3 @@ def train(
     if resume is not None:
         trainer.load_state(resume)
     return trainer.run()
-
-
-def suppress_known_warnings() -> None:
-    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
