@@ -26,22 +26,40 @@ def small_real_cases():
 
 
 def config(labeled_batch, unlabeled_batch):
+    """One SGD step where the prototype terms weigh as much as the supervised one: no ramp-up (λ(0) = λ_max = 1)."""
     from CPCLSegmentLib.trainer import TrainConfig
 
     return TrainConfig(iterations=1, patch_size=(16, 32, 32), width=4, depth=3, labeled_batch=labeled_batch,
                        unlabeled_batch=unlabeled_batch, optimizer="sgd", lr=0.05, seed=3, device="cpu",
-                       foreground_oversample=0.5)
+                       foreground_oversample=0.5, rampup=0.0, lambda_max=1.0, intensity_prob=0.0)
 
 
-def run_rank(rank, world, init_file, out_file):
+class NonDifferentiableSync:
+    """The classic mistake: the forward value is the sum over ranks, the backward only the local part."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def all_reduce(self, t):
+        import torch.distributed as dist
+
+        total = t.detach().clone()
+        dist.all_reduce(total)
+        return t + (total - t.detach())
+
+
+def run_rank(rank, world, init_file, out_file, differentiable=True):
     import torch.distributed as dist
 
     from CPCLSegmentLib.distributed import DistributedContext
     from CPCLSegmentLib.trainer import Trainer
 
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)  # float64: the comparison is far above rounding noise
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     ctx = DistributedContext(rank, world, rank, torch.device("cpu"))
+    if not differentiable:
+        ctx.all_reduce = NonDifferentiableSync(ctx).all_reduce
     labeled, unlabeled = small_real_cases()
     events = []
     trainer = Trainer(config(1, 1), labeled, unlabeled, 3, distributed=ctx, on_progress=events.append)

@@ -80,10 +80,10 @@ def test_memory_planning_shrinks_the_patch_or_stops_before_training(tmp_path, ct
 def _fail_at(monkeypatch, iteration, exc):
     original = Trainer.step
 
-    def step(self, it):
+    def step(self, inputs, it):
         if it == iteration:
             raise exc
-        return original(self, it)
+        return original(self, inputs, it)
 
     monkeypatch.setattr(Trainer, "step", step)
 

@@ -334,7 +334,7 @@ def train_monai_unet(cfg: Dict[str, Any], labeled, validation, device, num_class
     return {"last": net, "best_net": best_net, "best": best, "curve": curve}
 
 
-def run_job(job: Job, data: Data, device: torch.device, log=print) -> Dict[str, Any]:
+def run_job(job: Job, data: Data, device: torch.device, log=lambda m: print(m, flush=True)) -> Dict[str, Any]:
     split = C.split_train(data.splits["train"], job.budget, job.seed, data.validation_size)
     t0 = time.perf_counter()
     lab_subjects = data.get(split["labeled"])
@@ -360,8 +360,14 @@ def run_job(job: Job, data: Data, device: torch.device, log=print) -> Dict[str, 
         n_unl = len(unlabeled)
         tcfg = TrainConfig.from_dict({k: v for k, v in cfg.items()})
         events: List[Dict[str, Any]] = []
+        def on_progress(e: Dict[str, Any]) -> None:
+            if e.get("event") in ("validation", "warning"):
+                events.append(e)
+            if e.get("event") == "validation":
+                log(f"  {job.key}: iteration {e['iteration']}, validation mean Dice {e['mean_dice']}")
+
         trainer = Trainer(tcfg, labeled, unlabeled, data.num_classes, class_names=data.class_names, validation=validation,
-                          on_progress=lambda e: events.append(e) if e.get("event") in ("validation", "warning") else None)
+                          on_progress=on_progress)
         result = trainer.run()
         last = result.teacher
         best, curve = result.best, [(v["iteration"], v["mean_dice"]) for v in result.validation]
@@ -413,7 +419,8 @@ def _claim(results_path: Path, key: str) -> bool:
     return False
 
 
-def run_jobs(jobs: Sequence[Job], results: C.Results, data: Data, device: torch.device, shard=(0, 1), log=print) -> None:
+def run_jobs(jobs: Sequence[Job], results: C.Results, data: Data, device: torch.device, shard=(0, 1),
+             log=lambda m: print(m, flush=True)) -> None:
     done = results.done()
     mine = [j for i, j in enumerate(jobs) if i % shard[1] == shard[0]]
     todo = [j for j in mine if j.key not in done]

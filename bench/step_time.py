@@ -31,7 +31,7 @@ Variants (``--variants``; default all but ``fullres_grad``; ``all`` adds it):
   and every prototype set, masked sums by broadcasting at full resolution, one ``F.cosine_similarity`` per
   class): the kind of cost the issue measured (2.2× on the reference's own network).
 - ``mean_teacher_relu_inplace``, ``cpcl_relu_inplace`` (experiments, only when named): the same steps with the
-  network's out-of-place ``nn.ReLU()`` switched back to ``inplace=True`` (the engine before the change measured
+  network's ReLU (out of place while recording gradients) switched back to ``nn.ReLU(inplace=True)`` (the engine before the change measured
   in BENCHMARKS.md, "Engine changes").
 - ``fullres_grad``: what gradient-carrying CPCL would cost at full resolution (``ref_cpcl``'s full-resolution
   prototype maths without the detach and without the extra teacher pass): why the engine works at the
@@ -224,9 +224,13 @@ def build_runner(variant: str, patch, width: int, k: int, state: Dict[str, torch
     stability term weighted by λ(t))."""
     if variant.endswith("_relu_inplace"):
         r = build_runner(variant[: -len("_relu_inplace")], patch, width, k, state, norm, dropout, device)
-        for m in list(r.student.modules()) + list(r.teacher.modules()):
-            if isinstance(m, torch.nn.ReLU):
-                m.inplace = True
+        from CPCLSegmentLib.network import ReLU
+
+        for net in (r.student, r.teacher):
+            for parent in list(net.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, ReLU):
+                        setattr(parent, name, torch.nn.ReLU(inplace=True))
         return r
     method = {"supervised": "supervised", "mean_teacher": "mean_teacher"}.get(variant, "cpcl")
     over: Dict[str, Any] = {"norm": norm, "dropout": dropout, "device": str(device)}

@@ -31,7 +31,7 @@ def autocast_context(device: torch.device, enabled: bool):
     return torch.autocast(device.type, enabled=False)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_probabilities(
     net: nn.Module,
     image: np.ndarray,

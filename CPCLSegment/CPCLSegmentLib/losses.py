@@ -177,9 +177,13 @@ def backward_prototype_loss(
     return _nll(merged_log_probabilities(u2l_logits, class_known), target, sync)
 
 
-def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean-teacher consistency ``L_mt = MSE(softmax f_θ(X_u), softmax f_θ̃(X_u))`` (SSL4MIS / UA-MT)."""
-    return F.mse_loss(torch.softmax(as_float(student_logits), 1), torch.softmax(as_float(teacher_logits), 1))
+def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     teacher_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean-teacher consistency ``L_mt = MSE(softmax f_θ(X_u), softmax f_θ̃(X_u))`` (SSL4MIS / UA-MT);
+    ``teacher_probs``: the teacher's softmax when the caller has it already."""
+    if teacher_probs is None:
+        teacher_probs = torch.softmax(as_float(teacher_logits), 1)
+    return F.mse_loss(torch.softmax(as_float(student_logits), 1), teacher_probs)
 
 
 def sigmoid_rampup(step: float, length: float) -> float:
@@ -340,8 +344,9 @@ def cpcl_terms(student: nn.Module, teacher: nn.Module, x: StepInputs, cfg: Train
         terms["forward"] = forward_prototype_loss(l2u, logits_u if use_student else t_logits, valid_l, sync)
     else:
         terms["forward"] = logits_l.sum() * 0.0
+    t_probs = torch.softmax(t_logits, dim=1)  # P̃_u, shared by the backward and the mean-teacher term
     if cfg.use_backward:
-        conf, pseudo = torch.softmax(t_logits, dim=1).max(dim=1)
+        conf, pseudo = t_probs.max(dim=1)
         masks_u = feature_masks(pseudo, k, f_u.shape[2:], weights=conf if cfg.confidence_weighting else None, dtype=f_u.dtype)
         p_u, valid_u = masked_average_pooling(f_u, masks_u, cfg.per_sample_prototypes, sync)
         u2l = to_label_resolution(prototype_logits(f_l, p_u, valid_u, cfg.scale), size)
@@ -349,7 +354,7 @@ def cpcl_terms(student: nn.Module, teacher: nn.Module, x: StepInputs, cfg: Train
     else:
         terms["backward"] = logits_l.sum() * 0.0
     if cfg.mt_weight() > 0:
-        terms["consistency"] = consistency_loss(logits_u, t_logits)
+        terms["consistency"] = consistency_loss(logits_u, t_logits, t_probs)
     if paste is not None:
         terms.update(copy_paste_terms(logits_m, *paste, x.class_known, sync))
     return terms

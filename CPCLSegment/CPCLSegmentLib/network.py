@@ -33,13 +33,20 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
-class ConvStage(nn.Sequential):
-    """``n`` × (Conv3d 3³ → norm → ReLU).
+class ReLU(nn.Module):
+    """ReLU, in place only when no gradient is being recorded (inference, the teacher's pass).
 
-    ReLU is not in place: after instance norm (a view) an in-place ReLU makes autograd copy whole
-    activations back (CopySlices); out of place is 7-10 % faster on the CPU with 3 % less memory
-    (bench/step_time.py; BENCHMARKS.md, "Engine changes").
+    While training, in place would make autograd copy whole activations back after instance norm (a view:
+    CopySlices); out of place is 7-10 % faster on the CPU with 3 % less memory (bench/step_time.py;
+    BENCHMARKS.md, "Engine changes"). Without autograd, in place saves a write of every activation.
     """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) if torch.is_grad_enabled() else torch.relu_(x)
+
+
+class ConvStage(nn.Sequential):
+    """``n`` × (Conv3d 3³ → norm → ReLU)."""
 
     def __init__(self, n: int, c_in: int, c_out: int, norm: str) -> None:
         layers: List[nn.Module] = []
@@ -47,7 +54,7 @@ class ConvStage(nn.Sequential):
             layers += [
                 nn.Conv3d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=norm == "none"),
                 _norm(norm, c_out),
-                nn.ReLU(),
+                ReLU(),
             ]
         super().__init__(*layers)
 
@@ -56,7 +63,7 @@ class Down(nn.Sequential):
     """Conv3d(k=2, s=2) → norm → ReLU: halves each spatial size, changes channels."""
 
     def __init__(self, c_in: int, c_out: int, norm: str) -> None:
-        super().__init__(nn.Conv3d(c_in, c_out, 2, stride=2, bias=norm == "none"), _norm(norm, c_out), nn.ReLU())
+        super().__init__(nn.Conv3d(c_in, c_out, 2, stride=2, bias=norm == "none"), _norm(norm, c_out), ReLU())
 
 
 class Up(nn.Sequential):
@@ -64,7 +71,7 @@ class Up(nn.Sequential):
 
     def __init__(self, c_in: int, c_out: int, norm: str) -> None:
         super().__init__(
-            nn.ConvTranspose3d(c_in, c_out, 2, stride=2, bias=norm == "none"), _norm(norm, c_out), nn.ReLU()
+            nn.ConvTranspose3d(c_in, c_out, 2, stride=2, bias=norm == "none"), _norm(norm, c_out), ReLU()
         )
 
 

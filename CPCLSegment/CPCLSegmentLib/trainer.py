@@ -32,7 +32,7 @@ from .losses import LOSS_TERMS, StepInputs, read_terms, sigmoid_rampup, total_lo
 from .metrics import dice_per_class, nanmean
 from .modelfile import state_dict_cpu
 from .network import VNet
-from .prototypes import feature_masks
+from .prototypes import as_float, feature_masks
 from .settings import METHODS, TrainConfig  # noqa: F401  (TrainConfig is re-exported: ``trainer.TrainConfig``)
 from .teacher import make_teacher, update_teacher
 
@@ -390,9 +390,9 @@ def labeled_prototypes(
     num, den = None, None
     for i in range(n):
         b = sampler.sample(0, [i])
-        _, feats = net(torch.from_numpy(b.images).to(device))
-        feats = feats.float()
-        masks = feature_masks(torch.from_numpy(b.labels).to(device), num_classes, feats.shape[2:])
+        _, feats = net(torch.from_numpy(b.images).to(device, dtype=next(net.parameters()).dtype))
+        feats = as_float(feats)
+        masks = feature_masks(torch.from_numpy(b.labels).to(device), num_classes, feats.shape[2:], dtype=feats.dtype)
         nn_ = torch.einsum("bkdhw,bcdhw->kc", masks, feats)
         dn = masks.sum(dim=(0, 2, 3, 4))
         num = nn_ if num is None else num + nn_
