@@ -465,27 +465,28 @@ def write_segments(path: str, masks: Dict[str, np.ndarray], records: Sequence[Di
                    later_wins: bool = False, compression_level: int = 1) -> None:
     """Writes the masks (``(k, j, i)``, one per record, in the records' order) as a ``.seg.nrrd`` with the
     records' names, colours, IDs and terminology. ``later_wins``: one layer, a later segment overwrites an
-    earlier one where they overlap; otherwise overlapping segments go to separate layers."""
+    earlier one where they overlap; otherwise overlapping segments go to separate layers.
+
+    The layers are built and written in numpy's (k, j, i) order (no transposed copy of a large volume); each
+    segment's extent is the whole grid (what slicerio writes by default; Slicer accepts a larger extent)."""
+    import inspect
+
     import slicerio
 
-    shape_ijk = next(iter(masks.values())).shape[::-1] if masks else None
+    shape = next(iter(masks.values())).shape if masks else None
     layers: List[np.ndarray] = []
     segments = []
     value_in_layer: List[int] = []
-    written = [r for r in records if r["name"] in masks]
-    for record in written:
-        mask = masks[record["name"]].transpose(2, 1, 0)  # (k, j, i) -> slicerio's (i, j, k)
+    for record in [r for r in records if r["name"] in masks]:
+        mask = masks[record["name"]]
         if later_wins:
             layer = 0
-            if not layers:
-                layers.append(np.zeros(shape_ijk, dtype=np.uint8))
-                value_in_layer.append(0)
         else:
-            layer = next((n for n, lay in enumerate(layers) if not (lay[mask] > 0).any()), None)
-            if layer is None:
-                layers.append(np.zeros(shape_ijk, dtype=np.uint8))
-                value_in_layer.append(0)
-                layer = len(layers) - 1
+            layer = next((n for n, lay in enumerate(layers) if not lay[mask].any()), None)
+            layer = len(layers) if layer is None else layer
+        if layer == len(layers):
+            layers.append(np.zeros(shape, dtype=np.uint8))
+            value_in_layer.append(0)
         value_in_layer[layer] += 1
         value = value_in_layer[layer]
         if value > 255:
@@ -493,29 +494,31 @@ def write_segments(path: str, masks: Dict[str, np.ndarray], records: Sequence[Di
         layers[layer][mask] = value
         seg = {"id": record.get("id") or record.get("segment_id") or f"Segment_{len(segments) + 1}", "name": record["name"],
                "color": [float(c) for c in record.get("color", (0.5, 0.5, 0.5))][:3], "labelValue": value, "layer": layer,
-               "status": "completed"}
+               "status": "completed", "extent": [0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1]}
         term = record.get("terminology")
         if isinstance(term, dict):
             term = terminology_to_string(term)
         if term:
             seg["tags"] = {"TerminologyEntry": term}
         segments.append(seg)
-    for seg in segments:  # extents after every layer is final (a later segment may have overwritten voxels)
-        idx = np.nonzero(layers[seg["layer"]] == seg["labelValue"])
-        seg["extent"] = [int(v) for axis in range(3) for v in ((idx[axis].min(), idx[axis].max()) if idx[0].size else (0, -1))]
     if not layers:
-        if shape_ijk is None:
+        if shape is None:
             raise InputError(f"nothing to write to {path}: no segment")
-        layers.append(np.zeros(shape_ijk, dtype=np.uint8))
-    voxels = layers[0] if len(layers) == 1 else np.stack(layers)
-    slicerio.write_segmentation(str(path), {
-        "voxels": np.ascontiguousarray(voxels),
+        layers.append(np.zeros(shape, dtype=np.uint8))
+    # numpy (k, j, i) [, layer] in C order is NRRD's ([layer,] i, j, k): written as it is
+    voxels = layers[0] if len(layers) == 1 else np.stack(layers, axis=-1)
+    header = {
         "ijkToLPS": RAS_TO_LPS @ np.asarray(ijk_to_ras, dtype=float),
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
         "referenceImageExtentOffset": [0, 0, 0],
-    }, compression_level=compression_level)
+    }
+    if "index_order" in inspect.signature(slicerio.write_segmentation).parameters:
+        slicerio.write_segmentation(str(path), dict(header, voxels=voxels), compression_level=compression_level, index_order="C")
+    else:  # older slicerio: ([layer,] i, j, k) arrays in Fortran order
+        voxels = voxels.transpose(2, 1, 0) if voxels.ndim == 3 else voxels.transpose(3, 2, 1, 0)
+        slicerio.write_segmentation(str(path), dict(header, voxels=np.ascontiguousarray(voxels)), compression_level=compression_level)
 
 
 def export_segmentation(volume_node: Any, segmentation_node: Any, names: Sequence[str], path: str,
@@ -766,7 +769,7 @@ def check_inputs(labeled: Sequence[Any], segments: Optional[Sequence[str]] = Non
         available = segment_names(case.segmentation)
         masks = segment_masks(case.volume, case.segmentation, names)  # the one rasterisation of this case
         res.rasterised += 1
-        counts = {name: int(m.sum()) for name, m in masks.items()}
+        counts = {name: int(np.count_nonzero(m)) for name, m in masks.items()}
         res.counts[label] = counts
         for name in masks:
             if name not in res.records:
@@ -784,6 +787,13 @@ def check_inputs(labeled: Sequence[Any], segments: Optional[Sequence[str]] = Non
                 else:
                     res.warnings.append(f"segment '{name}' is empty in '{node_name(case.segmentation)}': treated as {what}")
         present = [nm for nm in names if counts.get(nm)]
+        if len(present) > 1:  # one pass to see whether anything overlaps at all; pairs only then
+            layered = np.zeros(masks[present[0]].shape, dtype=np.uint8)
+            for nm in present:
+                layered += masks[nm]
+            if not (layered > 1).any():
+                present = []
+            del layered
         for i, a in enumerate(present):
             for b in present[i + 1:]:
                 both = int(np.count_nonzero(masks[a] & masks[b]))
