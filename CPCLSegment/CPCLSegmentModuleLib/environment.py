@@ -49,16 +49,20 @@ class Requirement:
 
 def load_requirements(path: str = REQUIREMENTS) -> List[Requirement]:
     """``name<spec>`` lines (comments, blank lines and pip options skipped), like ``slicer.packaging.load_requirements``."""
-    out = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if not line or line.startswith("-"):
-                continue
-            m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$", line)
-            if not m:
-                raise ValueError(f"{path}: cannot read requirement {line!r}")
-            out.append(Requirement(m.group(1), m.group(2).replace(" ", "")))
+        return load_requirements_from_lines(f, path)
+
+
+def load_requirements_from_lines(lines: Sequence[str], where: str = "requirements") -> List[Requirement]:
+    out = []
+    for line in lines:
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()  # comments and environment markers
+        if not line or line.startswith("-"):
+            continue
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$", line)
+        if not m:
+            raise ValueError(f"{where}: cannot read requirement {line!r}")
+        out.append(Requirement(m.group(1), m.group(2).replace(" ", "")))
     return out
 
 
