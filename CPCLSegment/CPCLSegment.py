@@ -369,7 +369,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refresh(self, *args) -> None:
         """Shows the controller's state: enabled / visible flags, texts, progress, tables, settings."""
         c = self.controller
-        if c is None or self._updating:
+        if c is None or self._updating or c.closing:
             return
         node = c.node
         if node is not self._observed:  # re-observe after a scene close or load

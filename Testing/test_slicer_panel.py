@@ -207,6 +207,7 @@ def test_closing_the_scene_while_jobs_run_keeps_the_model_and_drops_stale_result
     seg_job = c.segment()
     seg_dir = seg_job.work_dir
     scene.Clear(0)  # File > Close scene while both run
+    assert not c.closing and c.cases() == []  # the new scene's defaults (nothing in it)
     assert c.jobs["segment"] is None and seg_job in c._discarded
     assert any("training continues" in line for line in c.log)
     wait_for(c, "train")

@@ -140,9 +140,14 @@ class PanelController:
     # ------------------------------------------------------------------------------ parameter node
 
     @property
+    def closing(self) -> bool:
+        """True between the scene's StartCloseEvent and EndCloseEvent (the widget does not redraw then)."""
+        return self._closing
+
+    @property
     def node(self) -> Any:
         node = parameter_node(self.scene)
-        if node.GetParameter("Initialized") != "1":
+        if node.GetParameter("Initialized") != "1" and not self._closing:  # no defaults from a half-closed scene
             self._initialize(node)
         return node
 
