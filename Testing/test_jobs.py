@@ -147,3 +147,49 @@ def test_a_missing_interpreter_is_a_clear_error(tmp_path):
     with pytest.raises(jobs.JobError, match="cannot start the training process"):
         job.wait(timeout=10)
     assert job.status == "failed" and job.finished and not os.path.exists(job.temp_dir)
+
+
+def test_a_job_collects_its_result_once_and_removes_its_work_folder(tmp_path):
+    """What the Slicer core's Run did, now Job's: result() turns the done event into the caller's result once
+    (importing nodes there, on the calling thread) and removes the job's work folder unless told to keep it."""
+    work = tmp_path / "run"
+    work.mkdir()
+    calls = []
+    job = jobs.probe_job(env=one_thread_env())
+    job.work_dir, job._collect = str(work), lambda j: calls.append(j.done["python"]) or "collected"
+    assert job.start().wait(timeout=120) == "collected" and job.result() == "collected" and len(calls) == 1
+    assert not work.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    job = jobs.Job(["probe"], env=one_thread_env(), module="CPCLSegmentLib.jobs", work_dir=str(kept), keep_work_dir=lambda j: True)
+    assert "--progress" not in job.command()  # only the CLI gets the CLI's flags
+    assert job.wait(timeout=120)["event"] == "done" and kept.exists()
+    running = jobs.Job(["probe"], env=one_thread_env(), module="CPCLSegmentLib.jobs")
+    with pytest.raises(RuntimeError, match="has not finished"):
+        running.result()
+
+
+def test_the_child_reports_torch_and_reads_model_files(tmp_path):
+    import torch
+
+    done = jobs.probe_job(env=one_thread_env()).start().wait(timeout=120)
+    assert done["torch"]["version"] == torch.__version__ and done["torch"]["threads"] >= 1
+    assert done["torch"]["cuda"] == [] or torch.cuda.is_available()
+    bad = tmp_path / "not a model.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(jobs.JobError) as err:
+        jobs.model_info_job(str(bad), env=one_thread_env()).start().wait(timeout=120)
+    assert err.value.exit_code == 2 and "not a model.pt" in str(err.value)
+
+
+def test_installed_versions_come_from_metadata_without_importing():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from CPCLSegmentLib import jobs; "
+            "v = jobs.installed_versions(['torch', 'PyYAML', 'pyyaml', 'no-such-package']); "
+            "print(v['torch'] is not None, v['pyyaml'] is not None, v['no-such-package'], 'torch' in sys.modules)")
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "CPCLSegment")], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "None", "False"]

@@ -7,7 +7,6 @@ new segmentation node, which is checked against the CLI's own prediction of the 
 Skipped where slicer-core is not installed (it needs Python >= 3.10).
 """
 
-import hashlib
 import os
 import sys
 import time
@@ -22,68 +21,15 @@ vtk = pytest.importorskip("vtk")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CPCLSegment"))
 
-import CPCLSegmentLogicCore as core  # noqa: E402
+from CPCLSegmentModuleLib import core  # noqa: E402
 from CPCLSegmentLib import io as cio  # noqa: E402
 from CPCLSegmentLib.errors import Cancelled, InputError  # noqa: E402
 
-from conftest import COARSE_SPACING, LUNGS, child_env  # noqa: E402
+from conftest import LUNGS  # noqa: E402
+
+from slicer_scene import TINY, fingerprint, load_segmentation, load_volume, new_scene, one_thread_env, ras_matrix_of  # noqa: E402
 
 pytestmark = pytest.mark.slicer
-def one_thread_env():
-    """The child's environment with one torch thread (stable timings on a shared 2-core machine)."""
-    return dict(child_env(), OMP_NUM_THREADS="1")
-
-
-TINY = dict(iterations=20, width=4, spacing=list(COARSE_SPACING), patch_size=[64, 64, 16], device="cpu", seed=0)
-
-
-def new_scene():
-    slicer.mrmlScene = slicer.vtkMRMLScene()
-    return slicer.mrmlScene
-
-
-def load_volume(scene, path, name="CTChest"):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
-def load_segmentation(scene, path, name="Segmentation", volume=None):
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
-    node.CreateDefaultDisplayNodes()
-    if volume is not None:
-        node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    return node
-
-
-def fingerprint(volume, segmentation):
-    """Hash of everything a run must not change: voxels, geometry, transform, segments and their voxels."""
-    from vtk.util import numpy_support
-
-    h = hashlib.sha256()
-    h.update(core.volume_array(volume).tobytes())
-    h.update(core.matrix_to_array(core.world_ijk_to_ras(volume)).tobytes())
-    h.update(str(volume.GetParentTransformNode() and volume.GetParentTransformNode().GetID()).encode())
-    for sid in core.segment_ids(segmentation):
-        seg = segmentation.GetSegmentation().GetSegment(sid)
-        h.update(f"{sid}|{seg.GetName()}|{seg.GetColor()}".encode())
-        image = slicer.vtkOrientedImageData()
-        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation, sid, image, False)
-        h.update(str(image.GetExtent()).encode())
-        if image.GetPointData().GetScalars() is not None:
-            h.update(numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).tobytes())
-    return h.hexdigest()
-
-
-def ras_matrix_of(image):
-    """IJK-to-RAS of a SimpleITK image (LPS)."""
-    return core.RAS_TO_LPS @ cio.ijk_to_lps_matrix(image)
 
 
 @pytest.fixture
@@ -253,7 +199,7 @@ def test_overlapping_segments_are_refused_before_training(chest):
     res = core.check_inputs([(volume, segmentation)], ["left lung", "lung copy"], [])
     assert not res.ok and "'left lung' and 'lung copy' overlap" in res.errors[0] and "33700 voxels" in res.errors[0]
     with pytest.raises(InputError, match="overlap"):
-        core.LogicCore(scene).start_training([(volume, segmentation)], [], ["left lung", "lung copy"], core.TrainSettings(**TINY))
+        core.LogicCore(scene).start_training([(volume, segmentation)], [], ["left lung", "lung copy"], **TINY)
 
 
 def test_training_plot_fills_tables_and_a_chart():
@@ -290,21 +236,26 @@ def trained_in_scene(tmp_path_factory, ct_path, seg_path):
 
 
 def test_train_through_the_logic_core(trained_in_scene):
-    scene, volume, segmentation, logic, model, events, before = trained_in_scene
+    scene, volume, segmentation, logic, node, events, before = trained_in_scene
+    assert core.is_model_node(node) and scene.GetNodeByID(node.GetID()) is node  # the model is a scene node
+    model = logic.model_file(node)
     assert os.path.isfile(model) and [e["event"] for e in events].count("progress") == 20
     run_dir = os.path.dirname(model)
     assert not os.path.exists(os.path.join(run_dir, "inputs"))  # exported inputs removed once training completed
     assert not os.path.exists(model + ".checkpoint.pt")
-    record = logic.model_record(model)
+    record = logic.inspect_model(model).wait()  # read by a child process (no torch in this one)
     assert [c["name"] for c in record["classes"]] == ["background"] + LUNGS
     assert record["classes"][2]["color"] == pytest.approx([0.772549, 0.0980392, 0.388235], abs=1e-6)
+    stored = core.model_classes_of(node)  # what the node carries for the panel (no child needed)
+    assert [c["name"] for c in stored] == ["background"] + LUNGS and stored[2]["color"] == pytest.approx(record["classes"][2]["color"])
     assert fingerprint(volume, segmentation) == before
 
 
 def test_segment_creates_a_new_node_matching_the_cli(trained_in_scene, tmp_path):
-    scene, volume, segmentation, logic, model, _, before = trained_in_scene
+    scene, volume, segmentation, logic, node, _, before = trained_in_scene
+    model = logic.model_file(node)
     n_segs = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-    node = logic.segment(model, volume)
+    node = logic.segment(node, volume)
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == n_segs + 1
     assert node.GetName().startswith("CTChest segmentation") and node is not segmentation
     assert core.segment_names(node) == LUNGS
@@ -383,14 +334,16 @@ def test_stop_keeps_the_model_and_resume_completes_it(chest, tmp_path):
             run.stop()
         time.sleep(0.05)
     model = run.result()
-    assert run.status == "stopped" and os.path.isfile(model) and logic.can_resume(run.run_dir)
-    assert os.path.isdir(os.path.join(run.run_dir, "inputs"))  # kept for resume
-    resumed = logic.resume_training(run.run_dir)
+    assert run.status == "stopped" and core.is_model_node(model) and logic.can_resume(run.work_dir)
+    assert core.model_summary(model)["status"] == "stopped"
+    assert os.path.isdir(os.path.join(run.work_dir, "inputs"))  # kept for resume
+    resumed = logic.resume_training(run.work_dir)
     events = []
-    assert resumed.wait(events.append) == model
+    assert resumed.wait(events.append) is model  # the same model node, now holding the finished model
+    assert core.model_summary(model)["status"] == "completed"
     progress = [e["iteration"] for e in events if e["event"] == "progress"]
     assert progress[-1] == 40 and progress[0] > 1  # continued, not restarted
-    assert not logic.can_resume(run.run_dir) and not os.path.exists(os.path.join(run.run_dir, "inputs"))
+    assert not logic.can_resume(run.work_dir) and not os.path.exists(os.path.join(run.work_dir, "inputs"))
 
 
 def test_cancel_leaves_no_model_no_node_and_no_files(chest, tmp_path):
@@ -399,7 +352,7 @@ def test_cancel_leaves_no_model_no_node_and_no_files(chest, tmp_path):
     logic = core.LogicCore(scene, env=one_thread_env(), work_root=str(work))
     nodes = scene.GetNumberOfNodes()
     run = logic.train([(volume, segmentation)], [volume], LUNGS, wait=False, **dict(TINY, iterations=5000))
-    assert os.listdir(work) == [os.path.basename(run.run_dir)]  # inputs exported; the child is starting up
+    assert os.listdir(work) == [os.path.basename(run.work_dir)]  # inputs exported; the child is starting up
     t0 = time.time()  # (test_jobs.py cancels a child in the middle of training)
     run.cancel()
     with pytest.raises(Cancelled):
@@ -408,14 +361,13 @@ def test_cancel_leaves_no_model_no_node_and_no_files(chest, tmp_path):
     assert os.listdir(work) == [] and scene.GetNumberOfNodes() == nodes
 
 
-def test_compute_backend_and_settings_are_explained():
-    text, warning = core.compute_backend()
-    import torch
-
-    if not torch.cuda.is_available():
-        assert text.startswith("CPU (") and "threads" in text
-        assert warning is None or "cannot use it" in warning  # only when an NVIDIA GPU is present
-    with pytest.raises(TypeError, match="unknown training setting.*'iteration'"):
-        core.TrainSettings.from_kwargs(iteration=3)
-    assert core.TrainSettings(lambda_max=0.2, lr=0.001).config_overrides() == {"lambda_max": 0.2}
+def test_keyword_settings_are_module_settings_or_train_config_fields():
+    module, engine = core.split_settings({"device": "cpu", "later_wins": True, "lr": 1e-3, "iterations": 5})
+    assert module["device"] == "cpu" and module["later_wins"] and engine == {"lr": 1e-3, "iterations": 5}
+    with pytest.raises(InputError, match=r"unknown training setting.*: iteration \(.*engine settings:.*iterations"):
+        core.split_settings({"iteration": 3})
+    assert core.train_config({"lambda_max": 0.2, "lr": 3e-3}) == {"lambda_max": 0.2, "minutes": core.DEFAULT_MINUTES}  # lr default
+    assert core.train_config({"iterations": 20, "patch_size": [64, 64, 16]}) == {"iterations": 20, "patch_size": [16, 64, 64]}
+    with pytest.raises(InputError, match="lr must be a finite number"):
+        core.train_config({"lr": -1.0})
     assert core.format_seconds(5) == "5 s" and core.format_seconds(125) == "2 min 05 s" and core.format_seconds(None) == "?"

@@ -3,8 +3,11 @@ the module code uses exists (with the class the code expects). Utilities/render_
 with a real Qt binding and renders Resources/Screenshots/panel.png."""
 
 import re
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 UI = ROOT / "CPCLSegment" / "Resources" / "UI" / "CPCLSegment.ui"
@@ -84,32 +87,74 @@ def test_every_ui_name_used_by_the_module_exists_with_the_expected_class():
         assert widgets[name] == "QTableWidget"
 
 
-def test_settings_start_collapsed_and_defaults_match_the_logic():
-    import sys
+def _prop(widget_name, prop_name):
+    for w in _tree().iter("widget"):
+        if w.get("name") == widget_name:
+            for p in w.findall("property"):
+                if p.get("name") == prop_name:
+                    return next(iter(p)).text
+    return None
 
+
+def _setting_widgets():
+    """(widget name, class, setting name, index) of every widget bound to a setting by its cpclSetting property."""
+    out = []
+    for w in _tree().iter("widget"):
+        props = {p.get("name"): p for p in w.findall("property")}
+        if "cpclSetting" in props:
+            assert props["cpclSetting"].get("stdset") == "0", "cpclSetting must be a dynamic property (stdset=0)"
+            index = int(props["cpclIndex"].findtext("number")) if "cpclIndex" in props else 0
+            out.append((w.get("name"), w.get("class"), props["cpclSetting"].findtext("string"), index))
+    return out
+
+
+def test_settings_start_collapsed():
+    assert _prop("settingsCollapsibleButton", "collapsed") == "true"
+    assert _prop("advancedGroupBox", "collapsed") == "true"
+
+
+def test_every_bound_widget_names_a_setting_and_shows_its_default():
+    """The panel binds widgets to settings by name (TrainConfig fields or the panel's own); each widget's value
+    in the .ui file is that setting's default, and a combo box lists exactly the setting's choices."""
+    pytest.importorskip("slicer", reason="slicer-core is not installed (Python >= 3.10)")
     sys.path.insert(0, str(ROOT / "CPCLSegment"))
-    root = _tree()
+    from CPCLSegmentModuleLib.panel import PanelController
 
-    def prop(widget_name, prop_name):
-        for w in root.iter("widget"):
-            if w.get("name") == widget_name:
-                for p in w.findall("property"):
-                    if p.get("name") == prop_name:
-                        return next(iter(p)).text
-        return None
-
-    assert prop("settingsCollapsibleButton", "collapsed") == "true"
-    assert prop("advancedGroupBox", "collapsed") == "true"
-    from CPCLSegmentLib.trainer import TrainConfig
-
-    defaults = TrainConfig()
-    assert float(prop("lambdaSpinBox", "value")) == defaults.lambda_max
-    assert float(prop("betaSpinBox", "value")) == defaults.beta
-    assert float(prop("rampUpSpinBox", "value")) == defaults.rampup
-    assert float(prop("lrSpinBox", "value")) == defaults.lr
-    assert int(prop("iterationsSpinBox", "value")) == 300
-    assert [i.findtext("property/string") for i in next(w for w in root.iter("widget") if w.get("name") == "deviceComboBox").findall("item")] \
+    bound = _setting_widgets()
+    names = {s for _, _, s, _ in bound}
+    assert {"minutes", "iterations", "length_mode", "lambda_max", "beta", "rampup", "lr", "method", "patch_size", "device",
+            "later_wins"} <= names
+    for widget, cls, setting, index in bound:
+        assert PanelController.is_setting(setting), f"{widget}: {setting!r} is neither a TrainConfig field nor a panel setting"
+        default = PanelController.default(setting)
+        if isinstance(default, list) or setting == "patch_size":
+            default = default[index] if default else 0  # X Y Z; None (planned) shows as 0, "auto"
+        if cls in ("QSpinBox", "QDoubleSpinBox"):
+            value = _prop(widget, "value")
+            assert float(value or 0) == pytest.approx(float(default)), f"{widget} shows {value}, the default of {setting} is {default}"
+        elif cls == "QCheckBox":
+            assert (_prop(widget, "checked") == "true") == bool(default), widget
+        elif cls == "QComboBox":
+            items = [i.findtext("property/string") for i in next(w for w in _tree().iter("widget") if w.get("name") == widget).findall("item")]
+            choices = list(PanelController.choices(setting))
+            assert len(items) == len(choices), f"{widget} lists {items}, {setting} has the choices {choices}"
+            assert choices.index(default) == 0, f"{widget}: the default {default!r} must be the first item"
+    assert [i.findtext("property/string") for i in next(w for w in _tree().iter("widget") if w.get("name") == "deviceComboBox").findall("item")] \
         == ["auto", "CPU", "GPU (CUDA)", "Apple GPU (MPS)"]
+
+
+def test_every_name_the_panel_view_sets_is_a_widget():
+    pytest.importorskip("slicer", reason="slicer-core is not installed (Python >= 3.10)")
+    sys.path.insert(0, str(ROOT / "CPCLSegment"))
+    import slicer
+    from CPCLSegmentModuleLib import core, panel
+
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    view = panel.PanelController(core.LogicCore(slicer.mrmlScene), observe=False).view()
+    widgets = _widgets()
+    for group in (view.enabled, view.visible, view.text, view.progress):
+        missing = sorted(set(group) - set(widgets))
+        assert not missing, f"the panel view sets widgets missing from the .ui file: {missing}"
 
 
 def test_ui_file_loads_in_a_real_qt_binding(tmp_path):

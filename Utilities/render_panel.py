@@ -106,7 +106,12 @@ def fill_demo_state(w) -> None:
         assert child is not None, f"{name} ({cls.__name__}) not found in the .ui file"
         return child
 
+    from PySide6.QtWidgets import QSpinBox
+
     find(QLabel, "backendLabel").setText("Compute: CUDA GPU: NVIDIA GeForce RTX 3070 (8 GB)")
+    iterations = w.findChild(QSpinBox, "iterationsSpinBox")  # absent while "Training settings" is drawn collapsed
+    if iterations is not None:
+        iterations.hide()  # "Train for N minutes" is the default; iterations are for experts
     find(QPushButton, "installButton").hide()
     cases = find(QTableWidget, "casesTable")
     cases.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
@@ -144,6 +149,7 @@ def fill_demo_state(w) -> None:
     find(QPushButton, "trainButton").setEnabled(False)
     find(QPushButton, "resumeButton").setEnabled(False)
     find(QLabel, "modelInfoLabel").setText("No model yet: train one or load a model file.")
+    find(QPushButton, "showPlotButton").setEnabled(True)
     for name in ("saveModelButton", "segmentButton", "cancelSegmentButton"):
         find(QPushButton, name).setEnabled(False)
     seg_bar = find(QProgressBar, "segmentProgressBar")

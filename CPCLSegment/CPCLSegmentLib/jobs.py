@@ -21,12 +21,22 @@ package's parent folder, so the engine is importable wherever the extension is i
   (psutil: children first, then the parent, so the launcher's child is not orphaned).
 - An ``error`` event or a non-zero exit code becomes ``job.error`` (a one-line message).
 - The job's temporary folder (stop file) is removed when the job has finished.
+- ``result()`` (after the job finished; ``wait()`` returns it): what ``collect(job)`` makes of the CLI's
+  ``done`` event (the Slicer module imports result files into new nodes there, on the calling thread), or
+  the ``done`` event itself; raises like ``outcome()``. A ``work_dir`` handed to the job (exported inputs,
+  results) is removed then, unless ``keep_work_dir(job)`` says to keep it.
+
+``python -m CPCLSegmentLib.jobs probe`` and ``... model-info MODEL`` (run as a job with
+``module="CPCLSegmentLib.jobs"``) answer, in a child process, what the Slicer GUI process must not find out
+itself because it would import torch there: the PyTorch build, GPUs (``torch.cuda``; ``nvidia-smi``) and
+package versions, and what a model file holds.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import queue
 import shutil
 import signal
@@ -104,23 +114,37 @@ class Job:
         extra_env: variables added to it (e.g. ``{"CUDA_VISIBLE_DEVICES": "-1"}``).
         name: shown in messages ("training", "segmentation", ...).
         log_lines: how many log lines ``job.log`` keeps.
+        module: the module the child runs (``python -m``); the CLI's progress / stop / parent flags are
+            appended only for ``CPCLSegmentLib.cli``.
+        work_dir: a folder that belongs to this job (exported inputs, results); removed by ``result()``
+            unless ``keep_work_dir(job)`` returns True.
+        collect: ``collect(job)`` turns a finished job into its result (called once, by ``result()``).
     """
 
     def __init__(self, args: Sequence[Any], python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-                 extra_env: Optional[Dict[str, str]] = None, name: str = "cpcl-segment", log_lines: int = 2000) -> None:
+                 extra_env: Optional[Dict[str, str]] = None, name: str = "cpcl-segment", log_lines: int = 2000,
+                 module: str = "CPCLSegmentLib.cli", work_dir: Optional[str] = None,
+                 collect: Optional[Callable[["Job"], Any]] = None,
+                 keep_work_dir: Optional[Callable[["Job"], bool]] = None) -> None:
         self.args = [str(a) for a in args]
         if not self.args:
             raise ValueError("Job needs a cpcl-segment subcommand")
         self.python = python or default_python()
         self.env = child_environment(env, extra_env)
         self.name = name
+        self.module = module
+        self.work_dir = work_dir
+        self._collect = collect
+        self._keep_work_dir = keep_work_dir
+        self._collected = False
+        self._collected_value: Any = None
         self.temp_dir = tempfile.mkdtemp(prefix="cpcl-job-")
         self.stop_file = os.path.join(self.temp_dir, "stop")
         self.proc: Optional[subprocess.Popen] = None
         self.status = "created"  # created | running | done | stopped | cancelled | failed
         self.exit_code: Optional[int] = None
         self.error: Optional[str] = None
-        self.result: Optional[Event] = None  # the CLI's "done" event
+        self.done: Optional[Event] = None  # the CLI's "done" event
         self.last_progress: Optional[Event] = None
         self.warnings: List[str] = []
         self.log: Deque[str] = deque(maxlen=log_lines)
@@ -136,7 +160,9 @@ class Job:
     # ------------------------------------------------------------------------------------- running
 
     def command(self) -> List[str]:
-        return [self.python, "-m", "CPCLSegmentLib.cli", *self.args,
+        if self.module != "CPCLSegmentLib.cli":
+            return [self.python, "-m", self.module, *self.args]
+        return [self.python, "-m", self.module, *self.args,
                 "--progress", "json", "--exit-with-parent", "--stop-file", self.stop_file]
 
     def start(self) -> "Job":
@@ -218,7 +244,7 @@ class Job:
         elif kind == "warning":
             self.warnings.append(str(event.get("message", "")))
         elif kind == "done":
-            self.result = event
+            self.done = event
         elif kind == "error":
             self.error = str(event.get("message", "unknown error"))
         if kind == "log":
@@ -234,7 +260,7 @@ class Job:
             self.status = "cancelled"
             self.error = None
         elif code == 0:
-            self.status = "stopped" if (self.result or {}).get("status") == "stopped" else "done"
+            self.status = "stopped" if (self.done or {}).get("status") == "stopped" else "done"
         elif code == CANCELLED_EXIT_CODE or (not _WINDOWS and code < 0):
             self.status = "cancelled"
             self.error = self.error or "cancelled"
@@ -249,8 +275,11 @@ class Job:
         return {"event": "finished", "status": self.status, "exit_code": code, "error": self.error,
                 "seconds": round(self.ended_at - (self.started_at or self.ended_at), 2)}
 
-    def wait(self, on_event: Optional[Callable[[Event], None]] = None, timeout: Optional[float] = None) -> Event:
-        """Blocks until the job ends, passing every event to ``on_event``; returns the CLI's ``done`` event.
+    def wait(self, on_event: Optional[Callable[[Event], None]] = None, timeout: Optional[float] = None,
+             tick: Optional[Callable[[], None]] = None) -> Any:
+        """Blocks until the job ends, passing every event to ``on_event``; returns ``result()`` (the CLI's
+        ``done`` event when no ``collect`` was given). ``tick()`` is called at least twice a second (Slicer's
+        console keeps its window painted with it).
 
         Raises ``errors.Cancelled`` when cancelled, ``JobError`` (with the child's message) when it failed,
         and ``TimeoutError`` after ``timeout`` seconds (the job keeps running).
@@ -262,14 +291,16 @@ class Job:
             remaining = None if deadline is None else max(0.0, deadline - time.time())
             if remaining == 0.0:
                 raise TimeoutError(f"the {self.name} job is still running after {timeout} s")
+            if tick is not None:
+                tick()
             try:
-                event = self._queue.get(timeout=0.5 if remaining is None else min(0.5, remaining))
+                event = self._queue.get(timeout=(0.5 if tick is None else 0.1) if remaining is None else min(0.5, remaining))
             except queue.Empty:
                 continue
             for e in self._handle(event):
                 if on_event is not None:
                     on_event(e)
-        return self.outcome()
+        return self.result()
 
     def outcome(self) -> Event:
         """The ``done`` event of a finished job; raises like ``wait``."""
@@ -277,7 +308,27 @@ class Job:
             raise Cancelled(f"{self.name} was cancelled")
         if self.status == "failed":
             raise JobError(self.error or f"{self.name} failed", self.exit_code or 1)
-        return self.result or {}
+        return self.done or {}
+
+    def result(self) -> Any:
+        """After the job has finished: ``collect(job)`` (once; its value is kept) or the ``done`` event.
+
+        Raises like ``outcome()`` when the job failed or was cancelled. The job's ``work_dir`` is removed
+        the first time, unless ``keep_work_dir(job)`` keeps it.
+        """
+        if not self.finished:
+            raise RuntimeError(f"the {self.name} job has not finished")
+        if not self._collected:
+            self._collected = True
+            try:
+                done = self.outcome()
+                self._collected_value = self._collect(self) if self._collect is not None else done
+            finally:
+                if self.work_dir and not (self._keep_work_dir is not None and self._keep_work_dir(self)):
+                    shutil.rmtree(self.work_dir, ignore_errors=True)
+        else:
+            self.outcome()
+        return self._collected_value
 
     # ------------------------------------------------------------------------------- stop / cancel
 
@@ -380,3 +431,112 @@ def _parse_event(line: str) -> Optional[Event]:
 def run(args: Sequence[Any], on_event: Optional[Callable[[Event], None]] = None, **kwargs: Any) -> Event:
     """Runs one CLI command to the end (blocking) and returns its ``done`` event."""
     return Job(args, **kwargs).start().wait(on_event)
+
+
+# ------------------------------------------------------------------------------- child-side queries
+
+
+def probe_job(python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> Job:
+    """A job whose ``done`` event is ``probe_environment()`` as seen by the child's Python."""
+    return Job(["probe"], python=python, env=env, name="environment check", module="CPCLSegmentLib.jobs")
+
+
+def model_info_job(model: str, python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> Job:
+    """A job whose ``done`` event is ``model_info(model)`` (reads the model file in the child)."""
+    return Job(["model-info", model], python=python, env=env, name="model check", module="CPCLSegmentLib.jobs")
+
+
+def nvidia_gpus(timeout: float = 5.0) -> Optional[List[Dict[str, Any]]]:
+    """GPUs the NVIDIA driver reports (``nvidia-smi``), or None when there is no driver / tool."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,memory.free,driver_version", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    gpus = []
+    for line in out.stdout.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            try:
+                gpus.append({"name": parts[0], "memory_gb": float(parts[1]) / 1024, "free_gb": float(parts[2]) / 1024, "driver": parts[3]})
+            except ValueError:
+                continue
+    return gpus
+
+
+def installed_versions(distributions: Sequence[str]) -> Dict[str, Optional[str]]:
+    """Installed version of each distribution (package metadata only: nothing is imported)."""
+    from importlib import metadata
+
+    out: Dict[str, Optional[str]] = {}
+    for dist in distributions:
+        version = None
+        for candidate in (dist, dist.lower(), dist.replace("-", "_"), dist.lower().replace("_", "-")):
+            try:
+                version = metadata.version(candidate)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        out[dist] = version
+    return out
+
+
+def probe_environment() -> Dict[str, Any]:
+    """What the child's Python computes on: PyTorch build and version, CUDA / MPS devices, NVIDIA driver."""
+    info: Dict[str, Any] = {"python": platform.python_version(), "nvidia": nvidia_gpus()}
+    try:
+        import torch
+    except Exception as e:  # not installed, or broken
+        info["torch"] = {"error": f"{type(e).__name__}: {e}"}
+        return info
+    t: Dict[str, Any] = {"version": torch.__version__, "cuda_build": getattr(torch.version, "cuda", None),
+                         "threads": torch.get_num_threads(), "cuda": [], "mps": False}
+    try:
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(i)
+                t["cuda"].append({"name": props.name, "memory_gb": props.total_memory / 2**30})
+        mps = getattr(torch.backends, "mps", None)
+        t["mps"] = bool(mps is not None and mps.is_available())
+    except Exception as e:
+        t["gpu_error"] = f"{type(e).__name__}: {e}"
+    info["torch"] = t
+    return info
+
+
+def model_info(path: str) -> Dict[str, Any]:
+    """What a model file holds, without its weights (raises ``ModelFileError`` on a bad file)."""
+    from .modelfile import load_model
+
+    record = load_model(str(path))
+    training = record.get("training") or {}
+    return {"classes": [{k: v for k, v in c.items()} for c in record["classes"]], "network": record.get("network"),
+            "patch_size": record.get("patch_size"), "spacing": record.get("spacing"), "engine_version": record.get("engine_version"),
+            "method": training.get("method"), "status": training.get("status"), "iterations": training.get("iterations"),
+            "best": record.get("best")}
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``python -m CPCLSegmentLib.jobs probe | model-info MODEL``: one JSON ``done`` (or ``error``) line."""
+    try:
+        if list(argv[:1]) == ["probe"]:
+            payload = probe_environment()
+        elif len(argv) == 2 and argv[0] == "model-info":
+            payload = model_info(argv[1])
+        else:
+            print(json.dumps({"event": "error", "message": "usage: python -m CPCLSegmentLib.jobs probe | model-info MODEL"}))
+            return 2
+    except CPCLError as e:
+        print(json.dumps({"event": "error", "message": str(e), "exit_code": e.exit_code}), flush=True)
+        return e.exit_code
+    print(json.dumps({"event": "done", **payload}, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

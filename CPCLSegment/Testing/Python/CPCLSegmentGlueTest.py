@@ -1,8 +1,9 @@
 """In-Slicer check of the Qt-free logic core (run by ctest: ``Slicer --testing``; seconds, no training).
 
-The same functions are tested with pytest against slicer-core (Testing/test_slicer_glue.py); this test makes
-sure the running Slicer (5.8 or later) has every API they use and that a labeled case exported for the
-engine reads back identically.
+The same functions are tested with pytest against slicer-core (Testing/test_slicer_glue.py,
+Testing/test_slicer_panel.py); this test makes sure the running Slicer (5.8 or later) has every API they use,
+that a labeled case exported for the engine reads back identically, that the panel's controller works on
+the application's scene, and that entering the module did not import torch into Slicer's process.
 """
 
 import os
@@ -17,7 +18,7 @@ class CPCLSegmentGlueTest(unittest.TestCase):
         slicer.mrmlScene.Clear()
 
     def test_slicer_has_every_api_the_core_uses(self):
-        import CPCLSegmentLogicCore as core
+        from CPCLSegmentModuleLib import core
 
         self.assertEqual(core.missing_slicer_api(), [])
 
@@ -25,8 +26,8 @@ class CPCLSegmentGlueTest(unittest.TestCase):
         import numpy as np
         import slicerio
 
-        import CPCLSegmentLogicCore as core
         from CPCLSegmentLib import io as cio
+        from CPCLSegmentModuleLib import core
 
         folder = os.path.join(os.path.dirname(slicerio.__file__), "data")
         volume = slicer.util.loadVolume(os.path.join(folder, "CTChest4.nrrd"))
@@ -42,6 +43,34 @@ class CPCLSegmentGlueTest(unittest.TestCase):
         arrays = core.labeled_arrays(volume, segmentation, names)
         self.assertTrue(np.array_equal(labels, arrays.labels(names)))
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), arrays.volume))
+
+    def test_panel_controller_on_the_application_scene(self):
+        import slicerio
+
+        from CPCLSegmentModuleLib import core, panel
+
+        folder = os.path.join(os.path.dirname(slicerio.__file__), "data")
+        volume = slicer.util.loadVolume(os.path.join(folder, "CTChest4.nrrd"))
+        segmentation = slicer.util.loadSegmentation(os.path.join(folder, "Segmentation.seg.nrrd"))
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        controller = panel.PanelController(core.LogicCore(slicer.mrmlScene, work_root=tempfile.mkdtemp()))
+        try:
+            self.assertEqual([(c.volume, c.segmentation) for c in controller.cases()], [(volume, segmentation)])
+            self.assertTrue(controller.view().enabled["trainButton"])
+            slicer.mrmlScene.RemoveNode(segmentation)
+            self.assertEqual(controller.cases(), [])
+        finally:
+            controller.close()
+
+    def test_entering_the_module_does_not_import_torch(self):
+        import sys
+
+        imported_before = "torch" in sys.modules  # another extension may have imported it; then nothing to check
+        slicer.util.selectModule("CPCLSegment")
+        for _ in range(20):
+            slicer.app.processEvents()
+        if not imported_before:
+            self.assertNotIn("torch", sys.modules)
 
 
 if __name__ == "__main__":

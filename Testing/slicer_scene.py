@@ -1,0 +1,76 @@
+"""Scene helpers shared by the slicer-core tests (a module, not a test file: imported after slicer-core is known
+to be installed)."""
+
+import hashlib
+
+import slicer
+
+from CPCLSegmentModuleLib import core
+from CPCLSegmentLib import io as cio
+from conftest import COARSE_SPACING, child_env
+
+
+def one_thread_env():
+    """The child's environment with one torch thread (stable timings on a shared 2-core machine)."""
+    return dict(child_env(), OMP_NUM_THREADS="1")
+
+
+TINY = dict(iterations=20, width=4, spacing=list(COARSE_SPACING), patch_size=[64, 64, 16], device="cpu", seed=0)
+
+
+def new_scene(cache_dir=None):
+    """A fresh scene as Slicer's application sets it up (a cache manager: reading an .mrb unpacks into its folder)."""
+    scene = slicer.vtkMRMLScene()
+    if cache_dir is not None:
+        cache = slicer.vtkCacheManager()
+        cache.SetRemoteCacheDirectory(str(cache_dir))
+        io_manager = slicer.vtkDataIOManager()
+        io_manager.SetCacheManager(cache)
+        scene.SetCacheManager(cache)
+        scene.SetDataIOManager(io_manager)
+    slicer.mrmlScene = scene
+    return scene
+
+
+def load_volume(scene, path, name="CTChest"):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def load_segmentation(scene, path, name="Segmentation", volume=None):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node)
+    node.CreateDefaultDisplayNodes()
+    if volume is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    return node
+
+
+def fingerprint(volume, segmentation):
+    """Hash of everything a run must not change: voxels, geometry, transform, segments and their voxels."""
+    from vtk.util import numpy_support
+
+    h = hashlib.sha256()
+    h.update(core.volume_array(volume).tobytes())
+    h.update(core.matrix_to_array(core.world_ijk_to_ras(volume)).tobytes())
+    h.update(str(volume.GetParentTransformNode() and volume.GetParentTransformNode().GetID()).encode())
+    for sid in core.segment_ids(segmentation):
+        seg = segmentation.GetSegmentation().GetSegment(sid)
+        h.update(f"{sid}|{seg.GetName()}|{seg.GetColor()}".encode())
+        image = slicer.vtkOrientedImageData()
+        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation, sid, image, False)
+        h.update(str(image.GetExtent()).encode())
+        if image.GetPointData().GetScalars() is not None:
+            h.update(numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).tobytes())
+    return h.hexdigest()
+
+
+def ras_matrix_of(image):
+    """IJK-to-RAS of a SimpleITK image (LPS)."""
+    return core.RAS_TO_LPS @ cio.ijk_to_lps_matrix(image)
