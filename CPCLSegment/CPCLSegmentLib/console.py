@@ -13,6 +13,7 @@ import time
 from typing import Any, Dict, Optional
 
 import numpy as np
+import psutil
 
 from . import __version__, cleanup
 from .errors import Cancelled
@@ -156,12 +157,7 @@ class StopControl:
         def alive() -> bool:
             if os.name != "nt" and os.getppid() != ppid:
                 return False
-            try:
-                import psutil
-
-                return all(psutil.pid_exists(pid) for pid in watched)
-            except ImportError:
-                return True
+            return all(psutil.pid_exists(pid) for pid in watched)
 
         def loop() -> None:
             while not self.cancelled.is_set():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -369,8 +369,3 @@ def strip_extension(name: str) -> str:
         if base.lower().endswith(ext):
             return base[: -len(ext)]
     return os.path.splitext(base)[0]
-
-
-def file_reader(path: str) -> Callable[[], sitk.Image]:
-    """A zero-argument loader (for lazy case lists)."""
-    return lambda: read_image(path)

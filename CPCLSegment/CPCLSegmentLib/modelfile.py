@@ -33,7 +33,7 @@ import pickle
 import platform
 import time
 import zipfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -120,12 +120,6 @@ def state_dict_cpu(net: torch.nn.Module) -> Dict[str, torch.Tensor]:
     module = getattr(net, "module", net)
     module = getattr(module, "_orig_mod", module)
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def compare_networks(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
-    """Differences between two network configs that prevent reusing the trunk (ignores num_classes)."""
-    keys = ("in_channels", "width", "depth", "norm", "feature_level")
-    return [f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

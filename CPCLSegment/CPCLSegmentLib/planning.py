@@ -11,15 +11,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import psutil
 import torch
 
 from .errors import InputError
-from .network import VNet, activation_voxels_per_input_voxel
+from .network import VNet, activation_voxels_per_input_voxel, count_parameters
 from .preparation import CANONICAL_ORIENTATION, CaseInfo, Emit, TrainRequest, plan_normalization
 from .settings import TrainConfig
 
@@ -43,20 +45,13 @@ def shape_at_spacing(size_xyz: Sequence[int], spacing_xyz: Sequence[float], targ
     return (s[2], s[1], s[0])
 
 
+@functools.lru_cache(maxsize=256)
 def count_params(width: int, depth: int, num_classes: int, in_channels: int = 1) -> int:
-    """Parameter count of ``VNet(width, depth)`` without building it (conv weights + norm affine)."""
-    total = 0
-    widths = [width * 2**i for i in range(depth + 1)]
-    for i in range(depth + 1):
-        n = min(i + 1, 3)
-        cin = in_channels if i == 0 else widths[i]
-        total += 27 * cin * widths[i] + (n - 1) * 27 * widths[i] ** 2 + 2 * n * widths[i]
-    for i in range(depth):
-        total += 2 * (8 * widths[i] * widths[i + 1] + 2 * widths[i + 1] + 2 * widths[i])  # down + up
-        n = min(i + 1, 3)
-        total += n * (27 * widths[i] ** 2 + 2 * widths[i])
-    total += widths[0] * num_classes + num_classes
-    return total
+    """Parameter count of ``VNet(width, depth)`` (instance norm), counted on a network built on the ``meta``
+    device (shapes only: no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        net = VNet(in_channels=in_channels, num_classes=num_classes, width=width, depth=depth, feature_level=0)
+    return count_parameters(net)
 
 
 def estimate_memory(
@@ -89,18 +84,14 @@ def estimate_memory(
 
 def available_memory(device_type: str, device_index: Optional[int] = None) -> Optional[float]:
     """Free bytes on the device (CUDA: ``mem_get_info``; CPU: available RAM), or None if unknown."""
-    try:
-        if device_type == "cuda":
-            import torch
-
+    if device_type == "cpu":
+        return float(psutil.virtual_memory().available)
+    if device_type == "cuda":
+        try:
             free, _total = torch.cuda.mem_get_info(device_index if device_index is not None else torch.cuda.current_device())
-            return float(free)
-        if device_type == "cpu":
-            import psutil
-
-            return float(psutil.virtual_memory().available)
-    except Exception:
-        return None
+        except Exception:  # CUDA not usable from this process
+            return None
+        return float(free)
     return None
 
 
@@ -156,13 +147,6 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-def describe_plan(plan: Dict[str, Any]) -> str:
-    return (
-        f"spacing {['%.3g' % s for s in plan['spacing']]} mm (x, y, z), patch {list(plan['patch_size'])} (D, H, W), "
-        f"normalisation {plan['normalization']['scheme']}"
-    )
 
 
 # ------------------------------------------------------------------------------------ a run's plan
