@@ -57,11 +57,12 @@ def small_config(**overrides):
 def trained(tmp_path_factory, ct_path, seg_path):
     """(model path, events, result) of one short CPCL run on the chest CT, lungs only."""
     from CPCLSegmentLib import pipeline
+    from CPCLSegmentLib.preparation import LabeledInput, TrainRequest
 
     out = tmp_path_factory.mktemp("shared-model") / "lungs.pt"
     events = []
-    request = pipeline.TrainRequest(
-        labeled=[pipeline.LabeledInput(ct_path, seg_path)],
+    request = TrainRequest(
+        labeled=[LabeledInput(ct_path, seg_path)],
         unlabeled=[ct_path],
         out=str(out),
         segments=list(LUNGS),

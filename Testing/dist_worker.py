@@ -11,7 +11,8 @@ def small_real_cases():
     import slicerio
 
     from CPCLSegmentLib import io as cio
-    from CPCLSegmentLib.data import make_case, normalize, plan_normalization, foreground_intensity_sample
+    from CPCLSegmentLib.data import make_case
+    from CPCLSegmentLib.preparation import foreground_intensity_sample, normalize, plan_normalization
 
     d = os.path.join(os.path.dirname(slicerio.__file__), "data")
     img = cio.read_image(os.path.join(d, "CTChest4.nrrd"))

@@ -87,15 +87,17 @@ def test_benchmark_scores_what_the_user_gets(tmp_path):
     import common as C
     from CPCLSegmentLib import io as cio
     from CPCLSegmentLib import pipeline
+    from CPCLSegmentLib.prediction import Predictor
+    from CPCLSegmentLib.preparation import LabeledInput, TrainRequest
     from CPCLSegmentLib.trainer import TrainConfig
 
     names = json.loads((HIPPO / "splits.json").read_text())["train"][:2]
     test_name = json.loads((HIPPO / "splits.json").read_text())["test"][0]
-    items = [pipeline.LabeledInput(str(HIPPO / "imagesTr" / f"{n}.nii.gz"), str(HIPPO / "labelsTr" / f"{n}.nii.gz")) for n in names]
+    items = [LabeledInput(str(HIPPO / "imagesTr" / f"{n}.nii.gz"), str(HIPPO / "labelsTr" / f"{n}.nii.gz")) for n in names]
     out = tmp_path / "m.pt"
     cfg = TrainConfig(method="supervised", iterations=2, patch_size=(32, 48, 32), width=4, device="cpu", seed=0)
-    pipeline.train(pipeline.TrainRequest(labeled=items, out=str(out), config=cfg))
-    predictor = pipeline.Predictor(str(out), device="cpu")
+    pipeline.train(TrainRequest(labeled=items, out=str(out), config=cfg))
+    predictor = Predictor(str(out), device="cpu")
     plan = C.plan_for(HIPPO, names)
     assert plan["spacing"] == predictor.record["spacing"] and plan["normalization"]["scheme"] == predictor.record["normalization"]["scheme"]
     subject = C.load_subject(HIPPO, test_name, plan)

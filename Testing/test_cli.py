@@ -264,15 +264,15 @@ def test_compare_supervised_segments_by_value_colour_table_and_starting_model_sc
 
 
 def test_preprocessed_cases_are_memory_mapped_not_held_in_memory(tmp_path, ct_path, seg_path):
-    from CPCLSegmentLib import pipeline
-
-    req = pipeline.TrainRequest(labeled=[pipeline.LabeledInput(ct_path, seg_path)], out=str(tmp_path / "m.pt"), segments=LUNGS)
-    classes = pipeline.resolve_classes(req)
-    infos, fg, is_ct = pipeline._inspect(req, classes, lambda e: None)
     import torch
 
-    plan = pipeline.plan_run(req, classes, infos, fg, is_ct, None, torch.device("cpu"), lambda e: None)
-    cases = pipeline._preprocess(req.labeled, classes, plan, req, str(tmp_path / "work"), lambda e: None, "labeled")
+    from CPCLSegmentLib import planning, preparation
+
+    req = preparation.TrainRequest(labeled=[preparation.LabeledInput(ct_path, seg_path)], out=str(tmp_path / "m.pt"), segments=LUNGS)
+    classes = preparation.resolve_classes(req)
+    infos, fg, is_ct = preparation.inspect_cases(req, classes, lambda e: None)
+    plan = planning.plan_run(req, classes, infos, fg, is_ct, None, torch.device("cpu"), lambda e: None)
+    cases = preparation.preprocess_labeled(req.labeled, classes, plan, req, str(tmp_path / "work"), lambda e: None, "labeled")
     assert isinstance(cases[0].image, np.memmap) and isinstance(cases[0].label, np.memmap)
     assert isinstance(cases[0].image_source, str)  # only the path is held
 

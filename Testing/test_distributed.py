@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dist_worker
-from conftest import ROOT, child_env, cli_command
+from conftest import child_env
 
 # float64, one SGD step at λ = 1: weights after the step agree to this absolute tolerance
 WEIGHT_ATOL = 1e-10

@@ -1,7 +1,6 @@
 """Reading / writing images and segmentations: round trips, geometry, bad and corrupted inputs."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import SimpleITK as sitk
 import slicerio
 
 from CPCLSegmentLib import io as cio
+from CPCLSegmentLib import writers
 from CPCLSegmentLib.errors import InputError, OutputError
 
 from conftest import ROOT, child_env
@@ -27,7 +27,7 @@ def test_seg_nrrd_round_trip_keeps_names_colours_terminology_and_voxels(seg_path
         for s in seg.segments
     ]
     out = tmp_path / "copy.seg.nrrd"
-    cio.write_seg_nrrd(str(out), labels, image, classes)
+    writers.write_seg_nrrd(str(out), labels, image, classes)
     a, b = slicerio.read_segmentation(seg_path), slicerio.read_segmentation(str(out))
     assert [s["name"] for s in a["segments"]] == [s["name"] for s in b["segments"]]
     for sa, sb in zip(a["segments"], b["segments"]):
@@ -52,7 +52,7 @@ def test_label_map_values_and_names(tmp_path, ct_path):
     labels, _ = cio.build_label_array(seg, ["Label 3", "lesion"], image, ct_path)
     assert (labels == 1).sum() == 5 * 20 * 20 and (labels == 2).sum() == 3 * 10 * 10
     out = tmp_path / "out.nrrd"
-    cio.write_label_image(str(out), labels, image, [0, 3, 7])
+    writers.write_label_image(str(out), labels, image, [0, 3, 7])
     back = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     assert np.array_equal(back, arr)  # the same label values it was given
 
@@ -155,7 +155,7 @@ def test_full_disk_leaves_the_previous_file_intact(tmp_path, monkeypatch, ct_pat
     image = cio.read_image(ct_path)
     labels = np.zeros(sitk.GetArrayFromImage(image).shape, np.uint8)
     target = tmp_path / "out.nii.gz"
-    cio.write_label_image(str(target), labels, image, [0, 1])
+    writers.write_label_image(str(target), labels, image, [0, 1])
     before = target.read_bytes()
 
     def full_disk(img, path, *a, **k):
@@ -165,7 +165,7 @@ def test_full_disk_leaves_the_previous_file_intact(tmp_path, monkeypatch, ct_pat
 
     monkeypatch.setattr(sitk, "WriteImage", full_disk)
     with pytest.raises(OutputError, match="No space left"):
-        cio.write_label_image(str(target), labels + 1, image, [0, 1])
+        writers.write_label_image(str(target), labels + 1, image, [0, 1])
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]  # no temporary file left behind
 

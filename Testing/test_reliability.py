@@ -10,7 +10,9 @@ import torch
 from CPCLSegmentLib import cli, pipeline, planning
 from CPCLSegmentLib import io as cio
 from CPCLSegmentLib.errors import InputError, OutOfMemory, OutputError, TrainingDiverged
-from CPCLSegmentLib.modelfile import load_checkpoint, load_model
+from CPCLSegmentLib.modelfile import checkpoint_path, load_checkpoint, load_model
+from CPCLSegmentLib.prediction import Predictor
+from CPCLSegmentLib.preparation import LabeledInput, TrainRequest
 from CPCLSegmentLib.trainer import Trainer
 
 from conftest import COARSE_SPACING, LUNGS, small_config
@@ -23,10 +25,10 @@ def tiny(**over):
 
 
 def request(tmp_path, ct_path, seg_path, name="m.pt", **over):
-    kw = dict(labeled=[pipeline.LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=str(tmp_path / name),
+    kw = dict(labeled=[LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=str(tmp_path / name),
               segments=list(LUNGS), spacing=list(COARSE_SPACING), config=tiny())
     kw.update(over)
-    return pipeline.TrainRequest(**kw)
+    return TrainRequest(**kw)
 
 
 def write_slab(tmp_path, ct_path, k0, k1, name):
@@ -38,7 +40,7 @@ def write_slab(tmp_path, ct_path, k0, k1, name):
 def test_segment_missing_in_one_case_is_background_with_a_warning(tmp_path, ct_path, seg_path):
     top = write_slab(tmp_path, ct_path, 0, 5, "lower chest.nrrd")  # slices without lungs
     events = []
-    req = request(tmp_path, ct_path, seg_path, labeled=[pipeline.LabeledInput(ct_path, seg_path), pipeline.LabeledInput(top, seg_path)])
+    req = request(tmp_path, ct_path, seg_path, labeled=[LabeledInput(ct_path, seg_path), LabeledInput(top, seg_path)])
     pipeline.train(req, events.append)
     warnings = [e["message"] for e in events if e["event"] == "warning"]
     assert any("'right lung' is missing or empty" in w and "background" in w for w in warnings), warnings
@@ -46,7 +48,7 @@ def test_segment_missing_in_one_case_is_background_with_a_warning(tmp_path, ct_p
 
 def test_segment_empty_in_every_case_is_an_error(tmp_path, ct_path, seg_path):
     top = write_slab(tmp_path, ct_path, 0, 5, "lower.nrrd")
-    req = request(tmp_path, ct_path, seg_path, labeled=[pipeline.LabeledInput(top, seg_path)])
+    req = request(tmp_path, ct_path, seg_path, labeled=[LabeledInput(top, seg_path)])
     with pytest.raises(InputError, match="empty in every labeled case"):
         pipeline.train(req)
 
@@ -60,10 +62,10 @@ def test_no_unlabeled_cases_trains_supervised_only_and_one_case_is_enough(tmp_pa
 
 def test_volume_smaller_than_the_patch_is_padded(tmp_path, ct_path, seg_path):
     slab = write_slab(tmp_path, ct_path, 12, 22, "thin.nrrd")  # 10 slices, 64x64 at 6 mm
-    req = request(tmp_path, ct_path, seg_path, labeled=[pipeline.LabeledInput(slab, seg_path)], unlabeled=[slab],
+    req = request(tmp_path, ct_path, seg_path, labeled=[LabeledInput(slab, seg_path)], unlabeled=[slab],
                   config=tiny(patch_size=(16, 96, 96)))
     pipeline.train(req)
-    labels = pipeline.Predictor(req.out).segment(cio.read_image(slab))
+    labels = Predictor(req.out).segment(cio.read_image(slab))
     assert labels.shape == (10, 128, 128)
 
 
@@ -93,7 +95,7 @@ def test_out_of_memory_mid_run_keeps_the_last_checkpoint(tmp_path, ct_path, seg_
     req = request(tmp_path, ct_path, seg_path)
     with pytest.raises(OutOfMemory, match=r"patch \[16, 32, 32\] .*Reduce the patch size \(e.g. \[8, 16, 16\]\)"):
         pipeline.train(req)
-    ckpt = load_checkpoint(pipeline.checkpoint_path(req.out))
+    ckpt = load_checkpoint(checkpoint_path(req.out))
     assert ckpt["trainer"]["iteration"] == 4 and not os.path.exists(req.out)
 
 
@@ -130,7 +132,7 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_finite_checkpoin
     req = request(tmp_path, ct_path, seg_path)
     with pytest.raises(TrainingDiverged, match="non-finite at iteration 5"):
         pipeline.train(req)
-    ckpt = load_checkpoint(pipeline.checkpoint_path(req.out))
+    ckpt = load_checkpoint(checkpoint_path(req.out))
     assert ckpt["trainer"]["iteration"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["trainer"]["student"].values() if v.is_floating_point())
 
@@ -165,14 +167,14 @@ def test_stop_then_resume_continues_from_the_checkpoint(tmp_path, ct_path, seg_p
     first = pipeline.train(req, seen.append, stop_after_three)
     assert first["status"] == "stopped" and first["iterations"] == 3
     assert load_model(req.out)["training"]["status"] == "stopped"  # Stop keeps the model trained so far
-    assert load_checkpoint(pipeline.checkpoint_path(req.out))["trainer"]["iteration"] == 3
+    assert load_checkpoint(checkpoint_path(req.out))["trainer"]["iteration"] == 3
     events = []
     req.resume = True
     second = pipeline.train(req, events.append)
     progress = [e["iteration"] for e in events if e["event"] == "progress"]
     assert progress == [4, 5, 6, 7, 8] and second["status"] == "completed"
     assert load_model(req.out)["training"]["iterations"] == 8
-    assert not os.path.exists(pipeline.checkpoint_path(req.out))  # removed once complete
+    assert not os.path.exists(checkpoint_path(req.out))  # removed once complete
     # a checkpoint of other cases is refused
     req2 = request(tmp_path, ct_path, seg_path, config=tiny(iterations=8), unlabeled=[])
     pipeline.train(req2, None, lambda: True)
@@ -202,7 +204,7 @@ def test_reoriented_and_oblique_copies_predict_the_same_voxels(trained, ct_path)
     gives the same voxels as predicting the original. An oblique header on the same voxels gives the same
     voxel labels on its own grid."""
     model, _, _ = trained
-    predictor = pipeline.Predictor(model)
+    predictor = Predictor(model)
     image = cio.read_image(ct_path)
     reference = predictor.segment(image)
     copy = sitk.Flip(sitk.PermuteAxes(image, [1, 0, 2]), [True, False, True])  # same physical space, other voxel order

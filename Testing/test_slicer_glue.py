@@ -71,7 +71,7 @@ def test_exported_files_keep_names_colours_terminology_and_voxels(chest, ct_path
     exported = cio.read_segmentation(str(tmp_path / "s.seg.nrrd"))
     original = cio.read_segmentation(seg_path)
     for name in LUNGS:
-        a, b = cio._find_segment(exported, name), cio._find_segment(original, name)
+        a, b = cio.find_segment(exported, name), cio.find_segment(original, name)
         assert a.color == pytest.approx(b.color) and a.terminology == b.terminology and a.segment_id == b.segment_id
     image, source = cio.read_image(image_path), cio.read_image(ct_path)
     assert cio.same_grid(image, source)

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from CPCLSegmentLib import io as cio
-from CPCLSegmentLib import pipeline
-from CPCLSegmentLib.data import normalize, plan_normalization, foreground_intensity_sample
+from CPCLSegmentLib import pipeline, preparation
+from CPCLSegmentLib.prediction import Predictor
+from CPCLSegmentLib.preparation import foreground_intensity_sample, normalize, plan_normalization
 from CPCLSegmentLib.losses import backward_prototype_loss, supervised_loss
 from CPCLSegmentLib.metrics import dice_per_class
 from CPCLSegmentLib.network import VNet
@@ -80,9 +81,9 @@ def _every_fifth_slice_labelmap(tmp_path, ct_path, seg_path):
 def test_auto_detects_painted_axial_slices_and_the_image_joins_the_unlabeled_stream(tmp_path, ct_path, seg_path):
     path, labels, painted = _every_fifth_slice_labelmap(tmp_path, ct_path, seg_path)
     events = []
-    req = pipeline.TrainRequest(labeled=[pipeline.LabeledInput(ct_path, path, "auto")], out=str(tmp_path / "m.pt"),
-                                spacing=list(COARSE_SPACING), config=small_config(iterations=2, width=4, depth=3, patch_size=(16, 32, 32)))
-    image, lab, known = pipeline._read_labeled(req.labeled[0], ["Label 1", "Label 2"], None, False, events.append)
+    req = preparation.TrainRequest(labeled=[preparation.LabeledInput(ct_path, path, "auto")], out=str(tmp_path / "m.pt"),
+                                   spacing=list(COARSE_SPACING), config=small_config(iterations=2, width=4, depth=3, patch_size=(16, 32, 32)))
+    image, lab, known = preparation.read_labeled(req.labeled[0], ["Label 1", "Label 2"], None, False, events.append)
     assert any("every few axial slices" in e["message"] for e in events)
     has_labels = painted.reshape(painted.shape[0], -1).max(axis=1) > 0
     assert (lab[has_labels] >= 0).all() and (lab[~has_labels] == IGNORE_INDEX).all()
@@ -99,10 +100,10 @@ def test_partial_segments_mark_missing_segments_unknown_for_that_case(tmp_path, 
     only_right.CopyInformation(image)
     path = tmp_path / "right only.nii.gz"
     sitk.WriteImage(only_right, str(path))
-    item = pipeline.LabeledInput(ct_path, str(path))
-    _, _, known = pipeline._read_labeled(item, ["Label 5", "Label 6"], None, True, lambda e: None)
+    item = preparation.LabeledInput(ct_path, str(path))
+    _, _, known = preparation.read_labeled(item, ["Label 5", "Label 6"], None, True, lambda e: None)
     assert known.tolist() == [True, True, False]
-    _, _, known = pipeline._read_labeled(item, ["Label 5", "Label 6"], None, False, lambda e: None)
+    _, _, known = preparation.read_labeled(item, ["Label 5", "Label 6"], None, False, lambda e: None)
     assert known.all()  # default: a missing segment is absent anatomy
 
 
@@ -120,10 +121,10 @@ def test_every_fifth_slice_training_is_close_to_full_labels(tmp_path, ct_path, s
     sitk.WriteImage(full_lm, str(full_path))
     dice = {}
     for name, seg, mode in (("full", str(full_path), "all"), ("sparse", path, "axial")):
-        req = pipeline.TrainRequest(labeled=[pipeline.LabeledInput(ct_path, seg, mode)], unlabeled=[ct_path],
-                                    out=str(tmp_path / f"{name}.pt"), spacing=list(COARSE_SPACING),
-                                    config=small_config(iterations=150))
+        req = preparation.TrainRequest(labeled=[preparation.LabeledInput(ct_path, seg, mode)], unlabeled=[ct_path],
+                                       out=str(tmp_path / f"{name}.pt"), spacing=list(COARSE_SPACING),
+                                       config=small_config(iterations=150))
         pipeline.train(req)
-        pred = pipeline.Predictor(req.out).segment(cio.read_image(ct_path))
+        pred = Predictor(req.out).segment(cio.read_image(ct_path))
         dice[name] = np.mean(dice_per_class(pred, labels, 3))
     assert dice["sparse"] >= dice["full"] - SPARSE_MARGIN, dice

@@ -1,7 +1,6 @@
 """A short real training run (slicerio's chest CT, lungs) and the model file round trip."""
 
 import os
-import pickle
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from CPCLSegmentLib.data import make_case
 from CPCLSegmentLib.errors import ModelFileError
 from CPCLSegmentLib.metrics import dice_per_class
 from CPCLSegmentLib.modelfile import build_from_record, load_model, save_model
-from CPCLSegmentLib.pipeline import Predictor
+from CPCLSegmentLib.prediction import Predictor
 from CPCLSegmentLib.trainer import TrainConfig, Trainer
 
 from conftest import LUNGS

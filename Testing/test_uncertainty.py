@@ -16,6 +16,7 @@ import torch
 from CPCLSegmentLib import io as cio
 from CPCLSegmentLib import uncertainty as U
 from CPCLSegmentLib.errors import InputError
+from CPCLSegmentLib.writers import write_image
 
 from conftest import HIPPO, ROOT, child_env, cli_command, needs_shared
 
@@ -123,8 +124,8 @@ def rank_images(tmp_path_factory, ct_path):
     d = tmp_path_factory.mktemp("rank-images")
     image = cio.read_image(ct_path)
     flipped, cropped = str(d / "flipped.nrrd"), str(d / "cropped.nii.gz")
-    cio.write_image(flipped, sitk.Flip(image, [True, False, False]))
-    cio.write_image(cropped, image[10:110, 20:120, 8:24])
+    write_image(flipped, sitk.Flip(image, [True, False, False]))
+    write_image(cropped, image[10:110, 20:120, 8:24])
     return [ct_path, flipped, cropped]
 
 

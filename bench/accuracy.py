@@ -379,7 +379,7 @@ def run_job(job: Job, data: Data, device: torch.device, log=lambda m: print(m, f
         record["warnings"] = [e["message"] for e in events if e.get("event") == "warning"]
         record["final_loss"] = result.history[-1] if result.history else None
     train_s = time.perf_counter() - t0
-    record.update(unlabeled=n_unl, validation_curve=curve, best=C._plain(best), train_seconds=round(train_s, 1),
+    record.update(unlabeled=n_unl, validation_curve=curve, best=C.plain(best, nan_as_none=True), train_seconds=round(train_s, 1),
                   seconds_per_iteration=None if spi is None else round(spi, 4))
     names = data.class_names
     record["dataset"] = data.dataset.key

@@ -1,8 +1,8 @@
 """Shared helpers for the accuracy benchmarks (``bench/accuracy.py``, ``bench/sparse_labels.py``).
 
 - ``Dataset`` / ``DATASETS``: the benchmark data sets (hippocampus, left atrium); ``load_subjects`` reads subjects once and preprocesses them **exactly as
-  ``pipeline.train`` / ``pipeline.Predictor`` do** (``pipeline._read_labeled`` for the label map,
-  ``to_model_grid`` at the median spacing of the training pool, per-volume z-score, ``labels_to_grid``),
+  ``pipeline.train`` / ``prediction.Predictor`` do** (``preparation.read_labeled`` for the label map,
+  ``preparation.model_input`` at the median spacing of the training pool, per-volume z-score, ``labels_to_grid``),
   keeping both the model-grid arrays (for training) and the original image + label (for evaluation).
 - ``evaluate``: segments each subject the way ``Predictor.segment`` does (model grid → MONAI sliding window
   with overlap 0.5 → ``back_to_image_grid``) and scores Dice and HD95 (mm) per class on the **original**
@@ -12,7 +12,7 @@
 - ``split_train``: fixed validation set, then per-seed labeled draws, from ``splits.json``'s ``train`` only.
 
 The engine is used directly (``trainer.Trainer`` on in-memory ``Case`` objects) instead of going through
-files for every run; the preprocessing and prediction code paths are the pipeline's own functions.
+files for every run; the preprocessing and prediction code paths are the engine's own functions.
 """
 
 from __future__ import annotations
@@ -38,11 +38,14 @@ if str(ROOT / "CPCLSegment") not in sys.path:
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from CPCLSegmentLib import pipeline  # noqa: E402
-from CPCLSegmentLib.data import Case, looks_like_ct, make_case, normalize, plan_normalization, to_model_grid  # noqa: E402
+from CPCLSegmentLib import io as cio  # noqa: E402
+from CPCLSegmentLib.data import Case, make_case  # noqa: E402
 from CPCLSegmentLib.inference import predict_probabilities  # noqa: E402
 from CPCLSegmentLib.metrics import dice_per_class, hd95_per_class, nanmean  # noqa: E402
+from CPCLSegmentLib.modelfile import plain  # noqa: E402
 from CPCLSegmentLib.planning import median_spacing  # noqa: E402
+from CPCLSegmentLib.prediction import back_to_image_grid  # noqa: E402
+from CPCLSegmentLib.preparation import LabeledInput, labels_to_grid, looks_like_ct, model_input, plan_normalization, read_labeled  # noqa: E402
 from CPCLSegmentLib.prototypes import IGNORE_INDEX  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -71,7 +74,7 @@ class Dataset:
 
     @property
     def segments(self) -> List[str]:
-        """What ``pipeline.resolve_classes`` names the label-map values."""
+        """What ``preparation.resolve_classes`` names the label-map values."""
         return [f"Label {i}" for i in range(1, self.num_classes)]
 
     def files(self, d: Path, name: str) -> Tuple[str, str]:
@@ -126,7 +129,7 @@ class Subject:
 
 
 def plan_for(d: Path, names: Sequence[str], dataset: Dataset = HIPPOCAMPUS) -> Dict[str, Any]:
-    """What ``pipeline.plan_run`` would choose for these labeled cases: median spacing, MR z-score."""
+    """What ``planning.plan_run`` would choose for these labeled cases: median spacing, MR z-score."""
     spacings, ct_votes = [], []
     for n in names:
         img = sitk.ReadImage(dataset.files(d, n)[0])
@@ -142,11 +145,9 @@ def plan_for(d: Path, names: Sequence[str], dataset: Dataset = HIPPOCAMPUS) -> D
 
 def load_subject(d: Path, name: str, plan: Dict[str, Any], dataset: Dataset = HIPPOCAMPUS) -> Subject:
     img_path, lab_path = dataset.files(d, name)
-    item = pipeline.LabeledInput(img_path, lab_path)
-    image, labels, _ = pipeline._read_labeled(item, dataset.segments, None, False, lambda e: None)
-    grid = to_model_grid(image, plan["spacing"])
-    arr = normalize(sitk.GetArrayViewFromImage(grid), plan["normalization"])
-    lab = pipeline.labels_to_grid(labels, image, grid)
+    image, labels, _ = read_labeled(LabeledInput(img_path, lab_path), dataset.segments, None, False, lambda e: None)
+    grid, arr = model_input(image, plan["spacing"], plan["normalization"])
+    lab = labels_to_grid(labels, image, grid)
     return Subject(name, image, labels.astype(np.int16), grid, arr, lab)
 
 
@@ -155,10 +156,7 @@ def load_unlabeled_extra(d: Path, plan: Dict[str, Any], dataset: Dataset = HIPPO
     out = []
     folder = d / dataset.unlabeled_extra if dataset.unlabeled_extra else None
     for p in sorted(folder.glob("*.nii.gz")) if folder is not None and folder.exists() else []:
-        from CPCLSegmentLib import io as cio
-
-        grid = to_model_grid(cio.read_image(str(p)), plan["spacing"])
-        arr = normalize(sitk.GetArrayViewFromImage(grid), plan["normalization"])
+        _, arr = model_input(cio.read_image(str(p)), plan["spacing"], plan["normalization"])
         out.append(make_case(p.name.split(".")[0], arr, None))
     return out
 
@@ -186,7 +184,7 @@ def split_train(train: Sequence[str], budget: Optional[int], seed: int, validati
 def segment(net: torch.nn.Module, subject: Subject, patch: Sequence[int], device: torch.device, overlap: float = 0.5) -> np.ndarray:
     """What ``Predictor.segment`` returns (labels on the original grid) for an in-memory network."""
     probs = predict_probabilities(net, subject.array, patch, device, overlap=overlap)
-    return pipeline.back_to_image_grid(probs, subject.grid, subject.image)
+    return back_to_image_grid(probs, subject.grid, subject.image)
 
 
 def evaluate(net: torch.nn.Module, subjects: Sequence[Subject], patch: Sequence[int], device: torch.device,
@@ -255,24 +253,12 @@ class Results:
         return {r["key"] for r in self.records()}
 
     def append(self, record: Dict[str, Any]) -> None:
-        line = json.dumps(_plain(record), sort_keys=True) + "\n"
+        line = json.dumps(plain(record, nan_as_none=True), sort_keys=True) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             f.write(line)
             f.flush()
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, float) and obj != obj:
-        return None
-    return obj
 
 
 def machine() -> str:

@@ -6,22 +6,22 @@ The model is trained by ``pipeline.train`` itself (engine defaults: VNet width 1
 CT normalisation; the demo's three segments of slicerio's ``Segmentation.seg.nrrd``, resampled by the
 engine onto the synthesised CT), supervised, for ``--train-iterations`` (default 40) iterations: enough for a
 smooth, plausible label map. This matters for the write stage: the ``.seg.nrrd`` is gzip-compressed (level
-``io.SEG_NRRD_COMPRESSION`` = 6; slicerio's default is 9), which at level 9 takes 0.4 s for a real segmentation
+``writers.SEG_NRRD_COMPRESSION`` = 6; slicerio's default is 9), which at level 9 takes 0.4 s for a real segmentation
 of this volume but 7–30 s for the noisy map of an untrained network. The write time of the ground-truth
 labels, and of the prediction at levels 6 and 9, are reported beside it.
 
-Timed, in the order ``pipeline.predict`` runs them (the same functions it calls):
+Timed, in the order ``prediction.predict`` runs them (the same functions it calls):
 
-1. ``load_model``: ``pipeline.Predictor(model)`` (``torch.load(weights_only=True)``, build the network).
+1. ``load_model``: ``prediction.Predictor(model)`` (``torch.load(weights_only=True)``, build the network).
 2. ``read``: ``io.read_image``.
-3. ``preprocess``: ``Predictor.preprocess`` (``data.to_model_grid`` = reorientation [+ resampling], then
-   ``data.normalize``).
+3. ``preprocess``: ``Predictor.preprocess`` (``preparation.model_input``: ``to_model_grid`` = reorientation
+   [+ resampling], then ``normalize``).
 4. ``sliding_window``: ``inference.predict_probabilities`` (MONAI sliding window, overlap 0.5, Gaussian
    blending, softmax per window, accumulation on the CPU).
-5. ``to_image_grid``: ``pipeline.back_to_image_grid`` (argmax [or per-class resampling] back onto the image).
-6. ``write``: ``io.write_prediction`` to ``.seg.nrrd`` (slicerio, atomic).
+5. ``to_image_grid``: ``prediction.back_to_image_grid`` (argmax [or per-class resampling] back onto the image).
+6. ``write``: ``writers.write_prediction`` to ``.seg.nrrd`` (slicerio, atomic).
 
-plus ``pipeline.predict`` end to end (in-process, one call) and the CLI (``python -m CPCLSegmentLib.cli
+plus ``prediction.predict`` end to end (in-process, one call) and the CLI (``python -m CPCLSegmentLib.cli
 predict``, a child process: interpreter start and imports included), against the baseline: MONAI
 ``sliding_window_inference(x, patch, sw_batch_size=2, lambda t: net(t)[0], overlap=0.5, mode="gaussian")``
 on the already-normalised tensor, same network, ``torch.no_grad``. Stages and baseline are interleaved
@@ -66,7 +66,7 @@ from speed_common import (  # noqa: E402
 )
 
 from CPCLSegmentLib import io as cio  # noqa: E402
-from CPCLSegmentLib import pipeline  # noqa: E402
+from CPCLSegmentLib import pipeline, prediction, preparation, writers  # noqa: E402
 from CPCLSegmentLib.inference import predict_probabilities  # noqa: E402
 from CPCLSegmentLib.modelfile import load_model  # noqa: E402
 from CPCLSegmentLib.planning import shape_at_spacing  # noqa: E402
@@ -97,7 +97,7 @@ def monai_alone(net: torch.nn.Module, arr, patch: Sequence[int], overlap: float)
 def run_stages(model: str, image_path: str, out_path: str, overlap: float) -> Dict[str, Any]:
     t: Dict[str, Any] = {}
     with Clock() as c:
-        pred = pipeline.Predictor(model, device="cpu")
+        pred = prediction.Predictor(model, device="cpu")
     t["load_model"] = c
     with Clock() as c:
         image = cio.read_image(image_path)
@@ -109,21 +109,21 @@ def run_stages(model: str, image_path: str, out_path: str, overlap: float) -> Di
         probs = predict_probabilities(pred.net, arr, pred.patch, pred.device, overlap=overlap)
     t["sliding_window"] = c
     with Clock() as c:
-        labels = pipeline.back_to_image_grid(probs, grid, image)
+        labels = prediction.back_to_image_grid(probs, grid, image)
     t["to_image_grid"] = c
     with Clock() as c:
-        cio.write_prediction(out_path, labels, image, pred.classes)
+        writers.write_prediction(out_path, labels, image, pred.classes)
     t["write"] = c
     return {"clocks": t, "net": pred.net, "arr": arr, "patch": pred.patch, "grid_size_xyz": list(grid.GetSize()),
             "labels": labels, "image": image, "classes": pred.classes}
 
 
 def compression_levels(labels, image, classes, out: str, levels: Sequence[int] = (6, 9)) -> Dict[str, Dict[str, float]]:
-    """The write stage at each gzip level (the engine writes ``io.SEG_NRRD_COMPRESSION``; slicerio's default is 9)."""
+    """The write stage at each gzip level (the engine writes ``writers.SEG_NRRD_COMPRESSION``; slicerio's default is 9)."""
     res = {}
     for level in levels:
         with Clock() as c:
-            cio.write_seg_nrrd(out, labels, image, classes, compression_level=level)
+            writers.write_seg_nrrd(out, labels, image, classes, compression_level=level)
         res[str(level)] = {"wall_s": c.wall, "cpu_s": c.cpu, "bytes": os.path.getsize(out)}
     return res
 
@@ -150,8 +150,8 @@ def train_model(model: Path, image: Dict[str, Any], spacing: Optional[Sequence[f
     from CPCLSegmentLib.trainer import TrainConfig
 
     cfg = TrainConfig(method="supervised", iterations=iterations, width=width, device="cpu", seed=0)
-    request = pipeline.TrainRequest(
-        labeled=[pipeline.LabeledInput(image["path"], str(slicerio_data_dir() / "Segmentation.seg.nrrd"))],
+    request = preparation.TrainRequest(
+        labeled=[preparation.LabeledInput(image["path"], str(slicerio_data_dir() / "Segmentation.seg.nrrd"))],
         out=str(model), segments=list(DEMO_SEGMENTS), spacing=list(spacing) if spacing else None, config=cfg,
     )
     with Clock() as c:
@@ -167,7 +167,7 @@ def ground_truth_write(image_path: str, classes, out: str) -> Dict[str, float]:
     image = cio.read_image(image_path)
     labels, _ = cio.build_label_array(seg, [c["name"] for c in classes[1:]], image, image_path)
     with Clock() as c:
-        cio.write_prediction(out, labels.astype("uint8"), image, classes)
+        writers.write_prediction(out, labels.astype("uint8"), image, classes)
     return {"wall_s": c.wall, "cpu_s": c.cpu, "bytes": os.path.getsize(out)}
 
 
@@ -198,7 +198,7 @@ def scenario(name: str, tmp: Path, image: Dict[str, Any], width: int, repeats: i
             gt_write = ground_truth_write(image["path"], load_model(str(model))["classes"], str(tmp / f"gt-{name}.seg.nrrd"))
             levels = compression_levels(r["labels"], r["image"], r["classes"], str(tmp / f"levels-{name}.seg.nrrd"))
         with Clock() as c:
-            pipeline.predict(str(model), [image["path"]], str(tmp / f"e2e-{name}.seg.nrrd"), device="cpu")
+            prediction.predict(str(model), [image["path"]], str(tmp / f"e2e-{name}.seg.nrrd"), device="cpu")
         e2e_wall.append(c.wall)
         e2e_cpu.append(c.cpu)
         if with_cli:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import sys
@@ -45,7 +44,9 @@ from common import data_dir, machine, read_splits, versions  # noqa: E402
 from CPCLSegmentLib import io as cio  # noqa: E402
 from CPCLSegmentLib import uncertainty as U  # noqa: E402
 from CPCLSegmentLib.metrics import dice_per_class, nanmean  # noqa: E402
-from CPCLSegmentLib.pipeline import LabeledInput, TrainRequest, back_to_image_grid, train  # noqa: E402
+from CPCLSegmentLib.pipeline import train  # noqa: E402
+from CPCLSegmentLib.prediction import back_to_image_grid  # noqa: E402
+from CPCLSegmentLib.preparation import LabeledInput, TrainRequest  # noqa: E402
 from CPCLSegmentLib.trainer import TrainConfig  # noqa: E402
 
 AGGREGATIONS = ("region", "whole_volume", "predicted_foreground", "per_foreground_voxel", "dice")

@@ -2,6 +2,62 @@
 
 Pure engine: torch, numpy, MONAI, SimpleITK and slicerio only. It never imports slicer, qt, vtk or ctk,
 so it runs inside Slicer's Python, in a child process started by the Slicer module, and from a terminal.
+
+Modules, bottom-up: each imports only modules listed above it (``Testing/test_layout.py`` checks that the
+``imports:`` lists below are exactly what each module imports from the engine).
+
+- ``errors``: error types and their exit codes (``CPCLError``, ``InputError``, ``ModelFileError``,
+  ``OutOfMemory``, ``TrainingDiverged``, ``Cancelled``). imports: none.
+- ``cleanup``: temporary files and folders removed at exit or on cancel (``register``, ``remove_all``).
+  imports: none.
+- ``settings``: every training setting and shared choice, torch-free (``TrainConfig``, ``PRESETS``, ``METHODS``,
+  ``ANNOTATED_SLICES``, ``cli_settings``). imports: errors.
+- ``io``: reading images and segmentations, segments onto the image grid (``read_image``, ``read_segmentation``,
+  ``read_segment_list``, ``build_label_array``, ``find_segment``, ``same_grid``). imports: errors.
+- ``writers``: atomic writes (``atomic_path``, ``write_prediction``, ``write_seg_nrrd``, ``write_label_image``,
+  ``write_image``). imports: cleanup, errors, io.
+- ``network``: the VNet returning ``(logits, features)`` (``VNet``, ``build_network``). imports: none.
+- ``prototypes``: masked average pooling and cosine prototype maps (``masked_average_pooling``,
+  ``prototype_logits``, ``IGNORE_INDEX``). imports: none.
+- ``losses``: one function per loss equation (``supervised_loss``, ``forward_prototype_loss``,
+  ``backward_prototype_loss``, ``total_loss``). imports: prototypes.
+- ``teacher``: the EMA teacher (``make_teacher``, ``update_teacher``). imports: none.
+- ``data``: preprocessed cases, patch sampling and augmentation (``Case``, ``make_case``, ``PatchSampler``,
+  ``Augmenter``). imports: errors, prototypes.
+- ``inference``: sliding-window probabilities of a network on an array (``predict_probabilities``,
+  ``predict_labels``). imports: network.
+- ``metrics``: Dice, HD95, mean Dice per class over cases (``dice_per_class``, ``mean_dice``,
+  ``mean_dice_over_cases``). imports: inference.
+- ``distributed``: torchrun / DDP (``DistributedContext``). imports: errors.
+- ``modelfile``: the model file and what lies beside it (``save_model``, ``load_model``, ``build_from_record``,
+  ``make_record``, ``write_run_record``, ``checkpoint_path``, ``starting_state``, ``plain``).
+  imports: errors, network, writers.
+- ``preparation``: a run's inputs to ``Case`` objects: classes, sparse labels, fingerprint, preprocessing
+  (``LabeledInput``, ``TrainRequest``, ``resolve_classes``, ``read_labeled``, ``inspect_cases``,
+  ``preprocess_labeled``, ``model_input``, ``to_model_grid``, ``normalize``). imports: data, errors, io,
+  prototypes, settings.
+- ``planning``: spacing, patch, normalisation, memory and time (``plan_run``, ``plan_patch_size``,
+  ``estimate_memory``, ``check_memory``, ``step_seconds``, ``iterations_for_minutes``).
+  imports: errors, network, preparation, settings.
+- ``trainer``: the training loop (``Trainer``, ``TrainResult``, ``resolve_device``). imports: data, distributed,
+  errors, inference, losses, metrics, modelfile, network, planning, prototypes, settings, teacher.
+- ``prediction``: model file and images in, segmentations on each image's grid out (``Predictor``,
+  ``back_to_image_grid``, ``predict``). imports: errors, inference, io, modelfile, preparation, trainer, writers.
+- ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``).
+  imports: cleanup, data, errors, io, metrics, modelfile, planning, preparation, trainer.
+- ``uncertainty``: "label this next" scores and ranking (``UncertaintyModel``, ``rank_files``).
+  imports: errors, inference, io, modelfile, prediction, preparation, prototypes, settings, writers.
+- ``inputfiles``: the CLI's other input files: case lists, Decathlon folders, colour tables, ``--config``
+  (``read_case_list``, ``decathlon_cases``, ``load_config_file``). imports: errors, io, settings.
+- ``demo``: ``cpcl-segment demo`` (``run_demo``). imports: errors, inputfiles, io, metrics, pipeline, prediction,
+  preparation, settings, writers.
+- ``cli_args``: the command line's parser and the training request it stands for (``build_parser``,
+  ``build_train_request``). imports: errors, inputfiles, preparation, settings.
+- ``console``: what the CLI prints and how it stops (``Reporter``, ``print_summary``, ``StopControl``).
+  imports: cleanup, errors.
+- ``jobs``: background child-process runs for the Slicer module (``Job``). imports: errors.
+- ``cli``: the ``cpcl-segment`` entry point and its commands (``main``). imports: cleanup, cli_args, console, demo,
+  distributed, errors, modelfile, pipeline, planning, prediction, uncertainty.
 """
 
 from __future__ import annotations

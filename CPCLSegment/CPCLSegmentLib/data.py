@@ -1,13 +1,6 @@
-"""Preprocessing (orientation, spacing, intensity normalisation), cases, patch sampling and augmentation.
+"""Cases (preprocessed volumes on the model grid, in memory or memory-mapped), patch sampling and augmentation.
 
-Preprocessing, applied identically at training and prediction time (parameters in the model file):
-
-1. reorient to the canonical voxel order ``CANONICAL_ORIENTATION`` (``sitk.DICOMOrient``), so cases with
-   different direction matrices (LPS vs RAS, axis permutations) present the anatomy the same way;
-2. resample to the model's target spacing (linear for images, nearest for labels) when it differs;
-3. normalise intensities: ``"ct"`` clips to the labeled foreground's [0.5, 99.5] percentiles and z-scores
-   with the foreground mean / std (nnU-Net's CT scheme, statistics fixed at planning time); ``"zscore"``
-   z-scores each volume with its own mean / std (MR and other modalities).
+How a file becomes a Case (reorientation, spacing, intensity normalisation) is ``preparation``'s part.
 
 Sampling is driven by one random stream **per sample**, seeded by ``(seed, stream, iteration, global
 sample index)``. A run is therefore reproducible, resumes exactly from any iteration without saving sampler
@@ -22,94 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import InputError
 from .prototypes import IGNORE_INDEX
 
-CANONICAL_ORIENTATION = "LPS"  # identity direction matrix for axis-aligned images
 _MAX_LOCATIONS = 20000  # foreground voxel coordinates kept per class and case for oversampling
-
-
-# ---------------------------------------------------------------------------------------- preprocessing
-
-
-def reorient(image: sitk.Image) -> sitk.Image:
-    """Permutes / flips the voxel axes to ``CANONICAL_ORIENTATION`` (exact, no interpolation)."""
-    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
-
-
-def resample_image(image: sitk.Image, spacing: Sequence[float], interpolator=sitk.sitkLinear, default: float = 0.0) -> sitk.Image:
-    """Resamples to ``spacing`` (x, y, z mm) keeping origin, direction and physical extent."""
-    old_sp = np.array(image.GetSpacing())
-    new_sp = np.array(spacing, dtype=float)
-    if np.allclose(old_sp, new_sp, rtol=1e-3):
-        return image
-    size = np.maximum(1, np.round(np.array(image.GetSize()) * old_sp / new_sp)).astype(int)
-    return sitk.Resample(
-        image, [int(s) for s in size], sitk.Transform(), interpolator, image.GetOrigin(), [float(s) for s in new_sp],
-        image.GetDirection(), default, image.GetPixelID(),
-    )
-
-
-def to_model_grid(image: sitk.Image, spacing: Optional[Sequence[float]]) -> sitk.Image:
-    """Canonical orientation, then the model's spacing (None keeps the image's own)."""
-    img = reorient(image)
-    if spacing is not None:
-        img = resample_image(img, spacing)
-    return img
-
-
-def labels_to_grid(labels: np.ndarray, image: sitk.Image, grid: sitk.Image) -> np.ndarray:
-    """Moves a label array defined on ``image``'s grid onto ``grid`` (nearest neighbour)."""
-    lab = sitk.GetImageFromArray(labels.astype(np.int16))
-    lab.CopyInformation(image)
-    lab = reorient(lab)
-    if lab.GetSize() != grid.GetSize() or not np.allclose(lab.GetSpacing(), grid.GetSpacing(), rtol=1e-3):
-        lab = sitk.Resample(lab, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
-    return sitk.GetArrayFromImage(lab).astype(np.int16)
-
-
-def looks_like_ct(array: np.ndarray) -> bool:
-    """CT in Hounsfield units has air near -1000; MR intensities are non-negative."""
-    return float(np.percentile(array, 0.5)) <= -500.0
-
-
-def foreground_intensity_sample(image: np.ndarray, labels: np.ndarray, rng: np.random.RandomState, n: int = 10000) -> np.ndarray:
-    vals = image[labels > 0]
-    if vals.size > n:
-        vals = vals[rng.choice(vals.size, n, replace=False)]
-    return vals.astype(np.float32)
-
-
-def plan_normalization(modality: str, foreground_samples: Sequence[np.ndarray]) -> Dict[str, Any]:
-    """Normalisation parameters stored in the model file. ``modality`` is "ct", "mr" or "other"."""
-    if modality == "ct":
-        vals = np.concatenate([v for v in foreground_samples if v.size]) if foreground_samples else np.zeros(0)
-        if vals.size < 10:
-            raise InputError("CT normalisation needs labeled foreground voxels; none were found")
-        lo, hi = np.percentile(vals, [0.5, 99.5])
-        clipped = np.clip(vals, lo, hi)
-        return {"scheme": "ct", "clip": [float(lo), float(hi)], "mean": float(clipped.mean()), "std": float(max(clipped.std(), 1e-3))}
-    return {"scheme": "zscore"}
-
-
-def normalize(array: np.ndarray, norm: Dict[str, Any]) -> np.ndarray:
-    """Applies a normalisation dict (see ``plan_normalization``); returns float32."""
-    a = array.astype(np.float32, copy=True)
-    scheme = norm.get("scheme", "zscore")
-    if scheme == "ct":
-        lo, hi = norm["clip"]
-        np.clip(a, lo, hi, out=a)
-        a -= norm["mean"]
-        a /= norm["std"]
-    elif scheme == "zscore":
-        m, s = float(a.mean()), float(a.std())
-        a -= m
-        a /= max(s, 1e-6)
-    elif scheme != "none":
-        raise InputError(f"unknown normalisation scheme {scheme!r}")
-    return a
 
 
 # -------------------------------------------------------------------------------------------- cases

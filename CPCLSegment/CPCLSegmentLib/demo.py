@@ -18,16 +18,19 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
-import SimpleITK as sitk
 
 from . import io as cio
 from .errors import InputError
-from .metrics import dice_per_class, nanmean
-from .pipeline import LabeledInput, Predictor, TrainRequest, train
-from .trainer import TrainConfig
+from .inputfiles import decathlon_cases
+from .metrics import dice_per_class, mean_dice
+from .pipeline import train
+from .prediction import Predictor
+from .preparation import LabeledInput, TrainRequest
+from .settings import TrainConfig
+from .writers import write_image, write_prediction
 
 DEMO_SEGMENTS = ["right lung", "left lung", "thoracic vertebral column"]
 TOP, MIDDLE, BOTTOM = (0, 14), (14, 22), (22, 34)  # slice ranges (k) of CTChest4
@@ -67,7 +70,7 @@ def run_demo(args: Any, emit: Callable[[Dict[str, Any]], None], should_stop: Cal
         slabs = {}
         for name, (k0, k1) in (("top", TOP), ("middle", MIDDLE), ("bottom", BOTTOM)):
             slabs[name] = os.path.join(tmp, f"CTChest4-{name}.nrrd")
-            cio.write_image(slabs[name], ct[:, :, k0:k1])
+            write_image(slabs[name], ct[:, :, k0:k1])
         request = TrainRequest(
             labeled=[LabeledInput(slabs["top"], seg_path), LabeledInput(slabs["bottom"], seg_path)],
             unlabeled=[ct_path],
@@ -82,15 +85,15 @@ def run_demo(args: Any, emit: Callable[[Dict[str, Any]], None], should_stop: Cal
     predictor = Predictor(request.out, device=args.device)
     labels = predictor.segment(ct)
     seg_out = os.path.join(out, "CTChest4.seg.nrrd")
-    cio.write_prediction(seg_out, labels, ct, predictor.classes)
+    write_prediction(seg_out, labels, ct, predictor.classes)
     truth, _ = cio.build_label_array(cio.read_segmentation(seg_path), DEMO_SEGMENTS, ct, ct_path)
     k0, k1 = MIDDLE
-    dice = dice_per_class(labels[k0:k1], truth[k0:k1], len(predictor.classes))
+    mean, dice = mean_dice([dice_per_class(labels[k0:k1], truth[k0:k1], len(predictor.classes))], len(predictor.classes))
     names = [c["name"] for c in predictor.classes[1:]]
     table = "\n".join(f"  {n:<28} {d:.3f}" for n, d in zip(names, dice))
-    _say(emit, f"Dice on the held-out middle slab:\n{table}\n  {'mean':<28} {nanmean(dice):.3f}")
+    _say(emit, f"Dice on the held-out middle slab:\n{table}\n  {'mean':<28} {mean:.3f}")
     _say(emit, f"wrote {seg_out} (open it in Slicer over {ct_path}) and {request.out}; {time.time() - t0:.0f} s in all")
-    return {"model": request.out, "segmentation": seg_out, "dice": dict(zip(names, dice)), "mean_dice": nanmean(dice),
+    return {"model": request.out, "segmentation": seg_out, "dice": dict(zip(names, dice)), "mean_dice": mean,
             "seconds": round(time.time() - t0, 1), "iterations": result["iterations"]}
 
 
@@ -99,8 +102,6 @@ def _say(emit, message: str) -> None:
 
 
 def _dataset_split(folder: str, n_labeled: int, n_unlabeled: int, seed: int):
-    from .cli import decathlon_cases
-
     cases = decathlon_cases(folder)["labeled"]
     if not cases:
         raise InputError(f"{folder}/labelsTr holds no labels matching imagesTr")
@@ -146,9 +147,9 @@ def run_dataset_demo(args: Any, emit, should_stop) -> Dict[str, Any]:
             seg = cio.read_segmentation(x["segmentation"])
             truth, _ = cio.build_label_array(seg, [cl["name"] for cl in predictor.classes[1:]], img, x["image"])
             per_case.append(dice_per_class(predictor.segment(img), truth, len(predictor.classes)))
-        dice = [nanmean([p[k] for p in per_case]) for k in range(len(predictor.classes) - 1)]
+        mean, dice = mean_dice(per_case, len(predictor.classes))
         results[method] = dict(zip([cl["name"] for cl in predictor.classes[1:]], dice))
-        results[method]["mean"] = nanmean(dice)
+        results[method]["mean"] = mean
     lines = [f"  {'':<14}" + "".join(f"{k:>14}" for k in results["cpcl"])]
     for method, label in (("supervised", "labeled only"), ("cpcl", "+ unlabeled")):
         lines.append(f"  {label:<14}" + "".join(f"{v:>14.3f}" for v in results[method].values()))

@@ -87,9 +87,6 @@ class DistributedContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def barrier(self) -> None:
-        dist.barrier()
-
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Reading and writing images and segmentations; putting a segmentation onto its image's grid.
+"""Reading images and segmentations; putting a segmentation onto its image's grid (writing: ``writers``).
 
 - Images: SimpleITK (NIfTI, NRRD, MHA/MHD, DICOM series folders). Always 3-D scalar; vector / RGB / 4-D
   images are refused with a message naming the file.
@@ -6,7 +6,6 @@
   overlapping layers), or label maps (NIfTI / NRRD / MHA) whose non-zero values are the segments.
 - A segmentation on another grid than its image (Slicer allows it) is resampled onto the image grid with
   nearest-neighbour interpolation; no physical overlap at all is an error naming both files.
-- Outputs are written atomically (temporary file in the same folder, then ``os.replace``).
 
 Array convention everywhere in the engine: numpy ``(k, j, i)`` = ``(D, H, W)``, as returned by
 ``sitk.GetArrayFromImage`` and ``slicer.util.arrayFromVolume``. slicerio's voxels are ``(i, j, k)`` and are
@@ -15,16 +14,14 @@ transposed on the way in and out. Physical space is LPS (ITK, slicerio, DICOM).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputError
+from .errors import InputError
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEG_EXTENSION = ".seg.nrrd"
@@ -54,7 +51,7 @@ def is_seg_nrrd(path: str) -> bool:
 # ----------------------------------------------------------------------------------------------- images
 
 
-def _check_exists(path: str, what: str) -> None:
+def check_exists(path: str, what: str) -> None:
     if not os.path.exists(path):
         raise InputError(f"{what} not found: {path}")
 
@@ -62,7 +59,7 @@ def _check_exists(path: str, what: str) -> None:
 def read_image(path: str) -> sitk.Image:
     """Reads a 3-D scalar image (file or DICOM series folder) as float32, keeping its geometry."""
     path = str(path)
-    _check_exists(path, "image")
+    check_exists(path, "image")
     try:
         if os.path.isdir(path):
             reader = sitk.ImageSeriesReader()
@@ -78,7 +75,7 @@ def read_image(path: str) -> sitk.Image:
     except InputError:
         raise
     except Exception as e:  # SimpleITK raises RuntimeError with ITK's text
-        raise InputError(f"cannot read image {path}: {_first_line(e)}") from None
+        raise InputError(f"cannot read image {path}: {first_line(e)}") from None
     return as_scalar_3d(image, path)
 
 
@@ -112,7 +109,7 @@ def as_scalar_3d(image: sitk.Image, name: str) -> sitk.Image:
     return image
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     for line in text:
         if "ERROR" in line or "Exception" in line or "error" in line:
@@ -155,13 +152,13 @@ def read_segmentation(path: str, segment_names: Optional[Dict[int, str]] = None)
     Label maps name their segments "Label N" unless ``segment_names`` maps values to names.
     """
     path = str(path)
-    _check_exists(path, "segmentation")
+    check_exists(path, "segmentation")
     if is_seg_nrrd(path):
         return _read_seg_nrrd(path)
     try:
         image = sitk.ReadImage(path)
     except Exception as e:
-        raise InputError(f"cannot read segmentation {path}: {_first_line(e)}") from None
+        raise InputError(f"cannot read segmentation {path}: {first_line(e)}") from None
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (3, 4):
         raise InputError(f"segmentation {path} must be a 3-D label map with one value per voxel")
     if image.GetDimension() == 4:
@@ -189,30 +186,45 @@ def _read_seg_nrrd(path: str) -> Segmentation:
     try:
         seg = slicerio.read_segmentation(path)
     except Exception as e:
-        raise InputError(f"cannot read segmentation {path}: {type(e).__name__}: {_first_line(e)}") from None
+        raise InputError(f"cannot read segmentation {path}: {type(e).__name__}: {first_line(e)}") from None
     voxels = seg.get("voxels")
     if voxels is None or voxels.ndim not in (3, 4):
         raise InputError(f"segmentation {path} holds no 3-D voxel data")
     ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
     layers_ijk = voxels if voxels.ndim == 4 else voxels[np.newaxis]
     layers = [_image_from_ijk(layer, ijk_to_lps, path) for layer in layers_ijk]
-    segments = []
-    for s in seg.get("segments", []):
-        layer = int(s.get("layer", 0) or 0)
-        if layer >= len(layers):
-            raise InputError(f"segmentation {path}: segment {s.get('name')!r} refers to missing layer {layer}")
-        color = [float(c) for c in s.get("color", default_color(len(segments) + 1))][:3]
-        segments.append(
-            SegmentInfo(
-                name=str(s.get("name", s.get("id", f"Segment {len(segments) + 1}"))),
-                label_value=int(s.get("labelValue", len(segments) + 1)),
-                color=color,
-                layer=layer,
-                terminology=s.get("terminology"),
-                segment_id=str(s.get("id", "")),
-            )
-        )
+    segments = [_segment_info(s, i) for i, s in enumerate(seg.get("segments", []))]
+    for s in segments:
+        if s.layer >= len(layers):
+            raise InputError(f"segmentation {path}: segment {s.name!r} refers to missing layer {s.layer}")
     return Segmentation(path, segments, layers, False)
+
+
+def _segment_info(s: Dict[str, Any], index: int) -> SegmentInfo:
+    """A slicerio segment dict (the ``index``-th of its file) as a SegmentInfo."""
+    return SegmentInfo(
+        name=str(s.get("name", s.get("id", f"Segment {index + 1}"))),
+        label_value=int(s.get("labelValue", index + 1)),
+        color=[float(c) for c in s.get("color", default_color(index + 1))][:3],
+        layer=int(s.get("layer", 0) or 0),
+        terminology=s.get("terminology"),
+        segment_id=str(s.get("id", "")),
+    )
+
+
+def read_segment_list(path: str, segment_names: Optional[Dict[int, str]] = None) -> Segmentation:
+    """The segments of a segmentation file; a ``.seg.nrrd``'s header only (its voxels are not read)."""
+    import slicerio
+
+    path = str(path)
+    if not is_seg_nrrd(path):
+        return read_segmentation(path, segment_names)
+    check_exists(path, "segmentation")
+    try:
+        seg = slicerio.read_segmentation(path, skip_voxels=True)
+    except Exception as e:
+        raise InputError(f"cannot read segmentation {path}: {type(e).__name__}: {first_line(e)}") from None
+    return Segmentation(path, [_segment_info(s, i) for i, s in enumerate(seg.get("segments", []))], [], False)
 
 
 def _image_from_ijk(voxels_ijk: np.ndarray, ijk_to_lps: np.ndarray, name: str) -> sitk.Image:
@@ -313,7 +325,7 @@ def build_label_array(
     owner = np.zeros(shape, dtype=np.int16)
     missing = []
     for c, key in enumerate(wanted, start=1):
-        seg = _find_segment(segmentation, key)
+        seg = find_segment(segmentation, key)
         if seg is None:
             missing.append(c)
             continue
@@ -338,7 +350,7 @@ def build_label_array(
     return labels, missing
 
 
-def _find_segment(segmentation: Segmentation, key: Any) -> Optional[SegmentInfo]:
+def find_segment(segmentation: Segmentation, key: Any) -> Optional[SegmentInfo]:
     if segmentation.from_labelmap:
         for s in segmentation.segments:
             if (isinstance(key, int) and s.label_value == key) or s.name == str(key):
@@ -351,145 +363,9 @@ def _find_segment(segmentation: Segmentation, key: Any) -> Optional[SegmentInfo]
     return lowered[0] if len(lowered) == 1 else None
 
 
-# ------------------------------------------------------------------------------------------- writing
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yields a temporary path beside ``path`` (same extension); on success it replaces ``path``.
-
-    On any failure (including ENOSPC) the temporary file is removed and ``path`` is untouched.
-    """
-    from . import cleanup
-
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    base = os.path.basename(path)
-    suffix = SEG_EXTENSION if base.lower().endswith(SEG_EXTENSION) else next(
-        (e for e in IMAGE_EXTENSIONS + (".pt", ".json", ".csv") if base.lower().endswith(e)), ""
-    )
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + base[: 40 - len(suffix)] + "-", suffix=suffix, dir=folder)
-        os.close(fd)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    cleanup.register(tmp)
-    try:
-        yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e} (any previous {base} is unchanged)") from None
-    except RuntimeError as e:  # torch.save / SimpleITK wrap write failures (e.g. a full disk) in RuntimeError
-        raise OutputError(f"cannot write {path}: {_first_line(e)} (any previous {base} is unchanged)") from None
-    finally:
-        if os.path.exists(tmp):
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        cleanup.unregister(tmp)
-
-
-def _fsync(path: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_label_image(path: str, labels: np.ndarray, reference: sitk.Image, label_values: Sequence[int]) -> None:
-    """Writes class indices as a label map (NIfTI / NRRD / MHA) with ``label_values[c]`` for class c."""
-    lut = np.asarray(label_values, dtype=np.int32)
-    out = lut[labels.astype(np.int64)]
-    dtype = np.uint8 if out.max(initial=0) < 256 else np.uint16
-    img = sitk.GetImageFromArray(out.astype(dtype))
-    img.CopyInformation(reference)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(img, tmp, useCompression=True)
-
-
-# gzip level of written .seg.nrrd files; slicerio's default is 9. Level 6 is much faster for slightly larger
-# files (bench/predict_speed.py measures both; BENCHMARKS.md, "Speed and memory").
-SEG_NRRD_COMPRESSION = 6
-
-
-def write_seg_nrrd(
-    path: str, labels: np.ndarray, reference: sitk.Image, classes: Sequence[Dict[str, Any]],
-    compression_level: int = SEG_NRRD_COMPRESSION,
-) -> None:
-    """Writes class indices as a Slicer ``.seg.nrrd``: one segment per class 1..K-1 (names, colours,
-    terminology from ``classes``), each listed even when empty, on the reference image's grid, gzip level
-    ``compression_level``."""
-    import slicerio
-
-    if labels.shape != tuple(reversed(reference.GetSize())):
-        raise ValueError(f"label array {labels.shape} does not match the reference grid {tuple(reversed(reference.GetSize()))}")
-    values = [int(c.get("label_value", i)) for i, c in enumerate(classes)]
-    if len(set(values[1:])) != len(values) - 1 or 0 in values[1:] or max(values) > 255:
-        values = list(range(len(classes)))
-    lut = np.asarray(values, dtype=np.uint8)
-    voxels = lut[labels.astype(np.int64)].transpose(2, 1, 0)
-    segments = []
-    for i, c in enumerate(classes[1:], start=1):
-        mask_idx = np.nonzero(labels == i)
-        if mask_idx[0].size:
-            # labels are (k, j, i); extent is i-min i-max j-min j-max k-min k-max
-            extent = [int(v) for axis in (2, 1, 0) for v in (mask_idx[axis].min(), mask_idx[axis].max())]
-        else:
-            extent = [0, -1, 0, -1, 0, -1]
-        seg: Dict[str, Any] = {
-            "id": str(c.get("segment_id") or f"Segment_{i}"),
-            "name": str(c["name"]),
-            "color": [float(v) for v in c.get("color", default_color(i))],
-            "labelValue": int(values[i]),
-            "layer": 0,
-            "extent": extent,
-            "status": "completed",
-        }
-        if c.get("terminology"):
-            seg["terminology"] = c["terminology"]
-        segments.append(seg)
-    ids = [s["id"] for s in segments]
-    if len(set(ids)) != len(ids):
-        for i, s in enumerate(segments, start=1):
-            s["id"] = f"Segment_{i}"
-    seg_dict = {
-        "voxels": np.ascontiguousarray(voxels),
-        "ijkToLPS": ijk_to_lps_matrix(reference),
-        "segments": segments,
-        "containedRepresentationNames": ["Binary labelmap"],
-        "masterRepresentation": "Binary labelmap",
-        "referenceImageExtentOffset": [0, 0, 0],
-    }
-    with atomic_path(path) as tmp:
-        slicerio.write_segmentation(tmp, seg_dict, compression_level=compression_level)
-
-
-def write_prediction(path: str, labels: np.ndarray, reference: sitk.Image, classes: Sequence[Dict[str, Any]]) -> None:
-    """Writes a prediction by the extension of ``path``: ``.seg.nrrd`` or a label map with the model's values."""
-    if is_seg_nrrd(path):
-        write_seg_nrrd(path, labels, reference, classes)
-    elif has_extension(path, IMAGE_EXTENSIONS):
-        write_label_image(path, labels, reference, [int(c.get("label_value", i)) for i, c in enumerate(classes)])
-    else:
-        raise InputError(f"unknown output format for {path}: use .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
-
-
-def write_image(path: str, image: sitk.Image) -> None:
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(image, tmp, useCompression=True)
-
-
 def strip_extension(name: str) -> str:
     base = os.path.basename(str(name).rstrip("/\\"))
     for ext in (SEG_EXTENSION,) + IMAGE_EXTENSIONS:
         if base.lower().endswith(ext):
             return base[: -len(ext)]
     return os.path.splitext(base)[0]
-
-
-def file_reader(path: str) -> Callable[[], sitk.Image]:
-    """A zero-argument loader (for lazy case lists)."""
-    return lambda: read_image(path)

@@ -1,11 +1,14 @@
-"""Evaluation metrics: Dice and 95th-percentile Hausdorff distance per class (MONAI's implementations)."""
+"""Evaluation metrics: Dice and 95th-percentile Hausdorff distance per class (MONAI's implementations), and
+the mean Dice per class over cases that validation, ``--compare-supervised`` and the demo report."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .inference import predict_labels
 
 
 def _onehot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -57,3 +60,23 @@ def hd95_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int, spaci
 def nanmean(values: Sequence[float]) -> float:
     arr = np.asarray([v for v in values if v == v], dtype=float)
     return float(arr.mean()) if arr.size else float("nan")
+
+
+def mean_dice(per_case: Sequence[Sequence[float]], num_classes: int) -> Tuple[float, List[float]]:
+    """``(mean over classes, [mean over cases of class 1..K-1])`` of per-case ``dice_per_class`` lists.
+
+    Cases where a class is absent (NaN) are left out of that class's mean; a class absent everywhere is NaN
+    and left out of the overall mean."""
+    dice = [nanmean([d[k] for d in per_case]) for k in range(num_classes - 1)]
+    return nanmean(dice), dice
+
+
+def mean_dice_over_cases(net: torch.nn.Module, cases: Sequence[Any], patch: Sequence[int], device: torch.device,
+                         num_classes: int, overlap: float, amp: bool = True) -> Tuple[float, List[float]]:
+    """``mean_dice`` of ``net``'s sliding-window prediction on preprocessed labeled cases (``data.Case``:
+    ``image`` and ``label`` on the model grid), scored on the model grid."""
+    per_case = []
+    for case in cases:
+        pred, _ = predict_labels(net, case.image, patch, device, overlap=overlap, amp=amp)
+        per_case.append(dice_per_class(pred, np.asarray(case.label), num_classes))
+    return mean_dice(per_case, num_classes)

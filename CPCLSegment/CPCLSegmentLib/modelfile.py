@@ -19,21 +19,29 @@ reads it and a model file can never execute code)::
 
 Inference uses the teacher's last weights unless asked for ``best`` (marked separately, chosen on the
 validation cases only) or ``student``.
+
+Beside the model file: ``<model>.run.json``, the run record (versions, seed, config, plan, cases, losses,
+validations: ``write_run_record``), and while training ``<model>.pt.checkpoint.pt`` for ``--resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pickle
+import platform
+import time
 import zipfile
-from typing import Any, Dict, List
+from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 
 from . import MODEL_FORMAT, MODEL_FORMAT_VERSION, __version__
-from .errors import ModelFileError
-from .io import atomic_path
+from .errors import InputError, ModelFileError
 from .network import VNet, build_network
+from .writers import atomic_path
 
 REQUIRED_KEYS = ("format", "format_version", "network", "classes", "normalization", "patch_size", "weights")
 WEIGHT_CHOICES = ("teacher", "student", "best")
@@ -114,12 +122,6 @@ def state_dict_cpu(net: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def compare_networks(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
-    """Differences between two network configs that prevent reusing the trunk (ignores num_classes)."""
-    keys = ("in_channels", "width", "depth", "norm", "feature_level")
-    return [f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
-
-
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """Reads a resume checkpoint (written by the trainer) with ``weights_only=True``."""
     ckpt = _load(path, "checkpoint")
@@ -135,3 +137,131 @@ def save_checkpoint(path: str, ckpt: Dict[str, Any]) -> None:
     ckpt["engine_version"] = __version__
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
+
+
+def checkpoint_path(out: str) -> str:
+    """The resume checkpoint of model file ``out``."""
+    return str(out) + ".checkpoint.pt"
+
+
+def run_record_path(out: str) -> str:
+    """The run record (JSON) of model file ``out``: ``model.pt`` → ``model.run.json``."""
+    base = str(out)
+    return (base[:-3] if base.endswith(".pt") else base) + ".run.json"
+
+
+# ------------------------------------------------------------------------------------------- records
+
+
+def plain(obj: Any, nan_as_none: bool = False) -> Any:
+    """JSON-able copy: dicts (string keys), lists (from tuples), numpy scalars as Python numbers, and with
+    ``nan_as_none`` NaN floats as None."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v, nan_as_none) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v, nan_as_none) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if nan_as_none and isinstance(obj, float) and obj != obj:
+        return None
+    return obj
+
+
+def versions() -> Dict[str, str]:
+    """Versions of the engine, Python, the platform and the main packages (for the run record)."""
+    out = {"cpcl-segment": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("torch", "numpy", "monai", "SimpleITK", "slicerio"):
+        with contextlib.suppress(Exception):
+            out[mod] = __import__(mod).__version__
+    return out
+
+
+def make_record(cfg, result, classes, plan, request, infos, n_unlabeled: int, start_eval=None, comparison=None) -> Dict[str, Any]:
+    """The model-file record of a finished run (``save_model`` adds the format fields).
+
+    ``cfg``: the run's ``TrainConfig``; ``result``: its ``trainer.TrainResult``; ``request``: the
+    ``preparation.TrainRequest``; ``infos``: the ``preparation.CaseInfo`` of the labeled cases."""
+    return {
+        "network": cfg.network_config(len(classes)),
+        "classes": plain(classes),
+        "spacing": plain(plan["spacing"]),
+        "orientation": plan["orientation"],
+        "normalization": plain(plan["normalization"]),
+        "patch_size": [int(p) for p in cfg.patch_size],
+        "weights": {
+            "teacher": state_dict_cpu(result.teacher),
+            "student": state_dict_cpu(result.student),
+            "best": result.best_state,
+        },
+        "best": plain(result.best),
+        "prototypes": result.prototypes,
+        "prototype_valid": result.prototype_valid,
+        "training": {
+            "method": result.method,
+            "status": result.status,
+            "iterations": result.iterations_done,
+            "config": cfg.to_dict(),
+            "labeled_cases": [i.name for i in infos],
+            "unlabeled_cases": n_unlabeled,
+            "supervised_only": result.method == "supervised",
+            "starting_model": request.init,
+            "starting_model_validation": plain(start_eval),
+            "comparison": plain(comparison),
+        },
+    }
+
+
+def write_run_record(out: str, request, cfg, result, plan, classes, t_start: float, comparison=None, start_eval=None) -> None:
+    """Writes ``<model>.run.json`` atomically: what was run, on what, with which versions, and how it went."""
+    record = {
+        "model": out,
+        "engine_version": __version__,
+        "versions": versions(),
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "method": result.method,
+        "status": result.status,
+        "plan": plain(plan),
+        "classes": [c["name"] for c in classes],
+        "labeled": [{"image": i.image, "segmentation": i.segmentation, "annotated_slices": i.annotated_slices} for i in request.labeled],
+        "unlabeled": list(request.unlabeled),
+        "validation": [{"image": i.image, "segmentation": i.segmentation} for i in request.validation],
+        "starting_model": request.init,
+        "starting_model_validation": plain(start_eval),
+        "comparison": plain(comparison),
+        "best": plain(result.best),
+        "validations": plain(result.validation),
+        "losses": result.history,
+        "seconds": round(time.time() - t_start, 1),
+    }
+    with atomic_path(run_record_path(out)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+
+
+def starting_state(record: Dict[str, Any], init_path: str, classes, cfg, overrides: Optional[Dict[str, Any]], emit) -> Dict[str, Any]:
+    """Checks a starting model (``--init``) against the requested run and returns the student / teacher
+    states to load. Its network settings are copied into ``cfg``; other segments than ``classes`` keep the
+    trunk and re-initialise the output head (teacher None)."""
+    net_cfg = record["network"]
+    if net_cfg.get("in_channels", 1) != 1:
+        raise InputError(f"starting model {init_path} expects {net_cfg.get('in_channels')} input channels; CPCLSegment trains on 1")
+    diffs = [f"{k}: model {net_cfg.get(k)} vs requested {v}" for k, v in (overrides or {}).items() if k in net_cfg and net_cfg[k] != v]
+    if diffs:
+        raise InputError(f"starting model {init_path} does not match the requested network: " + "; ".join(diffs))
+    for k in ("width", "depth", "norm", "feature_level"):
+        setattr(cfg, k, net_cfg[k])
+    cfg.dropout = net_cfg.get("dropout", cfg.dropout)
+    teacher = record["weights"]["teacher"]
+    student = record["weights"].get("student") or teacher
+    old_names = [c["name"] for c in record["classes"]]
+    new_names = [c["name"] for c in classes]
+    if old_names == new_names:
+        emit({"event": "info", "message": f"fine-tuning {init_path}: same segments, continuing from its weights"})
+        # the EMA continues from the model's own step count (trainer.Trainer: ema_offset)
+        return {"student": student, "teacher": teacher, "iterations": int(record.get("training", {}).get("iterations") or 0)}
+    fresh = VNet(**cfg.network_config(len(classes))).state_dict()
+    fresh.update({k: v for k, v in student.items() if not k.startswith("head.")})
+    emit({"event": "warning", "message": f"fine-tuning {init_path}: its segments {old_names[1:]} differ from {new_names[1:]}: "
+          "keeping the trunk and re-initialising the output head for the new segment list"})
+    return {"student": fresh, "teacher": None}

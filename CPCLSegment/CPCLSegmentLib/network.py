@@ -13,7 +13,7 @@ the reference's ``block_eight`` output).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -206,7 +206,3 @@ def activation_voxels_per_input_voxel(config: Dict[str, Any]) -> float:
         total += 3 * c * frac * (n_enc + n_dec)
     total += config["num_classes"]
     return total
-
-
-def sizes_ok(shape: Sequence[int], multiple: int) -> bool:
-    return all(s % multiple == 0 for s in shape)

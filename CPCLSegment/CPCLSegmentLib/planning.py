@@ -1,4 +1,4 @@
-"""Planning from the data (as nnU-Net does): target spacing, patch size, memory estimate.
+"""Planning from the data (as nnU-Net does): target spacing, patch size, memory and time estimates.
 
 - Target spacing: the per-axis median spacing of the labeled cases.
 - Patch size: the median case shape at that spacing, rounded **up** to a multiple of ``2**depth`` (small
@@ -11,12 +11,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import psutil
+import torch
 
-from .network import activation_voxels_per_input_voxel
+from .errors import InputError
+from .network import VNet, activation_voxels_per_input_voxel, count_parameters
+from .preparation import CANONICAL_ORIENTATION, CaseInfo, Emit, TrainRequest, plan_normalization
+from .settings import TrainConfig
 
 CPU_PATCH_VOXELS = 64 * 64 * 64  # CPU: above this a step takes seconds on a laptop
 GPU_MAX_PATCH = (128, 128, 128)
@@ -38,20 +45,13 @@ def shape_at_spacing(size_xyz: Sequence[int], spacing_xyz: Sequence[float], targ
     return (s[2], s[1], s[0])
 
 
+@functools.lru_cache(maxsize=256)
 def count_params(width: int, depth: int, num_classes: int, in_channels: int = 1) -> int:
-    """Parameter count of ``VNet(width, depth)`` without building it (conv weights + norm affine)."""
-    total = 0
-    widths = [width * 2**i for i in range(depth + 1)]
-    for i in range(depth + 1):
-        n = min(i + 1, 3)
-        cin = in_channels if i == 0 else widths[i]
-        total += 27 * cin * widths[i] + (n - 1) * 27 * widths[i] ** 2 + 2 * n * widths[i]
-    for i in range(depth):
-        total += 2 * (8 * widths[i] * widths[i + 1] + 2 * widths[i + 1] + 2 * widths[i])  # down + up
-        n = min(i + 1, 3)
-        total += n * (27 * widths[i] ** 2 + 2 * widths[i])
-    total += widths[0] * num_classes + num_classes
-    return total
+    """Parameter count of ``VNet(width, depth)`` (instance norm), counted on a network built on the ``meta``
+    device (shapes only: no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        net = VNet(in_channels=in_channels, num_classes=num_classes, width=width, depth=depth, feature_level=0)
+    return count_parameters(net)
 
 
 def estimate_memory(
@@ -84,18 +84,14 @@ def estimate_memory(
 
 def available_memory(device_type: str, device_index: Optional[int] = None) -> Optional[float]:
     """Free bytes on the device (CUDA: ``mem_get_info``; CPU: available RAM), or None if unknown."""
-    try:
-        if device_type == "cuda":
-            import torch
-
+    if device_type == "cpu":
+        return float(psutil.virtual_memory().available)
+    if device_type == "cuda":
+        try:
             free, _total = torch.cuda.mem_get_info(device_index if device_index is not None else torch.cuda.current_device())
-            return float(free)
-        if device_type == "cpu":
-            import psutil
-
-            return float(psutil.virtual_memory().available)
-    except Exception:
-        return None
+        except Exception:  # CUDA not usable from this process
+            return None
+        return float(free)
     return None
 
 
@@ -153,8 +149,91 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def describe_plan(plan: Dict[str, Any]) -> str:
-    return (
-        f"spacing {['%.3g' % s for s in plan['spacing']]} mm (x, y, z), patch {list(plan['patch_size'])} (D, H, W), "
-        f"normalisation {plan['normalization']['scheme']}"
-    )
+# ------------------------------------------------------------------------------------ a run's plan
+
+
+def plan_run(request: TrainRequest, classes: List[Dict[str, Any]], infos: Sequence[CaseInfo], fg_samples: Sequence[np.ndarray],
+             looks_ct: bool, init_record: Optional[Dict[str, Any]], device: torch.device, emit: Emit) -> Dict[str, Any]:
+    """The run's plan: target spacing, normalisation, patch size (set in ``request.config`` when not given)
+    and the memory estimate. A starting model (``init_record``) fixes spacing and normalisation."""
+    cfg = request.config
+    if init_record is not None:
+        spacing = init_record.get("spacing")
+        normalization = dict(init_record["normalization"])
+        emit({"event": "info", "message": "fine-tuning: spacing and intensity normalisation come from the starting model"})
+    else:
+        spacing = request.spacing or median_spacing([i.spacing for i in infos])
+        modality = request.modality
+        if modality == "auto":
+            modality = "ct" if looks_ct else "mr"
+        normalization = plan_normalization(modality, fg_samples)
+        normalization["modality"] = modality
+    if request.spacing:
+        spacing = list(request.spacing)
+    shapes = [shape_at_spacing(i.size, i.spacing, spacing or i.spacing) for i in infos]
+    median_shape = [int(np.median([s[a] for s in shapes])) for a in range(3)]
+    est = None
+    if cfg.patch_size is None:
+        patch, est = plan_patch_size(
+            median_shape, spacing, cfg.depth, device.type, cfg.width, len(classes), cfg.labeled_batch, cfg.unlabeled_batch,
+            request.memory_budget, cfg.method, cfg.amp,
+        )
+        cfg.patch_size = patch
+    if est is None:
+        est = estimate_memory(cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth, len(classes),
+                              cfg.method, cfg.optimizer, cfg.amp and device.type == "cuda", device.type)
+    return {"spacing": spacing, "normalization": normalization, "patch_size": list(cfg.patch_size),
+            "median_shape": median_shape, "memory": est, "orientation": CANONICAL_ORIENTATION}
+
+
+def check_memory(plan: Dict[str, Any], device: torch.device) -> None:
+    """Raises InputError, with a smaller patch to try, when the plan's estimate exceeds the free memory."""
+    free = available_memory(device.type, device.index)
+    need = plan["memory"]["total"]
+    if free is not None and need > free:
+        smaller = suggest_smaller(plan["patch_size"], 4)
+        raise InputError(
+            f"training needs about {format_bytes(need)} of {device.type.upper()} memory but only {format_bytes(free)} is free; "
+            f"use a smaller patch (e.g. --patch-size {smaller[2]} {smaller[1]} {smaller[0]}), smaller batches or a narrower network"
+        )
+
+
+# ------------------------------------------------------------------------------------------- time
+
+
+def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
+    """Times the network work of one step at the real batch sizes (student forward + backward on the
+    labeled and unlabeled batch, teacher forward on the unlabeled one), best of two after a warm-up, +10 %
+    for the losses, sampling, optimizer and EMA update; None if it cannot run."""
+    try:
+        net = VNet(**cfg.network_config(num_classes)).to(device)
+        n_student = cfg.labeled_batch + (cfg.unlabeled_batch if cfg.method != "supervised" else 0)
+        x = torch.randn(n_student, 1, *cfg.patch_size, device=device)
+        xt = x[: cfg.unlabeled_batch] if cfg.method != "supervised" else None
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            net(x)[0].sum().backward()
+            if xt is not None and len(xt):
+                with torch.no_grad():
+                    net(xt)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    except Exception:
+        return None
+    return min(times[1:]) * 1.1
+
+
+def estimate_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
+    """The whole run's estimated time in seconds (``step_seconds`` × iterations), or None."""
+    per_it = step_seconds(cfg, num_classes, device)
+    return None if per_it is None else round(per_it * cfg.iterations, 0)
+
+
+def iterations_for_minutes(cfg: TrainConfig, num_classes: int, device: torch.device) -> int:
+    """The iteration count that fits ``cfg.minutes`` at the timed step (``step_seconds``); at least 1."""
+    per_it = step_seconds(cfg, num_classes, device)
+    if not per_it:
+        raise InputError("--minutes: could not time a training step on this device; give --iterations instead")
+    return max(1, int(cfg.minutes * 60.0 / per_it))

@@ -27,9 +27,9 @@ from torch import nn
 
 from .data import Augmenter, Case, PatchSampler, paste_masks
 from .errors import InputError, OutOfMemory, TrainingDiverged
-from .inference import autocast_context, predict_labels
+from .inference import autocast_context
 from .losses import LOSS_TERMS, StepInputs, read_terms, sigmoid_rampup, total_loss
-from .metrics import dice_per_class, nanmean
+from .metrics import mean_dice_over_cases
 from .modelfile import state_dict_cpu
 from .network import VNet
 from .prototypes import as_float, feature_masks
@@ -339,12 +339,8 @@ class Trainer:
         """Teacher Dice per segment on the validation cases (rank 0); keeps the best weights."""
         if self.rank != 0:
             return {}
-        per_class: List[List[float]] = []
-        for case in self.validation:
-            pred, _ = predict_labels(self.teacher, case.image, self.cfg.patch_size, self.device, overlap=self.cfg.validation_overlap, amp=self.amp)
-            per_class.append(dice_per_class(pred, np.asarray(case.label), self.K))
-        dice = [nanmean([d[c] for d in per_class]) for c in range(self.K - 1)]
-        mean = nanmean(dice)
+        mean, dice = mean_dice_over_cases(self.teacher, self.validation, self.cfg.patch_size, self.device, self.K,
+                                          self.cfg.validation_overlap, self.amp)
         improved = self.best is None or (mean == mean and mean > self.best["mean_dice"])
         if improved and mean == mean:
             self.best_state = state_dict_cpu(self.teacher)

@@ -56,10 +56,12 @@ import torch
 
 from . import io as cio
 from .errors import InputError, ModelFileError
-from .prototypes import NEG, prototype_logits, to_label_resolution
+from .modelfile import build_from_record
+from .prediction import Predictor
+from .preparation import Emit
+from .prototypes import prototype_logits, to_label_resolution
 from .settings import UNCERTAINTY_SCORES
-
-Emit = Callable[[Dict[str, Any]], None]
+from .writers import atomic_path, write_image
 
 SCORES = UNCERTAINTY_SCORES
 # Chosen by bench/uncertainty.py on MSD hippocampus (BENCHMARKS.md, "Label this next": Spearman rank
@@ -206,9 +208,6 @@ class UncertaintyModel:
     """A model file loaded once: teacher + student networks and the stored prototypes."""
 
     def __init__(self, model_path: str, device: str = "auto", overlap: float = 0.5, sw_batch_size: int = 2) -> None:
-        from .modelfile import build_from_record
-        from .pipeline import Predictor
-
         self.path = str(model_path)
         self.predictor = Predictor(self.path, "teacher", device)
         self.record = self.predictor.record
@@ -348,7 +347,7 @@ def rank_files(
         raise InputError("give at least one image to rank")
     resolve_score(score)  # a bad name fails before the model is loaded
     for p in images:
-        cio._check_exists(p, "image")
+        cio.check_exists(p, "image")
     _check_outputs(out_csv, uncertainty_dir)
     um = UncertaintyModel(model, device)
     chosen = resolve_score(score, um.available)
@@ -372,7 +371,7 @@ def rank_files(
         row.update({k: res.scores[k] for k in SCORES if k in res.scores})
         row["region_voxels"] = res.region_voxels
         if target is not None:
-            cio.write_image(target, map_to_image_grid(res.maps[chosen], res.grid, image))
+            write_image(target, map_to_image_grid(res.maps[chosen], res.grid, image))
             row["uncertainty_map"] = target
         rows.append(row)
         event = {"event": "rank", "index": n + 1, "of": len(images), "image": path, "score": row["score"],
@@ -394,7 +393,7 @@ def write_csv(path: str, rows: Sequence[Dict[str, Any]], scores: Sequence[str] =
     columns = ["rank", "image", "score"] + [s for s in SCORES if s in scores] + ["region_voxels"]
     if any("uncertainty_map" in r for r in rows):
         columns.append("uncertainty_map")
-    with cio.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             w.writeheader()

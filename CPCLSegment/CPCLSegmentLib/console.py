@@ -1,0 +1,174 @@
+"""What the CLI shows and how it stops: engine events as JSON lines, a progress bar or text (``Reporter``,
+``print_summary``), and cancel / stop handling (``StopControl``: signals, a stop file, the parent process)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+import psutil
+
+from . import __version__, cleanup
+from .errors import Cancelled
+
+
+def print_summary(s: Dict[str, Any], out=None) -> None:
+    """The ``summary`` event (before training) as a few lines of text, on stderr unless ``out`` is given."""
+    lines = [
+        f"CPCLSegment {__version__}: {s['method']} training on {len(s['labeled'])} labeled + {s['unlabeled']} unlabeled case(s)"
+        + (f", {s['validation']} validation" if s["validation"] else ""),
+        "  voxels per segment: " + ", ".join(f"{k}: {v}" for k, v in s["voxels_per_segment"].items()),
+        f"  spacing {[round(v, 3) for v in s['spacing']]} mm, patch {s['patch_size']} (D, H, W), normalisation {s['normalization']}",
+        f"  {s['iterations']} iterations on {s['device']}: about {format_seconds(s['estimated_time_s'])}, peak memory about {s['estimated_memory']}",
+    ]
+    print("\n".join(lines), file=out or sys.stderr, flush=True)
+
+
+def format_seconds(sec: Optional[float]) -> str:
+    """A duration for people: "40 s", "12 min", "2.5 h" ("unknown time" for None)."""
+    if sec is None:
+        return "unknown time"
+    if sec < 90:
+        return f"{sec:.0f} s"
+    if sec < 5400:
+        return f"{sec / 60:.0f} min"
+    return f"{sec / 3600:.1f} h"
+
+
+class Reporter:
+    """Turns engine events into JSON lines (stdout), a progress bar, or quiet text (stderr)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.bar = None
+        self._lock = threading.Lock()
+
+    def json_line(self, event: Dict[str, Any]) -> None:
+        with self._lock:
+            sys.stdout.write(json.dumps(event, default=_json_default) + "\n")
+            sys.stdout.flush()
+
+    def text(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        kind = event.get("event")
+        if self.mode == "json":
+            if kind == "summary":
+                print_summary(event)
+            self.json_line(event)
+            return
+        if kind == "summary":
+            print_summary(event)
+        elif kind in ("warning", "info"):
+            self.text(("warning: " if kind == "warning" else "") + event["message"])
+        elif kind == "progress" and self.mode == "bar":
+            self._bar(event)
+        elif kind == "validation":
+            dice = ", ".join(f"{k} {v:.3f}" for k, v in event["dice"].items() if v is not None)
+            label = event.get("label") or f"iteration {event['iteration']}"
+            self.text(f"validation Dice ({label}): {dice}" + (" (best so far)" if event.get("best") else ""))
+        elif kind == "predict":
+            self.text(f"[{event['index']}/{event['of']}] {event['image']} -> {event['output']} ({event['seconds']} s)")
+        elif kind == "start" and self.mode != "json":
+            self.text(f"training {event['method']} on {event['device']}")
+
+    def _bar(self, event: Dict[str, Any]) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event["of"], initial=event["iteration"] - 1, file=sys.stderr, dynamic_ncols=True, unit="it")
+        self.bar.update(event["iteration"] - self.bar.n)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in event["loss"].items()}, refresh=False)
+        if event["iteration"] >= event["of"]:
+            self.close()  # training is over: what follows (Dice, paths) prints below a finished bar
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+class StopControl:
+    """Cancel (SIGTERM / Ctrl-C / parent gone: no output) and Stop (a stop file: keep the model so far)."""
+
+    def __init__(self, stop_file: Optional[str] = None, exit_with_parent: bool = False, grace_s: float = 3.0) -> None:
+        self.cancelled = threading.Event()
+        self.stop_file = stop_file
+        self.grace_s = grace_s
+        self._installed = False
+        if exit_with_parent:
+            self._watch_parent()
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        self._installed = True
+        for sig in (signal.SIGTERM, signal.SIGINT) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
+            try:
+                signal.signal(sig, self._on_signal)
+            except (ValueError, OSError):  # not the main thread
+                pass
+
+    def _on_signal(self, signum, frame) -> None:
+        self.cancel(f"signal {signum}")
+
+    def cancel(self, why: str) -> None:
+        if self.cancelled.is_set():
+            return
+        self.cancelled.set()
+        # The loop notices at its next check; if an iteration runs long, leave anyway within grace_s.
+        t = threading.Timer(self.grace_s, self._hard_exit)
+        t.daemon = True
+        t.start()
+
+    def _hard_exit(self) -> None:
+        cleanup.remove_all()
+        try:
+            sys.stderr.write("cancelled\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(Cancelled.exit_code)
+
+    def _watch_parent(self) -> None:
+        """Cancels when the parent dies: the direct parent, and the process named by CPCL_PARENT_PID
+        (Slicer itself when a launcher such as PythonSlicer sits in between)."""
+        ppid = os.getppid()
+        watched = {ppid}
+        with contextlib.suppress(ValueError):
+            watched.add(int(os.environ.get("CPCL_PARENT_PID", "")))
+
+        def alive() -> bool:
+            if os.name != "nt" and os.getppid() != ppid:
+                return False
+            return all(psutil.pid_exists(pid) for pid in watched)
+
+        def loop() -> None:
+            while not self.cancelled.is_set():
+                if not alive():
+                    self.cancel("parent process gone")
+                    self._hard_exit()
+                time.sleep(0.5)
+
+        threading.Thread(target=loop, daemon=True, name="parent-watchdog").start()
+
+    def should_stop(self) -> bool:
+        if self.cancelled.is_set():
+            raise Cancelled("cancelled")
+        return bool(self.stop_file) and os.path.exists(self.stop_file)

@@ -1,0 +1,345 @@
+"""Preparation (nnU-Net's fingerprint + preprocessing): from the files a run is given to ``Case`` objects.
+
+- What a run is given: ``LabeledInput`` (image + segmentation + which slices are annotated) and
+  ``TrainRequest`` (everything ``pipeline.train`` needs).
+- Classes: ``resolve_classes`` matches segments across cases by name (``.seg.nrrd``) or label value (label maps).
+- Reading a labeled case: ``read_labeled`` gives the labels on the image grid, with unknown voxels (sparse
+  labels, ``annotated_mask``) set to ``IGNORE_INDEX``.
+- Fingerprint: ``inspect_cases`` reads every labeled case once (spacing, size, voxels per segment,
+  foreground intensities); ``run_fingerprint`` identifies a run for ``--resume``.
+- Preprocessing, applied identically at training and prediction time (parameters in the model file):
+
+  1. reorient to the canonical voxel order ``CANONICAL_ORIENTATION`` (``sitk.DICOMOrient``), so cases with
+     different direction matrices (LPS vs RAS, axis permutations) present the anatomy the same way;
+  2. resample to the model's target spacing (linear for images, nearest for labels) when it differs;
+  3. normalise intensities: ``"ct"`` clips to the labeled foreground's [0.5, 99.5] percentiles and z-scores
+     with the foreground mean / std (nnU-Net's CT scheme, statistics fixed at planning time); ``"zscore"``
+     z-scores each volume with its own mean / std (MR and other modalities).
+
+  ``preprocess_labeled`` / ``preprocess_unlabeled`` store each case as ``.npy`` in a work folder (read back
+  memory-mapped, so hundreds of cases are never all in memory).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import io as cio
+from .data import Case, make_case
+from .errors import InputError
+from .prototypes import IGNORE_INDEX
+from .settings import ANNOTATED_SLICES, TrainConfig
+
+Emit = Callable[[Dict[str, Any]], None]
+CANONICAL_ORIENTATION = "LPS"  # identity direction matrix for axis-aligned images
+_PATIENT_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # L, P, S components of LPS
+
+
+@dataclass
+class LabeledInput:
+    """A labeled case: image file + segmentation file (and how much of it is annotated)."""
+
+    image: str
+    segmentation: str
+    annotated_slices: str = "all"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.image, self.segmentation = str(self.image), str(self.segmentation)
+        if self.annotated_slices not in ANNOTATED_SLICES:
+            raise InputError(f"annotated_slices must be one of {ANNOTATED_SLICES}, not {self.annotated_slices!r}")
+        self.name = self.name or cio.strip_extension(self.image)
+
+
+@dataclass
+class TrainRequest:
+    """Everything a training run needs (the CLI's arguments, the Slicer panel's selections)."""
+
+    labeled: List[LabeledInput]
+    out: str
+    unlabeled: List[str] = field(default_factory=list)
+    validation: List[LabeledInput] = field(default_factory=list)
+    segments: Optional[List[str]] = None  # names or label values; None: all segments of the first case
+    segment_names: Optional[Dict[int, str]] = None  # label value -> name for label maps
+    partial_segments: bool = False  # a missing segment means "not annotated" instead of "absent"
+    config: TrainConfig = field(default_factory=TrainConfig)
+    modality: str = "auto"  # auto | ct | mr | other
+    spacing: Optional[List[float]] = None  # override target spacing (x, y, z) mm
+    init: Optional[str] = None  # model file to fine-tune from
+    network_overrides: Optional[Dict[str, Any]] = None  # network settings the user set explicitly
+    resume: bool = False
+    compare_supervised: bool = False
+    work_dir: Optional[str] = None
+    memory_budget: Optional[float] = None  # bytes; GPU planning budget
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+
+
+def reorient(image: sitk.Image) -> sitk.Image:
+    """Permutes / flips the voxel axes to ``CANONICAL_ORIENTATION`` (exact, no interpolation)."""
+    return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+def resample_image(image: sitk.Image, spacing: Sequence[float], interpolator=sitk.sitkLinear, default: float = 0.0) -> sitk.Image:
+    """Resamples to ``spacing`` (x, y, z mm) keeping origin, direction and physical extent."""
+    old_sp = np.array(image.GetSpacing())
+    new_sp = np.array(spacing, dtype=float)
+    if np.allclose(old_sp, new_sp, rtol=1e-3):
+        return image
+    size = np.maximum(1, np.round(np.array(image.GetSize()) * old_sp / new_sp)).astype(int)
+    return sitk.Resample(
+        image, [int(s) for s in size], sitk.Transform(), interpolator, image.GetOrigin(), [float(s) for s in new_sp],
+        image.GetDirection(), default, image.GetPixelID(),
+    )
+
+
+def to_model_grid(image: sitk.Image, spacing: Optional[Sequence[float]]) -> sitk.Image:
+    """Canonical orientation, then the model's spacing (None keeps the image's own)."""
+    img = reorient(image)
+    if spacing is not None:
+        img = resample_image(img, spacing)
+    return img
+
+
+def labels_to_grid(labels: np.ndarray, image: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """Moves a label array defined on ``image``'s grid onto ``grid`` (nearest neighbour)."""
+    lab = sitk.GetImageFromArray(labels.astype(np.int16))
+    lab.CopyInformation(image)
+    lab = reorient(lab)
+    if lab.GetSize() != grid.GetSize() or not np.allclose(lab.GetSpacing(), grid.GetSpacing(), rtol=1e-3):
+        lab = sitk.Resample(lab, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
+    return sitk.GetArrayFromImage(lab).astype(np.int16)
+
+
+def looks_like_ct(array: np.ndarray) -> bool:
+    """CT in Hounsfield units has air near -1000; MR intensities are non-negative."""
+    return float(np.percentile(array, 0.5)) <= -500.0
+
+
+def foreground_intensity_sample(image: np.ndarray, labels: np.ndarray, rng: np.random.RandomState, n: int = 10000) -> np.ndarray:
+    vals = image[labels > 0]
+    if vals.size > n:
+        vals = vals[rng.choice(vals.size, n, replace=False)]
+    return vals.astype(np.float32)
+
+
+def plan_normalization(modality: str, foreground_samples: Sequence[np.ndarray]) -> Dict[str, Any]:
+    """Normalisation parameters stored in the model file. ``modality`` is "ct", "mr" or "other"."""
+    if modality == "ct":
+        vals = np.concatenate([v for v in foreground_samples if v.size]) if foreground_samples else np.zeros(0)
+        if vals.size < 10:
+            raise InputError("CT normalisation needs labeled foreground voxels; none were found")
+        lo, hi = np.percentile(vals, [0.5, 99.5])
+        clipped = np.clip(vals, lo, hi)
+        return {"scheme": "ct", "clip": [float(lo), float(hi)], "mean": float(clipped.mean()), "std": float(max(clipped.std(), 1e-3))}
+    return {"scheme": "zscore"}
+
+
+def normalize(array: np.ndarray, norm: Dict[str, Any]) -> np.ndarray:
+    """Applies a normalisation dict (see ``plan_normalization``); returns float32."""
+    a = array.astype(np.float32, copy=True)
+    scheme = norm.get("scheme", "zscore")
+    if scheme == "ct":
+        lo, hi = norm["clip"]
+        np.clip(a, lo, hi, out=a)
+        a -= norm["mean"]
+        a /= norm["std"]
+    elif scheme == "zscore":
+        m, s = float(a.mean()), float(a.std())
+        a -= m
+        a /= max(s, 1e-6)
+    elif scheme != "none":
+        raise InputError(f"unknown normalisation scheme {scheme!r}")
+    return a
+
+
+def model_input(image: sitk.Image, spacing: Optional[Sequence[float]], normalization: Dict[str, Any]) -> Tuple[sitk.Image, np.ndarray]:
+    """The model grid of ``image`` and the normalised float32 ``(D, H, W)`` array on it."""
+    grid = to_model_grid(image, spacing)
+    return grid, normalize(sitk.GetArrayViewFromImage(grid), normalization)
+
+
+# ------------------------------------------------------------------------------------ labeled cases
+
+
+def annotated_mask(labels: np.ndarray, image: sitk.Image, mode: str, case_name: str, emit: Emit) -> Optional[np.ndarray]:
+    """Known-voxel mask for sparse labels, or None when the whole volume is annotated."""
+    if mode == "all":
+        return None
+    fg = labels > 0
+    if not fg.any():
+        return None
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+
+    def array_axis(patient: str) -> int:
+        voxel_axis = int(np.argmax(np.abs(direction[_PATIENT_AXIS[patient], :])))  # i, j or k
+        return 2 - voxel_axis  # numpy (k, j, i)
+
+    def slices_with_labels(axis: int) -> np.ndarray:
+        return fg.any(axis=tuple(a for a in range(3) if a != axis))
+
+    if mode == "auto":
+        best, best_frac = None, 1.0
+        for patient in ("axial", "coronal", "sagittal"):
+            ax = array_axis(patient)
+            has = slices_with_labels(ax)
+            idx = np.nonzero(has)[0]
+            frac = has[idx.min() : idx.max() + 1].mean()
+            if frac < best_frac - 1e-9:
+                best, best_frac = patient, frac
+        if best is None or best_frac > 0.75:
+            return None  # labels are contiguous along every axis: a fully annotated volume
+        mode = best
+        emit({"event": "info", "message": f"{case_name}: labels look painted on every few {best} slices "
+              f"({best_frac:.0%} of slices in range); only those slices are used as labeled"})
+    ax = array_axis(mode)
+    has = slices_with_labels(ax)
+    shape = [1, 1, 1]
+    shape[ax] = -1
+    return np.broadcast_to(has.reshape(shape), labels.shape)
+
+
+def read_labeled(
+    item: LabeledInput, wanted: Sequence[str], segment_names: Optional[Dict[int, str]], partial: bool, emit: Emit
+) -> Tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """(image, labels on the image grid with -1 for unknown voxels, class_known (K,))."""
+    image = cio.read_image(item.image)
+    seg = cio.read_segmentation(item.segmentation, segment_names)
+    labels, missing = cio.build_label_array(seg, wanted, image, item.image)
+    known_mask = annotated_mask(labels, image, item.annotated_slices, item.name, emit)
+    if known_mask is not None:
+        labels = np.where(known_mask, labels, IGNORE_INDEX).astype(np.int16)
+    class_known = np.ones(len(wanted) + 1, dtype=bool)
+    if partial:
+        class_known[missing] = False
+    return image, labels, class_known
+
+
+def resolve_classes(request: TrainRequest) -> List[Dict[str, Any]]:
+    """The class list (background first) from the requested segments and the labeled cases' headers."""
+    names_map = request.segment_names or {}
+    firsts = [cio.read_segment_list(item.segmentation, names_map) for item in request.labeled]
+    wanted = _wanted_segments(request.segments, firsts, names_map)
+    if not wanted:
+        raise InputError(f"no segments found in {request.labeled[0].segmentation}")
+    if len(set(wanted)) != len(wanted):
+        raise InputError(f"segment names must be unique, got {wanted}")
+    classes: List[Dict[str, Any]] = [{"name": "background", "color": [0.0, 0.0, 0.0], "label_value": 0}]
+    for name in wanted:
+        info = next((s for s in (cio.find_segment(seg, name) for seg in firsts) if s is not None), None)
+        if info is None:
+            where = ", ".join(os.path.basename(it.segmentation) for it in request.labeled[:5])
+            available = sorted({s.name for seg in firsts for s in seg.segments})
+            raise InputError(f"segment {name!r} is in none of the labeled segmentations ({where}); available: {available}")
+        rec: Dict[str, Any] = {"name": info.name, "color": list(info.color), "label_value": int(info.label_value), "segment_id": info.segment_id}
+        if info.terminology:
+            rec["terminology"] = info.terminology
+        classes.append(rec)
+    if not all(s.from_labelmap for s in firsts):
+        # .seg.nrrd label values are storage details; class indices become the output values
+        for i, c in enumerate(classes):
+            c["label_value"] = i if c.get("label_value", 0) > 255 else c["label_value"]
+    return classes
+
+
+def _wanted_segments(segments: Optional[Sequence[Any]], firsts: Sequence[cio.Segmentation], names_map: Dict[int, str]) -> List[str]:
+    """Segment names to learn: the requested ones (label values named as the label maps name them), else
+    every label value of the label maps, else every segment of the first ``.seg.nrrd``."""
+    if segments:
+        wanted = []
+        for key in segments:
+            key = str(key)
+            if key.lstrip("-").isdigit() and all(s.from_labelmap for s in firsts):
+                key = names_map.get(int(key), f"Label {int(key)}")
+            wanted.append(key)
+        return wanted
+    if firsts[0].from_labelmap:
+        values = sorted({s.label_value for seg in firsts for s in seg.segments})
+        return [names_map.get(v, f"Label {v}") for v in values]
+    return firsts[0].names()
+
+
+# -------------------------------------------------------------------------------------- fingerprint
+
+
+@dataclass
+class CaseInfo:
+    """What ``inspect_cases`` learns about one labeled case (before any preprocessing)."""
+
+    name: str
+    spacing: List[float]
+    size: List[int]
+    counts: Dict[int, int]
+    missing: List[int]
+    known_fraction: float
+    looks_ct: bool
+
+
+def inspect_cases(request: TrainRequest, classes: List[Dict[str, Any]], emit: Emit) -> Tuple[List[CaseInfo], List[np.ndarray], bool]:
+    """Reads every labeled case once: ``(case infos, foreground intensity samples, looks like CT)``.
+
+    Problems (a segment empty in every case) are found here, before any training."""
+    wanted = [c["name"] for c in classes[1:]]
+    infos, fg_samples, ct_votes = [], [], []
+    rng = np.random.RandomState(0)
+    for item in request.labeled:
+        image, labels, class_known = read_labeled(item, wanted, request.segment_names, request.partial_segments, emit)
+        arr = sitk.GetArrayViewFromImage(image)
+        counts = {c: int((labels == c).sum()) for c in range(1, len(classes))}
+        missing = [c for c, n in counts.items() if n == 0]
+        for c in missing:
+            what = "not annotated (--partial-segments)" if request.partial_segments else "absent anatomy (background)"
+            emit({"event": "warning", "message": f"segment {classes[c]['name']!r} is missing or empty in {item.segmentation}: treated as {what}"})
+        infos.append(CaseInfo(item.name, list(image.GetSpacing()), list(image.GetSize()), counts, missing,
+                              float((labels != IGNORE_INDEX).mean()), looks_like_ct(arr)))
+        fg_samples.append(foreground_intensity_sample(arr, labels, rng))
+        ct_votes.append(looks_like_ct(arr))
+    absent = [classes[c]["name"] for c in range(1, len(classes)) if all(i.counts[c] == 0 for i in infos)]
+    if absent:
+        raise InputError(f"segment(s) {absent} are empty in every labeled case: nothing to learn them from")
+    return infos, fg_samples, sum(ct_votes) > len(ct_votes) / 2
+
+
+def run_fingerprint(request: TrainRequest, classes: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """What identifies a run's data (stored in resume checkpoints): the cases and the segment list."""
+    return {
+        "labeled": [[i.image, i.segmentation, i.annotated_slices] for i in request.labeled],
+        "unlabeled": list(request.unlabeled),
+        "classes": [c["name"] for c in classes],
+    }
+
+
+# ------------------------------------------------------------------------------- cases on the model grid
+
+
+def preprocess_labeled(
+    items: Sequence[LabeledInput], classes: List[Dict[str, Any]], plan: Dict[str, Any], request: TrainRequest,
+    work_dir: str, emit: Emit, stage: str,
+) -> List[Case]:
+    """Labeled cases on the model grid (``plan``'s spacing and normalisation), stored in ``work_dir``."""
+    wanted = [c["name"] for c in classes[1:]]
+    cases = []
+    for n, item in enumerate(items):
+        image, labels, class_known = read_labeled(item, wanted, request.segment_names, request.partial_segments, lambda e: None)
+        grid, arr = model_input(image, plan["spacing"], plan["normalization"])
+        lab = labels_to_grid(labels, image, grid)
+        known = None if class_known.all() else class_known
+        cases.append(make_case(item.name, arr, lab, known, cache_dir=work_dir, seed=n))
+        emit({"event": "preprocess", "stage": stage, "index": n + 1, "of": len(items), "case": item.name})
+    return cases
+
+
+def preprocess_unlabeled(paths: Sequence[str], plan: Dict[str, Any], work_dir: str, emit: Emit) -> List[Case]:
+    """Unlabeled images on the model grid, stored in ``work_dir``."""
+    cases = []
+    for n, path in enumerate(paths):
+        _, arr = model_input(cio.read_image(path), plan["spacing"], plan["normalization"])
+        cases.append(make_case(cio.strip_extension(path) or f"unlabeled-{n}", arr, None, cache_dir=work_dir))
+        emit({"event": "preprocess", "stage": "unlabeled", "index": n + 1, "of": len(paths), "case": path})
+    return cases

@@ -1,0 +1,37 @@
+"""Planning: the parameter count behind the memory estimate is the real network's."""
+
+import pytest
+
+from CPCLSegmentLib.network import VNet, count_parameters
+from CPCLSegmentLib.planning import count_params, estimate_memory, format_bytes, plan_patch_size
+
+
+@pytest.mark.parametrize("width,depth,num_classes", [(4, 1, 2), (8, 3, 4), (16, 4, 3), (8, 5, 14)])
+def test_count_params_on_meta_equals_the_built_network(width, depth, num_classes):
+    net = VNet(num_classes=num_classes, width=width, depth=depth, feature_level=0)
+    assert count_params(width, depth, num_classes) == count_parameters(net)
+
+
+# (estimate_memory arguments, total bytes and the shown size as estimated before parameters were counted on
+# the meta device: the former formula counted the norm parameters of each down / up convolution twice,
+# 2 (w_i + w_i+1) too many per level, about 0.015 % of the parameters and 1e-5 of the estimate)
+BEFORE = [
+    (((64, 64, 64), 2, 2, 16, 4, 3, "cpcl", "sgd", False, "cpu"), 2153392060, "2.0 GiB"),
+    (((128, 128, 128), 2, 2, 16, 4, 3, "cpcl", "sgd", True, "cuda"), 8371651185, "7.8 GiB"),
+    (((32, 32, 32), 2, 2, 8, 4, 3, "supervised", "adamw", False, "cpu"), 642433736, "612.7 MiB"),
+    (((16, 64, 64), 2, 2, 8, 4, 4, "mean_teacher", "adamw", False, "cpu"), 790616309, "754.0 MiB"),
+    (((96, 160, 160), 2, 2, 32, 5, 14, "cpcl", "sgd", True, "cuda"), 25976665818, "24.2 GiB"),
+]
+
+
+@pytest.mark.parametrize("args,total,shown", BEFORE)
+def test_memory_estimate_is_what_it_was(args, total, shown):
+    est = estimate_memory(*args)["total"]
+    assert est == pytest.approx(total, rel=1e-4) and format_bytes(est) == shown
+
+
+def test_planned_patches_are_what_they_were():
+    plans = [((40, 56, 40), (1, 1, 1), "cpu", (48, 64, 48)), ((300, 512, 512), (0.8, 0.8, 1.5), "cuda", (128, 128, 128)),
+             ((34, 128, 128), (3, 3, 10), "cpu", (16, 96, 96)), ((200, 256, 256), (1, 1, 1), "cuda", (128, 128, 128))]
+    for shape, spacing, device, patch in plans:
+        assert plan_patch_size(shape, spacing, 4, device, 16, 3)[0] == patch
