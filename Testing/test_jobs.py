@@ -161,10 +161,10 @@ def test_a_job_collects_its_result_once_and_removes_its_work_folder(tmp_path):
     assert not work.exists()
     kept = tmp_path / "kept"
     kept.mkdir()
-    job = jobs.Job(["probe"], env=one_thread_env(), module="CPCLSegmentLib.jobs", work_dir=str(kept), keep_work_dir=lambda j: True)
+    job = jobs.Job(["probe"], env=one_thread_env(), module="CPCLSegmentLib.childinfo", work_dir=str(kept), keep_work_dir=lambda j: True)
     assert "--progress" not in job.command()  # only the CLI gets the CLI's flags
     assert job.wait(timeout=120)["event"] == "done" and kept.exists()
-    running = jobs.Job(["probe"], env=one_thread_env(), module="CPCLSegmentLib.jobs")
+    running = jobs.Job(["probe"], env=one_thread_env(), module="CPCLSegmentLib.childinfo")
     with pytest.raises(RuntimeError, match="has not finished"):
         running.result()
 
@@ -183,8 +183,8 @@ def test_the_child_reports_torch_and_reads_model_files(tmp_path):
 
 
 def test_installed_versions_come_from_metadata_without_importing():
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from CPCLSegmentLib import jobs; "
-            "v = jobs.installed_versions(['torch', 'PyYAML', 'pyyaml', 'no-such-package']); "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from CPCLSegmentLib import childinfo; "
+            "v = childinfo.installed_versions(['torch', 'PyYAML', 'pyyaml', 'no-such-package']); "
             "print(v['torch'] is not None, v['pyyaml'] is not None, v['no-such-package'], 'torch' in sys.modules)")
     import subprocess
     import sys

@@ -16,16 +16,19 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``read_segment_list``, ``build_label_array``, ``find_segment``, ``same_grid``). imports: errors.
 - ``writers``: atomic writes (``atomic_path``, ``write_prediction``, ``write_seg_nrrd``, ``write_label_image``,
   ``write_image``). imports: cleanup, errors, io.
+- ``devices``: where the networks run (``resolve_device``, ``describe_device``, ``autocast_context``, ``is_oom``).
+  imports: errors.
 - ``network``: the VNet returning ``(logits, features)`` (``VNet``, ``build_network``). imports: none.
 - ``prototypes``: masked average pooling and cosine prototype maps (``masked_average_pooling``,
-  ``prototype_logits``, ``IGNORE_INDEX``). imports: none.
-- ``losses``: one function per loss equation (``supervised_loss``, ``forward_prototype_loss``,
-  ``backward_prototype_loss``, ``total_loss``). imports: prototypes.
+  ``prototype_logits``, ``feature_masks``, ``IGNORE_INDEX``). imports: settings.
+- ``losses``: one function per loss equation and one loss-term function per method (``supervised_loss``,
+  ``forward_prototype_loss``, ``backward_prototype_loss``, ``consistency_loss``, ``copy_paste_terms``,
+  ``total_loss``, ``StepInputs``, ``LOSS_TERMS``). imports: prototypes, settings.
 - ``teacher``: the EMA teacher (``make_teacher``, ``update_teacher``). imports: none.
 - ``data``: preprocessed cases, patch sampling and augmentation (``Case``, ``make_case``, ``PatchSampler``,
   ``Augmenter``). imports: errors, prototypes.
 - ``inference``: sliding-window probabilities of a network on an array (``predict_probabilities``,
-  ``predict_labels``). imports: network.
+  ``predict_labels``). imports: devices, network.
 - ``metrics``: Dice, HD95, mean Dice per class over cases (``dice_per_class``, ``mean_dice``,
   ``mean_dice_over_cases``). imports: inference.
 - ``distributed``: torchrun / DDP (``DistributedContext``). imports: errors.
@@ -39,10 +42,10 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``planning``: spacing, patch, normalisation, memory and time (``plan_run``, ``plan_patch_size``,
   ``estimate_memory``, ``check_memory``, ``step_seconds``, ``iterations_for_minutes``).
   imports: errors, network, preparation, settings.
-- ``trainer``: the training loop (``Trainer``, ``TrainResult``, ``resolve_device``). imports: data, distributed,
-  errors, inference, losses, metrics, modelfile, network, planning, prototypes, settings, teacher.
+- ``trainer``: the training loop (``Trainer``, ``TrainResult``). imports: data, devices, distributed, errors, losses, metrics,
+  modelfile, network, planning, prototypes, settings, teacher.
 - ``prediction``: model file and images in, segmentations on each image's grid out (``Predictor``,
-  ``back_to_image_grid``, ``predict``). imports: errors, inference, io, modelfile, preparation, trainer, writers.
+  ``back_to_image_grid``, ``predict``). imports: devices, errors, inference, io, modelfile, preparation, writers.
 - ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``).
   imports: cleanup, data, errors, io, metrics, modelfile, planning, preparation, trainer.
 - ``uncertainty``: "label this next" scores and ranking (``UncertaintyModel``, ``rank_files``).
@@ -55,7 +58,10 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``build_train_request``). imports: errors, inputfiles, preparation, settings.
 - ``console``: what the CLI prints and how it stops (``Reporter``, ``print_summary``, ``StopControl``).
   imports: cleanup, errors.
-- ``jobs``: background child-process runs for the Slicer module (``Job``). imports: errors.
+- ``childinfo``: what the Slicer module asks a child process, so its own never imports torch (``probe_environment``,
+  ``model_info``, ``installed_versions``, ``nvidia_gpus``). imports: errors, modelfile.
+- ``jobs``: background child-process runs for the Slicer module (``Job``, ``probe_job``, ``model_info_job``).
+  imports: errors.
 - ``cli``: the ``cpcl-segment`` entry point and its commands (``main``). imports: cleanup, cli_args, console, demo,
   distributed, errors, modelfile, pipeline, planning, prediction, uncertainty.
 """

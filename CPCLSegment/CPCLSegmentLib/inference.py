@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import autocast_context  # noqa: F401  (re-exported: inference.autocast_context)
 from .network import VNet
 
 
@@ -21,14 +22,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tuple
         pads += [e // 2, e - e // 2]
     crop = tuple(slice(e // 2, e // 2 + s) for e, s in zip(extras, sizes))
     return F.pad(x, pads), crop
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when supported (fp16 otherwise); a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
 
 
 @torch.inference_mode()

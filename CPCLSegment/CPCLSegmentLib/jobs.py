@@ -26,8 +26,8 @@ package's parent folder, so the engine is importable wherever the extension is i
   the ``done`` event itself; raises like ``outcome()``. A ``work_dir`` handed to the job (exported inputs,
   results) is removed then, unless ``keep_work_dir(job)`` says to keep it.
 
-``python -m CPCLSegmentLib.jobs probe`` and ``... model-info MODEL`` (run as a job with
-``module="CPCLSegmentLib.jobs"``) answer, in a child process, what the Slicer GUI process must not find out
+``probe_job`` and ``model_info_job`` run ``python -m CPCLSegmentLib.childinfo probe | model-info MODEL``: they answer,
+in a child process, what the Slicer GUI process must not find out
 itself because it would import torch there: the PyTorch build, GPUs (``torch.cuda``; ``nvidia-smi``) and
 package versions, and what a model file holds.
 """
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import queue
 import shutil
 import signal
@@ -437,106 +436,10 @@ def run(args: Sequence[Any], on_event: Optional[Callable[[Event], None]] = None,
 
 
 def probe_job(python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> Job:
-    """A job whose ``done`` event is ``probe_environment()`` as seen by the child's Python."""
-    return Job(["probe"], python=python, env=env, name="environment check", module="CPCLSegmentLib.jobs")
+    """A job whose ``done`` event is ``childinfo.probe_environment()`` as seen by the child's Python."""
+    return Job(["probe"], python=python, env=env, name="environment check", module="CPCLSegmentLib.childinfo")
 
 
 def model_info_job(model: str, python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> Job:
-    """A job whose ``done`` event is ``model_info(model)`` (reads the model file in the child)."""
-    return Job(["model-info", model], python=python, env=env, name="model check", module="CPCLSegmentLib.jobs")
-
-
-def nvidia_gpus(timeout: float = 5.0) -> Optional[List[Dict[str, Any]]]:
-    """GPUs the NVIDIA driver reports (``nvidia-smi``), or None when there is no driver / tool."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return None
-    try:
-        out = subprocess.run([exe, "--query-gpu=name,memory.total,memory.free,driver_version", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    gpus = []
-    for line in out.stdout.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 4:
-            try:
-                gpus.append({"name": parts[0], "memory_gb": float(parts[1]) / 1024, "free_gb": float(parts[2]) / 1024, "driver": parts[3]})
-            except ValueError:
-                continue
-    return gpus
-
-
-def installed_versions(distributions: Sequence[str]) -> Dict[str, Optional[str]]:
-    """Installed version of each distribution (package metadata only: nothing is imported)."""
-    from importlib import metadata
-
-    out: Dict[str, Optional[str]] = {}
-    for dist in distributions:
-        version = None
-        for candidate in (dist, dist.lower(), dist.replace("-", "_"), dist.lower().replace("_", "-")):
-            try:
-                version = metadata.version(candidate)
-                break
-            except metadata.PackageNotFoundError:
-                continue
-        out[dist] = version
-    return out
-
-
-def probe_environment() -> Dict[str, Any]:
-    """What the child's Python computes on: PyTorch build and version, CUDA / MPS devices, NVIDIA driver."""
-    info: Dict[str, Any] = {"python": platform.python_version(), "nvidia": nvidia_gpus()}
-    try:
-        import torch
-    except Exception as e:  # not installed, or broken
-        info["torch"] = {"error": f"{type(e).__name__}: {e}"}
-        return info
-    t: Dict[str, Any] = {"version": torch.__version__, "cuda_build": getattr(torch.version, "cuda", None),
-                         "threads": torch.get_num_threads(), "cuda": [], "mps": False}
-    try:
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                props = torch.cuda.get_device_properties(i)
-                t["cuda"].append({"name": props.name, "memory_gb": props.total_memory / 2**30})
-        mps = getattr(torch.backends, "mps", None)
-        t["mps"] = bool(mps is not None and mps.is_available())
-    except Exception as e:
-        t["gpu_error"] = f"{type(e).__name__}: {e}"
-    info["torch"] = t
-    return info
-
-
-def model_info(path: str) -> Dict[str, Any]:
-    """What a model file holds, without its weights (raises ``ModelFileError`` on a bad file)."""
-    from .modelfile import load_model
-
-    record = load_model(str(path))
-    training = record.get("training") or {}
-    return {"classes": [{k: v for k, v in c.items()} for c in record["classes"]], "network": record.get("network"),
-            "patch_size": record.get("patch_size"), "spacing": record.get("spacing"), "engine_version": record.get("engine_version"),
-            "method": training.get("method"), "status": training.get("status"), "iterations": training.get("iterations"),
-            "best": record.get("best")}
-
-
-def _main(argv: Sequence[str]) -> int:
-    """``python -m CPCLSegmentLib.jobs probe | model-info MODEL``: one JSON ``done`` (or ``error``) line."""
-    try:
-        if list(argv[:1]) == ["probe"]:
-            payload = probe_environment()
-        elif len(argv) == 2 and argv[0] == "model-info":
-            payload = model_info(argv[1])
-        else:
-            print(json.dumps({"event": "error", "message": "usage: python -m CPCLSegmentLib.jobs probe | model-info MODEL"}))
-            return 2
-    except CPCLError as e:
-        print(json.dumps({"event": "error", "message": str(e), "exit_code": e.exit_code}), flush=True)
-        return e.exit_code
-    print(json.dumps({"event": "done", **payload}, default=str), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    """A job whose ``done`` event is ``childinfo.model_info(model)`` (reads the model file in the child)."""
+    return Job(["model-info", model], python=python, env=env, name="model check", module="CPCLSegmentLib.childinfo")

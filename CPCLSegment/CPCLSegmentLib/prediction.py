@@ -22,7 +22,7 @@ from .errors import InputError
 from .inference import predict_probabilities
 from .modelfile import build_from_record, load_model
 from .preparation import Emit, model_input
-from .trainer import resolve_device
+from .devices import resolve_device
 from .writers import write_prediction
 
 

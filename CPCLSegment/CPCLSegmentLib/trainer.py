@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from .data import Augmenter, Case, PatchSampler, paste_masks
+from .devices import autocast_context, describe_device, is_oom, resolve_device  # noqa: F401  (re-exported)
 from .errors import InputError, OutOfMemory, TrainingDiverged
-from .inference import autocast_context
 from .losses import LOSS_TERMS, StepInputs, read_terms, sigmoid_rampup, total_loss
 from .metrics import mean_dice_over_cases
 from .modelfile import state_dict_cpu
@@ -49,39 +49,6 @@ class TrainResult:
     prototype_valid: Optional[torch.Tensor] = None
     method: str = "cpcl"
     validation: List[Dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA if usable, else Apple MPS, else CPU. Explicit names are checked."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but torch cannot use a CUDA GPU here (CPU-only torch build or no driver)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("device 'mps' requested but Apple MPS is not available")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name)
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        return f"CUDA: {torch.cuda.get_device_name(idx)}"
-    if device.type == "mps":
-        return "Apple MPS"
-    return f"CPU ({torch.get_num_threads()} threads)"
-
-
-def is_oom(e: BaseException) -> bool:
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom_type is not None and isinstance(e, oom_type)) or "out of memory" in str(e).lower()
 
 
 class Trainer:
@@ -121,11 +88,39 @@ class Trainer:
         if self.method != "supervised" and (not self.unlabeled or cfg.unlabeled_batch == 0):
             self.warn("no unlabeled cases: training supervised-only (add unlabeled volumes for semi-supervised learning)")
             self.method = "supervised"
+        self._build_networks(init_state)
+        self.loss_terms = LOSS_TERMS[self.method]  # (student, teacher, StepInputs, cfg, sync) -> terms
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        use_cuda = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not torch.cuda.is_bf16_supported()) if use_cuda else None
+        aug = Augmenter(cfg.patch_size, cfg.flip, cfg.rot90, cfg.intensity_prob)
+        self.lab_sampler = PatchSampler(self.labeled, cfg.patch_size, num_classes, aug, cfg.seed, 1, cfg.foreground_oversample)
+        self.unl_sampler = (
+            PatchSampler(self.unlabeled, cfg.patch_size, num_classes, aug, cfg.seed, 2, 0.0, cfg.teacher_noise, cfg.strong_unlabeled)
+            if self.method != "supervised"
+            else None
+        )
+        self.iteration = 0
+        self.history: List[Dict[str, Any]] = []
+        self.validations: List[Dict[str, Any]] = []
+        self.best_state: Optional[Dict[str, torch.Tensor]] = None
+        self.best: Optional[Dict[str, Any]] = None
+        self._t0 = None
+        self._time_per_it = None
+
+    def _build_networks(self, init_state: Optional[Dict[str, Any]]) -> None:
+        """Student (``self.student``; ``self.model`` is what the loss calls: DDP / compiled), EMA teacher, device
+        placement and precision."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        net = VNet(**cfg.network_config(num_classes))
+        net = VNet(**cfg.network_config(self.K))
         if init_state is not None:
             net.load_state_dict(init_state["student"])
-        if distributed and cfg.norm == "batch":
+        if self.dist and cfg.norm == "batch":
             from .distributed import convert_batchnorm
 
             net = convert_batchnorm(net, self.device)
@@ -150,30 +145,9 @@ class Trainer:
                 for p in m.parameters():
                     p.requires_grad_(False)
         self.student = net  # the plain module (EMA source, state dicts)
-        self.loss_terms = LOSS_TERMS[self.method]  # (student, teacher, StepInputs, cfg, sync) -> terms
-        self.model = distributed.wrap(net) if distributed else net  # what the loss calls
+        self.model = self.dist.wrap(net) if self.dist else net
         if cfg.compile:
             self.model = torch.compile(self.model)
-        params = [p for p in net.parameters() if p.requires_grad]
-        if cfg.optimizer == "sgd":
-            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        else:
-            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not torch.cuda.is_bf16_supported()) if use_cuda else None
-        aug = Augmenter(cfg.patch_size, cfg.flip, cfg.rot90, cfg.intensity_prob)
-        self.lab_sampler = PatchSampler(self.labeled, cfg.patch_size, num_classes, aug, cfg.seed, 1, cfg.foreground_oversample)
-        self.unl_sampler = (
-            PatchSampler(self.unlabeled, cfg.patch_size, num_classes, aug, cfg.seed, 2, 0.0, cfg.teacher_noise, cfg.strong_unlabeled)
-            if self.method != "supervised"
-            else None
-        )
-        self.iteration = 0
-        self.history: List[Dict[str, Any]] = []
-        self.validations: List[Dict[str, Any]] = []
-        self.best_state: Optional[Dict[str, torch.Tensor]] = None
-        self.best: Optional[Dict[str, Any]] = None
-        self._t0 = None
-        self._time_per_it = None
 
     # ------------------------------------------------------------------------------------- reporting
 

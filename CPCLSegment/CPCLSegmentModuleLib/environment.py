@@ -7,7 +7,7 @@ the panel for seconds. So:
 - **Versions** come from package metadata (``importlib.metadata``: nothing is imported) and are compared with
   the ranges in ``Resources/requirements.txt``, the one list of what the module needs (PyTorch included:
   it is installed through the PyTorch extension with that range, the others with ``pip``).
-- **Devices** come from a child process (``python -m CPCLSegmentLib.jobs probe``, the same Python that runs
+- **Devices** come from a child process (``python -m CPCLSegmentLib.childinfo probe``, the same Python that runs
   training): the PyTorch build, CUDA / MPS devices and ``nvidia-smi``'s GPUs; ``describe_backend`` turns
   that into the panel's "Compute:" line.
 - **Installing** (``ensure_dependencies``) asks before anything is downloaded and raises
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from CPCLSegmentLib.errors import CPCLError
-from CPCLSegmentLib.jobs import installed_versions
+from CPCLSegmentLib.childinfo import installed_versions
 
 REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "requirements.txt")
 TORCH = "torch"
@@ -199,7 +199,7 @@ def ensure_dependencies(installer: Installer, ask: bool = True, requirements: Op
 
 
 def describe_backend(probe: Optional[Dict[str, Any]], problems: Sequence[Problem] = ()) -> Tuple[str, Optional[str]]:
-    """(where training will run, a warning or None) from the child's ``probe`` (``jobs.probe_environment``)
+    """(where training will run, a warning or None) from the child's ``probe`` (``childinfo.probe_environment``)
     and the requirement ``problems``. ``probe`` None: still asking."""
     missing = [p for p in problems]
     warning = "; ".join(str(p) for p in missing) or None
