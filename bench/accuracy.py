@@ -29,7 +29,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -611,7 +610,7 @@ def plot_curves(records: Sequence[Dict[str, Any]], path: Path, title: str) -> bo
             ax.plot(xs, [y * 100 for y in ys], color=colours[r["variant"]], ls=styles[r["seed"] % 4], label=label)
         ax.set_xlabel("iteration")
         ax.set_ylabel("validation mean Dice (%)")
-        ax.set_title(f"{title}, {b} labeled (line style = seed)", fontsize=10)
+        ax.set_title(f"{title}: {b} labeled (line style = seed)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -624,7 +623,7 @@ def write_report(results: C.Results, out_dir: Path, prefix: str = "accuracy", ti
     recs = results.records()
     (out_dir / f"{prefix}_tables.md").write_text(tables(recs, results.path.name), encoding="utf-8")
     plot(recs, out_dir / f"{prefix}_dice_vs_labeled.png", title)
-    plot_curves(recs, out_dir / f"{prefix}_validation_curves.png", title)
+    plot_curves(recs, out_dir / f"{prefix}_validation_curves.png", title.replace(", test set", "") + ", validation set")
 
 
 # --------------------------------------------------------------------------------------------- main
