@@ -31,7 +31,7 @@ if str(ROOT / "CPCLSegment") not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from CPCLSegmentLib.data import make_case  # noqa: E402
+from CPCLSegmentLib.data import make_case, paste_masks  # noqa: E402
 from CPCLSegmentLib.losses import StepInputs  # noqa: E402
 from CPCLSegmentLib.settings import TrainConfig  # noqa: E402
 from CPCLSegmentLib.trainer import Trainer  # noqa: E402
@@ -209,7 +209,12 @@ class StepRunner:
         t = self.trainer
         lab = batch["x_l"].to(t.device).contiguous(memory_format=t.memory_format)
         unl = batch["x_u"].to(t.device).contiguous(memory_format=t.memory_format) if self.cfg.method != "supervised" else None
-        return StepInputs(lab, batch["y_l"].to(t.device), unl)
+        inputs = StepInputs(lab, batch["y_l"].to(t.device), unl)
+        pairs = min(lab.shape[0], 0 if unl is None else unl.shape[0])
+        if self.cfg.copy_paste and pairs:  # the trainer's own boxes for this iteration (Trainer.sample draws them so)
+            boxes = paste_masks(self.cfg.patch_size, self.cfg.copy_paste_size, self.cfg.seed, self.it, range(pairs))
+            inputs.paste_mask = torch.from_numpy(boxes).to(t.device)
+        return inputs
 
     def step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
         values = self.trainer.step(self.inputs(batch), self.it % self.cfg.iterations)

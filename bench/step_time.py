@@ -95,7 +95,7 @@ HIPPOCAMPUS_MEDIAN_SHAPE = (36, 51, 36)  # (D, H, W) at 1 mm: median of ../share
 HIPPOCAMPUS_SPACING = (1.0, 1.0, 1.0)
 
 DEFAULT_VARIANTS = ["supervised", "mean_teacher", "cpcl", "cpcl_mt", "cpcl_paper", "ref_teacher_passes", "ref_cpcl", "ref_cpcl_ops"]
-ALL_VARIANTS = DEFAULT_VARIANTS + ["cpcl_label_maps", "fullres_grad"]
+ALL_VARIANTS = DEFAULT_VARIANTS + ["cpcl_label_maps", "cpcl_cp", "mean_teacher_cp", "fullres_grad"]
 EXPERIMENTS = ["mean_teacher_relu_inplace", "cpcl_relu_inplace"]  # engine-change experiments (BENCHMARKS.md, "Engine changes")
 
 
@@ -208,6 +208,8 @@ VARIANT_DOC = {
     "cpcl_mt": "CPCL with the mean-teacher term at the reference's weight 0.1",
     "cpcl_paper": "CPCL as claimed (--config cpcl-paper: teacher P_u, per-sample prototypes, no mean-teacher term)",
     "cpcl_label_maps": "CPCL default with map_resolution=label (features upsampled before the cosine maps: the literal form)",
+    "cpcl_cp": "CPCL default + cross-image copy-paste (student also on 2 mixed patches)",
+    "mean_teacher_cp": "mean teacher + cross-image copy-paste (student also on 2 mixed patches)",
     "ref_teacher_passes": "reference step without prototypes (student on 4, teacher on noisy 4 + clean 2)",
     "ref_cpcl": "reference-style CPCL (teacher twice, 32-ch features upsampled to full patch, detached)",
     "ref_cpcl_ops": "reference CPCL with the reference's own operation sequence (per-class upsampling, cosine_similarity)",
@@ -232,11 +234,12 @@ def build_runner(variant: str, patch, width: int, k: int, state: Dict[str, torch
                     if isinstance(child, ReLU):
                         setattr(parent, name, torch.nn.ReLU(inplace=True))
         return r
-    method = {"supervised": "supervised", "mean_teacher": "mean_teacher"}.get(variant, "cpcl")
+    method = {"supervised": "supervised", "mean_teacher": "mean_teacher", "mean_teacher_cp": "mean_teacher"}.get(variant, "cpcl")
     over: Dict[str, Any] = {"norm": norm, "dropout": dropout, "device": str(device)}
     engine = {"supervised": {}, "mean_teacher": {}, "cpcl": {}, "cpcl_mt": {"consistency_weight": 0.1},
               "cpcl_paper": {k: v for k, v in PRESETS["cpcl-paper"].items() if k != "method"},
-              "cpcl_label_maps": {"map_resolution": "label"}}
+              "cpcl_label_maps": {"map_resolution": "label"}, "cpcl_cp": {"copy_paste": True},
+              "mean_teacher_cp": {"copy_paste": True}}
     if variant in engine:
         return StepRunner(config(method, patch, width, **over, **engine[variant]), k, state)
     ref_cfg = config(method, patch, width, **over, consistency_weight=config(method, patch, width).lambda_max)
