@@ -18,9 +18,9 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``write_image``). imports: cleanup, errors, io.
 - ``network``: the VNet returning ``(logits, features)`` (``VNet``, ``build_network``). imports: none.
 - ``prototypes``: masked average pooling and cosine prototype maps (``masked_average_pooling``,
-  ``prototype_logits``, ``IGNORE_INDEX``). imports: none.
+  ``prototype_logits``, ``IGNORE_INDEX``). imports: settings.
 - ``losses``: one function per loss equation (``supervised_loss``, ``forward_prototype_loss``,
-  ``backward_prototype_loss``, ``total_loss``). imports: prototypes.
+  ``backward_prototype_loss``, ``total_loss``). imports: prototypes, settings.
 - ``teacher``: the EMA teacher (``make_teacher``, ``update_teacher``). imports: none.
 - ``data``: preprocessed cases, patch sampling and augmentation (``Case``, ``make_case``, ``PatchSampler``,
   ``Augmenter``). imports: errors, prototypes.
@@ -55,7 +55,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``build_train_request``). imports: errors, inputfiles, preparation, settings.
 - ``console``: what the CLI prints and how it stops (``Reporter``, ``print_summary``, ``StopControl``).
   imports: cleanup, errors.
-- ``jobs``: background child-process runs for the Slicer module (``Job``). imports: errors.
+- ``jobs``: background child-process runs for the Slicer module (``Job``). imports: errors, modelfile.
 - ``cli``: the ``cpcl-segment`` entry point and its commands (``main``). imports: cleanup, cli_args, console, demo,
   distributed, errors, modelfile, pipeline, planning, prediction, uncertainty.
 """
