@@ -572,13 +572,26 @@ def test_resume_applies_what_may_change_and_refuses_what_may_not(data, capsys, t
                   words=["--resume", "--patch-size", "interrupted run"])
     refused(capsys, "train", *absolute, "--iterations", "6", "--resume", "--method", "supervised", words=["--method supervised"])
     refused(capsys, "train", *absolute, "--iterations", "2", "--resume", words=["at iteration 2", "more than 2"])
+    # a cancelled resumed run keeps the checkpoint it was resumed from (and says so); the cancel here comes
+    # after iteration 3, whose checkpoint is then not written: the run resumes from iteration 2 again
+    def step_then_cancel(self, inputs, it):
+        values = real_step(self, inputs, it)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return values
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step_then_cancel)
+    code, err, events = run(capsys, "train", *absolute, "--iterations", "6", "--resume")
+    assert code == 130, err
+    assert "kept what was finished before the cancel" in events[-1]["message"] and "--resume continues from it" in events[-1]["message"]
+    assert os.path.exists(checkpoint_path(out))
+    monkeypatch.setattr(trainer_module.Trainer, "step", real_step)
     # absolute paths now, with a longer run and another learning rate: applied and said
-    code, err, events = run(capsys, "train", *absolute, "--iterations", "4", "--lr", "0.001", "--resume")
+    code, err, events = run(capsys, "train", *absolute, "--iterations", "5", "--lr", "0.001", "--resume")
     assert code == 0, err
     info = [e["message"] for e in events if e["event"] == "info" and "resuming" in e.get("message", "")]
-    assert info and "iterations 6 -> 4" in info[0] and "lr 0.003 -> 0.001" in info[0], info
-    assert [e["iteration"] for e in events if e["event"] == "progress"] == [3, 4]
-    assert [e for e in events if e["event"] == "summary"][0]["iterations"] == 4
+    assert info and "resuming from iteration 2" in info[0] and "iterations 6 -> 5" in info[0] and "lr 0.003 -> 0.001" in info[0], info
+    assert [e["iteration"] for e in events if e["event"] == "progress"] == [3, 4, 5]
+    assert [e for e in events if e["event"] == "summary"][0]["iterations"] == 5
     rec = load_model(str(out))
-    assert rec["training"]["iterations"] == 4 and rec["training"]["config"]["lr"] == 0.001
+    assert rec["training"]["iterations"] == 5 and rec["training"]["config"]["lr"] == 0.001
     assert not os.path.exists(checkpoint_path(out)) and not os.path.exists(str(out) + ".lock")

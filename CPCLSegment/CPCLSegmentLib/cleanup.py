@@ -155,7 +155,7 @@ def cancel_report() -> str:
         text = "cancelled: no output was written"
     if removed:
         text += f"; removed this run's {', '.join(os.path.basename(p) for p in removed)}"
-    previous = [p for p in interrupted if os.path.exists(p) and p not in _written]
+    previous = [p for p in interrupted if os.path.exists(p)]
     if interrupted:
         text += "; the cancel stopped the writing of " + ", ".join(interrupted)
         text += f" ({', '.join(os.path.basename(p) for p in previous)}: the previous file is unchanged)" if previous else " (not written)"

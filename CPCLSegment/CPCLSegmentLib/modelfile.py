@@ -171,6 +171,14 @@ def _load(path: str, what: str) -> Any:
     if not os.path.isfile(path):
         raise ModelFileError(f"{what} not found: {path}")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFileError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch.save's zip, or its legacy pickle
+        raise ModelFileError(f"{path} is not a {what}: it is not a PyTorch file at all (a model file is the .pt file "
+                             "that cpcl-segment train writes)")
+    try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ModelFileError(

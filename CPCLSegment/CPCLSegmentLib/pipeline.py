@@ -373,6 +373,7 @@ def _resume_checkpoint(request: TrainRequest, fingerprint: Dict[str, Any], say: 
         raise InputError(f"--resume: {ckpt_file} is at iteration {done}: {old.iterations} iterations would train no further; "
                          f"give --iterations more than {done}")
     request.config = old
+    cleanup.note_written(ckpt_file, "resume checkpoint: --resume continues from it")  # a cancel keeps it and says so
     say({"event": "info", "message": f"resuming from iteration {done} of {old.iterations}" + (f" ({'; '.join(changed)})" if changed else "")})
     return ck
 

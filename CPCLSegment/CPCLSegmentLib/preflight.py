@@ -64,24 +64,45 @@ def _check_writable_folder(folder: str, what: str, path: str) -> None:
         raise InputError(f"{what} {path}: the folder {existing} is not writable (permission denied)")
 
 
+def _identities(path: str) -> List[Any]:
+    """What makes two paths the same file: the real path, and the (device, inode) of an existing file."""
+    keys: List[Any] = [_real(path)]
+    try:
+        st = os.stat(path)
+        keys.append((st.st_dev, st.st_ino))
+    except OSError:
+        pass
+    return keys
+
+
 def check_outputs(outputs: Sequence[Named], inputs: Sequence[Named], folders: Sequence[Named] = ()) -> None:
     """Refuses, before any work, an output file that would replace an input or cannot be written.
 
     ``outputs``: files to write; ``folders``: folders to write into (e.g. ``--work-dir``); ``inputs``: every
-    file or folder the command reads. Raises ``InputError`` naming the flag(s) and path(s)."""
-    inputs = [(w, str(p)) for w, p in inputs if p]
+    file or folder the command reads. Raises ``InputError`` naming the flag(s) and path(s). Linear in the number
+    of paths (real paths and (device, inode) pairs are looked up, as ``os.path.samefile`` compares them)."""
+    known: Dict[Any, Named] = {}
+    for w, p in inputs:
+        if p:
+            for key in _identities(str(p)):
+                known.setdefault(key, (w, str(p)))
+    writable: Dict[str, None] = {}
     for what, path in outputs:
         path = str(path)
         if not path.strip():
             raise InputError(f"{what} is empty: give a file path")
         if os.path.isdir(path):
             raise InputError(f"{what} {path} is a folder; give a file path")
-        for in_what, in_path in inputs:
-            if same_file(path, in_path):
-                same = "" if os.path.abspath(path) == os.path.abspath(in_path) else f" (given as {in_path})"
-                raise InputError(f"{what} {path} is also the {in_what}{same}: writing it would replace that input; "
-                                 "choose another output path")
-        _check_writable_folder(os.path.dirname(os.path.abspath(path)), what, path)
+        hit = next((known[k] for k in _identities(path) if k in known), None)
+        if hit is not None:
+            in_what, in_path = hit
+            same = "" if os.path.abspath(path) == os.path.abspath(in_path) else f" (given as {in_path})"
+            raise InputError(f"{what} {path} is also the {in_what}{same}: writing it would replace that input; "
+                             "choose another output path")
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in writable:
+            _check_writable_folder(folder, what, path)
+            writable[folder] = None
         if os.path.isfile(path) and not (os.stat(path).st_mode & stat.S_IWUSR):
             raise InputError(f"{what} {path} exists and is write-protected; remove the protection or choose another path")
     for what, folder in folders:
@@ -90,9 +111,6 @@ def check_outputs(outputs: Sequence[Named], inputs: Sequence[Named], folders: Se
             raise InputError(f"{what} is empty: give a folder")
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise InputError(f"{what} {folder} is a file, not a folder")
-        for in_what, in_path in inputs:
-            if same_file(folder, in_path) and not os.path.isdir(in_path):
-                raise InputError(f"{what} {folder} is also the {in_what}; choose another folder")
         _check_writable_folder(folder, what, folder)
 
 
@@ -176,6 +194,10 @@ class OutputLock:
 
     def acquire(self, emit: Emit) -> "OutputLock":
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "output": self.target}
+        try:
+            os.makedirs(os.path.dirname(self.target), exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create the folder of {self.target}: {e.strerror or e}") from None
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
