@@ -17,7 +17,6 @@ import SimpleITK as sitk
 from CPCLSegmentLib import cli, pipeline
 from CPCLSegmentLib import io as cio
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest
-from CPCLSegmentLib.settings import TrainConfig
 
 from conftest import COARSE_SPACING, LUNGS, sha256, small_config
 
@@ -77,7 +76,7 @@ def world(tmp_path, ct_path, seg_path):
     data = (inputs / "ct.nii.gz").read_bytes()
     (inputs / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
     (inputs / "garbage.nrrd").write_bytes(b"GARBAGE" + random.Random(0).randbytes(2000))
-    (inputs / "cases.csv").write_text(f"image,segmentation,role\nct.nrrd,ct.seg.nrrd,labeled\nct.nii.gz,,unlabeled\n")
+    (inputs / "cases.csv").write_text("image,segmentation,role\nct.nrrd,ct.seg.nrrd,labeled\nct.nii.gz,,unlabeled\n")
     (inputs / "settings.json").write_text('{"iterations": 1, "width": 4}')
     model = inputs / "model.pt"
     pipeline.train(TrainRequest(labeled=[LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=str(model), segments=LUNGS,

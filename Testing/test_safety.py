@@ -4,7 +4,6 @@ right result, with every input byte-identical afterwards. The random version is 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -45,16 +44,6 @@ def data(tmp_path, ct_path, seg_path):
     yield folder
     for p, h in files.items():
         assert p.exists() and sha256(p) == h, f"{p} was changed"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, ct_path, seg_path):
-    """A tiny model (2 iterations, a few seconds): these tests need a valid model file, not a good one."""
-    out = tmp_path_factory.mktemp("safety-model") / "lungs.pt"
-    req = TrainRequest(labeled=[LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=str(out), segments=list(LUNGS),
-                       spacing=list(COARSE_SPACING), config=small_config(iterations=2, width=4, depth=3, patch_size=(16, 32, 32)))
-    pipeline.train(req)
-    return str(out), None, None
 
 
 def run(capsys, *args):
@@ -290,7 +279,7 @@ def test_bad_values_and_paths_are_input_errors(data, capsys, tmp_path, monkeypat
     import tempfile
 
     monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    err = refused(capsys, *base, "--spacing", *SPACING, words=["cannot create a temporary folder", "no space left on", "--work-dir"])
+    refused(capsys, *base, "--spacing", *SPACING, words=["cannot create a temporary folder", "no space left on", "--work-dir"])
     assert not out.exists()
 
 

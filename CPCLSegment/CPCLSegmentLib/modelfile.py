@@ -33,7 +33,6 @@ import os
 import pickle
 import platform
 import time
-import zipfile
 from typing import Any, Dict, List, Optional
 
 import numpy as np
