@@ -153,6 +153,17 @@ def _wait_for_progress(proc, timeout=120):
     return False
 
 
+def _wait_for_checkpoint(proc, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if '"checkpoint"' in line:
+            return True
+    return False
+
+
 def test_sigterm_cancels_within_seconds_and_leaves_nothing(tmp_path, ct_path, seg_path):
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
@@ -160,20 +171,26 @@ def test_sigterm_cancels_within_seconds_and_leaves_nothing(tmp_path, ct_path, se
     env["TMPDIR"] = str(tmpdir)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    config = tmp_path / "every iteration.json"
+    config.write_text('{"checkpoint_every": 1}')  # so a resume checkpoint exists when the signal comes
     args = cli_command("train", "--labeled", ct_path, seg_path, "--unlabeled", ct_path, "--segments", *LUNGS,
-                       "--out", out_dir / "m.pt", "--progress", "json", *SMALL[:1], "100000", *SMALL[2:])
+                       "--out", out_dir / "m.pt", "--progress", "json", *SMALL[:1], "100000", *SMALL[2:], "--config", config)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        assert _wait_for_progress(proc), proc.stderr.read()[-2000:]
+        assert _wait_for_checkpoint(proc), proc.stderr.read()[-2000:]
         t = time.time()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=10)
         elapsed = time.time() - t
+        rest = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
     assert code == 130 and elapsed < 5, (code, elapsed)
-    assert os.listdir(out_dir) == []  # no model, no partial or temporary file
+    assert os.listdir(out_dir) == []  # no model, no checkpoint, no lock, no partial or temporary file
+    error = json_lines(rest)[-1]
+    assert error["event"] == "error" and error["message"].startswith("cancelled: no output was written"), error
+    assert "checkpoint" not in error["message"] or "not written" in error["message"], error
     # the preprocessing work folder is gone (torch keeps its own compiler cache there: not ours)
     assert [n for n in os.listdir(tmpdir) if not n.startswith("torchinductor")] == []
 

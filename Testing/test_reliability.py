@@ -175,12 +175,13 @@ def test_stop_then_resume_continues_from_the_checkpoint(tmp_path, ct_path, seg_p
     assert progress == [4, 5, 6, 7, 8] and second["status"] == "completed"
     assert load_model(req.out)["training"]["iterations"] == 8
     assert not os.path.exists(checkpoint_path(req.out))  # removed once complete
-    # a checkpoint of other cases is refused
+    # a checkpoint of other cases is refused, naming what differs
     req2 = request(tmp_path, ct_path, seg_path, config=tiny(iterations=8), unlabeled=[])
-    pipeline.train(req2, None, lambda: True)
+    steps = []
+    pipeline.train(req2, lambda e: steps.append(e["event"]), lambda: steps.count("progress") >= 1)
     req2.unlabeled = [ct_path]
     req2.resume = True
-    with pytest.raises(InputError, match="belongs to a run with other cases"):
+    with pytest.raises(InputError, match=r"belongs to a run with other cases or segments \(unlabeled cases: 0 not given now, 1 new"):
         pipeline.train(req2)
 
 

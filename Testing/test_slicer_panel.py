@@ -23,7 +23,7 @@ vtk = pytest.importorskip("vtk")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CPCLSegment"))
 
-from CPCLSegmentLib import cli, jobs, settings  # noqa: E402
+from CPCLSegmentLib import cli, jobs, settings, writers  # noqa: E402
 from CPCLSegmentLib import io as cio  # noqa: E402
 from CPCLSegmentLib.errors import Cancelled, InputError  # noqa: E402
 from CPCLSegmentModuleLib import core, environment, panel  # noqa: E402
@@ -438,7 +438,7 @@ def test_organ_and_lesion_a_later_segment_wins_and_predictions_nest_again(chest,
     # a prediction (one label map, the later segment winning) is written back nested: the lung holds its lesion again
     predicted = cio.read_image(image)
     classes = [{k: v for k, v in c.items() if k != "terminology"} for c in res.classes()]  # the engine's (dict) terminology
-    cio.write_seg_nrrd(str(tmp_path / "prediction.seg.nrrd"), labels, predicted, classes)
+    writers.write_seg_nrrd(str(tmp_path / "prediction.seg.nrrd"), labels, predicted, classes)
     node = core.import_segmentation(scene, str(tmp_path / "prediction.seg.nrrd"), volume, nested=res.nested())
     back = core.segment_masks(volume, node, names)
     assert np.array_equal(back["lesion"], masks["lesion"]) and np.array_equal(back["left lung"], masks["left lung"])

@@ -8,14 +8,22 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 
 - ``errors``: error types and their exit codes (``CPCLError``, ``InputError``, ``ModelFileError``,
   ``OutOfMemory``, ``TrainingDiverged``, ``Cancelled``). imports: none.
-- ``cleanup``: temporary files and folders removed at exit or on cancel (``register``, ``remove_all``).
-  imports: none.
+- ``cleanup``: what a run leaves on disk: temporary files removed at exit or on cancel, this run's checkpoint
+  removed on cancel, outputs committed (never after a cancel) and named in the cancel message, and the sweep of
+  dead runs' leftovers (``register``, ``remove_all``, ``commit``, ``remove_on_cancel``, ``cancel_report``,
+  ``request_cancel``, ``sweep``). imports: errors.
 - ``settings``: every training setting and shared choice, torch-free (``TrainConfig``, ``PRESETS``, ``METHODS``,
   ``ANNOTATED_SLICES``, ``cli_settings``). imports: errors.
-- ``io``: reading images and segmentations, segments onto the image grid (``read_image``, ``read_segmentation``,
-  ``read_segment_list``, ``build_label_array``, ``find_segment``, ``same_grid``). imports: errors.
-- ``writers``: atomic writes (``atomic_path``, ``write_prediction``, ``write_seg_nrrd``, ``write_label_image``,
-  ``write_image``). imports: cleanup, errors, io.
+- ``io``: reading images and segmentations, verified (gzip CRC and length, the bytes a header promises; ITK's
+  whole reason on failure), segments onto the image grid (``read_image``, ``read_segmentation``,
+  ``read_segment_list``, ``read_header``, ``integrity_problem``, ``error_reason``, ``build_label_array``,
+  ``find_segment``, ``same_grid``, ``geometry_difference``). imports: errors.
+- ``writers``: atomic, checked writes: temp + fsync + verify + rename, normal permissions, "no space left on <disk>"
+  (``atomic_path``, ``verify_written``, ``check_free_space``, ``write_prediction``, ``write_seg_nrrd``,
+  ``write_label_image``, ``write_image``). imports: cleanup, errors, io.
+- ``preflight``: checks before any work: outputs against inputs, writable folders, free space, the output lock,
+  stale stop files, spacing values, dead runs' leftovers (``check_outputs``, ``same_file``, ``check_free_space``,
+  ``OutputLock``, ``check_stop_file``, ``check_spacing``, ``sweep_leftovers``). imports: cleanup, errors, writers.
 - ``devices``: where the networks run (``resolve_device``, ``describe_device``, ``autocast_context``, ``is_oom``).
   imports: errors.
 - ``network``: the VNet returning ``(logits, features)`` (``VNet``, ``build_network``). imports: none.
@@ -39,21 +47,22 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   (``LabeledInput``, ``TrainRequest``, ``resolve_classes``, ``read_labeled``, ``inspect_cases``,
   ``preprocess_labeled``, ``model_input``, ``to_model_grid``, ``normalize``). imports: data, errors, io,
   prototypes, settings.
-- ``planning``: spacing, patch, normalisation, memory and time (``plan_run``, ``plan_patch_size``,
-  ``estimate_memory``, ``check_memory``, ``step_seconds``, ``iterations_for_minutes``).
-  imports: errors, network, preparation, settings.
-- ``trainer``: the training loop (``Trainer``, ``TrainResult``). imports: data, devices, distributed, errors, losses, metrics,
-  modelfile, network, planning, prototypes, settings, teacher.
+- ``planning``: spacing, patch, normalisation, memory and time; every case's grid at the target spacing
+  (``plan_run``, ``plan_patch_size``, ``estimate_memory``, ``check_memory``, ``check_grids``, ``step_seconds``,
+  ``iterations_for_minutes``). imports: errors, network, preparation, settings, writers.
+- ``trainer``: the training loop (``Trainer``, ``TrainResult``). imports: data, devices, distributed, errors, losses,
+  metrics, modelfile, network, planning, prototypes, settings, teacher.
 - ``prediction``: model file and images in, segmentations on each image's grid out (``Predictor``,
-  ``back_to_image_grid``, ``predict``). imports: devices, errors, inference, io, modelfile, preparation, writers.
+  ``back_to_image_grid``, ``predict``, ``compatibility_warnings``). imports: devices, errors, inference, io, modelfile,
+  preflight, preparation, writers.
 - ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``).
-  imports: cleanup, data, errors, io, metrics, modelfile, planning, preparation, trainer.
+  imports: cleanup, data, errors, io, metrics, modelfile, planning, preflight, preparation, settings, trainer, writers.
 - ``uncertainty``: "label this next" scores and ranking (``UncertaintyModel``, ``rank_files``).
-  imports: errors, inference, io, modelfile, prediction, preparation, prototypes, settings, writers.
+  imports: errors, inference, io, modelfile, prediction, preflight, preparation, prototypes, settings, writers.
 - ``inputfiles``: the CLI's other input files: case lists, Decathlon folders, colour tables, ``--config``
   (``read_case_list``, ``decathlon_cases``, ``load_config_file``). imports: errors, io, settings.
 - ``demo``: ``cpcl-segment demo`` (``run_demo``). imports: errors, inputfiles, io, metrics, pipeline, prediction,
-  preparation, settings, writers.
+  preflight, preparation, settings, writers.
 - ``cli_args``: the command line's parser and the training request it stands for (``build_parser``,
   ``build_train_request``). imports: errors, inputfiles, preparation, settings.
 - ``console``: what the CLI prints and how it stops (``Reporter``, ``print_summary``, ``StopControl``).
@@ -62,8 +71,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``model_info``, ``installed_versions``, ``nvidia_gpus``). imports: errors, modelfile.
 - ``jobs``: background child-process runs for the Slicer module (``Job``, ``probe_job``, ``model_info_job``).
   imports: errors.
-- ``cli``: the ``cpcl-segment`` entry point and its commands (``main``). imports: cleanup, cli_args, console, demo,
-  distributed, errors, modelfile, pipeline, planning, prediction, uncertainty.
+- ``cli``: the ``cpcl-segment`` entry point and its commands (``main``, ``classify``). imports: cleanup, cli_args,
+  console, demo, distributed, errors, modelfile, pipeline, planning, preflight, prediction, uncertainty, writers.
 """
 
 from __future__ import annotations

@@ -5,21 +5,29 @@ Progress (``--progress json``): stdout carries only JSON lines, one object per l
 ``{"event": "warning", "message"}``, ``{"event": "done", "model"}``, ``{"event": "error", "message"}``; the
 summary and human-readable text go to stderr. The Slicer module parses these lines.
 
-Exit codes: 0 done; 2 bad input or model file; 3 loss diverged; 4 out of memory; 130 cancelled (SIGTERM,
-Ctrl-C, or parent gone with ``--exit-with-parent``); 1 internal error. Cancelled runs leave no output file.
+Exit codes: 0 done; 2 bad input or model file (also: an output that cannot be written, a full disk); 3 loss
+diverged; 4 out of memory (GPU or RAM); 130 cancelled (SIGTERM, Ctrl-C, or parent gone with
+``--exit-with-parent``); 1 internal error (a bug: please report it). A cancel writes nothing more: a training
+leaves no model file (and removes the checkpoint it wrote, unless it was resumed from it), a multi-image
+``predict`` / ``rank`` keeps the outputs finished before the cancel; the error message names what exists.
+
+Every command checks its paths and values before any work (``preflight``); a user's mistake is an exit 2 with
+a message that names the file or flag, never an internal error.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from . import cleanup
 from .cli_args import build_parser, build_train_request
 from .console import Reporter, StopControl
-from .errors import Cancelled, CPCLError
+from .errors import Cancelled, CPCLError, OutOfMemory
+from .preflight import check_stop_file
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -107,18 +115,19 @@ def cmd_rank(args, report: Reporter, control: StopControl) -> int:
 def cmd_info(args, report: Reporter, control: StopControl) -> int:
     from .modelfile import load_model
 
-    rec = load_model(args.model)
-    tr = rec.get("training", {})
+    rec = load_model(args.model)  # every field checked: a crafted file is a ModelFileError
+    tr = rec.get("training") or {}
+    labeled = tr.get("labeled_cases")
     lines = [
         f"{args.model}: CPCLSegment model (format {rec['format_version']}, engine {rec.get('engine_version')})",
         f"  segments: " + ", ".join(f"{c['name']} ({c.get('label_value')})" for c in rec["classes"][1:]),
         f"  network: {rec['network']}",
         f"  spacing: {rec.get('spacing')} mm, patch {rec['patch_size']}, normalisation {rec['normalization'].get('scheme')}",
         f"  training: {tr.get('method')}, {tr.get('iterations')} iterations ({tr.get('status')}), "
-        f"{len(tr.get('labeled_cases', []))} labeled + {tr.get('unlabeled_cases')} unlabeled cases",
+        f"{len(labeled) if isinstance(labeled, list) else '?'} labeled + {tr.get('unlabeled_cases')} unlabeled cases",
         f"  best-on-validation weights: {rec.get('best') or 'none'}",
     ]
-    print("\n".join(lines))
+    print("\n".join(str(line) for line in lines))
     return 0
 
 
@@ -134,32 +143,58 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     mode = getattr(args, "progress", "none")
     report = Reporter(mode)
-    control = StopControl(getattr(args, "stop_file", None), getattr(args, "exit_with_parent", False))
+    cleanup.reset()
+    control = StopControl(getattr(args, "stop_file", None), getattr(args, "exit_with_parent", False),
+                          on_hard_exit=lambda message: _error(report, message, Cancelled.exit_code))
     control.install()
+    report.start_heartbeat()
     code = 0
     try:
+        check_stop_file(getattr(args, "stop_file", None))
         code = COMMANDS[args.command](args, report, control)
-    except Cancelled:
+    except (Cancelled, KeyboardInterrupt) as e:
         code = Cancelled.exit_code
-        _error(report, "cancelled: no output was written", code)
+        text = cleanup.cancel_report()
+        detail = str(e) if isinstance(e, Cancelled) else ""
+        _error(report, f"{detail} ({text})" if detail and detail != "cancelled" else text, code)  # the detail: e.g. stopped at 0
     except CPCLError as e:
         code = e.exit_code
         _error(report, str(e), code)
-    except KeyboardInterrupt:
-        code = Cancelled.exit_code
-        _error(report, "cancelled: no output was written", code)
-    except MemoryError:
-        code = 4
-        _error(report, "the computer ran out of memory (RAM): use a smaller patch size or fewer cases at once", code)
-    except Exception as e:  # an unexpected internal error: one line unless --debug
-        code = 1
-        _error(report, f"internal error: {type(e).__name__}: {e} (run with --debug for details; please report it)", code)
-        if getattr(args, "debug", False) or os.environ.get("CPCL_DEBUG"):
+    except Exception as e:  # MemoryError, OSError and the rest: a user's situation when recognised, else a bug
+        code, message = classify(e)
+        _error(report, message, code)
+        if code == 1 and (getattr(args, "debug", False) or os.environ.get("CPCL_DEBUG")):
             traceback.print_exc()
     finally:
+        control.close()
+        report.stop_heartbeat()
         report.close()
         cleanup.remove_all()
+        cleanup.reset()  # the next command in this process (Slicer's console, tests) starts afresh
     return code
+
+
+_ALLOCATION_FAILURES = ("can't allocate memory", "cannot allocate memory", "defaultcpuallocator", "bad_alloc",
+                        "failed to allocate", "out of memory", "memoryerror")
+
+
+def classify(e: BaseException) -> Tuple[int, str]:
+    """Exit code and message of an exception that is not one of ours: running out of RAM (a ``MemoryError`` or
+    an allocation failure that torch, numpy or ITK reports as ``RuntimeError``) is 4 with a hint; an
+    ``OSError`` (a full disk, a permission, a file that vanished) names the file: 2; anything else is an
+    internal error: 1."""
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(k in text.lower() for k in _ALLOCATION_FAILURES)):
+        return OutOfMemory.exit_code, ("the computer ran out of memory (RAM) (" + text.splitlines()[0][:200] + "): use a smaller "
+                                       "--patch-size, a coarser --spacing, fewer or smaller images at once, or close other programs")
+    if isinstance(e, OSError):
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            from .writers import no_space_message
+
+            return CPCLError.exit_code, f"cannot write{where}: {no_space_message(e.filename or os.getcwd())}"
+        return CPCLError.exit_code, f"cannot access{where}: {e.strerror or e}"
+    return 1, f"internal error: {text} (run with --debug for details; please report it)"
 
 
 def _error(report: Reporter, message: str, code: int) -> None:

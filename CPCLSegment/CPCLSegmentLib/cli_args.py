@@ -144,11 +144,15 @@ def build_train_request(args: argparse.Namespace) -> TrainRequest:
     from .preparation import LabeledInput, TrainRequest  # torch: imported when a train command runs, not for --help
 
     cfg_dict: Dict[str, Any] = load_config_file(args.config) if args.config else {}
+    given = set(cfg_dict)  # what --resume compares with the interrupted run: settings the user named
     for name, meta in cli_settings():
         v = getattr(args, name)
         if v is not None:
             cfg_dict[name] = list(reversed(v)) if meta.get("xyz") else v  # X Y Z on the command line, (D, H, W) inside
+            given.add(name)
     if args.device != "auto" or "device" not in cfg_dict:
+        if args.device != "auto":
+            given.add("device")
         cfg_dict["device"] = args.device
     network_overrides = {k: cfg_dict[k] for k in ("width", "depth", "norm", "feature_level") if k in cfg_dict}
     cfg = settings.TrainConfig.from_dict(cfg_dict).validate()  # every setting checked before any work
@@ -178,4 +182,7 @@ def build_train_request(args: argparse.Namespace) -> TrainRequest:
         resume=args.resume,
         compare_supervised=args.compare_supervised,
         work_dir=args.work_dir,
+        settings_given=sorted(given),
+        other_inputs=[(flag, path) for flag, path in (("--config file", args.config if args.config not in PRESETS else None),
+                                                     ("--cases list", args.cases), ("--color-table", args.color_table)) if path],
     )

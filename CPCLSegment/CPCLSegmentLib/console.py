@@ -1,5 +1,7 @@
 """What the CLI shows and how it stops: engine events as JSON lines, a progress bar or text (``Reporter``,
-``print_summary``), and cancel / stop handling (``StopControl``: signals, a stop file, the parent process)."""
+``print_summary``; a ``heartbeat`` event when a phase runs long without any other event), and cancel / stop
+handling (``StopControl``: signals, a stop file, the parent process; a cancel that the run does not notice
+within ``grace_s`` exits hard, after ``cleanup.cancel_report``)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import psutil
@@ -43,12 +45,57 @@ def format_seconds(sec: Optional[float]) -> str:
 
 
 class Reporter:
-    """Turns engine events into JSON lines (stdout), a progress bar, or quiet text (stderr)."""
+    """Turns engine events into JSON lines (stdout), a progress bar, or quiet text (stderr).
+
+    ``start_heartbeat(every_s)``: when no event came for ``every_s`` seconds (a long read, resampling, a large
+    sliding window), a ``{"event": "heartbeat", "phase", "seconds"}`` line (text: "still <phase>… (N s)") says the
+    run is alive and what it is doing; the phase is the last ``phase`` event's (else the last event's kind)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.bar = None
         self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._phase_since = time.monotonic()
+        self.phase = "starting"
+        self._beat: Optional[threading.Event] = None
+
+    def start_heartbeat(self, every_s: float = 15.0) -> None:
+        if self._beat is not None:
+            return
+        stop = self._beat = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(min(every_s, 1.0)):
+                if time.monotonic() - self._last >= every_s:
+                    seconds = int(time.monotonic() - self._phase_since)
+                    self._last = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        if self.mode == "json":
+                            self.json_line({"event": "heartbeat", "phase": self.phase, "seconds": seconds})
+                        elif self.mode == "bar":
+                            self.text(f"still {self.phase}... ({seconds} s)")
+
+        threading.Thread(target=loop, daemon=True, name="heartbeat").start()
+
+    def stop_heartbeat(self) -> None:
+        if self._beat is not None:
+            self._beat.set()
+            self._beat = None
+
+    def _note(self, event: Dict[str, Any]) -> None:
+        self._last = time.monotonic()
+        kind = event.get("event")
+        if kind == "phase":
+            phase = str(event.get("phase", "working"))
+            if event.get("of"):
+                phase += f" ({event.get('index')}/{event.get('of')})"
+            if event.get("detail"):
+                phase += f": {event['detail']}"
+            self.phase = phase
+            self._phase_since = time.monotonic()
+        elif kind in ("progress", "start"):
+            self.phase, self._phase_since = "training", time.monotonic()
 
     def json_line(self, event: Dict[str, Any]) -> None:
         with self._lock:
@@ -63,6 +110,7 @@ class Reporter:
 
     def __call__(self, event: Dict[str, Any]) -> None:
         kind = event.get("event")
+        self._note(event)
         if self.mode == "json":
             if kind == "summary":
                 print_summary(event)
@@ -106,13 +154,23 @@ def _json_default(o: Any) -> Any:
 
 
 class StopControl:
-    """Cancel (SIGTERM / Ctrl-C / parent gone: no output) and Stop (a stop file: keep the model so far)."""
+    """Cancel (SIGTERM / Ctrl-C / parent gone: nothing more is written; what was finished is named) and Stop
+    (a stop file: keep the model so far).
 
-    def __init__(self, stop_file: Optional[str] = None, exit_with_parent: bool = False, grace_s: float = 3.0) -> None:
+    A cancel sets ``cleanup``'s cancel flag at once (no output is committed after it) and raises ``Cancelled``
+    at the run's next check; if the run does not get there within ``grace_s`` (a long read or save), the
+    process exits with 130 after ``cleanup.cancel_report`` (printed through ``on_hard_exit``)."""
+
+    def __init__(self, stop_file: Optional[str] = None, exit_with_parent: bool = False, grace_s: float = 3.0,
+                 on_hard_exit: Optional[Callable[[str], None]] = None) -> None:
         self.cancelled = threading.Event()
         self.stop_file = stop_file
         self.grace_s = grace_s
+        self.on_hard_exit = on_hard_exit
         self._installed = False
+        self._previous: Dict[int, Any] = {}
+        self._timer: Optional[threading.Timer] = None
+        self._closed = threading.Event()
         if exit_with_parent:
             self._watch_parent()
 
@@ -122,27 +180,45 @@ class StopControl:
         self._installed = True
         for sig in (signal.SIGTERM, signal.SIGINT) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()):
             try:
-                signal.signal(sig, self._on_signal)
+                self._previous[sig] = signal.signal(sig, self._on_signal)
             except (ValueError, OSError):  # not the main thread
                 pass
+
+    def close(self) -> None:
+        """The command has ended: no hard exit any more; the previous signal handlers are back."""
+        self._closed.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        for sig, handler in self._previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
 
     def _on_signal(self, signum, frame) -> None:
         self.cancel(f"signal {signum}")
 
     def cancel(self, why: str) -> None:
-        if self.cancelled.is_set():
+        if self.cancelled.is_set() or self._closed.is_set():
             return
         self.cancelled.set()
+        cleanup.request_cancel()
         # The loop notices at its next check; if an iteration runs long, leave anyway within grace_s.
-        t = threading.Timer(self.grace_s, self._hard_exit)
-        t.daemon = True
-        t.start()
+        self._timer = threading.Timer(self.grace_s, self._hard_exit)
+        self._timer.daemon = True
+        self._timer.start()
 
     def _hard_exit(self) -> None:
-        cleanup.remove_all()
+        if self._closed.is_set():
+            return
         try:
-            sys.stderr.write("cancelled\n")
-            sys.stderr.flush()
+            message = cleanup.cancel_report()
+            if self.on_hard_exit is not None:
+                self.on_hard_exit(message)
+            else:
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
+        except Exception:
+            pass
         finally:
             os._exit(Cancelled.exit_code)
 
@@ -160,7 +236,7 @@ class StopControl:
             return all(psutil.pid_exists(pid) for pid in watched)
 
         def loop() -> None:
-            while not self.cancelled.is_set():
+            while not self.cancelled.is_set() and not self._closed.is_set():
                 if not alive():
                     self.cancel("parent process gone")
                     self._hard_exit()

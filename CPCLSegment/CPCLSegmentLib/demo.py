@@ -28,6 +28,7 @@ from .inputfiles import decathlon_cases
 from .metrics import dice_per_class, mean_dice
 from .pipeline import train
 from .prediction import Predictor
+from .preflight import check_outputs
 from .preparation import LabeledInput, TrainRequest
 from .settings import TrainConfig
 from .writers import write_image, write_prediction
@@ -56,14 +57,33 @@ def demo_config(iterations: Optional[int], seed: int, device: str) -> TrainConfi
     )
 
 
+def check_demo_args(args: Any, outputs: Any, inputs: Any) -> str:
+    """The demo's numbers and its output folder, before any work; returns the folder (absolute)."""
+    for name, low in (("iterations", 1), ("labeled", 1), ("unlabeled", 0), ("seed", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise InputError(f"--{name} must be at least {low}, not {value}")
+    if getattr(args, "seed", 0) is not None and args.seed >= 2**32:
+        raise InputError(f"--seed must be below 2**32, not {args.seed}")
+    if not str(args.out or "").strip():
+        raise InputError("--out is empty: give the folder for the demo's model and segmentation")
+    out = os.path.abspath(args.out)
+    check_outputs([(f"--out {args.out}: the demo's", os.path.join(out, name)) for name in outputs],
+                  [("demo input", p) for p in inputs], [("--out", out)])
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the demo's --out folder {out}: {e.strerror or e}") from None
+    return out
+
+
 def run_demo(args: Any, emit: Callable[[Dict[str, Any]], None], should_stop: Callable[[], bool]) -> Dict[str, Any]:
     if args.data:
         return run_dataset_demo(args, emit, should_stop)
     data = slicerio_data_dir()
     ct_path = os.path.join(data, "CTChest4.nrrd")
     seg_path = os.path.join(data, "Segmentation.seg.nrrd")
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    out = check_demo_args(args, ["model.pt", "model.run.json", "CTChest4.seg.nrrd"], [ct_path, seg_path])
     t0 = time.time()
     ct = cio.read_image(ct_path)
     with tempfile.TemporaryDirectory(prefix="cpcl-demo-") as tmp:
@@ -108,10 +128,15 @@ def _dataset_split(folder: str, n_labeled: int, n_unlabeled: int, seed: int):
     by_id = {cio.strip_extension(c["image"]): c for c in cases}
     split_file = os.path.join(folder, "splits.json")
     if os.path.isfile(split_file):
-        with open(split_file, encoding="utf-8") as f:
-            split = json.load(f)
-        pool = [by_id[i] for i in split["train"] if i in by_id]
-        test = [by_id[i] for i in split["test"] if i in by_id]
+        try:
+            with open(split_file, encoding="utf-8") as f:
+                split = json.load(f)
+            pool = [by_id[i] for i in split["train"] if i in by_id]
+            test = [by_id[i] for i in split["test"] if i in by_id]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"cannot read {split_file} (a mapping with 'train' and 'test' lists of case names): {e}") from None
+        if not pool or not test:
+            raise InputError(f"{split_file} names no training or no test case of {folder}/imagesTr")
     else:
         rng = np.random.RandomState(12345)
         order = rng.permutation(len(cases))
@@ -126,9 +151,10 @@ def _dataset_split(folder: str, n_labeled: int, n_unlabeled: int, seed: int):
 
 
 def run_dataset_demo(args: Any, emit, should_stop) -> Dict[str, Any]:
+    check_demo_args(args, [], [])
     labeled, unlabeled, test = _dataset_split(args.data, args.labeled, args.unlabeled, args.seed)
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    inputs = [c["image"] for c in labeled + unlabeled + test] + [c["segmentation"] for c in labeled + test]
+    out = check_demo_args(args, [f"model-{m}{ext}" for m in ("cpcl", "supervised") for ext in (".pt", ".run.json")], inputs)
     _say(emit, f"demo on {args.data}: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(test)} held-out test cases")
     cfg = TrainConfig(iterations=args.iterations or 400, width=8, optimizer="adamw", lr=2e-3, seed=args.seed, device=args.device)
     results = {}

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .errors import InputError
 from .io import IMAGE_EXTENSIONS, has_extension
-from .settings import PRESETS
+from .settings import ANNOTATED_SLICES, PRESETS
 
 
 def parse_segment_names(pairs: Optional[Sequence[str]], color_table: Optional[str]) -> Optional[Dict[int, str]]:
@@ -29,10 +29,30 @@ def parse_segment_names(pairs: Optional[Sequence[str]], color_table: Optional[st
     return names or None
 
 
+def _check_file(path: str, what: str) -> None:
+    if not str(path):
+        raise InputError(f"{what} path is empty")
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path} is a folder; give a file")
+    if not os.path.isfile(path):
+        raise InputError(f"{what} not found: {path}")
+
+
+def _read_text(path: str, what: str) -> str:
+    """A text file's content (UTF-8, with or without a byte-order mark), with a clear error otherwise."""
+    _check_file(path, what)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
 def read_color_table(path: str) -> Dict[int, str]:
     """Slicer colour table: lines ``value name r g b a`` (``#`` comments)."""
-    if not os.path.isfile(path):
-        raise InputError(f"colour table not found: {path}")
+    _check_file(path, "colour table")
     names = {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -49,45 +69,73 @@ def read_color_table(path: str) -> Dict[int, str]:
 def read_case_list(path: str) -> Dict[str, List[Dict[str, Any]]]:
     """CSV (header: image, segmentation, role, annotated_slices) or JSON (a list, or {labeled, unlabeled,
     validation}). Roles: labeled (default when a segmentation is given), unlabeled, validation. Relative
-    paths are relative to the list's folder."""
-    if not os.path.isfile(path):
-        raise InputError(f"case list not found: {path}")
+    paths are relative to the list's folder. Every entry is checked (text where a path or a word is
+    expected); a bad one is an ``InputError`` naming the list and the entry."""
+    text = _read_text(path, "case list")
     base = os.path.dirname(os.path.abspath(path))
-    rows: List[Dict[str, Any]] = []
+    rows: List[Any] = []
     try:
         if path.lower().endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+            data = json.loads(text)
             if isinstance(data, dict):
+                unknown = sorted(str(k) for k in data if k not in ("labeled", "unlabeled", "validation"))
+                if unknown:
+                    raise InputError(f"case list {path}: unknown key(s) {unknown}; use labeled, unlabeled, validation")
                 for role in ("labeled", "unlabeled", "validation"):
-                    for item in data.get(role, []):
-                        item = {"image": item} if isinstance(item, str) else dict(item)
-                        item["role"] = role
+                    items = data.get(role) or []
+                    if not isinstance(items, list):
+                        raise InputError(f"case list {path}: {role!r} must be a list of cases, not {type(items).__name__}")
+                    for item in items:
+                        item = {"image": item} if isinstance(item, str) else item
+                        if isinstance(item, dict):
+                            item = dict(item)
+                            item.setdefault("role", role)
                         rows.append(item)
+            elif isinstance(data, list):
+                rows = list(data)
             else:
-                rows = [dict(r) for r in data]
+                raise InputError(f"case list {path} must hold a list of cases or {{labeled, unlabeled, validation}}")
         else:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = [dict(r) for r in csv.DictReader(f)]
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+            rows = list(csv.DictReader(text.splitlines()))
+    except (json.JSONDecodeError, csv.Error) as e:
         raise InputError(f"cannot read case list {path}: {e}") from None
     out: Dict[str, List[Dict[str, Any]]] = {"labeled": [], "unlabeled": [], "validation": []}
     for n, r in enumerate(rows, start=1):
-        if not r.get("image"):
-            raise InputError(f"case list {path}, entry {n}: no image")
-        img = os.path.join(base, r["image"])
-        seg = os.path.join(base, r["segmentation"]) if r.get("segmentation") else None
+        where = f"case list {path}, entry {n}"
+        if not isinstance(r, dict):
+            raise InputError(f"{where}: expected a case (image, segmentation, role), not {r!r:.60}")
+        if None in r:  # a CSV row with more fields than the header
+            raise InputError(f"{where}: more columns than the header names")
+        for key in ("image", "segmentation", "role", "annotated_slices"):
+            if r.get(key) is not None and not isinstance(r[key], str):
+                raise InputError(f"{where}: {key} must be text, not {r[key]!r:.60}")
+        if not (r.get("image") or "").strip():
+            raise InputError(f"{where}: no image")
+        img = os.path.join(base, r["image"].strip())
+        seg = os.path.join(base, r["segmentation"].strip()) if (r.get("segmentation") or "").strip() else None
         role = (r.get("role") or ("labeled" if seg else "unlabeled")).strip().lower()
         if role not in out:
-            raise InputError(f"case list {path}, entry {n}: unknown role {role!r}")
+            raise InputError(f"{where}: unknown role {role!r} (labeled, unlabeled or validation)")
         if role != "unlabeled" and not seg:
-            raise InputError(f"case list {path}, entry {n}: a {role} case needs a segmentation")
-        out[role].append({"image": img, "segmentation": seg, "annotated_slices": r.get("annotated_slices") or None})
+            raise InputError(f"{where}: a {role} case needs a segmentation")
+        sparse = (r.get("annotated_slices") or "").strip() or None
+        if sparse is not None and sparse not in ANNOTATED_SLICES:
+            raise InputError(f"{where}: annotated_slices must be one of {', '.join(ANNOTATED_SLICES)}, not {sparse!r}")
+        out[role].append({"image": img, "segmentation": seg, "annotated_slices": sparse})
     return out
 
 
 def decathlon_cases(folder: str) -> Dict[str, List[Dict[str, Any]]]:
     """imagesTr/X + labelsTr/X → labeled; imagesTr without a label and imagesTs/ → unlabeled."""
+    if not os.path.isdir(folder):
+        raise InputError(f"dataset folder {folder} " + ("is a file, not a folder" if os.path.exists(folder) else "not found"))
+    try:
+        return _decathlon_cases(folder)
+    except OSError as e:
+        raise InputError(f"cannot read dataset folder {folder}: {e.strerror or e} ({e.filename or folder})") from None
+
+
+def _decathlon_cases(folder: str) -> Dict[str, List[Dict[str, Any]]]:
     tr = os.path.join(folder, "imagesTr")
     lb = os.path.join(folder, "labelsTr")
     if not os.path.isdir(tr):
@@ -111,10 +159,9 @@ def load_config_file(path: str) -> Dict[str, Any]:
     """A ``--config`` value: a named recipe (``settings.PRESETS``) or a JSON / YAML file of settings."""
     if path in PRESETS:
         return dict(PRESETS[path])
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise InputError(f"config file not found: {path} (or name a recipe: {', '.join(PRESETS)})")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(path, "config file")
     try:
         if path.lower().endswith((".yaml", ".yml")):
             import yaml
@@ -126,4 +173,7 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raise InputError(f"cannot read config file {path}: {e}") from None
     if not isinstance(data, dict):
         raise InputError(f"config file {path} must hold a mapping of setting: value")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise InputError(f"config file {path}: setting names must be text, not {bad[:3]}")
     return data

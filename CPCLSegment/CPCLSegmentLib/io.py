@@ -6,6 +6,11 @@
   overlapping layers), or label maps (NIfTI / NRRD / MHA) whose non-zero values are the segments.
 - A segmentation on another grid than its image (Slicer allows it) is resampled onto the image grid with
   nearest-neighbour interpolation; no physical overlap at all is an error naming both files.
+- Every read is verified (``integrity_problem``): a gzip stream (``.nii.gz``, ``.gz``) is read to its end, its
+  CRC and length checked, and a NIfTI file must hold the bytes its header promises (ITK reads a truncated
+  NIfTI without a word, the missing voxels as zeros). ITK's own reason for a failed read is kept whole
+  (``error_reason``), including what its readers print on stderr (``native_messages``); HDF5's probing
+  diagnostics are dropped.
 
 Array convention everywhere in the engine: numpy ``(k, j, i)`` = ``(D, H, W)``, as returned by
 ``sitk.GetArrayFromImage`` and ``slicer.util.arrayFromVolume``. slicerio's voxels are ``(i, j, k)`` and are
@@ -14,9 +19,16 @@ transposed on the way in and out. Physical space is LPS (ITK, slicerio, DICOM).
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import os
+import re
+import sys
+import tempfile
+import threading
+import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -51,31 +63,246 @@ def is_seg_nrrd(path: str) -> bool:
 # ----------------------------------------------------------------------------------------------- images
 
 
-def check_exists(path: str, what: str) -> None:
+def check_exists(path: str, what: str, folder_ok: bool = False) -> None:
+    """An ``InputError`` naming ``what`` when ``path`` is missing, empty or (unless ``folder_ok``) a folder."""
+    if not str(path):
+        raise InputError(f"{what} path is empty")
     if not os.path.exists(path):
         raise InputError(f"{what} not found: {path}")
+    if not folder_ok and os.path.isdir(path):
+        raise InputError(f"{what} {path} is a folder; give a file")
+
+
+# ------------------------------------------------------------------------------------ verified reading
+
+
+class NativeMessages:
+    """What native code (ITK's readers, HDF5) printed on the process's stderr inside ``native_messages``."""
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+
+    def replay(self) -> None:
+        """Prints the captured lines (after a successful read: warnings stay visible)."""
+        if self.lines:
+            with contextlib.suppress(Exception):
+                sys.stderr.write("\n".join(self.lines) + "\n")
+                sys.stderr.flush()
+
+
+_capture_lock = threading.Lock()
+
+
+def _drop_hdf5(lines: Sequence[str]) -> List[str]:
+    """Without HDF5's diagnostic blocks (printed when ITK probes a file that is not HDF5)."""
+    out, skipping = [], False
+    for line in lines:
+        if line.startswith("HDF5-DIAG"):
+            skipping = True
+            continue
+        if skipping and (line.startswith((" ", "\t", ",")) or not line.strip()):
+            continue
+        skipping = False
+        out.append(line)
+    return out
+
+
+@contextlib.contextmanager
+def native_messages() -> Iterator[NativeMessages]:
+    """Captures file descriptor 2 (where ITK's C++ readers print) while a file is read."""
+    holder = NativeMessages()
+    with _capture_lock:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            yield holder
+            return
+        with tempfile.TemporaryFile() as tmp:
+            try:
+                os.dup2(tmp.fileno(), 2)
+                try:
+                    yield holder
+                finally:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+            finally:
+                tmp.seek(0)
+                text = tmp.read().decode("utf-8", errors="replace")
+                holder.lines = [line for line in _drop_hdf5(text.splitlines()) if line.strip()]
+
+
+_SOURCE_LINE = re.compile(r"^\S*\.(?:cxx|hxx|cpp|txx|h|c):\d+:?\s*$")
+_PREFIX = re.compile(r"^(?:ITK ERROR|sitk::ERROR|ERROR)\s*:\s*(?:[\w:]+\(0x[0-9a-fA-F]+\):\s*)?")
+
+
+def error_reason(e: BaseException, native: Sequence[str] = (), path: Optional[str] = None, limit: int = 600) -> str:
+    """The whole reason of a failed read or write: ITK's message without its source location and class
+    prefixes, NRRD's chain of "trouble" lines reduced to the cause, plus what the reader printed natively."""
+    lines: List[str] = []
+    for raw in list(str(e).splitlines()) + list(native):
+        line = raw.strip()
+        if not line or line.startswith("Exception thrown in SimpleITK") or _SOURCE_LINE.match(line):
+            continue
+        line = _PREFIX.sub("", line)
+        line = re.sub(r"^\[nrrd\]\s*", "", line)
+        if "trouble" in line or line.endswith(":"):
+            continue  # NRRD's chain down to the cause: "nrrdRead: trouble", "_nrrdFormatNRRD_read:"
+        if path and "No such file or directory" in line and os.path.exists(path):
+            continue  # errno left over from an earlier call: misleading when the file is there
+        if line not in lines:
+            lines.append(line)
+    text = "; ".join(lines) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_line(e: BaseException) -> str:
+    """Kept for callers of earlier versions: the whole reason (``error_reason``)."""
+    return error_reason(e)
+
+
+_verified: Dict[Tuple[str, int, int], None] = {}
+_verified_lock = threading.Lock()
+
+
+def gzip_problem(path: str, offset: int = 0) -> Tuple[Optional[str], int]:
+    """Reads the gzip stream starting at byte ``offset`` to its end, checking every member's CRC and length;
+    ``(what is wrong or None, uncompressed bytes read)``."""
+    n = 0
+    try:
+        with open(path, "rb") as raw:
+            raw.seek(offset)
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                while True:
+                    chunk = f.read(1 << 16)
+                    if not chunk:
+                        break
+                    n += len(chunk)
+    except EOFError:
+        return "the compressed data ends early (a truncated file)", n
+    except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError: CRC or length check failed, bad header
+        return f"the compressed data is damaged ({e})", n
+    return None, n
+
+
+def _is_gzip(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
+def _nifti_meta(path: str, image: Optional[sitk.Image]) -> Dict[str, str]:
+    if image is not None and image.HasMetaDataKey("vox_offset"):
+        return {k: image.GetMetaData(k) for k in image.GetMetaDataKeys()}
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with native_messages():
+        reader.ReadImageInformation()
+    return {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
+
+
+def integrity_problem(path: str, image: Optional[sitk.Image] = None) -> Optional[str]:
+    """What is wrong with the bytes of an image file, or None: a gzip-compressed file (``.nii.gz``, ``.gz``)
+    is read to its end (CRC and length of every member), a NIfTI file must hold the bytes its header
+    promises (``vox_offset`` + voxels × ``bitpix`` / 8). ``image``: the file as ITK read it (its header
+    fields), if at hand. NRRD and MetaImage readers check their byte counts themselves."""
+    path = str(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if os.path.isdir(path):
+        return None
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    with _verified_lock:
+        if key in _verified:
+            return None
+    low = path.lower()
+    compressed = _is_gzip(path)
+    size = st.st_size
+    if compressed:
+        problem, size = gzip_problem(path)
+        if problem:
+            return problem
+    if low.endswith((".nii", ".nii.gz")):
+        try:
+            meta = _nifti_meta(path, image)
+            ndim = int(meta.get("dim[0]", "0"))
+            voxels = 1
+            for d in range(1, ndim + 1):
+                voxels *= max(1, int(meta.get(f"dim[{d}]", "1")))
+            need = int(float(meta.get("vox_offset", "352"))) + voxels * int(meta.get("bitpix", "8")) // 8
+        except (RuntimeError, ValueError):
+            need = 0  # header unreadable: ITK's own read fails with its reason
+        if size < need:
+            return (f"it holds {size} bytes{' (uncompressed)' if compressed else ''} but its header promises {need} "
+                    f"({need - size} missing: a truncated or incompletely copied file)")
+    with _verified_lock:
+        if len(_verified) > 4096:
+            _verified.clear()
+        _verified[key] = None
+    return None
+
+
+def itk_read(path: str, what: str) -> sitk.Image:
+    """``sitk.ReadImage`` with ITK's whole reason in the ``InputError`` and the file's bytes verified."""
+    path = str(path)
+    with native_messages() as native:
+        try:
+            image = sitk.ReadImage(path)
+        except Exception as e:  # SimpleITK raises RuntimeError with ITK's text
+            err: Optional[BaseException] = e
+        else:
+            err = None
+    if err is not None:
+        raise InputError(f"cannot read {what} {path}: {error_reason(err, native.lines, path)}") from None
+    native.replay()
+    problem = integrity_problem(path, image)
+    if problem:
+        raise InputError(f"{what} {path} is damaged: {problem}")
+    return image
+
+
+def read_header(path: str) -> Optional[Tuple[Tuple[int, ...], Tuple[float, ...]]]:
+    """``(size, spacing)`` (x, y, z) of an image file from its header alone; None for a DICOM folder or a header
+    ITK cannot read (the full read then reports why)."""
+    path = str(path)
+    if os.path.isdir(path) or not os.path.isfile(path):
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    with native_messages():
+        try:
+            reader.ReadImageInformation()
+        except Exception:
+            return None
+    size, spacing = tuple(reader.GetSize()), tuple(reader.GetSpacing())
+    return (size[:3], spacing[:3]) if len(size) >= 3 else None
 
 
 def read_image(path: str) -> sitk.Image:
-    """Reads a 3-D scalar image (file or DICOM series folder) as float32, keeping its geometry."""
+    """Reads a 3-D scalar image (file or DICOM series folder) as float32, keeping its geometry; the file's
+    bytes are verified (``integrity_problem``)."""
     path = str(path)
-    check_exists(path, "image")
-    try:
-        if os.path.isdir(path):
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(path)
-            if not series:
-                raise InputError(f"no DICOM series found in folder {path}")
-            if len(series) > 1:
-                raise InputError(f"folder {path} holds {len(series)} DICOM series; give one series per folder")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(path, series[0]))
-            image = reader.Execute()
-        else:
-            image = sitk.ReadImage(path)
-    except InputError:
-        raise
-    except Exception as e:  # SimpleITK raises RuntimeError with ITK's text
-        raise InputError(f"cannot read image {path}: {first_line(e)}") from None
+    check_exists(path, "image", folder_ok=True)
+    if os.path.isdir(path):
+        try:
+            with native_messages() as native:
+                reader = sitk.ImageSeriesReader()
+                series = reader.GetGDCMSeriesIDs(path)
+                if len(series) == 1:
+                    reader.SetFileNames(reader.GetGDCMSeriesFileNames(path, series[0]))
+                    image = reader.Execute()
+        except Exception as e:
+            raise InputError(f"cannot read the DICOM series in folder {path}: {error_reason(e, native.lines, path)}") from None
+        if not series:
+            raise InputError(f"image {path} is a folder without a DICOM series; give an image file or a DICOM series folder")
+        if len(series) > 1:
+            raise InputError(f"folder {path} holds {len(series)} DICOM series; give one series per folder")
+    else:
+        image = itk_read(path, "image")
     return as_scalar_3d(image, path)
 
 
@@ -97,6 +324,10 @@ def as_scalar_3d(image: sitk.Image, name: str) -> sitk.Image:
         raise InputError(f"{name} has {image.GetDimension()} dimensions; expected 3")
     if min(image.GetSize()) < 1:
         raise InputError(f"{name} is empty (size {image.GetSize()})")
+    geometry = list(image.GetSpacing()) + list(image.GetOrigin()) + list(image.GetDirection())
+    if not np.isfinite(geometry).all() or min(image.GetSpacing()) <= 0:
+        raise InputError(f"{name} has an invalid geometry in its header (spacing {list(image.GetSpacing())}, origin "
+                         f"{list(image.GetOrigin())}): spacings must be finite numbers > 0 mm")
     # float32 holds every integer type up to 2^24 exactly and larger ones (int32 / uint32 / int64 CT
     # exports) to 7 significant digits, which is far below any imaging noise: the documented conversion.
     try:
@@ -107,14 +338,6 @@ def as_scalar_3d(image: sitk.Image, name: str) -> sitk.Image:
     if not np.isfinite(arr).all():
         raise InputError(f"{name} contains NaN or infinite voxel values")
     return image
-
-
-def first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    for line in text:
-        if "ERROR" in line or "Exception" in line or "error" in line:
-            return line.strip()[:300]
-    return (text[-1] if text else type(e).__name__)[:300]
 
 
 # -------------------------------------------------------------------------------------------- segments
@@ -141,6 +364,9 @@ class Segmentation:
     layers: List[sitk.Image]
     from_labelmap: bool
     _arrays: Dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    # segments (by the key asked for) that have voxels in the file but none on the image grid of the last
+    # ``build_label_array``: the segmentation lies (partly) outside its image
+    outside: Dict[Any, int] = field(default_factory=dict, repr=False)
 
     def names(self) -> List[str]:
         return [s.name for s in self.segments]
@@ -155,10 +381,7 @@ def read_segmentation(path: str, segment_names: Optional[Dict[int, str]] = None)
     check_exists(path, "segmentation")
     if is_seg_nrrd(path):
         return _read_seg_nrrd(path)
-    try:
-        image = sitk.ReadImage(path)
-    except Exception as e:
-        raise InputError(f"cannot read segmentation {path}: {first_line(e)}") from None
+    image = itk_read(path, "segmentation")
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (3, 4):
         raise InputError(f"segmentation {path} must be a 3-D label map with one value per voxel")
     if image.GetDimension() == 4:
@@ -186,18 +409,36 @@ def _read_seg_nrrd(path: str) -> Segmentation:
     try:
         seg = slicerio.read_segmentation(path)
     except Exception as e:
-        raise InputError(f"cannot read segmentation {path}: {type(e).__name__}: {first_line(e)}") from None
+        raise InputError(f"cannot read segmentation {path}: {_seg_nrrd_reason(path, e)}") from None
     voxels = seg.get("voxels")
     if voxels is None or voxels.ndim not in (3, 4):
         raise InputError(f"segmentation {path} holds no 3-D voxel data")
     ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=float)
     layers_ijk = voxels if voxels.ndim == 4 else voxels[np.newaxis]
     layers = [_image_from_ijk(layer, ijk_to_lps, path) for layer in layers_ijk]
-    segments = [_segment_info(s, i) for i, s in enumerate(seg.get("segments", []))]
+    segments = _segment_infos(seg, path)
     for s in segments:
         if s.layer >= len(layers):
             raise InputError(f"segmentation {path}: segment {s.name!r} refers to missing layer {s.layer}")
     return Segmentation(path, segments, layers, False)
+
+
+def _seg_nrrd_reason(path: str, e: BaseException) -> str:
+    """Why slicerio could not read a ``.seg.nrrd``: ITK's NRRD reader checks the byte count and the gzip
+    stream and says what is wrong in plain words (pynrrd's own message is often cryptic)."""
+    with native_messages() as native:
+        try:
+            sitk.ReadImage(path)
+        except Exception as itk_error:
+            return error_reason(itk_error, native.lines, path)
+    return f"{type(e).__name__}: {error_reason(e)}"
+
+
+def _segment_infos(seg: Dict[str, Any], path: str) -> List[SegmentInfo]:
+    try:
+        return [_segment_info(s, i) for i, s in enumerate(seg.get("segments") or [])]
+    except (ValueError, TypeError, AttributeError) as e:
+        raise InputError(f"segmentation {path} has an invalid segment description in its header ({e})") from None
 
 
 def _segment_info(s: Dict[str, Any], index: int) -> SegmentInfo:
@@ -223,8 +464,10 @@ def read_segment_list(path: str, segment_names: Optional[Dict[int, str]] = None)
     try:
         seg = slicerio.read_segmentation(path, skip_voxels=True)
     except Exception as e:
-        raise InputError(f"cannot read segmentation {path}: {type(e).__name__}: {first_line(e)}") from None
-    return Segmentation(path, [_segment_info(s, i) for i, s in enumerate(seg.get("segments", []))], [], False)
+        raise InputError(f"cannot read segmentation {path}: {type(e).__name__}: {error_reason(e)}") from None
+    if not isinstance(seg, dict) or not isinstance(seg.get("segments", []), list):
+        raise InputError(f"cannot read segmentation {path}: its header lists no segments")
+    return Segmentation(path, _segment_infos(seg, path), [], False)
 
 
 def _image_from_ijk(voxels_ijk: np.ndarray, ijk_to_lps: np.ndarray, name: str) -> sitk.Image:
@@ -278,6 +521,21 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     )
 
 
+def geometry_difference(a: sitk.Image, b: sitk.Image) -> str:
+    """How the grids of ``a`` and ``b`` differ, in words ("" when they are the same grid)."""
+    parts = []
+    if a.GetSize() != b.GetSize():
+        parts.append(f"size {list(a.GetSize())} vs {list(b.GetSize())} voxels")
+    if not np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-4, atol=1e-4):
+        parts.append(f"spacing {[round(v, 4) for v in a.GetSpacing()]} vs {[round(v, 4) for v in b.GetSpacing()]} mm")
+    shift = float(np.linalg.norm(np.subtract(a.GetOrigin(), b.GetOrigin())))
+    if shift > 1e-3:
+        parts.append(f"origin {[round(v, 2) for v in a.GetOrigin()]} vs {[round(v, 2) for v in b.GetOrigin()]} mm ({shift:.1f} mm apart)")
+    if not np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4):
+        parts.append("a different orientation (direction matrix)")
+    return "; ".join(parts)
+
+
 def resample_label_to(label: sitk.Image, reference: sitk.Image, label_name: str, reference_name: str) -> np.ndarray:
     """The label image on the reference grid (nearest neighbour), as an int16 ``(D, H, W)`` array.
 
@@ -324,6 +582,7 @@ def build_label_array(
     labels = np.zeros(shape, dtype=np.int16)
     owner = np.zeros(shape, dtype=np.int16)
     missing = []
+    segmentation.outside = {}
     for c, key in enumerate(wanted, start=1):
         seg = find_segment(segmentation, key)
         if seg is None:
@@ -336,6 +595,9 @@ def build_label_array(
         mask = layer == seg.label_value
         if not mask.any():
             missing.append(c)
+            in_file = int((sitk.GetArrayViewFromImage(segmentation.layers[seg.layer]) == seg.label_value).sum())
+            if in_file:
+                segmentation.outside[key] = in_file
             continue
         clash = mask & (owner > 0)
         if clash.any():

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import platform
 import time
-import zipfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -53,8 +53,19 @@ def save_model(path: str, record: Dict[str, Any]) -> None:
     record.setdefault("format", MODEL_FORMAT)
     record.setdefault("format_version", MODEL_FORMAT_VERSION)
     record.setdefault("engine_version", __version__)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, tensor_bytes(record), note="model file") as tmp:
         torch.save(record, tmp)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a (nested) record: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_model(path: str) -> Dict[str, Any]:
@@ -71,18 +82,101 @@ def load_model(path: str) -> Dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise ModelFileError(f"{path} is incomplete: missing {', '.join(missing)}")
-    weights = record["weights"]
-    if not isinstance(weights, dict) or not isinstance(weights.get("teacher"), dict):
-        raise ModelFileError(f"{path} holds no teacher weights")
-    if len(record["classes"]) != record["network"].get("num_classes"):
-        raise ModelFileError(f"{path}: {len(record['classes'])} classes listed but the network has {record['network'].get('num_classes')}")
+    problems = record_problems(record)
+    if problems:
+        raise ModelFileError(f"{path} is not a valid CPCLSegment model file: " + "; ".join(problems[:6]))
     return record
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _state_dict(v: Any) -> bool:
+    return isinstance(v, dict) and bool(v) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def record_problems(record: Dict[str, Any]) -> List[str]:
+    """What is wrong with a model-file record's fields (types and ranges), so that a crafted or damaged file
+    is refused with a ``ModelFileError`` instead of failing later."""
+    out: List[str] = []
+    net = record.get("network")
+    if not isinstance(net, dict):
+        return ["network settings are not a mapping"]
+    for k in ("in_channels", "num_classes", "width", "depth", "feature_level"):
+        if not _int(net.get(k)) or net[k] < (0 if k == "feature_level" else 1):
+            out.append(f"network {k} must be a whole number >= {0 if k == 'feature_level' else 1}, not {net.get(k)!r}")
+    if _int(net.get("depth")) and not 1 <= net["depth"] <= 6:
+        out.append(f"network depth must be between 1 and 6, not {net['depth']}")
+    if _int(net.get("width")) and net["width"] > 1024:
+        out.append(f"network width {net['width']} is implausible")
+    if "dropout" in net and not (_number(net["dropout"]) and 0 <= net["dropout"] < 1):
+        out.append(f"network dropout must be in [0, 1), not {net['dropout']!r}")
+    if not isinstance(net.get("norm", "instance"), str):
+        out.append("network norm must be text")
+    classes = record.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in classes):
+        out.append("classes must be a list of at least two entries, each with a name")
+    else:
+        if net.get("num_classes") != len(classes):
+            out.append(f"{len(classes)} classes listed but the network has {net.get('num_classes')}")
+        for c in classes:
+            color = c.get("color", [0, 0, 0])
+            if not (isinstance(color, (list, tuple)) and len(color) >= 3 and all(_number(v) for v in color[:3])):
+                out.append(f"class {c['name']!r} has an invalid colour {color!r}")
+            if "label_value" in c and not _int(c["label_value"]):
+                out.append(f"class {c['name']!r} has an invalid label value {c['label_value']!r}")
+    norm = record.get("normalization")
+    if not isinstance(norm, dict) or norm.get("scheme") not in ("ct", "zscore", "none"):
+        out.append(f"normalisation must be ct, zscore or none, not {norm!r:.80}")
+    elif norm["scheme"] == "ct":
+        clip = norm.get("clip")
+        if not (isinstance(clip, (list, tuple)) and len(clip) == 2 and all(_number(v) for v in clip)) or not _number(norm.get("mean")) \
+                or not (_number(norm.get("std")) and norm["std"] > 0):
+            out.append("CT normalisation needs a clip range [low, high], a mean and a std > 0")
+    patch = record.get("patch_size")
+    if not (isinstance(patch, (list, tuple)) and len(patch) == 3 and all(_int(p) and 1 <= p <= 4096 for p in patch)):
+        out.append(f"patch_size must be three whole numbers, not {patch!r:.80}")
+    spacing = record.get("spacing")
+    if spacing is not None and not (isinstance(spacing, (list, tuple)) and len(spacing) == 3
+                                    and all(_number(v) and 0 < v < 1e4 for v in spacing)):
+        out.append(f"spacing must be three numbers > 0 (mm), not {spacing!r:.80}")
+    weights = record.get("weights")
+    if not isinstance(weights, dict) or not _state_dict(weights.get("teacher")):
+        out.append("it holds no teacher weights")
+    else:
+        for k in ("student", "best"):
+            if weights.get(k) is not None and not _state_dict(weights[k]):
+                out.append(f"its {k} weights are not a set of tensors")
+    for k in ("training", "best"):
+        if record.get(k) is not None and not isinstance(record[k], dict):
+            out.append(f"{k} must be a mapping")
+    protos = record.get("prototypes")
+    if protos is not None and not isinstance(protos, torch.Tensor):
+        out.append("prototypes must be a tensor")
+    return out
 
 
 def _load(path: str, what: str) -> Any:
     path = str(path)
+    if not path:
+        raise ModelFileError(f"the {what} path is empty")
+    if os.path.isdir(path):
+        raise ModelFileError(f"{path} is a folder, not a {what}")
     if not os.path.isfile(path):
         raise ModelFileError(f"{what} not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFileError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch.save's zip, or its legacy pickle
+        raise ModelFileError(f"{path} is not a {what}: it is not a PyTorch file at all (a model file is the .pt file "
+                             "that cpcl-segment train writes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -90,7 +184,9 @@ def _load(path: str, what: str) -> Any:
             f"{path} contains objects other than weights and settings, so it was not loaded "
             f"(model files are read with weights_only=True and never run code): {str(e).splitlines()[0][:200]}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+    except MemoryError:
+        raise ModelFileError(f"{path} cannot be read as a {what}: loading it ran out of memory (a damaged or crafted file?)") from None
+    except Exception as e:  # RuntimeError, EOFError, BadZipFile, OSError, ValueError, ... from a damaged or crafted file
         raise ModelFileError(f"{path} is damaged or truncated and cannot be read as a {what} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
@@ -135,7 +231,7 @@ def save_checkpoint(path: str, ckpt: Dict[str, Any]) -> None:
     ckpt["format"] = MODEL_FORMAT + "-checkpoint"
     ckpt["format_version"] = MODEL_FORMAT_VERSION
     ckpt["engine_version"] = __version__
-    with atomic_path(path) as tmp:
+    with atomic_path(path, tensor_bytes(ckpt), note="resume checkpoint: --resume continues from it") as tmp:
         torch.save(ckpt, tmp)
 
 
@@ -234,7 +330,7 @@ def write_run_record(out: str, request, cfg, result, plan, classes, t_start: flo
         "losses": result.history,
         "seconds": round(time.time() - t_start, 1),
     }
-    with atomic_path(run_record_path(out)) as tmp:
+    with atomic_path(run_record_path(out), note="run record") as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
 

@@ -3,6 +3,10 @@ child process and the benchmarks call.
 
 Steps of ``train`` (each step's code lives in its own module):
 
+0. **Check** before any work (``preflight``): the model path (``.pt``), every output against every input (no
+   output may replace an input), writable folders, values (``--spacing``, ``--freeze-encoder`` needs
+   ``--init``), the lock ``<model>.lock`` (a second training writing the same file is refused), and with
+   ``--resume`` the checkpoint: what may change (iterations, lr, ...) is applied, what may not is refused.
 1. **Inspect** every labeled case once (``preparation``: classes, sparse labels, voxels per segment,
    foreground intensities). Problems are found here, before any training.
 2. **Plan**: target spacing, patch size, normalisation, memory and time (``planning``), unless the config or
@@ -10,7 +14,11 @@ Steps of ``train`` (each step's code lives in its own module):
 3. **Preprocess** each case onto the model grid, stored as ``.npy`` in a work folder (``preparation``).
 4. **Train** (``trainer.Trainer``), with checkpoints for ``--resume``; ``--compare-supervised`` also trains
    supervised-only and keeps the better model on the validation cases (``compare_supervised``).
-5. **Save** the model file atomically, plus the run record ``<model>.run.json`` (``modelfile``).
+5. **Save** the model file atomically, plus the run record ``<model>.run.json`` (``modelfile``). A run stopped
+   before its first iteration writes nothing (an existing model stays as it was).
+
+Cancel (``errors.Cancelled``): no model file is written; this run's resume checkpoint is removed, unless the
+run was itself resumed from it (then it stays resumable, and the cancel message says so).
 
 Prediction is ``prediction.py``. ``LabeledInput`` and ``TrainRequest`` (``preparation``) are re-exported here.
 """
@@ -18,6 +26,7 @@ Prediction is ``prediction.py``. ``LabeledInput`` and ``TrainRequest`` (``prepar
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -25,12 +34,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from . import cleanup
 from . import io as cio
 from .data import Case
-from .errors import InputError
+from .errors import Cancelled, InputError, OutputError
 from .metrics import mean_dice_over_cases
 from .modelfile import (
     build_from_record,
@@ -39,24 +49,39 @@ from .modelfile import (
     load_model,
     make_record,
     plain,
+    run_record_path,
     save_checkpoint,
     save_model,
     starting_state,
     write_run_record,
 )
-from .planning import check_memory, estimate_seconds, format_bytes, iterations_for_minutes, plan_run
+from .planning import (
+    check_grids,
+    check_memory,
+    count_params,
+    estimate_seconds,
+    format_bytes,
+    iterations_for_minutes,
+    plan_run,
+    shape_at_spacing,
+)
+from .preflight import OutputLock, check_free_space, check_outputs, check_spacing, same_file, sweep_leftovers
 from .preparation import (
     CaseInfo,
     Emit,
     LabeledInput,
     TrainRequest,
+    canonical_path,
+    fingerprint_difference,
     inspect_cases,
     preprocess_labeled,
     preprocess_unlabeled,
     resolve_classes,
     run_fingerprint,
 )
+from .settings import NETWORK_KEYS
 from .trainer import TrainConfig, Trainer, TrainResult, resolve_device
+from .writers import no_space_message
 
 __all__ = ["LabeledInput", "TrainRequest", "train", "compare_supervised"]
 
@@ -82,6 +107,8 @@ class _Run:
     unlabeled_paths: List[str]  # the unlabeled images plus the images of sparsely labeled cases
     say: Emit  # emit on rank 0, nothing elsewhere
     rank0: bool
+    resume_state: Optional[Dict[str, Any]] = None  # the checkpoint's trainer state with --resume
+    fingerprint: Optional[Dict[str, Any]] = None
 
     @property
     def names(self) -> List[str]:
@@ -92,37 +119,68 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
           distributed: Any = None) -> Dict[str, Any]:
     """Runs a whole training request; returns a summary dict (also written to the run record)."""
     t_start = time.time()
-    run = _prepare(request, emit or _quiet, distributed)
-    with _work_folder(request.work_dir) as work_dir:
-        labeled = preprocess_labeled(request.labeled, run.classes, run.plan, request, work_dir, run.say, "labeled")
-        validation = preprocess_labeled(request.validation, run.classes, run.plan, request, work_dir, run.say, "validation")
-        unlabeled = preprocess_unlabeled(run.unlabeled_paths, run.plan, work_dir, run.say)
-        start_eval = _score_starting_model(run, validation)
-        ckpt_file = checkpoint_path(request.out)
-        fingerprint = run_fingerprint(request, run.classes)
-        resume_state = _resume_state(run, ckpt_file, fingerprint)
+    emit = emit or _quiet
+    rank0 = distributed is None or distributed.rank == 0
+    say = emit if rank0 else _quiet
+    _check_request(request, say)  # paths and values, before anything is read or written
+    lock = OutputLock(request.out).acquire(say) if rank0 else None
+    ckpt_file = checkpoint_path(request.out)
+    wrote_ckpt: List[bool] = []
+    try:
+        if rank0:
+            sweep_leftovers([os.path.dirname(os.path.abspath(request.out)), request.work_dir], say)
+        run = _prepare(request, emit, distributed)
+        with _work_folder(request.work_dir) as work_dir:
+            labeled, validation, unlabeled = _preprocess(run, work_dir)
+            start_eval = _score_starting_model(run, validation)
 
-        def make_trainer(cfg: TrainConfig, checkpoint: Optional[Callable[[Trainer, int], None]]) -> Trainer:
-            return Trainer(cfg, labeled, unlabeled, len(run.classes), class_names=run.names, validation=validation,
-                           init_state=run.init_state, on_progress=run.say, should_stop=should_stop, checkpoint=checkpoint,
-                           distributed=distributed)
+            def make_trainer(cfg: TrainConfig, checkpoint: Optional[Callable[[Trainer, int], None]]) -> Trainer:
+                return Trainer(cfg, labeled, unlabeled, len(run.classes), class_names=run.names, validation=validation,
+                               init_state=run.init_state, on_progress=run.say, should_stop=should_stop, checkpoint=checkpoint,
+                               distributed=distributed)
 
-        save_ckpt = _checkpointer(run, ckpt_file, fingerprint)
-        comparison = None
-        if request.compare_supervised and run.cfg.method != "supervised":
-            cfg, result, score, comparison = compare_supervised(run, make_trainer, resume_state, save_ckpt, validation)
-        else:
-            cfg, trainer = run.cfg, make_trainer(run.cfg, save_ckpt)
-            if resume_state is not None:
-                trainer.load_state(resume_state)
-            result = trainer.run()
-            score = _validation_score(run, result, cfg, validation)
-        _save(run, cfg, result, comparison, start_eval, t_start, ckpt_file)
+            save_ckpt = _checkpointer(run, ckpt_file, wrote_ckpt)
+            comparison = None
+            if request.compare_supervised and run.cfg.method != "supervised":
+                cfg, result, score, comparison = compare_supervised(run, make_trainer, run.resume_state, save_ckpt, validation)
+            else:
+                cfg, trainer = run.cfg, make_trainer(run.cfg, save_ckpt)
+                if run.resume_state is not None:
+                    trainer.load_state(run.resume_state)
+                result = trainer.run()
+                score = _validation_score(run, result, cfg, validation)
+            if result.iterations_done == 0:
+                kept = f" (the existing {os.path.basename(str(request.out))} is unchanged)" if os.path.exists(request.out) else ""
+                raise Cancelled(f"stopped before the first training iteration: no model was written{kept}")
+            _save(run, cfg, result, comparison, start_eval, t_start, ckpt_file)
+    except Cancelled:
+        if rank0 and wrote_ckpt and not request.resume and os.path.exists(ckpt_file):
+            os.remove(ckpt_file)  # a cancelled run leaves nothing; a resumed one keeps its checkpoint resumable
+            cleanup.keep_on_cancel(ckpt_file)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
     return {
         "model": str(request.out), "status": result.status, "iterations": result.iterations_done, "method": result.method,
         "validation_mean_dice": score, "comparison": comparison, "seconds": round(time.time() - t_start, 1),
         "best": result.best,
     }
+
+
+def _preprocess(run: "_Run", work_dir: str) -> Tuple[List[Case], List[Case], List[Case]]:
+    """The labeled, validation and unlabeled cases on the model grid, in ``work_dir`` (a full disk is an
+    ``OutputError`` naming the disk, not an internal error)."""
+    request = run.request
+    try:
+        labeled = preprocess_labeled(request.labeled, run.classes, run.plan, request, work_dir, run.say, "labeled")
+        validation = preprocess_labeled(request.validation, run.classes, run.plan, request, work_dir, run.say, "validation")
+        unlabeled = preprocess_unlabeled(run.unlabeled_paths, run.plan, work_dir, run.say)
+    except OSError as e:
+        reason = no_space_message(work_dir) if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) else (e.strerror or str(e))
+        raise OutputError(f"cannot write the preprocessed cases to {work_dir}: {reason}; free some space or give --work-dir "
+                          "on a disk with room") from None
+    return labeled, validation, unlabeled
 
 
 def compare_supervised(run: _Run, make_trainer: MakeTrainer, resume_state: Optional[Dict[str, Any]],
@@ -159,46 +217,177 @@ def compare_supervised(run: _Run, make_trainer: MakeTrainer, resume_state: Optio
 
 
 def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
-    """Checks the request, resolves classes, inspects the cases, plans the run and emits the summary."""
+    """Resolves classes, inspects the cases, plans the run (from the checkpoint with ``--resume``), checks grids,
+    memory and disk space, and emits the summary."""
     rank0 = distributed is None or distributed.rank == 0
     say = emit if rank0 else _quiet
-    cfg = _check_request(request, say)
-    device = distributed.device if distributed else resolve_device(cfg.device)
+    device = distributed.device if distributed else resolve_device(request.config.device)
     init_record = load_model(request.init) if request.init else None
     classes = resolve_classes(request)
+    fingerprint = run_fingerprint(request, classes)
+    checkpoint = _resume_checkpoint(request, fingerprint, say) if request.resume else None
+    cfg = request.config
     infos, fg_samples, is_ct = inspect_cases(request, classes, say)
     init_state = starting_state(init_record, request.init, classes, cfg, request.network_overrides, say) if init_record else None
     plan = plan_run(request, classes, infos, fg_samples, is_ct, init_record, device, say)
-    check_memory(plan, device)
+    if checkpoint is not None:  # the interrupted run's grid and normalisation, whatever planning says today
+        plan.update(spacing=checkpoint["plan"].get("spacing"), normalization=checkpoint["plan"].get("normalization", plan["normalization"]))
     sparse = [item.image for item, info in zip(request.labeled, infos) if info.known_fraction < 1.0]
-    run = _Run(request, cfg, device, classes, infos, plan, init_record, init_state, list(request.unlabeled) + sparse, say, rank0)
-    if cfg.minutes is not None:
+    run = _Run(request, cfg, device, classes, infos, plan, init_record, init_state, list(request.unlabeled) + sparse, say, rank0,
+               checkpoint["trainer"] if checkpoint else None, fingerprint)
+    check_memory(plan, device)
+    _check_grids(run)
+    if cfg.minutes is not None and checkpoint is None:
         if distributed is not None:
             raise InputError("--minutes plans the iterations from one process's step time: with torchrun give --iterations")
         cfg.iterations = iterations_for_minutes(cfg, len(classes), device)
         say({"event": "info", "message": f"training for about {cfg.minutes:g} min: {cfg.iterations} iterations at the measured step time"})
+    if rank0:
+        _check_disk_space(run)
     say(_summary(run))
     if cfg.method != "supervised" and not run.unlabeled_paths:
         say({"event": "warning", "message": "no unlabeled cases given: training supervised-only"})
-    if request.compare_supervised and not request.validation:
-        raise InputError("--compare-supervised needs --validation cases to compare on")
     return run
 
 
 def _check_request(request: TrainRequest, say: Emit) -> TrainConfig:
-    """The validated config; errors for a request that cannot run, a warning for images given twice."""
+    """Everything about a request that can be checked without reading images: the config, the model path,
+    every output against every input, writable folders, values. Errors name the flag and the file."""
     if not request.labeled:
         raise InputError("give at least one labeled case (an image and its segmentation)")
     cfg = request.config.validate()
     out = str(request.out)
-    if cio.has_extension(out, (".seg.nrrd",)) or os.path.isdir(out):
-        raise InputError(f"--out must be a model file path ending in .pt, not {out}")
-    labeled_images = {os.path.abspath(i.image) for i in request.labeled}
-    dup = [u for u in request.unlabeled if os.path.abspath(u) in labeled_images]
+    if not out.strip():
+        raise InputError("--out is empty: give the model file to write, e.g. --out model.pt")
+    if os.path.isdir(out):
+        raise InputError(f"--out {out} is a folder; give the model file to write, e.g. --out {os.path.join(out, 'model.pt')}")
+    if not out.lower().endswith(".pt"):
+        raise InputError(f"--out {out}: a model file name ends in .pt (e.g. --out {cio.strip_extension(out) or 'model'}.pt)")
+    if cfg.freeze_encoder and not request.init:
+        raise InputError("--freeze-encoder keeps the encoder of a starting model fixed: it needs --init MODEL "
+                         "(without one it would freeze randomly initialised weights)")
+    request.spacing = check_spacing(request.spacing)
+    if request.compare_supervised and not request.validation:
+        raise InputError("--compare-supervised needs --validation cases to compare on")
+    inputs: List[Tuple[str, str]] = []
+    for role, items in (("labeled", request.labeled), ("validation", request.validation)):
+        for item in items:
+            cio.check_exists(item.image, f"{role} image", folder_ok=True)
+            cio.check_exists(item.segmentation, f"segmentation of {role} image {item.image}")
+            if same_file(item.image, item.segmentation):
+                raise InputError(f"the same file {item.image} is given as the image and as the segmentation of a {role} case; "
+                                 "give the image and its segmentation (a .seg.nrrd or a label map)")
+            inputs += [(f"{role} image", item.image), (f"segmentation of {item.image}", item.segmentation)]
+    for u in request.unlabeled:
+        cio.check_exists(u, "unlabeled image", folder_ok=True)
+        inputs.append(("unlabeled image", u))
+    if request.init:
+        inputs.append(("--init model", request.init))
+    inputs += list(request.other_inputs)
+    outputs = [("--out", out), ("its run record", run_record_path(out)), ("its resume checkpoint", checkpoint_path(out)),
+               ("its lock file", out + ".lock")]
+    check_outputs(outputs, inputs, [("--work-dir", request.work_dir)] if request.work_dir else [])
+    if request.resume and not os.path.exists(checkpoint_path(out)):
+        raise InputError(f"--resume: no checkpoint {checkpoint_path(out)} to resume from (start without --resume)")
+    if not request.resume and os.path.exists(checkpoint_path(out)):
+        say({"event": "warning", "message": f"{checkpoint_path(out)} (an interrupted run's checkpoint) will be replaced by this "
+             "run's; to continue that run instead, give --resume"})
+    labeled_images = {canonical_path(i.image) for i in request.labeled}
+    dup = [u for u in request.unlabeled if canonical_path(u) in labeled_images]
     if dup:
         say({"event": "warning", "message": f"{len(dup)} image(s) are given both as labeled and unlabeled (e.g. {dup[0]}); "
              "they are used in both streams"})
     return cfg
+
+
+def _check_grids(run: "_Run") -> None:
+    """Every case at the target spacing: nothing collapses to a few voxels or explodes past memory (``planning.check_grids``)."""
+    cases = [(i.name, i.size, i.spacing, True) for i in run.infos]
+    for path in list(run.request.unlabeled) + [v.image for v in run.request.validation]:
+        header = cio.read_header(path)
+        if header is not None:
+            cases.append((path, header[0], header[1], False))
+    planned = run.request.spacing is None and run.init_record is None and run.resume_state is None
+    check_grids(run.plan["spacing"], cases, run.say, planned)
+
+
+def _check_disk_space(run: "_Run") -> None:
+    """The model file, its checkpoint and the preprocessed cases fit on their disks (estimated)."""
+    cfg, request = run.cfg, run.request
+    params = count_params(cfg.width, cfg.depth, len(run.classes)) * 4.0
+    spacing = run.plan["spacing"]
+    work_bytes = 0.0
+    for info in run.infos:
+        work_bytes += 6.0 * float(np.prod(shape_at_spacing(info.size, info.spacing, spacing or info.spacing)))
+    for path in list(run.unlabeled_paths) + [v.image for v in request.validation]:
+        header = cio.read_header(path)
+        if header is not None:
+            work_bytes += 6.0 * float(np.prod(shape_at_spacing(header[0], header[1], spacing or header[1])))
+    work_parent = request.work_dir or tempfile.gettempdir()
+    check_free_space([(str(request.out), params * 9, "the model file and its resume checkpoint"),
+                      (work_parent, work_bytes, f"the preprocessed cases (in {work_parent})")])
+
+
+def _resume_checkpoint(request: TrainRequest, fingerprint: Dict[str, Any], say: Emit) -> Dict[str, Any]:
+    """The checkpoint ``--resume`` continues: same cases and segments (paths compared absolute and
+    link-resolved), its config with the settings that may change applied (``RESUME_MAY_CHANGE``) and the ones
+    that may not refused, naming them. ``request.config`` becomes that config."""
+    ckpt_file = checkpoint_path(request.out)
+    ck = load_checkpoint(ckpt_file)
+    diff = fingerprint_difference(ck.get("fingerprint") or {}, fingerprint)
+    if diff:
+        raise InputError(f"--resume: checkpoint {ckpt_file} belongs to a run with other cases or segments ({diff}); "
+                         "give the same cases, or start anew without --resume")
+    try:
+        old = TrainConfig.from_dict(ck["trainer"]["config"]).validate()
+        done = int(ck["trainer"]["iteration"])
+    except (KeyError, TypeError, ValueError, InputError) as e:
+        raise InputError(f"--resume: checkpoint {ckpt_file} is damaged ({e})") from None
+    new = request.config
+    given = request.settings_given if request.settings_given is not None else [
+        f for f in new.to_dict() if not (f == "iterations" and new.minutes is not None and new.minutes == old.minutes)]
+    changed, refused = [], []
+    for name in given:
+        a, b = getattr(new, name), getattr(old, name)
+        if name == "patch_size":
+            if a is None:
+                continue
+            a, b = list(a), list(b) if b is not None else None
+        if a == b:
+            continue
+        if name in RESUME_MAY_CHANGE:
+            setattr(old, name, getattr(new, name))
+            changed.append(f"{name} {b} -> {a}")
+        else:
+            refused.append(f"{_setting_flag(name)} {a} (the interrupted run: {b})")
+    plan = ck.get("plan") or {}
+    if request.spacing is not None and plan.get("spacing") is not None and not np.allclose(request.spacing, plan["spacing"]):
+        refused.append(f"--spacing {list(request.spacing)} (the interrupted run: {plan['spacing']})")
+    modality = (plan.get("normalization") or {}).get("modality")
+    if request.modality not in ("auto", None) and modality and request.modality != modality:
+        refused.append(f"--modality {request.modality} (the interrupted run: {modality})")
+    if refused:
+        raise InputError("--resume continues the interrupted run, whose settings cannot change mid-run: " + "; ".join(refused)
+                         + ". Drop these to resume, or start a new run without --resume")
+    if old.iterations <= done:
+        raise InputError(f"--resume: {ckpt_file} is at iteration {done}: {old.iterations} iterations would train no further; "
+                         f"give --iterations more than {done}")
+    request.config = old
+    cleanup.note_written(ckpt_file, "resume checkpoint: --resume continues from it")  # a cancel keeps it and says so
+    say({"event": "info", "message": f"resuming from iteration {done} of {old.iterations}" + (f" ({'; '.join(changed)})" if changed else "")})
+    return ck
+
+
+# what ``--resume`` may change in an interrupted run: its length and learning rate, how often it reports, where it runs
+RESUME_MAY_CHANGE = ("iterations", "lr", "validation_every", "checkpoint_every", "validation_overlap", "device", "amp",
+                     "channels_last", "compile")
+
+
+def _setting_flag(name: str) -> str:
+    from .settings import cli_settings
+
+    flags = dict((n, m.get("flag")) for n, m in cli_settings())
+    return flags.get(name) or (f"{name} (network)" if name in NETWORK_KEYS else f"{name} (setting)")
 
 
 def _summary(run: _Run) -> Dict[str, Any]:
@@ -228,10 +417,18 @@ def _summary(run: _Run) -> Dict[str, Any]:
 def _work_folder(work_dir: Optional[str]) -> Iterator[str]:
     """``work_dir`` (created if needed), or a temporary folder removed afterwards (on cancel too: ``cleanup``)."""
     if work_dir is not None:
-        os.makedirs(work_dir, exist_ok=True)
+        try:
+            os.makedirs(work_dir, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create --work-dir {work_dir}: {e.strerror or e}") from None
         yield work_dir
         return
-    folder = tempfile.mkdtemp(prefix="cpcl-work-")
+    try:
+        folder = tempfile.mkdtemp(prefix=cleanup.work_prefix())
+    except OSError as e:
+        where = tempfile.gettempdir()
+        reason = no_space_message(where) if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) else (e.strerror or str(e))
+        raise OutputError(f"cannot create a temporary folder in {where}: {reason}; set TMPDIR to another folder or give --work-dir") from None
     cleanup.register(folder)
     try:
         yield folder
@@ -255,26 +452,17 @@ def _score_starting_model(run: _Run, validation: Sequence[Case]) -> Optional[Dic
     return {"mean_dice": mean, "dice": dict(zip(run.names, dice))}
 
 
-def _resume_state(run: _Run, ckpt_file: str, fingerprint: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """With ``--resume``: the checkpoint's trainer state (its config replaces ``run.cfg``), else None."""
-    if not run.request.resume:
-        return None
-    if not os.path.exists(ckpt_file):
-        raise InputError(f"--resume: no checkpoint {ckpt_file} to resume from (start without --resume)")
-    ck = load_checkpoint(ckpt_file)
-    if ck.get("fingerprint") != fingerprint:
-        raise InputError(f"--resume: checkpoint {ckpt_file} belongs to a run with other cases or segments")
-    run.cfg = TrainConfig.from_dict(ck["trainer"]["config"])
-    run.say({"event": "info", "message": f"resuming from iteration {ck['trainer']['iteration']} of {run.cfg.iterations}"})
-    return ck["trainer"]
-
-
-def _checkpointer(run: _Run, ckpt_file: str, fingerprint: Dict[str, Any]) -> Callable[[Trainer, int], None]:
-    """The trainer's checkpoint callback: writes the resume checkpoint (rank 0) and says so."""
+def _checkpointer(run: _Run, ckpt_file: str, wrote: List[bool]) -> Callable[[Trainer, int], None]:
+    """The trainer's checkpoint callback: writes the resume checkpoint (rank 0) and says so. A run that was not
+    resumed from it has it removed when cancelled (``cleanup.remove_on_cancel``)."""
 
     def save_ckpt(trainer: Trainer, iteration: int) -> None:
         if run.rank0:
-            save_checkpoint(ckpt_file, {"fingerprint": fingerprint, "trainer": trainer.state(), "plan": plain(run.plan)})
+            save_checkpoint(ckpt_file, {"fingerprint": run.fingerprint, "trainer": trainer.state(), "plan": plain(run.plan)})
+            if not wrote:
+                wrote.append(True)
+                if not run.request.resume:
+                    cleanup.remove_on_cancel(ckpt_file)
             run.say({"event": "checkpoint", "iteration": iteration, "path": ckpt_file})
 
     return save_ckpt
@@ -297,3 +485,4 @@ def _save(run: _Run, cfg: TrainConfig, result: TrainResult, comparison: Optional
     write_run_record(out, request, cfg, result, run.plan, run.classes, t_start, comparison, start_eval)
     if result.status == "completed" and os.path.exists(ckpt_file):
         os.remove(ckpt_file)
+        cleanup.keep_on_cancel(ckpt_file)

@@ -24,6 +24,7 @@ from .errors import InputError
 from .network import VNet, activation_voxels_per_input_voxel, count_parameters
 from .preparation import CANONICAL_ORIENTATION, CaseInfo, Emit, TrainRequest, plan_normalization
 from .settings import TrainConfig
+from .writers import format_bytes  # noqa: F401  (re-exported: ``planning.format_bytes``)
 
 CPU_PATCH_VOXELS = 64 * 64 * 64  # CPU: above this a step takes seconds on a laptop
 GPU_MAX_PATCH = (128, 128, 128)
@@ -141,14 +142,6 @@ def suggest_smaller(patch: Sequence[int], depth: int) -> Tuple[int, int, int]:
     return tuple(max(m, (p // 2 // m) * m or m) for p in patch)  # type: ignore[return-value]
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 # ------------------------------------------------------------------------------------ a run's plan
 
 
@@ -184,6 +177,50 @@ def plan_run(request: TrainRequest, classes: List[Dict[str, Any]], infos: Sequen
                               cfg.method, cfg.optimizer, cfg.amp and device.type == "cuda", device.type)
     return {"spacing": spacing, "normalization": normalization, "patch_size": list(cfg.patch_size),
             "median_shape": median_shape, "memory": est, "orientation": CANONICAL_ORIENTATION}
+
+
+MAX_GRID_VOXELS = 2**31 - 1  # numpy / ITK index limits
+LARGE_GRID_VOXELS = 2**27  # above this, resampling one case takes a while: said so
+MIN_AXIS_VOXELS = 4  # a labeled case thinner than this along an axis, at the target spacing, has collapsed
+SPACING_OUTLIER = 4.0  # a case whose spacing differs from the target by more than this factor on an axis: warned
+
+
+def check_grids(spacing: Optional[Sequence[float]], cases: Sequence[Tuple[str, Sequence[int], Sequence[float], bool]], emit: Emit,
+                planned: bool = True) -> None:
+    """Every case at the target ``spacing`` (x, y, z mm): ``cases`` are ``(name, size xyz, spacing xyz, labeled)``.
+
+    Refuses (``InputError``, naming the case, its spacing and the target) a case whose grid would not fit in
+    memory or would exceed ITK's limits, and a labeled case that collapses to fewer than ``MIN_AXIS_VOXELS``
+    voxels along an axis (e.g. the median spacing pulled up by one case with 500 mm voxels); warns about a
+    case whose spacing is far from a ``planned`` target (a wrong header?), a collapsing unlabeled case and a large grid."""
+    if spacing is None:
+        return
+    free = available_memory("cpu")
+    for name, size, own, labeled in cases:
+        shape = shape_at_spacing(size, own, spacing)
+        voxels = int(np.prod([float(v) for v in shape]))
+        where = f"{name} ({'x'.join(str(int(v)) for v in size)} voxels of {[float(f'{v:.4g}') for v in own]} mm)"
+        target = [float(f"{v:.4g}") for v in spacing]
+        if voxels > MAX_GRID_VOXELS or (free is not None and voxels * 4.0 * 3 > free):
+            raise InputError(f"at the target spacing {target} mm, case {where} would have {voxels:,} voxels "
+                             f"({shape[2]}x{shape[1]}x{shape[0]}), more than this computer can hold: give a coarser --spacing")
+        collapsed = [a for a in range(3) if shape[2 - a] < MIN_AXIS_VOXELS <= size[a] // 4]
+        if collapsed:
+            text = (f"at the target spacing {target} mm, case {where} would shrink to {shape[2]}x{shape[1]}x{shape[0]} voxels")
+            if labeled:
+                spacings = "; ".join([f"{n}: {[float(f'{v:.4g}') for v in sp]} mm" for n, _, sp, lab in cases if lab][:6])
+                raise InputError(text + f": nothing would be left to learn from (labeled cases' spacings: {spacings}). " + (
+                    "Is a case's spacing wrong in its header (the target is the median of the labeled cases)? Fix it, or give --spacing"
+                    if planned else "Give a finer --spacing"))
+            emit({"event": "warning", "message": text + " (an unlabeled case: used as it is)"})
+            continue
+        ratios = [float(o) / float(t) for o, t in zip(own, spacing)]
+        if planned and max(ratios) > SPACING_OUTLIER or min(ratios) < 1.0 / SPACING_OUTLIER:
+            emit({"event": "warning", "message": f"case {where} has a spacing far from the target {target} mm: it is resampled "
+                  f"by a factor {max(max(ratios), 1 / min(ratios)):.1f}; check its header if this is unexpected"})
+        if voxels > LARGE_GRID_VOXELS:
+            emit({"event": "info", "message": f"case {where} becomes {voxels / 1e6:.0f} M voxels at the target spacing: "
+                  "preprocessing it takes a while"})
 
 
 def check_memory(plan: Dict[str, Any], device: torch.device) -> None:

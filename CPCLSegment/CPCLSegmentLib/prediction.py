@@ -5,6 +5,12 @@ the image is brought onto the model grid exactly as at training time (``preparat
 sliding window gives class probabilities (``inference.predict_probabilities``), and ``back_to_image_grid``
 maps them back onto the **original** grid (size, spacing, origin, direction). ``predict`` does this for a list
 of files and writes one output per image (``writers.write_prediction``, atomically).
+
+Before any work ``predict`` checks every output against every input (``preflight.check_outputs``: an output
+that would replace an input image or the model, e.g. ``--out`` a folder holding the inputs with their own
+format, is refused naming both). Per image it warns when the image looks unlike the model's training data (a
+CT model on an image without air values, an MR model on a CT, a spacing far from the model's) and announces
+each long phase (``phase`` events, so the CLI's heartbeat can say what is running).
 """
 
 from __future__ import annotations
@@ -21,9 +27,14 @@ from . import io as cio
 from .errors import InputError
 from .inference import predict_probabilities
 from .modelfile import build_from_record, load_model
-from .preparation import Emit, model_input
 from .devices import resolve_device
+from .preflight import check_outputs, sweep_leftovers
+from .preparation import Emit, looks_like_ct, model_input
 from .writers import write_prediction
+
+MAX_MODEL_GRID = 2**31 - 1  # numpy / ITK index limits
+SPACING_FACTOR_WARNING = 3.0  # an image whose spacing differs from the model's by more than this on an axis: warned
+
 
 
 class Predictor:
@@ -99,14 +110,50 @@ def keep_largest_components(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def compatibility_warnings(record: dict, image: sitk.Image, name: str) -> List[str]:
+    """Why ``image`` may be unlike what the model was trained on: CT vs not CT, a very different spacing, a very
+    large grid at the model's spacing. Empty when nothing stands out."""
+    out = []
+    norm = record.get("normalization") or {}
+    modality = norm.get("modality") or ("ct" if norm.get("scheme") == "ct" else None)
+    is_ct = looks_like_ct(sitk.GetArrayViewFromImage(image))
+    if modality == "ct" and not is_ct:
+        out.append(f"{name} has no air values (no voxel at or below -500): it does not look like a CT in Hounsfield units, "
+                   "but the model was trained on CT; the result may be meaningless")
+    elif modality in ("mr", "other") and is_ct:
+        out.append(f"{name} looks like a CT (air at -1000) but the model was trained on {modality.upper()} images; "
+                   "the result may be meaningless")
+    spacing = record.get("spacing")
+    if spacing:
+        own = image.GetSpacing()
+        ratio = max(max(a / b, b / a) for a, b in zip(own, spacing))
+        voxels = model_grid_voxels(record, image)
+        if ratio > SPACING_FACTOR_WARNING:
+            out.append(f"{name} has a spacing of {[round(v, 3) for v in own]} mm, the model was trained at "
+                       f"{[round(v, 3) for v in spacing]} mm: it is resampled to {voxels / 1e6:.1f} M voxels; a model "
+                       "trained at a spacing closer to the image's would be faster and likely more accurate")
+    return out
+
+
+def model_grid_voxels(record: dict, image: sitk.Image) -> int:
+    """Voxels of ``image`` once resampled to the model's spacing."""
+    spacing = record.get("spacing") or image.GetSpacing()
+    return int(np.prod([max(1, round(n * a / b)) for n, a, b in zip(image.GetSize(), image.GetSpacing(), spacing)]))
+
+
 def output_paths(images: Sequence[str], out: str, default_ext: str = ".seg.nrrd") -> List[str]:
     """One output per image: ``out`` itself for one image (unless a folder), else ``out/<input name><ext>``."""
     out = str(out)
+    if not out.strip():
+        raise InputError("--out is empty: give an output file (.seg.nrrd, .nii.gz, .nrrd, .mha) or a folder")
     is_file_target = cio.has_extension(out, cio.IMAGE_EXTENSIONS + (cio.SEG_EXTENSION,)) and not os.path.isdir(out)
     if len(images) == 1 and is_file_target:
         return [out]
     if is_file_target:
         raise InputError(f"several images were given, so --out must be a folder, not the file name {out}")
+    if os.path.isfile(out):
+        raise InputError(f"--out {out} is an existing file of no segmentation format; give a .seg.nrrd, .nii.gz, .nrrd or .mha "
+                         "file, or a folder")
     names = [cio.strip_extension(p) for p in images]
     if len(set(names)) != len(names):
         names = [f"{n}-{i + 1}" for i, n in enumerate(names)]
@@ -118,19 +165,35 @@ def predict(model_path: str, images: Sequence[str], out: str, weights: str = "te
             should_stop: Optional[Callable[[], bool]] = None) -> List[str]:
     """Segments each image with the model and writes one output per image (atomically)."""
     emit = emit or (lambda e: None)
+    images = [str(p) for p in images]
     if not images:
         raise InputError("give at least one image to segment")
     for p in images:
-        cio.check_exists(p, "image")
-    predictor = Predictor(model_path, weights, device)
+        cio.check_exists(p, "image", folder_ok=True)
+    inputs = [("--model", str(model_path))] + [("--image", p) for p in images]
+    if os.path.isfile(str(out)):
+        check_outputs([("--out", str(out))], inputs)  # names the input an existing --out file is
     targets = output_paths(images, out, output_format)
+    check_outputs([("--out", t) for t in targets], inputs)
+    sweep_leftovers({os.path.dirname(os.path.abspath(t)) for t in targets}, emit, with_temp_dir=False)
+    predictor = Predictor(model_path, weights, device)
     written = []
     for n, (path, target) in enumerate(zip(images, targets)):
         if should_stop and should_stop():
             break
         t = time.perf_counter()
+        emit({"event": "phase", "phase": "reading", "index": n + 1, "of": len(images), "detail": path})
         image = cio.read_image(path)
+        for message in compatibility_warnings(predictor.record, image, path):
+            emit({"event": "warning", "message": message})
+        voxels = model_grid_voxels(predictor.record, image)
+        if voxels > MAX_MODEL_GRID:
+            raise InputError(f"{path} would have {voxels:,} voxels at the model's spacing {predictor.record.get('spacing')} mm, "
+                             "more than can be segmented at once: check the image's spacing, or use a model trained at a coarser one")
+        emit({"event": "phase", "phase": "segmenting", "index": n + 1, "of": len(images),
+              "detail": f"{path} ({voxels / 1e6:.1f} M voxels on the model grid)"})
         labels = predictor.segment(image, largest_component)
+        emit({"event": "phase", "phase": "writing", "index": n + 1, "of": len(images), "detail": target})
         write_prediction(target, labels, image, predictor.classes)
         written.append(target)
         emit({"event": "predict", "index": n + 1, "of": len(images), "image": path, "output": target,

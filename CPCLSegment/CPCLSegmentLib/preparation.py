@@ -76,6 +76,11 @@ class TrainRequest:
     compare_supervised: bool = False
     work_dir: Optional[str] = None
     memory_budget: Optional[float] = None  # bytes; GPU planning budget
+    # the settings the user gave explicitly (config file keys, flags): what ``--resume`` compares with the
+    # interrupted run; None: every field of ``config`` counts as given (the Python API)
+    settings_given: Optional[List[str]] = None
+    # other files the run reads, as (what names it, path): ``--config``, ``--cases``, ``--color-table``; no output may replace them
+    other_inputs: List[Tuple[str, str]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------- preprocessing
@@ -212,6 +217,12 @@ def read_labeled(
     image = cio.read_image(item.image)
     seg = cio.read_segmentation(item.segmentation, segment_names)
     labels, missing = cio.build_label_array(seg, wanted, image, item.image)
+    note = geometry_note(seg, image, item)
+    if note:
+        emit({"event": "warning", "message": note})
+    for key, n in seg.outside.items():
+        emit({"event": "warning", "message": f"segment {key!r} has {n} voxels in {item.segmentation}, but none inside image "
+              f"{item.image}: the segmentation lies outside its image ({cio.geometry_difference(seg.layers[0], image)})"})
     known_mask = annotated_mask(labels, image, item.annotated_slices, item.name, emit)
     if known_mask is not None:
         labels = np.where(known_mask, labels, IGNORE_INDEX).astype(np.int16)
@@ -219,6 +230,20 @@ def read_labeled(
     if partial:
         class_known[missing] = False
     return image, labels, class_known
+
+
+def geometry_note(seg: cio.Segmentation, image: sitk.Image, item: LabeledInput) -> Optional[str]:
+    """A warning when a label map has its image's voxel dimensions but another geometry (origin, spacing or
+    orientation): typically a label map saved without the image's header (e.g. from numpy), which is then
+    placed by physical position, i.e. wrongly. None when nothing looks off."""
+    if not seg.from_labelmap or not seg.layers:
+        return None
+    layer = seg.layers[0]
+    if layer.GetSize() != image.GetSize() or cio.same_grid(layer, image):
+        return None
+    return (f"segmentation {item.segmentation} has the voxel dimensions of image {item.image} but another geometry "
+            f"({cio.geometry_difference(layer, image)}); it is placed by physical position. If it was saved without the "
+            "image's header (e.g. from numpy), copy the image's geometry into it first")
 
 
 def resolve_classes(request: TrainRequest) -> List[Dict[str, Any]]:
@@ -288,8 +313,16 @@ def inspect_cases(request: TrainRequest, classes: List[Dict[str, Any]], emit: Em
     wanted = [c["name"] for c in classes[1:]]
     infos, fg_samples, ct_votes = [], [], []
     rng = np.random.RandomState(0)
-    for item in request.labeled:
-        image, labels, class_known = read_labeled(item, wanted, request.segment_names, request.partial_segments, emit)
+    outside: List[str] = []
+
+    def watch(event: Dict[str, Any]) -> None:
+        if event.get("event") == "warning" and "lies outside its image" in event.get("message", ""):
+            outside.append(event["message"])
+        emit(event)
+
+    for n, item in enumerate(request.labeled):
+        emit({"event": "phase", "phase": "checking labeled cases", "index": n + 1, "of": len(request.labeled), "case": item.image})
+        image, labels, class_known = read_labeled(item, wanted, request.segment_names, request.partial_segments, watch)
         arr = sitk.GetArrayViewFromImage(image)
         counts = {c: int((labels == c).sum()) for c in range(1, len(classes))}
         missing = [c for c, n in counts.items() if n == 0]
@@ -302,17 +335,53 @@ def inspect_cases(request: TrainRequest, classes: List[Dict[str, Any]], emit: Em
         ct_votes.append(looks_like_ct(arr))
     absent = [classes[c]["name"] for c in range(1, len(classes)) if all(i.counts[c] == 0 for i in infos)]
     if absent:
-        raise InputError(f"segment(s) {absent} are empty in every labeled case: nothing to learn them from")
+        why = f"; the segmentation does not lie on its image: {outside[0]}" if outside else ""
+        raise InputError(f"segment(s) {absent} are empty in every labeled case: nothing to learn them from{why}")
     return infos, fg_samples, sum(ct_votes) > len(ct_votes) / 2
 
 
+def canonical_path(path: str) -> str:
+    """The absolute, link-resolved form of a path: the same file given as ``a.nrrd``, ``./a.nrrd`` or
+    ``/data/a.nrrd`` is the same entry of a fingerprint."""
+    return os.path.normcase(os.path.realpath(os.path.abspath(str(path))))
+
+
 def run_fingerprint(request: TrainRequest, classes: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """What identifies a run's data (stored in resume checkpoints): the cases and the segment list."""
+    """What identifies a run's data (stored in resume checkpoints): the cases (paths made absolute and
+    link-resolved, ``canonical_path``) and the segment list."""
     return {
-        "labeled": [[i.image, i.segmentation, i.annotated_slices] for i in request.labeled],
-        "unlabeled": list(request.unlabeled),
+        "labeled": [[canonical_path(i.image), canonical_path(i.segmentation), i.annotated_slices] for i in request.labeled],
+        "unlabeled": [canonical_path(u) for u in request.unlabeled],
         "classes": [c["name"] for c in classes],
     }
+
+
+def fingerprint_difference(old: Dict[str, Any], new: Dict[str, Any]) -> Optional[str]:
+    """How a checkpoint's fingerprint differs from this run's, in words (None: the same run). Older
+    checkpoints stored paths as given: they are made canonical here too."""
+    def canon(fp: Dict[str, Any]) -> Dict[str, Any]:
+        try:
+            return {"labeled": [[canonical_path(a), canonical_path(b), c] for a, b, c in fp.get("labeled", [])],
+                    "unlabeled": [canonical_path(u) for u in fp.get("unlabeled", [])], "classes": list(fp.get("classes", []))}
+        except (TypeError, ValueError):
+            return {}
+    a, b = canon(old or {}), canon(new)
+    if a == b:
+        return None
+    parts = []
+    if a.get("classes") != b.get("classes"):
+        parts.append(f"segments {a.get('classes', [])[1:]} vs {b['classes'][1:]}")
+    for key in ("labeled", "unlabeled"):
+        before = {tuple(x) if isinstance(x, list) else x for x in a.get(key, [])}
+        now = {tuple(x) if isinstance(x, list) else x for x in b[key]}
+        if before != now:
+            gone, added = len(before - now), len(now - before)
+            example = next(iter(now - before), None) or next(iter(before - now), None)
+            example = example[0] if isinstance(example, tuple) else example
+            parts.append(f"{key} cases: {gone} not given now, {added} new (e.g. {example})")
+        elif a.get(key) != b[key]:
+            parts.append(f"{key} cases in another order")
+    return "; ".join(parts) or "other cases"
 
 
 # ------------------------------------------------------------------------------- cases on the model grid

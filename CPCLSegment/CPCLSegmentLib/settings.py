@@ -150,9 +150,13 @@ class TrainConfig:
             errs.append(f"feature_level must be in [0, depth - 1 = {self.depth - 1}], not {self.feature_level}")
         if not 0 < self.copy_paste_size < 1:
             errs.append(f"copy_paste_size must be in (0, 1), not {self.copy_paste_size}")
-        for name in ("foreground_oversample", "intensity_prob", "validation_overlap"):
+        for name in ("foreground_oversample", "intensity_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 errs.append(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if not 0 <= self.validation_overlap < 1:  # MONAI's sliding window needs overlap < 1
+            errs.append(f"validation_overlap must be in [0, 1), not {self.validation_overlap}")
+        if not 0 <= self.seed < 2**32:
+            errs.append(f"seed must be a whole number from 0 to 2**32 - 1, not {self.seed}")
         if not 0 <= self.dropout < 1:
             errs.append(f"dropout must be in [0, 1), not {self.dropout}")
         if self.patch_size is not None:

@@ -58,6 +58,7 @@ from . import io as cio
 from .errors import InputError, ModelFileError
 from .modelfile import build_from_record
 from .prediction import Predictor
+from .preflight import check_outputs
 from .preparation import Emit
 from .prototypes import prototype_logits, to_label_resolution
 from .settings import UNCERTAINTY_SCORES
@@ -316,11 +317,21 @@ def map_paths(images: Sequence[str], folder: str) -> List[str]:
     return [os.path.join(folder, s + "-uncertainty.nrrd") for s in stems]
 
 
-def _check_outputs(out_csv: Optional[str], uncertainty_dir: Optional[str]) -> None:
-    if out_csv and os.path.isdir(out_csv):
-        raise InputError(f"--out must be a CSV file name, but {out_csv} is a folder")
-    if uncertainty_dir and os.path.exists(uncertainty_dir) and not os.path.isdir(uncertainty_dir):
+def _check_outputs(model: str, images: Sequence[str], out_csv: Optional[str], uncertainty_dir: Optional[str]) -> List[Optional[str]]:
+    """Every output of a ranking against every input (``preflight.check_outputs``); returns the map paths."""
+    if out_csv is not None:
+        if os.path.isdir(out_csv):
+            raise InputError(f"--out must be a CSV file name, but {out_csv} is a folder")
+        if not str(out_csv).lower().endswith(".csv"):
+            raise InputError(f"--out {out_csv}: the ranking is written as CSV; give a file name ending in .csv")
+    if uncertainty_dir is not None and os.path.exists(uncertainty_dir) and not os.path.isdir(uncertainty_dir):
         raise InputError(f"--uncertainty-dir {uncertainty_dir} exists and is not a folder")
+    if uncertainty_dir is not None and not str(uncertainty_dir).strip():
+        raise InputError("--uncertainty-dir is empty: give a folder")
+    targets: List[Optional[str]] = map_paths(images, uncertainty_dir) if uncertainty_dir else [None] * len(images)
+    outputs = ([("--out", out_csv)] if out_csv is not None else []) + [("--uncertainty-dir map", t) for t in targets if t]
+    check_outputs(outputs, [("--model", model)] + [("--images", p) for p in images])
+    return targets
 
 
 def rank_files(
@@ -347,8 +358,8 @@ def rank_files(
         raise InputError("give at least one image to rank")
     resolve_score(score)  # a bad name fails before the model is loaded
     for p in images:
-        cio.check_exists(p, "image")
-    _check_outputs(out_csv, uncertainty_dir)
+        cio.check_exists(p, "image", folder_ok=True)
+    targets = _check_outputs(str(model), images, out_csv, uncertainty_dir)
     um = UncertaintyModel(model, device)
     chosen = resolve_score(score, um.available)
     if chosen not in um.available:
@@ -356,12 +367,12 @@ def rank_files(
         raise ModelFileError(f"{model} has no {need}, which the {chosen!r} score needs; use --score entropy")
     if (score or "auto").lower() == "auto" and chosen != AUTO_SCORE:
         emit({"event": "warning", "message": f"{model} lacks what the {AUTO_SCORE!r} score needs: ranking by {chosen!r}"})
-    targets = map_paths(images, uncertainty_dir) if uncertainty_dir else [None] * len(images)
     rows: List[Dict[str, Any]] = []
     for n, (path, target) in enumerate(zip(images, targets)):
         if should_stop and should_stop():
             emit({"event": "warning", "message": f"stopped: ranking the {len(rows)} of {len(images)} image(s) scored so far"})
             break
+        emit({"event": "phase", "phase": "ranking", "index": n + 1, "of": len(images), "detail": path})
         image = cio.read_image(path)
         res = um.analyze(image)
         if res.region_voxels == 0:
