@@ -3,7 +3,6 @@ from metadata checked against ``Resources/requirements.txt``, devices from a chi
 decisions (a declined or failed install is an error, never ignored)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

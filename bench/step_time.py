@@ -144,7 +144,7 @@ def literal_reference_terms(r: StepRunner, b: Dict[str, torch.Tensor]) -> Dict[s
     """The reference's loop body with its own operation sequence (per-class re-upsampling of the features,
     broadcast masked sums, ``F.cosine_similarity`` per class), on our network: the cost the issue measured."""
     terms = reference_terms(r, b, prototypes=False, keep=True)
-    x_l, y_l, x_u = b["x_l"], b["y_l"], b["x_u"]
+    x_l, y_l = b["x_l"], b["y_l"]
     bl, size, k = x_l.shape[0], y_l.shape[1:], r.K
     logits, feats = r._last_student
     t_logits, t_feats = r._last_teacher
@@ -305,7 +305,7 @@ def time_config(name: str, spec: Dict[str, Any], variants: List[str], warmup: in
 def table(name: str, res: Dict[str, Any]) -> str:
     rows = [f"\n{name}: patch (D, H, W) {res['patch_dhw']}, width {res['width']}, K {res['num_classes']}, batch 2+2, "
             f"median of {res['rounds']} interleaved rounds, ratios to {res['baseline']}",
-            f"| variant | wall | CPU | ratio (wall) | ratio (CPU) | paired ratio CPU [IQR] |", "|---|---|---|---|---|---|"]
+            "| variant | wall | CPU | ratio (wall) | ratio (CPU) | paired ratio CPU [IQR] |", "|---|---|---|---|---|---|"]
     for v, r in res["variants"].items():
         lo, hi = r["paired_ratio_cpu_iqr"]
         rows.append(f"| {v} | {fmt_s(r['median_wall_s'])} | {fmt_s(r['median_cpu_s'])} | {fmt_ratio(r['ratio_median_wall'])} | "

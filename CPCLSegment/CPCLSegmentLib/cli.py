@@ -120,7 +120,7 @@ def cmd_info(args, report: Reporter, control: StopControl) -> int:
     labeled = tr.get("labeled_cases")
     lines = [
         f"{args.model}: CPCLSegment model (format {rec['format_version']}, engine {rec.get('engine_version')})",
-        f"  segments: " + ", ".join(f"{c['name']} ({c.get('label_value')})" for c in rec["classes"][1:]),
+        "  segments: " + ", ".join(f"{c['name']} ({c.get('label_value')})" for c in rec["classes"][1:]),
         f"  network: {rec['network']}",
         f"  spacing: {rec.get('spacing')} mm, patch {rec['patch_size']}, normalisation {rec['normalization'].get('scheme')}",
         f"  training: {tr.get('method')}, {tr.get('iterations')} iterations ({tr.get('status')}), "

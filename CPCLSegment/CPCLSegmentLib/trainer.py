@@ -16,7 +16,6 @@ global batch's loss; gradients are averaged by DDP; the EMA teacher is identical
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -33,7 +32,7 @@ from .metrics import mean_dice_over_cases
 from .modelfile import state_dict_cpu
 from .network import VNet
 from .prototypes import as_float, feature_masks
-from .settings import METHODS, TrainConfig  # noqa: F401  (TrainConfig is re-exported: ``trainer.TrainConfig``)
+from .settings import TrainConfig  # noqa: F401  (TrainConfig is re-exported: ``trainer.TrainConfig``)
 from .teacher import make_teacher, update_teacher
 
 @dataclass

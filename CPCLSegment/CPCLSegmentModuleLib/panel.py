@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import shutil
 import time
 import weakref
