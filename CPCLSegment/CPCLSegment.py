@@ -135,7 +135,8 @@ class CPCLSegmentLogic(ScriptedLoadableModuleLogic):
         """Trains a model from ``labeled`` = [(volumeNode, segmentationNode[, onlyPaintedSlices]), ...] and
         ``unlabeled`` = [volumeNode, ...]; returns the model node (saved with the scene). Settings: any
         TrainConfig field by name (``minutes``, ``iterations``, ``patch_size=[X, Y, Z]``, ``lr``, ...) and
-        ``device``, ``init``, ``spacing``, ``partial_segments``, ``hold_out_last``, ``later_wins``."""
+        ``device``, ``init``, ``spacing``, ``partial_segments``, ``hold_out_last``, ``compare_supervised`` (with a
+        held-out case: also train supervised-only, keep the better; on by default), ``later_wins``."""
         return self.core.train(labeled, unlabeled, segments, wait=wait, on_event=on_event, out=out, **settings)
 
     def segment(self, model, volume, wait: bool = True, on_event=None, weights: str = "teacher", device: str = "auto",

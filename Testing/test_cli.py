@@ -273,10 +273,13 @@ def test_compare_supervised_segments_by_value_colour_table_and_starting_model_sc
     assert set(rec["training"]["comparison"]) == {"cpcl", "supervised"}
     # fine-tuning with validation cases scores the starting model first
     model, _, _ = trained
-    code = cli.main(["train", "--labeled", ct_path, seg_path, "--validation", ct_path, seg_path, "--segments", *LUNGS, "--init", model,
-                     "--out", str(tmp_path / "ft.pt"), "--progress", "none", "--iterations", "2", "--spacing", *map(str, COARSE_SPACING)])
+    code = cli.main(["train", "--labeled", ct_path, seg_path, "--unlabeled", ct_path, "--validation", ct_path, seg_path,
+                     "--segments", *LUNGS, "--init", model, "--out", str(tmp_path / "ft.pt"), "--progress", "none", "--iterations", "2",
+                     "--spacing", *map(str, COARSE_SPACING)])
     assert code == 0
-    assert "validation Dice (starting model)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "validation Dice (starting model)" in err
+    assert "add --compare-supervised" in err  # validation cases but no comparison: the user is told how to check
     assert load_model(str(tmp_path / "ft.pt"))["training"]["starting_model_validation"]["mean_dice"] > 0.5
 
 

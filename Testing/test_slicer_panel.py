@@ -520,3 +520,35 @@ def test_a_new_train_config_field_reaches_the_panel_and_the_console_without_othe
     shutil.rmtree(console["run_dir"])
     with pytest.raises(InputError, match="warmup_fraction must be a number"):
         core.train_config({"warmup_fraction": "a lot"})
+
+
+# ------------------------------------------------------------------------------------------ issue 12 (safety net)
+
+
+def test_with_a_held_out_case_the_panel_checks_the_unlabeled_volumes_help(two_cases, tmp_path):
+    """A clinician's run never silently keeps a semi-supervised model that scores worse than supervised-only on
+    the held-out case: with a held-out case and unlabeled volumes the child gets ``--compare-supervised``."""
+    scene, v1, s1, v2, s2 = two_cases
+    c = controller(scene, tmp_path)
+    assert c.setting("compare_supervised") is True and not c.view().enabled["compareSupervisedCheckBox"]  # no held-out case
+    c.set_unlabeled([v2])
+
+    def child_request(**extra):
+        plan = c.core.prepare_training(c.cases(), c.unlabeled(), LUNGS, **dict(c.train_values(), **extra))
+        try:
+            return cli.build_train_request(cli.build_parser().parse_args(plan["args"]))
+        finally:
+            shutil.rmtree(plan["run_dir"])
+
+    assert not child_request().compare_supervised  # nothing to compare on
+    c.set_setting("hold_out_last", True)
+    assert c.view().enabled["compareSupervisedCheckBox"]
+    request = child_request()
+    assert request.compare_supervised and len(request.validation) == 1 and request.unlabeled
+    assert not child_request(method="supervised").compare_supervised  # nothing to compare against
+    c.set_setting("compare_supervised", False)
+    assert not child_request().compare_supervised  # the user turned it off
+    c.set_setting("compare_supervised", True)
+    c.set_unlabeled([])
+    assert not child_request().compare_supervised  # no unlabeled volumes: supervised-only is what trains
+    assert core.compares_supervised(dict(core.MODULE_SETTINGS, hold_out_last=True), {}, ["a volume"])  # the console's default

@@ -247,6 +247,9 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     say(_summary(run))
     if cfg.method != "supervised" and not run.unlabeled_paths:
         say({"event": "warning", "message": "no unlabeled cases given: training supervised-only"})
+    elif cfg.method != "supervised" and request.validation and not request.compare_supervised:
+        say({"event": "info", "message": "the unlabeled cases do not improve every model (BENCHMARKS.md): add --compare-supervised "
+             "to also train supervised-only and keep whichever scores better on the validation cases"})
     return run
 
 

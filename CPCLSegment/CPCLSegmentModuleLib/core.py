@@ -68,10 +68,14 @@ MODEL_ATTRIBUTES = ("CPCLSegment.SHA256", "CPCLSegment.Bytes", "CPCLSegment.Clas
                     "CPCLSegment.Summary", "CPCLSegment.RunDir", "CPCLSegment.File")
 
 # Settings the module owns (not TrainConfig fields): which device, which starting model, the target spacing,
-# the meaning of a missing segment, hold-out validation and the overlap order. Everything else a caller
-# passes must be a TrainConfig field (``CPCLSegmentLib/settings.py``) and goes to the engine as ``--config``.
+# the meaning of a missing segment, hold-out validation, the supervised-only comparison and the overlap order.
+# Everything else a caller passes must be a TrainConfig field (``CPCLSegmentLib/settings.py``) and goes to the
+# engine as ``--config``. ``compare_supervised`` (on unless turned off) acts only with a held-out case and
+# unlabeled volumes: the engine then also trains supervised-only and keeps the model that scores better on the
+# held-out case, saying which, so a run where the unlabeled volumes do not help never silently keeps the worse
+# model (BENCHMARKS.md: they do not help at every budget).
 MODULE_SETTINGS: Dict[str, Any] = {"device": "auto", "init": None, "spacing": None, "partial_segments": False,
-                                   "hold_out_last": False, "later_wins": False}
+                                   "hold_out_last": False, "compare_supervised": True, "later_wins": False}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # "Train for N minutes" is what the panel and the console do unless iterations are asked for.
 DEFAULT_MINUTES = 10.0
@@ -153,6 +157,13 @@ def split_settings(values: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, An
     module = dict(MODULE_SETTINGS)
     module.update({k: v for k, v in values.items() if k in MODULE_SETTINGS})
     return module, {k: v for k, v in values.items() if k not in MODULE_SETTINGS}
+
+
+def compares_supervised(module: Dict[str, Any], config: Dict[str, Any], unlabeled: Sequence[Any]) -> bool:
+    """Whether a training run also trains supervised-only and keeps the better model (``--compare-supervised``):
+    asked for (the default), a case held out to compare on, unlabeled volumes, and a semi-supervised method."""
+    method = config.get("method", settings.default_settings().get("method"))
+    return bool(module.get("compare_supervised") and module.get("hold_out_last") and list(unlabeled) and method != "supervised")
 
 
 def train_config(values: Dict[str, Any]) -> Dict[str, Any]:
@@ -1013,6 +1024,8 @@ class LogicCore:
             args += ["--segments", *segments, "--out", out, "--device", device, "--config", config_path]
             if module["partial_segments"]:
                 args.append("--partial-segments")
+            if compares_supervised(module, config, unlabeled):
+                args.append("--compare-supervised")
             if init:
                 args += ["--init", init]
             if module["spacing"]:

@@ -49,6 +49,7 @@ PANEL_SETTINGS: Dict[str, Tuple[Any, Optional[Sequence[str]]]] = {
     "length_mode": ("minutes", LENGTH_MODES),
     "partial_segments": (False, None),
     "hold_out_last": (False, None),
+    "compare_supervised": (True, None),
     "later_wins": (False, None),
     "prefill": (False, None),
 }
@@ -393,7 +394,7 @@ class PanelController:
         (minutes or iterations) and every TrainConfig setting the user changed."""
         stored = self.stored_settings()
         values: Dict[str, Any] = {k: v for k, v in stored.items() if k in settings.setting_names() and k not in ("minutes", "iterations")}
-        for name in ("device", "partial_segments", "hold_out_last", "later_wins"):
+        for name in ("device", "partial_segments", "hold_out_last", "compare_supervised", "later_wins"):
             values[name] = self.setting(name)
         values["init"] = self.setting("init") or None
         if self.setting("length_mode") == "iterations":
@@ -782,6 +783,8 @@ class PanelController:
             "cancelRankButton": ranking,
             "labelNextButton": has_model and not segmenting and self.selected_rank_row is not None,
             "installButton": not self.busy("probe"),
+            # the comparison needs a held-out case to score both models on
+            "compareSupervisedCheckBox": bool(self.setting("hold_out_last")) and not training,
         }
         backend, warning = environment.describe_backend(self.probe, self.problems)
         label = f"Compute: {_h(backend)}"
