@@ -35,3 +35,35 @@ def test_planned_patches_are_what_they_were():
              ((34, 128, 128), (3, 3, 10), "cpu", (16, 96, 96)), ((200, 256, 256), (1, 1, 1), "cuda", (128, 128, 128))]
     for shape, spacing, device, patch in plans:
         assert plan_patch_size(shape, spacing, 4, device, 16, 3)[0] == patch
+
+
+def test_copy_paste_counts_the_students_mixed_patches():
+    """With ``copy_paste`` the student also runs one mixed patch per labeled/unlabeled pair (2 + 2 + 2 patches):
+    the memory estimate, the planned GPU patch and the timed step include them; supervised-only ignores it."""
+    import torch
+
+    from CPCLSegmentLib.planning import step_seconds
+    from CPCLSegmentLib.settings import TrainConfig
+
+    args = ((64, 64, 64), 2, 2, 16, 4, 3, "cpcl", "sgd", False, "cpu")
+    plain, mixed = estimate_memory(*args), estimate_memory(*args, copy_paste=True)
+    assert mixed["activations"] == pytest.approx(plain["activations"] * 6 / 4) and mixed["teacher"] == plain["teacher"]
+    sup = args[:6] + ("supervised",) + args[7:]
+    assert estimate_memory(*sup, copy_paste=True)["total"] == estimate_memory(*sup)["total"]
+    small = plan_patch_size((300, 512, 512), (0.8, 0.8, 1.5), 4, "cuda", 16, 3, copy_paste=True, memory_budget=8 * 2**30)[0]
+    assert torch.Size(small).numel() < torch.Size(plan_patch_size((300, 512, 512), (0.8, 0.8, 1.5), 4, "cuda", 16, 3,
+                                                                  memory_budget=8 * 2**30)[0]).numel()
+    calls = []
+    real = torch.randn
+
+    def counting_randn(*shape, **kw):
+        calls.append(shape[0])
+        return real(*shape, **kw)
+
+    torch.randn = counting_randn
+    try:
+        for cp in (False, True):
+            step_seconds(TrainConfig(patch_size=(16, 16, 16), width=2, depth=2, copy_paste=cp), 2, torch.device("cpu"))
+    finally:
+        torch.randn = real
+    assert calls == [4, 6]

@@ -66,14 +66,17 @@ def estimate_memory(
     optimizer: str = "sgd",
     amp: bool = False,
     device_type: str = "cuda",
+    copy_paste: bool = False,
 ) -> Dict[str, float]:
     """Estimated peak training memory in bytes, with its parts (CPU: peak RSS of the process; CUDA:
-    allocated GPU memory)."""
+    allocated GPU memory). ``copy_paste``: the student also sees one mixed patch per labeled/unlabeled pair."""
     voxels = float(np.prod(patch))
     cfg = dict(width=width, depth=depth, num_classes=num_classes)
     per_voxel = activation_voxels_per_input_voxel(cfg)
     act_bytes = 2.0 if amp else 4.0
     student_batch = labeled_batch + (unlabeled_batch if method != "supervised" else 0)
+    if copy_paste and method != "supervised":
+        student_batch += min(labeled_batch, unlabeled_batch)
     activations = per_voxel * voxels * student_batch * act_bytes
     teacher = (per_voxel / 3.0) * voxels * unlabeled_batch * act_bytes * 0.5 if method != "supervised" else 0.0
     losses = 6 * num_classes * voxels * (labeled_batch + unlabeled_batch) * 4.0
@@ -118,6 +121,7 @@ def plan_patch_size(
     memory_budget: Optional[float] = None,
     method: str = "cpcl",
     amp: bool = True,
+    copy_paste: bool = False,
 ) -> Tuple[Tuple[int, int, int], Dict[str, float]]:
     """Patch (D, H, W) and its memory estimate; see module docstring."""
     m = 2**depth
@@ -129,11 +133,12 @@ def plan_patch_size(
     else:
         patch = [min(p, g) for p, g in zip(patch, GPU_MAX_PATCH)]
         budget = memory_budget or DEFAULT_GPU_BUDGET
-        while estimate_memory(patch, labeled_batch, unlabeled_batch, width, depth, num_classes, method, amp=amp)["total"] > budget:
+        while estimate_memory(patch, labeled_batch, unlabeled_batch, width, depth, num_classes, method, amp=amp,
+                              copy_paste=copy_paste)["total"] > budget:
             if not _shrink(patch, spacing_dhw, m):
                 break
     est = estimate_memory(patch, labeled_batch, unlabeled_batch, width, depth, num_classes, method,
-                          amp=amp and device_type == "cuda", device_type=device_type)
+                          amp=amp and device_type == "cuda", device_type=device_type, copy_paste=copy_paste)
     return (int(patch[0]), int(patch[1]), int(patch[2])), est
 
 
@@ -169,12 +174,12 @@ def plan_run(request: TrainRequest, classes: List[Dict[str, Any]], infos: Sequen
     if cfg.patch_size is None:
         patch, est = plan_patch_size(
             median_shape, spacing, cfg.depth, device.type, cfg.width, len(classes), cfg.labeled_batch, cfg.unlabeled_batch,
-            request.memory_budget, cfg.method, cfg.amp,
+            request.memory_budget, cfg.method, cfg.amp, cfg.copy_paste,
         )
         cfg.patch_size = patch
     if est is None:
         est = estimate_memory(cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth, len(classes),
-                              cfg.method, cfg.optimizer, cfg.amp and device.type == "cuda", device.type)
+                              cfg.method, cfg.optimizer, cfg.amp and device.type == "cuda", device.type, cfg.copy_paste)
     return {"spacing": spacing, "normalization": normalization, "patch_size": list(cfg.patch_size),
             "median_shape": median_shape, "memory": est, "orientation": CANONICAL_ORIENTATION}
 
@@ -240,11 +245,15 @@ def check_memory(plan: Dict[str, Any], device: torch.device) -> None:
 
 def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
     """Times the network work of one step at the real batch sizes (student forward + backward on the
-    labeled and unlabeled batch, teacher forward on the unlabeled one), best of two after a warm-up, +10 %
-    for the losses, sampling, optimizer and EMA update; None if it cannot run."""
+    labeled and unlabeled batch and, with ``copy_paste``, the mixed patches; teacher forward on the unlabeled
+    batch), best of two after a warm-up, +10 % for the losses, sampling, optimizer and EMA update; None if it
+    cannot run."""
     try:
         net = VNet(**cfg.network_config(num_classes)).to(device)
-        n_student = cfg.labeled_batch + (cfg.unlabeled_batch if cfg.method != "supervised" else 0)
+        semi = cfg.method != "supervised"
+        n_student = cfg.labeled_batch + (cfg.unlabeled_batch if semi else 0)
+        if semi and cfg.copy_paste:
+            n_student += min(cfg.labeled_batch, cfg.unlabeled_batch)
         x = torch.randn(n_student, 1, *cfg.patch_size, device=device)
         xt = x[: cfg.unlabeled_batch] if cfg.method != "supervised" else None
         times = []
