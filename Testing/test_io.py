@@ -246,3 +246,20 @@ def test_random_array_shapes_through_the_label_builder(ct_path):
         assert labels.shape == tuple(reversed(image.GetSize()))
         k, j, i = [min(a, b) for a, b in zip(shape, labels.shape)]
         assert np.array_equal(labels[:k, :j, :i], sitk.GetArrayFromImage(lab)[:k, :j, :i])
+
+
+def test_class_argmax_is_argmax_with_ties_to_the_lower_class():
+    """``prediction.class_argmax`` (the predict path's fast argmax) equals ``argmax`` over classes, ties included."""
+    import numpy as np
+    import torch
+
+    from CPCLSegmentLib.prediction import class_argmax
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 6, 7, 8, generator=g), dim=0)
+    probs[:, 0, 0, 0] = torch.tensor([0.25, 0.25, 0.25, 0.25])  # a four-way tie: class 0
+    probs[:, 0, 0, 1] = torch.tensor([0.1, 0.4, 0.4, 0.1])  # a tie between 1 and 2: class 1
+    out = class_argmax(probs)
+    assert out.dtype == np.uint8 and out.shape == (6, 7, 8)
+    assert (out == probs.numpy().argmax(0)).all() and out[0, 0, 0] == 0 and out[0, 0, 1] == 1
+    assert (class_argmax(probs[:1]) == 0).all()  # one class
