@@ -47,8 +47,9 @@ def overlapping_seg_path() -> str:
 def small_config(**overrides):
     from CPCLSegmentLib.trainer import TrainConfig
 
+    # copy_paste off: these short runs test the pipeline, not the recipe (test_method_fidelity.py pins and tests it)
     cfg = dict(iterations=120, patch_size=(16, 64, 64), width=8, optimizer="adamw", lr=3e-3, seed=0, device="cpu",
-               validation_every=60, checkpoint_every=60)
+               validation_every=60, checkpoint_every=60, copy_paste=False)
     cfg.update(overrides)
     return TrainConfig(**cfg)
 

@@ -35,13 +35,17 @@ DEFAULT_RECIPE = dict(method="cpcl", lambda_max=0.1, beta=10.0, rampup=0.4, cons
                       detach_features=False, use_forward=True, use_backward=True, map_resolution="feature",
                       optimizer="adamw", lr=3e-3, iterations=500, labeled_batch=2, unlabeled_batch=2, width=16, depth=4,
                       norm="instance", feature_level=1, intensity_prob=0.5, strong_unlabeled=True, teacher_noise=0.0,
-                      flip=False, rot90=False)
+                      flip=False, rot90=False, copy_paste=None, copy_paste_weight=0.5, copy_paste_size=2.0 / 3.0)
 
 
 def test_the_default_recipe_is_pinned():
     cfg = TrainConfig()
     assert {k: getattr(cfg, k) for k in DEFAULT_RECIPE} == DEFAULT_RECIPE
     assert cfg.mt_weight() == 1.0 and cfg.rampup_iterations() == 200
+    # copy-paste: on for cpcl by default, off for the mean-teacher baseline and supervised-only, as asked otherwise
+    assert cfg.uses_copy_paste() and not TrainConfig(method="mean_teacher").uses_copy_paste()
+    assert not TrainConfig(method="supervised", copy_paste=True).uses_copy_paste()
+    assert not TrainConfig(copy_paste=False).uses_copy_paste() and TrainConfig(method="mean_teacher", copy_paste=True).uses_copy_paste()
 
 
 # ------------------------------------------------------------------------------------------ oracle
@@ -66,7 +70,9 @@ def tiny_trainer(**settings) -> Trainer:
     labeled = [make_case(f"l{i}", imgs[i], lab[i]) for i in range(2)]
     unl = blobs(1, 1)[0]
     unlabeled = [make_case("u", (unl + np.random.RandomState(5).randn(*PATCH)).astype(np.float32))]
-    cfg = dict(patch_size=PATCH, width=4, depth=2, device="cpu", iterations=10, intensity_prob=0.0, seed=0)
+    # copy-paste off unless asked: the oracle below is equations 1-6 + the mean-teacher term; the copy-paste terms
+    # of the default recipe have their own tests (test_copy_paste_*)
+    cfg = dict(patch_size=PATCH, width=4, depth=2, device="cpu", iterations=10, intensity_prob=0.0, seed=0, copy_paste=False)
     cfg.update(settings)
     trainer = Trainer(TrainConfig(**cfg), labeled, unlabeled, K)
     with torch.no_grad():  # a teacher that differs from the student, as after some training
@@ -290,11 +296,12 @@ def test_cli_train_hands_the_default_recipe_to_the_loss_terms(tmp_path, ct_path,
     """What the Trainer actually passes to the loss terms for a plain `cpcl-segment train` (flags only for size)."""
     from CPCLSegmentLib import cli
 
-    seen = []
+    seen, pasted = [], []
     real = losses.LOSS_TERMS["cpcl"]
 
     def spy(student, teacher, inputs, cfg, sync):
         seen.append(copy.deepcopy(cfg))
+        pasted.append(inputs.paste_mask is not None)
         return real(student, teacher, inputs, cfg, sync)
 
     monkeypatch.setitem(losses.LOSS_TERMS, "cpcl", spy)
@@ -305,7 +312,7 @@ def test_cli_train_hands_the_default_recipe_to_the_loss_terms(tmp_path, ct_path,
     cfg = seen[0]
     expected = dict(DEFAULT_RECIPE, iterations=2, width=4)
     assert {k: getattr(cfg, k) for k in expected} == expected
-    assert cfg.mt_weight() == 1.0
+    assert cfg.mt_weight() == 1.0 and pasted == [True, True]  # the default trains with copy-paste
 
 
 # ------------------------------------------------------------------------------ copy-paste

@@ -60,6 +60,11 @@ FAULTS = [
     ("default recipe: teacher's P_u by default", "settings.py",
      "forward_prediction: str = field(default=\"student\"", "forward_prediction: str = field(default=\"teacher\""),
     ("default recipe: λ_max changed", "settings.py", "    lambda_max: float = 0.1\n", "    lambda_max: float = 1.0\n"),
+    ("default recipe: copy-paste off", "settings.py",
+     "return bool(self.copy_paste) if self.copy_paste is not None else self.method == \"cpcl\"",
+     "return bool(self.copy_paste) if self.copy_paste is not None else False"),
+    ("copy-paste pseudo-label term weight ignored", "losses.py",
+     "cfg.copy_paste_weight * ramp * terms[\"paste_pseudo\"]", "ramp * terms[\"paste_pseudo\"]"),
     ("β not applied", "losses.py", "(terms[\"forward\"] + cfg.beta * terms[\"backward\"])", "(terms[\"forward\"] + terms[\"backward\"])"),
 ]
 

@@ -54,7 +54,9 @@ def test_paper_preset_is_the_claimed_method():
     assert (cfg.lambda_max, cfg.beta, cfg.scale, cfg.detach_features) == (0.1, 10.0, 20.0, False)
     default = TrainConfig.from_dict(PRESETS["cpcl-default"]).validate()
     plain = TrainConfig().validate()  # the spelled-out default trains what the default trains
-    assert dataclasses.replace(default, consistency_weight=None) == plain and default.mt_weight() == plain.mt_weight()
+    assert dataclasses.replace(default, consistency_weight=None, copy_paste=None) == plain and default.mt_weight() == plain.mt_weight()
+    assert default.uses_copy_paste() and plain.uses_copy_paste() and not cfg.uses_copy_paste()  # the paper: no copy-paste
+    assert not TrainConfig.from_dict(PRESETS["mean-teacher"]).uses_copy_paste()  # the plain baseline
 
 
 def test_config_flag_takes_a_preset_name(tmp_path):

@@ -357,7 +357,9 @@ def run_job(job: Job, data: Data, device: torch.device, log=lambda m: print(m, f
             unlabeled = [s.case(labeled=False) for s in data.get(split["unlabeled"])] + list(data.extra)
             unlabeled += [s.case(labeled=False) for s in lab_subjects if s.name in job.extra.get("labels", {})]
         n_unl = len(unlabeled)
-        tcfg = TrainConfig.from_dict({k: v for k, v in cfg.items()})
+        # copy_paste pinned off unless the variant turns it on: the recorded configurations (and their keys) date
+        # from before it became cpcl's default, and "cpcl" here is CPCL without it
+        tcfg = TrainConfig.from_dict({"copy_paste": False, **cfg})
         events: List[Dict[str, Any]] = []
         def on_progress(e: Dict[str, Any]) -> None:
             if e.get("event") in ("validation", "warning"):

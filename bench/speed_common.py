@@ -211,7 +211,7 @@ class StepRunner:
         unl = batch["x_u"].to(t.device).contiguous(memory_format=t.memory_format) if self.cfg.method != "supervised" else None
         inputs = StepInputs(lab, batch["y_l"].to(t.device), unl)
         pairs = min(lab.shape[0], 0 if unl is None else unl.shape[0])
-        if self.cfg.copy_paste and pairs:  # the trainer's own boxes for this iteration (Trainer.sample draws them so)
+        if self.cfg.uses_copy_paste() and pairs:  # the trainer's own boxes for this iteration (Trainer.sample draws them so)
             boxes = paste_masks(self.cfg.patch_size, self.cfg.copy_paste_size, self.cfg.seed, self.it, range(pairs))
             inputs.paste_mask = torch.from_numpy(boxes).to(t.device)
         return inputs
@@ -229,7 +229,7 @@ def _as_dict(inputs: StepInputs) -> Dict[str, torch.Tensor]:
 def config(method: str, patch: Sequence[int], width: int, depth: int = 4, **overrides: Any) -> TrainConfig:
     """``TrainConfig`` with the engine's defaults (what the CLI and the Slicer panel use) for ``method``."""
     settings = dict(method=method, patch_size=tuple(int(p) for p in patch), width=width, depth=depth, device="cpu",
-                    iterations=10000)
+                    iterations=10000, copy_paste=False)  # the variants that time copy-paste turn it on
     settings.update(overrides)
     return TrainConfig(**settings).validate()
 

@@ -99,7 +99,7 @@ def trained_model(d: Path, args, seed: int, split: Dict[str, List[str]], work: P
             return model, kept["summary"], kept["train_seconds"]
         raise SystemExit(f"{model} was trained with other settings: remove it or use another --models folder")
     cfg = TrainConfig(iterations=args.iterations, width=args.width, optimizer="adamw", lr=2e-3, seed=seed, device=args.device,
-                      patch_size=tuple(args.patch))
+                      patch_size=tuple(args.patch), copy_paste=False)  # the recorded runs predate copy-paste
     request = TrainRequest(
         labeled=[LabeledInput(*files(d, n)) for n in split["labeled"]],
         unlabeled=[files(d, n)[0] for n in split["unlabeled"]],

@@ -174,12 +174,12 @@ def plan_run(request: TrainRequest, classes: List[Dict[str, Any]], infos: Sequen
     if cfg.patch_size is None:
         patch, est = plan_patch_size(
             median_shape, spacing, cfg.depth, device.type, cfg.width, len(classes), cfg.labeled_batch, cfg.unlabeled_batch,
-            request.memory_budget, cfg.method, cfg.amp, cfg.copy_paste,
+            request.memory_budget, cfg.method, cfg.amp, cfg.uses_copy_paste(),
         )
         cfg.patch_size = patch
     if est is None:
         est = estimate_memory(cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth, len(classes),
-                              cfg.method, cfg.optimizer, cfg.amp and device.type == "cuda", device.type, cfg.copy_paste)
+                              cfg.method, cfg.optimizer, cfg.amp and device.type == "cuda", device.type, cfg.uses_copy_paste())
     return {"spacing": spacing, "normalization": normalization, "patch_size": list(cfg.patch_size),
             "median_shape": median_shape, "memory": est, "orientation": CANONICAL_ORIENTATION}
 
@@ -252,7 +252,7 @@ def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Op
         net = VNet(**cfg.network_config(num_classes)).to(device)
         semi = cfg.method != "supervised"
         n_student = cfg.labeled_batch + (cfg.unlabeled_batch if semi else 0)
-        if semi and cfg.copy_paste:
+        if semi and cfg.uses_copy_paste():
             n_student += min(cfg.labeled_batch, cfg.unlabeled_batch)
         x = torch.randn(n_student, 1, *cfg.patch_size, device=device)
         xt = x[: cfg.unlabeled_batch] if cfg.method != "supervised" else None

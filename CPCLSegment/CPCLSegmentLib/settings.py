@@ -88,8 +88,9 @@ class TrainConfig:
     # patch i and unlabeled patch i are mixed through a box of copy_paste_size of the patch (inward for even i: the
     # unlabeled box pasted into the labeled patch; outward for odd i); the student learns the ground truth where it
     # is known (term "paste", weight 1) and the teacher's pseudo-label elsewhere ("paste_pseudo", weight
-    # copy_paste_weight · r(t)).
-    copy_paste: bool = False
+    # copy_paste_weight · r(t)). None (the default): on for cpcl, where it won on the validation cases of both
+    # benchmarks (BENCHMARKS.md, issue 12), off for mean_teacher (the plain baseline); ``uses_copy_paste()``.
+    copy_paste: Optional[bool] = None
     copy_paste_weight: float = 0.5
     copy_paste_size: float = 2.0 / 3.0
     # network (reference: width 16, depth 4, batch norm, feature level 1, dropout 0.5)
@@ -207,6 +208,12 @@ class TrainConfig:
         """The ramp-up length T in iterations: ``rampup`` × iterations when ``rampup`` <= 1, else ``rampup``."""
         return self.rampup * self.iterations if self.rampup <= 1 else self.rampup
 
+    def uses_copy_paste(self) -> bool:
+        """Whether steps mix labeled and unlabeled patches: ``copy_paste`` if given, else on for cpcl only."""
+        if self.method == "supervised":
+            return False
+        return bool(self.copy_paste) if self.copy_paste is not None else self.method == "cpcl"
+
     def mt_weight(self) -> float:
         """The weight of the mean-teacher MSE term (0: the term is not computed)."""
         if self.consistency_weight is not None:
@@ -274,11 +281,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # pairs them) and no extra term; reference weights λ_max 0.1, β 10.
     "cpcl-paper": dict(method="cpcl", forward_prediction="teacher", per_sample_prototypes=True, consistency_weight=0.0,
                        lambda_max=0.1, beta=10.0, confidence_weighting=True, use_forward=True, use_backward=True,
-                       detach_features=False),
+                       detach_features=False, copy_paste=False),
     # Today's default CPCL recipe, spelled out (what ``method: cpcl`` with no other setting trains).
     "cpcl-default": dict(method="cpcl", forward_prediction="student", per_sample_prototypes=False,
-                         consistency_weight=CPCL_CONSISTENCY),
-    "mean-teacher": dict(method="mean_teacher"),
+                         consistency_weight=CPCL_CONSISTENCY, copy_paste=True),
+    "mean-teacher": dict(method="mean_teacher", copy_paste=False),
     "supervised": dict(method="supervised"),
 }
 

@@ -213,7 +213,7 @@ class Trainer:
             ub = self.unl_sampler.sample(it, self._indices(cfg.unlabeled_batch))
             inputs.unlabeled, inputs.teacher_view = self._tensor(ub.images), self._tensor(ub.teacher_images)
             pairs = min(cfg.labeled_batch, cfg.unlabeled_batch)
-            if cfg.copy_paste and pairs:
+            if cfg.uses_copy_paste() and pairs:
                 boxes = paste_masks(cfg.patch_size, cfg.copy_paste_size, cfg.seed, it, self._indices(pairs))
                 inputs.paste_mask = self._tensor(boxes, torch.bool)
         return inputs
