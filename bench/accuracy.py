@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -99,9 +99,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 LABELS = {
     "supervised": "supervised-only",
     "mean_teacher": "mean teacher",
-    "cpcl": "CPCL (default recipe)",
+    "cpcl": "CPCL without copy-paste (the default before issue 12)",
     "cpcl_claimed": "CPCL as claimed (teacher P_u, per-sample prototypes, no MT term)",
-    "cpcl_cp": "CPCL default + cross-image copy-paste",
+    "cpcl_cp": "CPCL + cross-image copy-paste (the default recipe)",
     "bcp": "bidirectional copy-paste only (BCP-style: EMA teacher pseudo-labels, no MSE term)",
     "cpcl_no_backward": "CPCL w/o backward (U2L)",
     "cpcl_no_forward": "CPCL w/o forward (L2U)",
@@ -459,7 +459,7 @@ def summarize(records: Sequence[Dict[str, Any]]) -> Dict[tuple, Dict[str, Any]]:
         if r["experiment"] != "main" or "test_last" not in r:
             continue
         b = "all" if r.get("all_labeled") else r["budget"]
-        groups.setdefault((r["variant"], b, r["config"]["iterations"]), []).append(r)
+        groups.setdefault((r["variant"], b, r["config"]["iterations"], _overrides(r)), []).append(r)
     out = {}
     for k, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
@@ -477,9 +477,27 @@ def summarize(records: Sequence[Dict[str, Any]]) -> Dict[tuple, Dict[str, Any]]:
                 "per_seed": [round(r[which]["mean_dice"], 4) for r in have],
             }
         agg["val_last"] = C.mean_std([r["validation_last"]["mean_dice"] for r in rs])
+        agg["val_per_seed"] = [round(r["validation_last"]["mean_dice"], 4) for r in rs]
         agg["minutes"] = float(np.mean([r["seconds"] for r in rs])) / 60
         out[k] = agg
     return out
+
+
+def _overrides(r: Dict[str, Any]) -> Tuple[Tuple[str, str], ...]:
+    """What a record's configuration sets beyond its variant's (``--set``), as sorted (key, JSON) pairs; the
+    iteration count and validation frequency are not counted (the tables show the first, the second only
+    draws the learning curve)."""
+    try:
+        base = json.loads(json.dumps(config_for(r["variant"], r["seed"], dataset=r.get("dataset") or "hippocampus"), default=str))
+    except KeyError:
+        return ()
+    skip = {"iterations", "validation_every", "seed"}
+    return tuple(sorted((k, json.dumps(v)) for k, v in r["config"].items() if k not in skip and k in base and base[k] != v
+                        or k not in skip and k not in base))
+
+
+def _label(v: str, extra: Tuple[Tuple[str, str], ...]) -> str:
+    return LABELS[v] + (" [" + ", ".join(f"{k}={json.loads(x)}" for k, x in extra) + "]" if extra else "")
 
 
 def tables(records: Sequence[Dict[str, Any]], source: str = "accuracy.jsonl") -> str:
@@ -496,27 +514,52 @@ def tables(records: Sequence[Dict[str, Any]], source: str = "accuracy.jsonl") ->
                   "|" + "---|" * (9 + 2 * len(classes))]
         for b in budgets:
             for v in order:
-                for (vv, bb, its), agg in sorted(summ.items(), key=lambda kv: kv[0][2]):
+                for (vv, bb, its, extra), agg in sorted(summ.items(), key=lambda kv: (kv[0][2], kv[0][3])):
                     if vv != v or bb != b or which not in agg:
                         continue
                     a = agg[which]
                     lab = f"all ({agg['budget_n']})" if b == "all" else str(b)
-                    sup = summ.get(("supervised", b, its), {}).get(which)
+                    sup = summ.get(("supervised", b, its, ()), {}).get(which)
                     delta = "–"
-                    if sup is not None and v != "supervised":
-                        ref = dict(zip(summ[("supervised", b, its)]["seeds"], sup["per_seed"]))
+                    if sup is not None and (v != "supervised" or extra):
+                        ref = dict(zip(summ[("supervised", b, its, ())]["seeds"], sup["per_seed"]))
                         pairs = [(s_, x) for s_, x in zip(agg["seeds"], a["per_seed"]) if s_ in ref]
                         if pairs:
                             delta = ", ".join(f"{(x - ref[s_]) * 100:+.1f}" for s_, x in pairs)
                     lines.append(
-                        f"| {lab} | {LABELS[v]} | {its} | {','.join(map(str, agg['seeds']))} | "
+                        f"| {lab} | {_label(v, extra)} | {its} | {','.join(map(str, agg['seeds']))} | "
                         + " | ".join(_fmt(*a["dice"][c], 100) for c in classes) + f" | **{_fmt(*a['mean_dice'], 100)}** | "
                         + " | ".join(_fmt(*a["hd95"][c], digits=2) for c in classes)
                         + f" | {', '.join(f'{x * 100:.1f}' for x in a['per_seed'])} | {delta} | {agg['minutes']:.0f} | "
                         f"{'; '.join(agg['machines'])} |")
         lines.append("")
+    lines += validation_table(summ, budgets, order)
     lines += tune_table(records)
     return "\n".join(lines) + "\n"
+
+
+def validation_table(summ: Dict[tuple, Dict[str, Any]], budgets: Sequence[Any], order: Sequence[str]) -> List[str]:
+    """The numbers that choose: validation mean Dice (last checkpoint) per seed and its difference to
+    supervised-only on the same seed (the test set never chooses anything)."""
+    lines = ["### VALIDATION set, LAST checkpoint: mean Dice (%) per seed, and Δ vs supervised-only on the same seed", "",
+             "| labeled | method | iterations | seeds | mean | per seed | Δ vs supervised, per seed | mean Δ |", "|---|---|---|---|---|---|---|---|"]
+    for b in budgets:
+        for v in order:
+            for (vv, bb, its, extra), agg in sorted(summ.items(), key=lambda kv: (kv[0][2], kv[0][3])):
+                if vv != v or bb != b:
+                    continue
+                per = agg["val_per_seed"]
+                sup = summ.get(("supervised", b, its, ()))
+                delta, mean_delta = "–", "–"
+                if sup is not None and (v != "supervised" or extra):
+                    ref = dict(zip(sup["seeds"], sup["val_per_seed"]))
+                    ds = [(x - ref[s_]) * 100 for s_, x in zip(agg["seeds"], per) if s_ in ref]
+                    if ds:
+                        delta, mean_delta = ", ".join(f"{d:+.1f}" for d in ds), f"{np.mean(ds):+.1f}"
+                lab = f"all ({agg['budget_n']})" if b == "all" else str(b)
+                lines.append(f"| {lab} | {_label(v, extra)} | {its} | {','.join(map(str, agg['seeds']))} | "
+                             f"{_fmt(*agg['val_last'], 100)} | {', '.join(f'{x * 100:.1f}' for x in per)} | {delta} | {mean_delta} |")
+    return lines + [""]
 
 
 def tune_table(records: Sequence[Dict[str, Any]]) -> List[str]:
@@ -555,13 +598,14 @@ def plot(records: Sequence[Dict[str, Any]], path: Path, title: str = "MSD hippoc
     if not summ:
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    upper = [(agg, b) for (v, b, _), agg in summ.items() if b == "all" and v == "supervised" and "test_last" in agg]
+    upper = [(agg, b) for (v, b, _, ex), agg in summ.items() if b == "all" and v == "supervised" and not ex and "test_last" in agg]
     ticks = set()
-    for v, marker in (("supervised", "o"), ("mean_teacher", "s"), ("cpcl_claimed", "v"), ("cpcl", "^"), ("monai_unet", "x")):
-        its_seen = sorted({its for (vv, b, its) in summ if vv == v and b != "all"})
+    for v, marker in (("supervised", "o"), ("mean_teacher", "s"), ("cpcl_claimed", "v"), ("cpcl", "^"), ("cpcl_cp", "D"),
+                      ("monai_unet", "x")):
+        its_seen = sorted({its for (vv, b, its, ex) in summ if vv == v and b != "all" and not ex})
         for its in its_seen:
-            pts = sorted((b, agg["test_last"]["mean_dice"]) for (vv, b, ii), agg in summ.items()
-                         if vv == v and ii == its and b != "all" and "test_last" in agg)
+            pts = sorted((b, agg["test_last"]["mean_dice"]) for (vv, b, ii, ex), agg in summ.items()
+                         if vv == v and ii == its and b != "all" and not ex and "test_last" in agg)
             if not pts:
                 continue
             xs = [p[0] for p in pts]
