@@ -327,7 +327,7 @@ def test_copy_paste_mixes_pairs_both_ways_and_splits_the_supervision():
     pseudo = torch.full((2, 4, 4, 4), 2)
     box = torch.zeros(2, 4, 4, 4, dtype=torch.bool)
     box[:, 1:3, 1:3, 1:3] = True
-    x = StepInputs(xl, yl, xu, paste_mask=box)
+    x = StepInputs(xl, yl, xu, paste_mask=torch.stack([box[0], ~box[1]]))  # as data.paste_masks gives pairs 0 and 1
     images, truth, guess = copy_paste_batch(x, pseudo)
     # pair 0 inward: the unlabeled box inside the labeled patch; pair 1 outward: the labeled box inside the unlabeled one
     assert torch.equal(images[0, 0] == 1, box[0]) and torch.equal(images[1, 0] == 0, box[1])
@@ -339,7 +339,9 @@ def test_copy_paste_mixes_pairs_both_ways_and_splits_the_supervision():
 def test_copy_paste_training_step_and_its_weights():
     trainer = tiny_trainer(copy_paste=True, copy_paste_weight=0.5)
     x = trainer.sample(3)
-    assert x.paste_mask.shape == (2, *PATCH) and x.paste_mask.float().mean() == pytest.approx((11 / 16) ** 3, abs=1e-6)
+    box = (11 / 16) ** 3  # pair 0: the unlabeled box inside; pair 1: the unlabeled patch outside the box
+    assert x.paste_mask.shape == (2, *PATCH) and x.paste_mask[0].float().mean() == pytest.approx(box, abs=1e-6)
+    assert x.paste_mask[1].float().mean() == pytest.approx(1 - box, abs=1e-6)
     assert torch.equal(trainer.sample(3).paste_mask, x.paste_mask)  # reproducible per iteration
     assert not torch.equal(trainer.sample(4).paste_mask, x.paste_mask)
     terms = trainer.loss_terms(trainer.model, trainer.teacher, x, trainer.cfg, None)

@@ -299,12 +299,16 @@ class PatchSampler:
 def paste_masks(patch: Sequence[int], fraction: float, seed: int, iteration: int, indices: Sequence[int]) -> np.ndarray:
     """Cross-image copy-paste boxes (bidirectional copy-paste, Bai et al. CVPR 2023): for each global pair index,
     a box of ``fraction`` of the patch along every axis at a uniformly random position, from the pair's own random
-    stream (reproducible, resumable, the same whatever the number of DDP ranks). Returns ``(P, D, H, W)`` bool,
-    True inside the box."""
+    stream (reproducible, resumable, the same whatever the number of DDP ranks). Returns ``(P, D, H, W)`` bool:
+    True where the mixed image takes the UNLABELED patch — inside the box for an even global pair index
+    ("inward": the unlabeled box pasted into the labeled patch), outside it for an odd one ("outward"). The
+    direction follows the global index, so a rank holding one pair mixes it as a single process would."""
     out = np.zeros((len(indices), *patch), dtype=bool)
     for n, gi in enumerate(indices):
         rng = sample_rng(seed, 4, iteration, gi)
         size = [max(1, int(round(p * fraction))) for p in patch]
         start = [int(rng.randint(0, p - s + 1)) for p, s in zip(patch, size)]
         out[n][tuple(slice(a, a + s) for a, s in zip(start, size))] = True
+        if gi % 2:
+            out[n] = ~out[n]
     return out

@@ -228,7 +228,7 @@ class StepInputs:
     unlabeled: Optional[torch.Tensor] = None
     teacher_view: Optional[torch.Tensor] = None
     class_known: Optional[torch.Tensor] = None
-    paste_mask: Optional[torch.Tensor] = None  # (P, D, H, W) bool copy-paste boxes (``cfg.copy_paste``), else None
+    paste_mask: Optional[torch.Tensor] = None  # (P, D, H, W) bool, True: from the unlabeled patch (``copy_paste``), else None
 
     @property
     def teacher_input(self) -> torch.Tensor:
@@ -236,17 +236,15 @@ class StepInputs:
 
 
 def copy_paste_batch(x: StepInputs, pseudo: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bidirectional copy-paste (Bai et al., CVPR 2023) of pairs (labeled i, unlabeled i) through ``x.paste_mask``.
-
-    Pair i even ("inward"): the unlabeled patch inside the box, the labeled one outside; odd ("outward"): the
-    labeled patch inside, the unlabeled one outside. Returns the mixed images ``(P, 1, D, H, W)``, their ground-truth
-    labels (``IGNORE_INDEX`` where the voxel came from the unlabeled patch) and pseudo-labels (the teacher's argmax
-    ``pseudo`` ``(B_u, D, H, W)``, ``IGNORE_INDEX`` where the voxel came from the labeled patch).
+    """Bidirectional copy-paste (Bai et al., CVPR 2023) of pairs (labeled i, unlabeled i) through ``x.paste_mask``
+    ``(P, D, H, W)``, True where the mixed image takes the unlabeled patch (``data.paste_masks``: the box for an even
+    global pair index, "inward"; its complement for an odd one, "outward"). Returns the mixed images
+    ``(P, 1, D, H, W)``, their ground-truth labels (``IGNORE_INDEX`` where the voxel came from the unlabeled patch)
+    and pseudo-labels (the teacher's argmax ``pseudo`` ``(B_u, D, H, W)``, ``IGNORE_INDEX`` where the voxel came
+    from the labeled patch).
     """
-    m = x.paste_mask
-    p = m.shape[0]
-    inward = (torch.arange(p, device=m.device) % 2 == 0).view(p, 1, 1, 1)
-    from_unlabeled = torch.where(inward, m, ~m)
+    from_unlabeled = x.paste_mask
+    p = from_unlabeled.shape[0]
     images = torch.where(from_unlabeled.unsqueeze(1), x.unlabeled[:p], x.labeled[:p])
     truth = x.labels[:p].masked_fill(from_unlabeled, IGNORE_INDEX)
     guess = pseudo[:p].masked_fill(~from_unlabeled, IGNORE_INDEX)
