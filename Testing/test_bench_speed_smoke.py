@@ -34,7 +34,8 @@ def test_step_time_smoke(tmp_path):
     res, table = run_script("step_time.py", tmp_path, "--variants", "all", "--profile")
     cfg = res["configs"]["smoke"]
     variants = cfg["variants"]
-    expected = {"supervised", "mean_teacher", "cpcl", "cpcl_mt", "ref_teacher_passes", "ref_cpcl", "ref_cpcl_ops", "fullres_grad"}
+    expected = {"supervised", "mean_teacher", "cpcl", "cpcl_mt", "cpcl_paper", "cpcl_label_maps", "cpcl_cp", "mean_teacher_cp",
+                "ref_teacher_passes", "ref_cpcl", "ref_cpcl_ops", "fullres_grad"}
     assert set(variants) == expected
     for name, v in variants.items():
         assert len(v["wall_s"]) == len(v["cpu_s"]) == cfg["rounds"] == 2
