@@ -354,3 +354,19 @@ def test_copy_paste_training_step_and_its_weights():
     assert math.isfinite(values["paste"]) and math.isfinite(values["paste_pseudo"])
     mt = tiny_trainer(method="mean_teacher", copy_paste=True, consistency_weight=0.0)  # BCP: no MSE term
     assert set(mt.loss_terms(mt.model, mt.teacher, mt.sample(0), mt.cfg, None)) == {"supervised", "paste", "paste_pseudo"}
+
+
+def test_the_prototype_module_s_own_default_temperature_is_the_method_s():
+    """``prototype_logits`` / ``prototype_probabilities`` called without a scale (the uncertainty scores do) use
+    s = 20, the method's temperature, like ``TrainConfig.scale``."""
+    from CPCLSegmentLib.prototypes import prototype_logits, prototype_probabilities
+
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(2, 5, 3, 4, 4, generator=g)
+    p = torch.randn(3, 5, generator=g)
+    valid = torch.tensor([True, True, False])
+    literal = torch.stack([20.0 * F.cosine_similarity(f, p[k][None, :, None, None, None], dim=1) for k in range(3)], 1)
+    out = prototype_logits(f, p, valid)
+    assert torch.allclose(out[:, :2], literal[:, :2], atol=1e-4) and (out[:, 2] < -1e3).all()
+    assert torch.allclose(prototype_probabilities(f, p, valid)[:, :2], torch.softmax(literal[:, :2], 1), atol=1e-5)
+    assert TrainConfig().scale == 20.0
