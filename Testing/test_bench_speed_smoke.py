@@ -47,7 +47,8 @@ def test_step_time_smoke(tmp_path):
     prof = cfg["profile"]
     for name in ("mean_teacher", "cpcl", "ref_cpcl", "ref_cpcl_ops"):
         st = prof[name]["stages"]
-        assert st["student_forward_s"] > 0 and st["teacher_forward_s"] > 0 and st["backward_s"] > 0, name
+        # Trainer.step is timed whole: the forward passes are tagged, the rest (losses, backward, EMA) is "rest_s"
+        assert st["student_forward_s"] > 0 and st["teacher_forward_s"] > 0 and st["rest_s"] > 0 and st["optimizer_s"] > 0, name
         parts = sum(v for k, v in st.items() if k != "step_s")
         assert parts <= st["step_s"] * 1.05, (name, st)  # the stages are disjoint parts of the step
     assert prof["cpcl_minus_mean_teacher_ops_s"]
