@@ -74,6 +74,19 @@ def trained(tmp_path_factory, ct_path, seg_path):
     return str(out), events, result
 
 
+def user_folder(folder: Path, ct_path: str, seg_path: str) -> Path:
+    """A user's folder of inputs: the chest CT as ``ct.nii.gz`` and ``ct.nrrd`` and its ``ct.seg.nrrd``."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.ReadImage(ct_path), str(folder / "ct.nii.gz"))
+    shutil.copy(ct_path, folder / "ct.nrrd")
+    shutil.copy(seg_path, folder / "ct.seg.nrrd")
+    return folder
+
+
 def sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

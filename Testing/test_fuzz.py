@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from CPCLSegmentLib import cli, pipeline
 from CPCLSegmentLib import io as cio
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest
 
-from conftest import COARSE_SPACING, LUNGS, sha256, small_config
+from conftest import COARSE_SPACING, LUNGS, sha256, small_config, user_folder
 
 RUNS = 70
 # Random values per setting: valid small ones (so a run that passes the checks trains in seconds) and invalid ones
@@ -63,15 +62,10 @@ VALUES = {
 @pytest.fixture()
 def world(tmp_path, ct_path, seg_path):
     """A user's folder of inputs (valid, broken, and a small model) and an empty output folder."""
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    image = sitk.ReadImage(ct_path)
-    sitk.WriteImage(image, str(inputs / "ct.nii.gz"))
-    shutil.copy(ct_path, inputs / "ct.nrrd")
-    shutil.copy(seg_path, inputs / "ct.seg.nrrd")
+    inputs = user_folder(tmp_path / "inputs", ct_path, seg_path)
     labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, cio.read_image(ct_path), ct_path)
     lm = sitk.GetImageFromArray(labels.astype(np.uint8))
-    lm.CopyInformation(image)
+    lm.CopyInformation(sitk.ReadImage(ct_path))
     sitk.WriteImage(lm, str(inputs / "lungs.nii.gz"))
     data = (inputs / "ct.nii.gz").read_bytes()
     (inputs / "truncated.nii.gz").write_bytes(data[: len(data) // 2])

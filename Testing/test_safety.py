@@ -25,7 +25,7 @@ from CPCLSegmentLib.modelfile import checkpoint_path, load_model
 from CPCLSegmentLib.prediction import compatibility_warnings
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest, inspect_cases, resolve_classes
 
-from conftest import COARSE_SPACING, LUNGS, sha256, small_config
+from conftest import COARSE_SPACING, LUNGS, sha256, small_config, user_folder
 
 SPACING = [str(v) for v in COARSE_SPACING]
 TINY = ["--iterations", "2", "--patch-size", "32", "32", "16", "--width", "4", "--spacing", *SPACING, "--device", "cpu"]
@@ -34,12 +34,7 @@ TINY = ["--iterations", "2", "--patch-size", "32", "32", "16", "--width", "4", "
 @pytest.fixture()
 def data(tmp_path, ct_path, seg_path):
     """A user's folder: the CT as .nii.gz and .nrrd, its segmentation, hashed before the test."""
-    folder = tmp_path / "data"
-    folder.mkdir()
-    image = sitk.ReadImage(ct_path)
-    sitk.WriteImage(image, str(folder / "ct.nii.gz"))
-    shutil.copy(ct_path, folder / "ct.nrrd")
-    shutil.copy(seg_path, folder / "ct.seg.nrrd")
+    folder = user_folder(tmp_path / "data", ct_path, seg_path)
     files = {p: sha256(p) for p in folder.iterdir()}
     yield folder
     for p, h in files.items():

@@ -970,6 +970,15 @@ class LogicCore:
         os.makedirs(self.work_root, exist_ok=True)
         return tempfile.mkdtemp(prefix=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=self.work_root)
 
+    def _export_volumes(self, kind: str, volumes: Sequence[Any]) -> Tuple[str, List[str]]:
+        """A new run folder with ``volumes`` exported into it (``volume-000.nrrd``, ...); nothing left on failure."""
+        run_dir = self.new_run_dir(kind)
+        try:
+            return run_dir, [export_volume(v, os.path.join(run_dir, f"volume-{n:03d}.nrrd")) for n, v in enumerate(volumes)]
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+
     def _job(self, args: Sequence[Any], name: str, device: str = "auto", **kwargs: Any) -> jobs.Job:
         extra = {"CUDA_VISIBLE_DEVICES": "-1"} if device == "cpu" else None
         return jobs.Job(args, python=self.python, env=self.env, extra_env=extra, name=name, **kwargs)
@@ -1129,12 +1138,7 @@ class LogicCore:
         self.ensure_dependencies()
         path = self.model_file(model)
         nested = model_nested(model)
-        run_dir = self.new_run_dir("segment")
-        try:
-            files = [export_volume(v, os.path.join(run_dir, f"volume-{n:03d}.nrrd")) for n, v in enumerate(volumes)]
-        except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+        run_dir, files = self._export_volumes("segment", volumes)
         out_dir = os.path.join(run_dir, "out")
         os.makedirs(out_dir, exist_ok=True)
         args = ["predict", "--model", path, "--image", *files, "--out", out_dir + os.sep, "--format", ".seg.nrrd",
@@ -1171,12 +1175,7 @@ class LogicCore:
             raise InputError("select at least one unlabeled volume to rank")
         self.ensure_dependencies()
         path = self.model_file(model)
-        run_dir = self.new_run_dir("rank")
-        try:
-            files = [export_volume(v, os.path.join(run_dir, f"volume-{n:03d}.nrrd")) for n, v in enumerate(volumes)]
-        except BaseException:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+        run_dir, files = self._export_volumes("rank", volumes)
         unc_dir = os.path.join(run_dir, "uncertainty")
         args = ["rank", "--model", path, "--images", *files, "--out", os.path.join(run_dir, "ranking.csv"),
                 "--score", score, "--uncertainty-dir", unc_dir, "--device", self._device_arg(device)]
