@@ -55,6 +55,14 @@ def count_params(width: int, depth: int, num_classes: int, in_channels: int = 1)
     return count_parameters(net)
 
 
+def student_patches(labeled_batch: int, unlabeled_batch: int, method: str, copy_paste: bool = False) -> int:
+    """Patches the student runs per step: the labeled batch, the unlabeled one (semi-supervised methods) and,
+    with copy-paste, one mixed patch per labeled/unlabeled pair (``Trainer.sample``)."""
+    if method == "supervised":
+        return labeled_batch
+    return labeled_batch + unlabeled_batch + (min(labeled_batch, unlabeled_batch) if copy_paste else 0)
+
+
 def estimate_memory(
     patch: Sequence[int],
     labeled_batch: int,
@@ -74,9 +82,7 @@ def estimate_memory(
     cfg = dict(width=width, depth=depth, num_classes=num_classes)
     per_voxel = activation_voxels_per_input_voxel(cfg)
     act_bytes = 2.0 if amp else 4.0
-    student_batch = labeled_batch + (unlabeled_batch if method != "supervised" else 0)
-    if copy_paste and method != "supervised":
-        student_batch += min(labeled_batch, unlabeled_batch)
+    student_batch = student_patches(labeled_batch, unlabeled_batch, method, copy_paste)
     activations = per_voxel * voxels * student_batch * act_bytes
     teacher = (per_voxel / 3.0) * voxels * unlabeled_batch * act_bytes * 0.5 if method != "supervised" else 0.0
     losses = 6 * num_classes * voxels * (labeled_batch + unlabeled_batch) * 4.0
@@ -250,10 +256,7 @@ def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Op
     cannot run."""
     try:
         net = VNet(**cfg.network_config(num_classes)).to(device)
-        semi = cfg.method != "supervised"
-        n_student = cfg.labeled_batch + (cfg.unlabeled_batch if semi else 0)
-        if semi and cfg.uses_copy_paste():
-            n_student += min(cfg.labeled_batch, cfg.unlabeled_batch)
+        n_student = student_patches(cfg.labeled_batch, cfg.unlabeled_batch, cfg.method, cfg.uses_copy_paste())
         x = torch.randn(n_student, 1, *cfg.patch_size, device=device)
         xt = x[: cfg.unlabeled_batch] if cfg.method != "supervised" else None
         times = []
