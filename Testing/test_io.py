@@ -249,11 +249,11 @@ def test_random_array_shapes_through_the_label_builder(ct_path):
 
 
 def test_class_argmax_is_argmax_with_ties_to_the_lower_class():
-    """``prediction.class_argmax`` (the predict path's fast argmax) equals ``argmax`` over classes, ties included."""
+    """``inference.class_argmax`` (the predict path's and validation's fast argmax) equals ``argmax`` over classes, ties included."""
     import numpy as np
     import torch
 
-    from CPCLSegmentLib.prediction import class_argmax
+    from CPCLSegmentLib.inference import class_argmax
 
     g = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(4, 6, 7, 8, generator=g), dim=0)

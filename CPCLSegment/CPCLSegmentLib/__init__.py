@@ -36,7 +36,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``data``: preprocessed cases, patch sampling and augmentation (``Case``, ``make_case``, ``PatchSampler``,
   ``Augmenter``). imports: errors, prototypes.
 - ``inference``: sliding-window probabilities of a network on an array (``predict_probabilities``,
-  ``predict_labels``). imports: devices, network.
+  ``predict_labels``, ``class_argmax``). imports: devices, network.
 - ``metrics``: Dice, HD95, mean Dice per class over cases (``dice_per_class``, ``mean_dice``,
   ``mean_dice_over_cases``). imports: inference.
 - ``distributed``: torchrun / DDP (``DistributedContext``). imports: errors.

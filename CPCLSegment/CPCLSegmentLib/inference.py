@@ -63,9 +63,22 @@ def predict_probabilities(
     return probs[0].float()
 
 
+def class_argmax(probs: torch.Tensor) -> np.ndarray:
+    """``argmax`` over the class axis of ``(K, D, H, W)`` probabilities as uint8 (ties: the lower class, as
+    ``argmax``), by a running maximum over classes: K contiguous passes instead of a strided reduction
+    (3x faster than ``numpy.argmax(0)`` on a 256x256x128 volume; BENCHMARKS.md, predict path)."""
+    best = probs[0].clone()
+    labels = torch.zeros(probs.shape[1:], dtype=torch.uint8)
+    for k in range(1, probs.shape[0]):
+        better = probs[k] > best
+        labels.masked_fill_(better, k)
+        torch.maximum(best, probs[k], out=best)
+    return labels.numpy()
+
+
 def predict_labels(
     net: VNet, image: np.ndarray, patch_size: Sequence[int], device: Optional[torch.device] = None, **kwargs
 ) -> Tuple[np.ndarray, torch.Tensor]:
     """``(labels (D, H, W) uint8 class indices, probabilities (K, D, H, W))``."""
     probs = predict_probabilities(net, image, patch_size, device, **kwargs)
-    return probs.argmax(0).numpy().astype(np.uint8), probs
+    return class_argmax(probs), probs
