@@ -60,11 +60,12 @@ def test_sparse_labels_smoke_marks_unknown_voxels(tmp_path):
     results = tmp_path / "sparse.jsonl"
     _run("sparse_labels.py", "--results", results)
     recs = _records(results)
-    assert sorted((r["variant"], r["every"]) for r in recs) == [("cpcl", 1), ("cpcl", 5), ("supervised", 1), ("supervised", 5)]
+    assert sorted((r["variant"], r["every"]) for r in recs) == [("cpcl_cp", 1), ("cpcl_cp", 5), ("supervised", 1), ("supervised", 5)]
     by = {(r["variant"], r["every"]): r for r in recs}
     assert by[("supervised", 5)]["foreground_fraction_kept"] < 0.5 < by[("supervised", 1)]["foreground_fraction_kept"]
     # the sparsely labeled images join the unlabeled stream (as pipeline.train does)
-    assert by[("cpcl", 5)]["unlabeled"] == by[("cpcl", 1)]["unlabeled"] + 2
+    assert by[("cpcl_cp", 5)]["unlabeled"] == by[("cpcl_cp", 1)]["unlabeled"] + 2
+    assert by[("cpcl_cp", 5)]["config"]["copy_paste"] is True  # the default recipe, on sparse labels too
     assert "every N-th axial slice" in (tmp_path / "sparse_tables.md").read_text()
 
 

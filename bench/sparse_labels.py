@@ -4,7 +4,8 @@ For each labeled subject only every N-th axial slice (N = 1, 3, 5, 10) keeps its
 becomes unknown (``IGNORE_INDEX`` = -1, what ``--annotated-slices axial`` produces). The kept slices start
 ``N // 2`` slices into the labeled extent, like a clinician painting every N-th slice through the structure.
 As in ``pipeline.train``, the images of sparsely labeled subjects also join the unlabeled stream. Methods:
-supervised-only vs CPCL with the benchmark's recipe (``accuracy.BASE`` / ``accuracy.CPCL``). Scores are
+supervised-only vs the default recipe (CPCL + cross-image copy-paste, ``accuracy.VARIANTS["cpcl_cp"]``; CPCL
+alone as ``--methods cpcl``), each with the benchmark's recipe (``accuracy.BASE`` / ``accuracy.CPCL``). Scores are
 Dice / HD95 per class on the 50 fully labeled ``test`` subjects (last checkpoint, teacher weights).
 
     python bench/sparse_labels.py                 # 8 labeled subjects, seed 0, N = 1 3 5 10, both methods
@@ -31,7 +32,8 @@ import accuracy as A  # noqa: E402
 import common as C  # noqa: E402
 
 EVERY = [1, 3, 5, 10]
-METHODS = ["supervised", "cpcl"]
+METHODS = ["supervised", "cpcl_cp"]
+CHOICES = ["supervised", "mean_teacher", "cpcl", "cpcl_cp"]
 AXIS = 0  # numpy axis 0 of the LPS model grid = the S axis: axial slices
 
 
@@ -71,7 +73,7 @@ def table(records: Sequence[Dict[str, Any]]) -> str:
              "Dice posterior (%) | mean Dice (%) | Δ vs N=1, same method | HD95 anterior (mm) | HD95 posterior (mm) | machine |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     full = {(k[0], k[2], k[3]): C.mean_std([r["test_last"]["mean_dice"] for r in rs]) for k, rs in groups.items() if k[1] == 1}
-    for (m, n, b, its), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][3], A.MAIN.index(kv[0][0]) if kv[0][0] in A.MAIN else 9, kv[0][1])):
+    for (m, n, b, its), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][3], A.ORDER.index(kv[0][0]) if kv[0][0] in A.ORDER else 9, kv[0][1])):
         rs = sorted(rs, key=lambda r: r["seed"])
         md = C.mean_std([r["test_last"]["mean_dice"] for r in rs])
         ref = full.get((m, b, its))
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=8, help="labeled subjects (default 8)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--every", type=int, nargs="+", default=EVERY)
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=A.MAIN)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=CHOICES)
     p.add_argument("--iterations", type=int)
     p.add_argument("--shard")
     p.add_argument("--device", default="cpu")
