@@ -79,7 +79,7 @@ from .preparation import (
     resolve_classes,
     run_fingerprint,
 )
-from .settings import NETWORK_KEYS
+from .settings import NETWORK_KEYS, SHORT_COPY_PASTE_RUN
 from .trainer import TrainConfig, Trainer, TrainResult, resolve_device
 from .writers import no_space_message
 
@@ -250,6 +250,10 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     elif cfg.method != "supervised" and request.validation and not request.compare_supervised:
         say({"event": "info", "message": "the unlabeled cases do not improve every model (BENCHMARKS.md): add --compare-supervised "
              "to also train supervised-only and keep whichever scores better on the validation cases"})
+    if run.unlabeled_paths and cfg.uses_copy_paste() and cfg.iterations < SHORT_COPY_PASTE_RUN and not request.compare_supervised:
+        say({"event": "warning", "message": f"{cfg.iterations} iterations is short for semi-supervised training with copy-paste: "
+             f"below {SHORT_COPY_PASTE_RUN} it scored under supervised-only on the benchmark (BENCHMARKS.md, short runs); "
+             "train longer, or compare on held-out cases (--validation CASES --compare-supervised)"})
     return run
 
 

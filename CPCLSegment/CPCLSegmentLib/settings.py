@@ -35,6 +35,9 @@ UNCERTAINTY_SCORES = ("entropy", "student_teacher", "label_disagreement", "proto
 
 COSINE_SCALE = 20.0  # s in softmax_k(s · cos(F(x), p^k)) (the method's value)
 CPCL_CONSISTENCY = 1.0  # the mean-teacher term's weight inside the default CPCL recipe (BENCHMARKS.md, tuning round 2)
+# Copy-paste runs shorter than this were measured below supervised-only (hippocampus, 4 labeled, 300 iterations: one
+# seed of three had not yet learned a class; from 500 on every seed scored above it): BENCHMARKS.md, "Short runs".
+SHORT_COPY_PASTE_RUN = 500
 
 
 def _flag(flag: str, help: str, **extra: Any) -> Dict[str, Any]:
