@@ -33,7 +33,7 @@ import common as C  # noqa: E402
 
 EVERY = [1, 3, 5, 10]
 METHODS = ["supervised", "cpcl_cp"]
-CHOICES = ["supervised", "mean_teacher", "cpcl", "cpcl_cp"]
+CHOICES = A.MAIN + ["cpcl_cp"]
 AXIS = 0  # numpy axis 0 of the LPS model grid = the S axis: axial slices
 
 
@@ -86,7 +86,26 @@ def table(records: Sequence[Dict[str, Any]]) -> str:
         lines.append(f"| {b} | {n} | {kept * 100:.0f}% | {A.LABELS[m]} | {its} | {','.join(str(r['seed']) for r in rs)} | "
                      f"{A._fmt(*da, 100)} | {A._fmt(*dp, 100)} | **{A._fmt(*md, 100)}** | {delta} | {A._fmt(*ha, digits=2)} | "
                      f"{A._fmt(*hp, digits=2)} | {'; '.join(sorted({r['machine'] for r in rs}))} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + paired_table(groups)) + "\n"
+
+
+def paired_table(groups: Dict[tuple, List[Dict[str, Any]]]) -> List[str]:
+    """Each method against supervised-only with the same labels, budget, iterations and seed: Δ mean Dice (points)
+    per seed and its mean, on the validation cases (what decides) and on test."""
+    lines = ["Against supervised-only, same seed and labels: Δ mean Dice (points) per seed (mean)", "",
+             "| labeled subjects | iterations | every N-th axial slice | method | seeds | validation Δ | test Δ |",
+             "|---|---|---|---|---|---|---|"]
+    for (m, n, b, its), rs in sorted(groups.items(), key=lambda kv: (kv[0][2], -kv[0][3], kv[0][0], kv[0][1])):
+        sup = {r["seed"]: r for r in groups.get(("supervised", n, b, its), [])}
+        pairs = sorted(((r, sup[r["seed"]]) for r in rs if r["seed"] in sup), key=lambda p: p[0]["seed"])
+        if m == "supervised" or not pairs:
+            continue
+        cells = []
+        for part in ("validation_last", "test_last"):
+            d = [(r[part]["mean_dice"] - s[part]["mean_dice"]) * 100 for r, s in pairs]
+            cells.append(", ".join(f"{x:+.1f}" for x in d) + f" ({np.mean(d):+.1f})")
+        lines.append(f"| {b} | {its} | {n} | {A.LABELS[m]} | {','.join(str(r['seed']) for r, _ in pairs)} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def main(argv=None) -> int:
