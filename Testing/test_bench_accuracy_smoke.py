@@ -108,3 +108,23 @@ def test_benchmark_scores_what_the_user_gets(tmp_path):
     np.testing.assert_array_equal(user, bench)
     # labels read by the benchmark are the pipeline's (label map values 1, 2 on the image grid)
     assert set(np.unique(subject.label)) <= {0, 1, 2} and (subject.label == 2).any()
+
+
+def test_learning_curves_keep_one_run_length_per_budget():
+    """The curve plot draws, per budget, only grid runs of that budget's most common length and without --set
+    overrides: a 300-iteration run in a 600-iteration panel would share its method's colour and mislead."""
+    sys.path.insert(0, str(BENCH))
+    import accuracy as A
+
+    def rec(variant, budget, seed, iterations, **extra):
+        cfg = json.loads(json.dumps({**A.config_for(variant, seed), "iterations": iterations, **extra}, default=str))
+        return {"experiment": "main", "variant": variant, "budget": budget, "seed": seed, "config": cfg,
+                "validation_curve": [[i, 0.5] for i in range(60, iterations + 1, 60)]}
+
+    records = [rec("supervised", 4, s, 600) for s in range(3)] + [rec("cpcl_cp", 4, s, 600) for s in range(3)]
+    records += [rec("cpcl_cp", 4, 2, 300), rec("cpcl_cp", 4, 0, 600, rampup=240.0), rec("supervised", 8, 0, 500),
+                {**rec("supervised", 1, 0, 600), "experiment": "tune"}]
+    runs, lengths = A.curve_runs(records)
+    assert lengths == {4: 600, 8: 500}
+    assert sorted((r["variant"], r["budget"], r["seed"]) for r in runs) == sorted(
+        [("supervised", 4, s) for s in range(3)] + [("cpcl_cp", 4, s) for s in range(3)] + [("supervised", 8, 0)])

@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -630,10 +631,21 @@ def plot(records: Sequence[Dict[str, Any]], path: Path, title: str = "MSD hippoc
     plt.close(fig)
 
 
+def curve_runs(records: Sequence[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Dict[Any, int]]:
+    """The runs the learning-curve plot draws and each budget's run length: grid runs (no ``--set`` overrides)
+    that validated at least 5 times, of their budget's most common length only (curves of other lengths or
+    settings would share a colour and mislead; the tables keep them apart)."""
+    runs = [r for r in records if r.get("experiment") == "main" and len(r.get("validation_curve") or []) >= 5
+            and not _overrides(r)]
+    lengths = {b: Counter(r["config"]["iterations"] for r in runs if r["budget"] == b).most_common(1)[0][0]
+               for b in {r["budget"] for r in runs}}
+    return [r for r in runs if r["config"]["iterations"] == lengths[r["budget"]]], lengths
+
+
 def plot_curves(records: Sequence[Dict[str, Any]], path: Path, title: str) -> bool:
-    """Validation mean Dice against iteration (the trainer's own validation events, model grid), one line per
-    run that validated at least 5 times; colour = method, line style = seed. Returns whether it drew."""
-    runs = [r for r in records if r.get("experiment") == "main" and len(r.get("validation_curve") or []) >= 5]
+    """Validation mean Dice against iteration (the trainer's own validation events, model grid), one panel per
+    budget (``curve_runs``), one line per run; colour = method, line style = seed. Returns whether it drew."""
+    runs, lengths = curve_runs(records)
     if not runs:
         return False
     import matplotlib
@@ -656,7 +668,7 @@ def plot_curves(records: Sequence[Dict[str, Any]], path: Path, title: str) -> bo
             ax.plot(xs, [y * 100 for y in ys], color=colours[r["variant"]], ls=styles[r["seed"] % 4], label=label)
         ax.set_xlabel("iteration")
         ax.set_ylabel("validation mean Dice (%)")
-        ax.set_title(f"{title}: {b} labeled (line style = seed)", fontsize=10)
+        ax.set_title(f"{title}: {b} labeled, {lengths[b]} iterations (line style = seed)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
