@@ -668,7 +668,7 @@ def plot_curves(records: Sequence[Dict[str, Any]], path: Path, title: str) -> bo
             ax.plot(xs, [y * 100 for y in ys], color=colours[r["variant"]], ls=styles[r["seed"] % 4], label=label)
         ax.set_xlabel("iteration")
         ax.set_ylabel("validation mean Dice (%)")
-        ax.set_title(f"{title}: {b} labeled, {lengths[b]} iterations (line style = seed)", fontsize=10)
+        ax.set_title(f"{title}:\n{b} labeled, {lengths[b]} iterations (line style = seed)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
