@@ -653,7 +653,7 @@ def plot_curves(records: Sequence[Dict[str, Any]], path: Path, title: str) -> bo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = sorted({r["budget"] for r in runs})
+    budgets = sorted(lengths)  # the budgets curve_runs kept
     fig, axes = plt.subplots(1, len(budgets), figsize=(6.4 * len(budgets), 4.2), squeeze=False)
     colours = {v: f"C{i}" for i, v in enumerate(ORDER + [v for v in VARIANTS if v not in ORDER])}
     styles = ["-", "--", ":", "-."]
