@@ -475,10 +475,10 @@ def summarize(records: Sequence[Dict[str, Any]]) -> Dict[tuple, Dict[str, Any]]:
                 "dice": {c: C.mean_std([r[which]["dice"][c] for r in have]) for c in have[0][which]["dice"]},
                 "hd95": {c: C.mean_std([r[which]["hd95"][c] for r in have]) for c in have[0][which]["hd95"]},
                 "mean_hd95": C.mean_std([r[which]["mean_hd95"] for r in have]),
-                "per_seed": [round(r[which]["mean_dice"], 4) for r in have],
+                "per_seed": [r[which]["mean_dice"] for r in have],
             }
         agg["val_last"] = C.mean_std([r["validation_last"]["mean_dice"] for r in rs])
-        agg["val_per_seed"] = [round(r["validation_last"]["mean_dice"], 4) for r in rs]
+        agg["val_per_seed"] = [r["validation_last"]["mean_dice"] for r in rs]
         agg["minutes"] = float(np.mean([r["seconds"] for r in rs])) / 60
         out[k] = agg
     return out
