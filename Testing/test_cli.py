@@ -248,6 +248,25 @@ def test_case_list_dataset_folder_and_info(tmp_path, ct_path, seg_path):
     assert info.returncode == 0 and "right lung" in info.stdout and "cpcl" in info.stdout
 
 
+def test_short_run_warning_names_the_threshold_and_how_long_to_train():
+    from CPCLSegmentLib.pipeline import short_run_warning
+    from CPCLSegmentLib.settings import SHORT_COPY_PASTE_RUN, TrainConfig
+
+    # the defaults never warn about themselves: the CLI's iteration count is the length measured safe
+    assert TrainConfig().iterations >= SHORT_COPY_PASTE_RUN and short_run_warning(TrainConfig(), True, False) is None
+    short = SHORT_COPY_PASTE_RUN // 4
+    msg = short_run_warning(TrainConfig(iterations=short), True, False)
+    assert msg.startswith(f"{short} iterations is short") and f"--iterations {SHORT_COPY_PASTE_RUN} or more" in msg
+    assert "--compare-supervised" in msg and "Hold out the last case" in msg
+    # planned from minutes (the panel, --minutes): how many minutes reach the threshold at the planned pace
+    assert "train for about 40 minutes or more" in short_run_warning(TrainConfig(iterations=short, minutes=10.0), True, False)
+    # no warning without unlabeled cases, without copy-paste, or when supervised-only is trained alongside anyway
+    assert short_run_warning(TrainConfig(iterations=short), False, False) is None
+    assert short_run_warning(TrainConfig(iterations=short, copy_paste=False), True, False) is None
+    assert short_run_warning(TrainConfig(iterations=short, method="mean_teacher"), True, False) is None
+    assert short_run_warning(TrainConfig(iterations=short), True, True) is None
+
+
 def _labelmap(tmp_path, ct_path, seg_path, values=(3, 7)):
     image = cio.read_image(ct_path)
     labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)

@@ -33,7 +33,7 @@ PATCH = (16, 16, 16)
 DEFAULT_RECIPE = dict(method="cpcl", lambda_max=0.1, beta=10.0, rampup=0.4, consistency_weight=None, ema_decay=0.99, scale=20.0,
                       per_sample_prototypes=False, forward_prediction="student", confidence_weighting=True,
                       detach_features=False, use_forward=True, use_backward=True, map_resolution="feature",
-                      optimizer="adamw", lr=3e-3, iterations=500, labeled_batch=2, unlabeled_batch=2, width=16, depth=4,
+                      optimizer="adamw", lr=3e-3, iterations=1500, labeled_batch=2, unlabeled_batch=2, width=16, depth=4,
                       norm="instance", feature_level=1, intensity_prob=0.5, strong_unlabeled=True, teacher_noise=0.0,
                       flip=False, rot90=False, copy_paste=None, copy_paste_weight=0.5, copy_paste_size=2.0 / 3.0)
 
@@ -41,7 +41,7 @@ DEFAULT_RECIPE = dict(method="cpcl", lambda_max=0.1, beta=10.0, rampup=0.4, cons
 def test_the_default_recipe_is_pinned():
     cfg = TrainConfig()
     assert {k: getattr(cfg, k) for k in DEFAULT_RECIPE} == DEFAULT_RECIPE
-    assert cfg.mt_weight() == 1.0 and cfg.rampup_iterations() == 200
+    assert cfg.mt_weight() == 1.0 and cfg.rampup_iterations() == 600
     # copy-paste: on for cpcl by default, off for the mean-teacher baseline and supervised-only, as asked otherwise
     assert cfg.uses_copy_paste() and not TrainConfig(method="mean_teacher").uses_copy_paste()
     assert not TrainConfig(method="supervised", copy_paste=True).uses_copy_paste()

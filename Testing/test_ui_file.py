@@ -175,3 +175,10 @@ def test_ui_file_loads_in_a_real_qt_binding(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert width == 440 and height > 800
+
+
+def test_iterations_tooltip_names_the_short_run_threshold():
+    from CPCLSegmentLib.settings import SHORT_COPY_PASTE_RUN
+
+    tips = [w.findtext("./property[@name='toolTip']/string") for w in ET.parse(UI).iter("widget") if w.get("name") == "iterationsSpinBox"]
+    assert tips and f"shorter than {SHORT_COPY_PASTE_RUN} scored below supervised-only" in tips[0]

@@ -83,7 +83,7 @@ from .settings import NETWORK_KEYS, SHORT_COPY_PASTE_RUN
 from .trainer import TrainConfig, Trainer, TrainResult, resolve_device
 from .writers import no_space_message
 
-__all__ = ["LabeledInput", "TrainRequest", "train", "compare_supervised"]
+__all__ = ["LabeledInput", "TrainRequest", "train", "compare_supervised", "short_run_warning"]
 
 MakeTrainer = Callable[[TrainConfig, Optional[Callable[[Trainer, int], None]]], Trainer]
 
@@ -250,11 +250,26 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     elif cfg.method != "supervised" and request.validation and not request.compare_supervised:
         say({"event": "info", "message": "the unlabeled cases do not improve every model (BENCHMARKS.md): add --compare-supervised "
              "to also train supervised-only and keep whichever scores better on the validation cases"})
-    if run.unlabeled_paths and cfg.uses_copy_paste() and cfg.iterations < SHORT_COPY_PASTE_RUN and not request.compare_supervised:
-        say({"event": "warning", "message": f"{cfg.iterations} iterations is short for semi-supervised training with copy-paste: "
-             f"below {SHORT_COPY_PASTE_RUN} it scored under supervised-only on the benchmark (BENCHMARKS.md, short runs); "
-             "train longer, or compare on held-out cases (--validation CASES --compare-supervised)"})
+    short = short_run_warning(cfg, bool(run.unlabeled_paths), request.compare_supervised)
+    if short:
+        say({"event": "warning", "message": short})
     return run
+
+
+def short_run_warning(cfg: TrainConfig, has_unlabeled: bool, compare_supervised: bool) -> Optional[str]:
+    """The warning for a semi-supervised copy-paste run shorter than ``SHORT_COPY_PASTE_RUN`` iterations (measured
+    below supervised-only on the benchmarks: BENCHMARKS.md, short runs), or None. With ``cfg.minutes`` (the panel,
+    ``--minutes``) it says how many minutes reach the threshold at the planned pace; none when the run compares
+    with supervised-only anyway."""
+    if not has_unlabeled or not cfg.uses_copy_paste() or cfg.iterations >= SHORT_COPY_PASTE_RUN or compare_supervised:
+        return None
+    if cfg.minutes is not None:
+        longer = f"train for about {-(-cfg.minutes * SHORT_COPY_PASTE_RUN // max(cfg.iterations, 1)):.0f} minutes or more"
+    else:
+        longer = f"train longer (--iterations {SHORT_COPY_PASTE_RUN} or more)"
+    return (f"{cfg.iterations} iterations is short for semi-supervised training with copy-paste: below {SHORT_COPY_PASTE_RUN} "
+            f"it scored under supervised-only on the benchmarks (BENCHMARKS.md, short runs); {longer}, or compare on "
+            "held-out cases (--validation CASES --compare-supervised; in Slicer: tick \"Hold out the last case\")")
 
 
 def _check_request(request: TrainRequest, say: Emit) -> TrainConfig:
