@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import shutil
 import tempfile
@@ -264,7 +265,7 @@ def short_run_warning(cfg: TrainConfig, has_unlabeled: bool, compare_supervised:
     if not has_unlabeled or not cfg.uses_copy_paste() or cfg.iterations >= SHORT_COPY_PASTE_RUN or compare_supervised:
         return None
     if cfg.minutes is not None:
-        longer = f"train for about {-(-cfg.minutes * SHORT_COPY_PASTE_RUN // max(cfg.iterations, 1)):.0f} minutes or more"
+        longer = f"train for about {math.ceil(cfg.minutes * SHORT_COPY_PASTE_RUN / max(cfg.iterations, 1))} minutes or more"
     else:
         longer = f"train longer (--iterations {SHORT_COPY_PASTE_RUN} or more)"
     return (f"{cfg.iterations} iterations is short for semi-supervised training with copy-paste: below {SHORT_COPY_PASTE_RUN} "
