@@ -43,10 +43,12 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``modelfile``: the model file and what lies beside it (``save_model``, ``load_model``, ``build_from_record``,
   ``make_record``, ``write_run_record``, ``checkpoint_path``, ``starting_state``, ``plain``).
   imports: errors, network, writers.
+- ``prepcache``: the preprocessing cache's keys: an input file's identity (path, size, mtime) and a case's key
+  (``file_identity``, ``case_key``, ``canonical_path``, ``PREPROCESSING_VERSION``). imports: none.
 - ``preparation``: a run's inputs to ``Case`` objects: classes, sparse labels, fingerprint, preprocessing
   (``LabeledInput``, ``TrainRequest``, ``resolve_classes``, ``read_labeled``, ``inspect_cases``,
   ``preprocess_labeled``, ``model_input``, ``to_model_grid``, ``normalize``). imports: data, errors, io,
-  prototypes, settings.
+  prepcache, prototypes, settings.
 - ``planning``: spacing, patch, normalisation, memory and time; every case's grid at the target spacing
   (``plan_run``, ``plan_patch_size``, ``estimate_memory``, ``check_memory``, ``check_grids``, ``step_seconds``,
   ``iterations_for_minutes``). imports: errors, network, preparation, settings, writers.

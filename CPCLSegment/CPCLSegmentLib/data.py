@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -72,8 +73,11 @@ def make_case(
     class_known: Optional[np.ndarray] = None,
     cache_dir: Optional[str] = None,
     seed: int = 0,
+    key: Optional[str] = None,
 ) -> Case:
-    """Builds a Case from preprocessed arrays; with ``cache_dir`` the arrays go to ``.npy`` files there."""
+    """Builds a Case from preprocessed arrays; with ``cache_dir`` the arrays go to ``.npy`` files there, named
+    ``<name>-<key>``: ``key`` identifies the case's inputs (``prepcache.case_key``), so two cases whose files
+    share a name never share arrays (without a key, a fresh random one)."""
     image = np.ascontiguousarray(image, dtype=np.float32)
     if image.ndim != 3:
         raise InputError(f"case {name}: image must be 3-D, got shape {image.shape}")
@@ -101,7 +105,7 @@ def make_case(
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:80]
-        stem = os.path.join(cache_dir, f"{safe}-{abs(hash((name, image.shape))) % 10**8}")
+        stem = os.path.join(cache_dir, f"{safe}-{key or uuid.uuid4().hex}")
         np.save(stem + "-image.npy", image)
         image_source = stem + "-image.npy"
         if label is not None:

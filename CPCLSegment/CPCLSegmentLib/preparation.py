@@ -32,6 +32,7 @@ import SimpleITK as sitk
 from . import io as cio
 from .data import Case, make_case
 from .errors import InputError
+from .prepcache import canonical_path, case_key, file_identity
 from .prototypes import IGNORE_INDEX
 from .settings import ANNOTATED_SLICES, TrainConfig
 
@@ -340,12 +341,6 @@ def inspect_cases(request: TrainRequest, classes: List[Dict[str, Any]], emit: Em
     return infos, fg_samples, sum(ct_votes) > len(ct_votes) / 2
 
 
-def canonical_path(path: str) -> str:
-    """The absolute, link-resolved form of a path: the same file given as ``a.nrrd``, ``./a.nrrd`` or
-    ``/data/a.nrrd`` is the same entry of a fingerprint."""
-    return os.path.normcase(os.path.realpath(os.path.abspath(str(path))))
-
-
 def run_fingerprint(request: TrainRequest, classes: List[Dict[str, Any]]) -> Dict[str, Any]:
     """What identifies a run's data (stored in resume checkpoints): the cases (paths made absolute and
     link-resolved, ``canonical_path``) and the segment list."""
@@ -399,7 +394,8 @@ def preprocess_labeled(
         grid, arr = model_input(image, plan["spacing"], plan["normalization"])
         lab = labels_to_grid(labels, image, grid)
         known = None if class_known.all() else class_known
-        cases.append(make_case(item.name, arr, lab, known, cache_dir=work_dir, seed=n))
+        key = labeled_key(item, wanted, request, plan)
+        cases.append(make_case(item.name, arr, lab, known, cache_dir=work_dir, seed=n, key=key))
         emit({"event": "preprocess", "stage": stage, "index": n + 1, "of": len(items), "case": item.name})
     return cases
 
@@ -409,6 +405,25 @@ def preprocess_unlabeled(paths: Sequence[str], plan: Dict[str, Any], work_dir: s
     cases = []
     for n, path in enumerate(paths):
         _, arr = model_input(cio.read_image(path), plan["spacing"], plan["normalization"])
-        cases.append(make_case(cio.strip_extension(path) or f"unlabeled-{n}", arr, None, cache_dir=work_dir))
+        cases.append(make_case(cio.strip_extension(path) or f"unlabeled-{n}", arr, None, cache_dir=work_dir, key=unlabeled_key(path, plan)))
         emit({"event": "preprocess", "stage": "unlabeled", "index": n + 1, "of": len(paths), "case": path})
     return cases
+
+
+def _plan_parts(plan: Dict[str, Any]) -> Dict[str, Any]:
+    """What of a plan changes the preprocessed arrays: the target spacing and the normalisation."""
+    return {"spacing": plan.get("spacing"), "normalization": plan.get("normalization")}
+
+
+def labeled_key(item: LabeledInput, wanted: Sequence[str], request: TrainRequest, plan: Dict[str, Any]) -> str:
+    """The key of a labeled case on the model grid: its image's and segmentation's identities (path, size,
+    mtime), which slices are annotated, the segments learnt and how they are named, and the plan."""
+    names = {str(k): v for k, v in (request.segment_names or {}).items()}
+    return case_key({"kind": "labeled", "image": file_identity(item.image), "segmentation": file_identity(item.segmentation),
+                     "annotated_slices": item.annotated_slices, "segments": list(wanted), "segment_names": names,
+                     "partial": bool(request.partial_segments), **_plan_parts(plan)})
+
+
+def unlabeled_key(path: str, plan: Dict[str, Any]) -> str:
+    """The key of an unlabeled image on the model grid: its identity and the plan."""
+    return case_key({"kind": "unlabeled", "image": file_identity(path), **_plan_parts(plan)})
