@@ -29,7 +29,7 @@ from CPCLSegmentLib.trainer import Trainer
 K = 3
 PATCH = (16, 16, 16)
 
-# The default recipe (README, "The method in one screen"). Changing a default must change this line too.
+# The default recipe (docs/method.md, "The equations"). Changing a default must change this line too.
 DEFAULT_RECIPE = dict(method="cpcl", lambda_max=0.1, beta=10.0, rampup=0.4, consistency_weight=None, ema_decay=0.99, scale=20.0,
                       per_sample_prototypes=False, forward_prediction="student", confidence_weighting=True,
                       detach_features=False, use_forward=True, use_backward=True, map_resolution="feature",

@@ -1,4 +1,4 @@
-"""Issue 6, "What happens when…": each failure mode behaves as the README says."""
+"""What happens when… (docs/what-happens-when.md): each failure mode behaves as the documentation says."""
 
 import os
 
