@@ -4,7 +4,7 @@ Launch with PyTorch's own launcher, nothing home-made::
 
     torchrun --nproc_per_node N -m CPCLSegmentLib.cli train ...
 
-Semantics (also in the README, "Training on many GPUs"):
+Semantics (also in docs/command-line.md, "Training on many GPUs"):
 
 - ``labeled_batch`` / ``unlabeled_batch`` are **per rank**; the global batch is ``world_size ×`` that.
   The learning rate is not rescaled: give the one that suits the global batch.
