@@ -96,6 +96,23 @@ def test_every_relative_link_names_an_existing_file(doc):
     assert broken_links(doc) == []
 
 
+def test_every_benchmark_table_and_plot_is_reachable_from_benchmarks_md():
+    """BENCHMARKS.md summarises; the numbers live in the tables and plots the scripts write to bench/results/ and
+    in the study pages: each must be reachable from BENCHMARKS.md by following links."""
+    reachable, todo = set(), [ROOT / "BENCHMARKS.md"]
+    while todo:
+        doc = todo.pop()
+        for _, target in relative_links(doc.read_text(encoding="utf-8")):
+            path = (doc.parent / target.partition("#")[0]).resolve()
+            if path.is_file() and path not in reachable:
+                reachable.add(path)
+                if path.suffix == ".md":
+                    todo.append(path)
+    results = ROOT / "bench" / "results"
+    wanted = sorted(results.glob("*.md")) + sorted(results.glob("*.png")) + sorted((ROOT / "docs" / "benchmarks").glob("*.md"))
+    assert [str(p.relative_to(ROOT)) for p in wanted if p.resolve() not in reachable] == []
+
+
 @pytest.mark.parametrize("doc", documents(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_heading_names_an_issue_number(doc):
     assert issue_headings(doc) == []
