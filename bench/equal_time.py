@@ -1,0 +1,303 @@
+"""Equal-time benchmark: every recipe gets the same minutes of one 2-thread CPU process.
+
+A user compares recipes at equal wall-clock time, not at equal iterations: supervised-only runs several times
+more iterations than a semi-supervised recipe in the same minutes. Wall time on shared cores is noisy, so the
+benchmark separates the two:
+
+1. ``--pace``: on a quiet machine, time real ``Trainer`` steps of every recipe (its network, patch, batches,
+   copy-paste; sampling and augmentation included, validation excluded) in ONE process with 2 torch threads,
+   recipes interleaved so drift hits all alike; median seconds per iteration -> ``equal_time_pace.json``. On a
+   shared machine run it at the highest priority (``nice -n -20``, as root) so other processes barely take
+   its cores; the load average and the process CPU time per step are recorded beside the wall time.
+2. Runs: a budget of M minutes becomes ``floor(M * 60 / pace)`` iterations for that recipe (a recipe with a
+   supervised warm start is charged the supervised pace for its warm-start iterations). Each run then trains
+   exactly that many iterations, whatever the load while it runs, and is scored like ``bench/accuracy.py``
+   (teacher, last weights, original test images; validation cases separately).
+
+    python bench/equal_time.py --pace                                  # measure (quiet machine, ~5 min)
+    python bench/equal_time.py --minutes 10 --seeds 0 1 2              # hippocampus 4 labeled, every recipe
+    python bench/equal_time.py --dataset la --minutes 5 10 20 40 --recipes supervised default
+    python bench/equal_time.py --report                                # tables + plot from the results
+
+Results: ``bench/results/equal_time.jsonl`` (one line per finished run, resumable, shard-safe),
+``equal_time_tables.md`` and ``equal_time_dice_vs_minutes.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import accuracy as A  # noqa: E402
+import common as C  # noqa: E402
+from CPCLSegmentLib.planning import plan_patch_size, shape_at_spacing  # noqa: E402
+from CPCLSegmentLib.settings import TrainConfig  # noqa: E402
+from CPCLSegmentLib.trainer import Trainer  # noqa: E402
+
+RESULTS = C.RESULTS_DIR / "equal_time.jsonl"
+PACE = C.RESULTS_DIR / "equal_time_pace.json"
+THREADS = 2  # the budget is minutes of one process with this many torch threads
+BUDGETS = [5, 10, 20, 40]
+LABELED = {"hippocampus": [4, 1], "la": [4]}
+# The small CPU setting: the accuracy benchmarks' network and patch (width 8, the patch of ``accuracy.BASE``).
+SMALL = {"hippocampus": dict(width=8, patch_size=(32, 48, 32)), "la": dict(width=8, patch_size=(32, 48, 48))}
+
+# Recipes: what differs from the product's defaults (``TrainConfig()``: width 16, the planned CPU patch, the
+# default CPCL + copy-paste recipe). "small": the product's recipe on the small CPU setting.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "supervised": dict(method="supervised"),
+    "default": dict(method="cpcl", copy_paste=True),
+    "supervised_small": dict(method="supervised", small=True),
+    "default_small": dict(method="cpcl", copy_paste=True, small=True),
+}
+LABELS = {
+    "supervised": "supervised-only (width 16, planned patch)",
+    "default": "default recipe (CPCL + copy-paste, width 16, planned patch)",
+    "supervised_small": "supervised-only (width 8, small patch)",
+    "default_small": "default recipe (width 8, small patch)",
+}
+
+
+def planned_patch(data: A.Data, names: Sequence[str], width: int, num_classes: int, copy_paste: bool, method: str):
+    """The patch ``planning.plan_run`` gives these labeled subjects on a CPU."""
+    import SimpleITK as sitk
+
+    shapes = []
+    for n in names:
+        img = sitk.ReadImage(data.dataset.files(data.dir, n)[0])
+        shapes.append(shape_at_spacing(img.GetSize(), img.GetSpacing(), data.plan["spacing"]))
+    median = [int(np.median([s[a] for s in shapes])) for a in range(3)]
+    patch, _ = plan_patch_size(median, data.plan["spacing"], 4, "cpu", width, num_classes, method=method,
+                               copy_paste=copy_paste)
+    return tuple(patch)
+
+
+def recipe_config(recipe: str, seed: int, data: A.Data, labeled_names: Sequence[str]) -> Dict[str, Any]:
+    """The full trainer configuration of ``recipe`` (iterations still to be set)."""
+    spec = dict(RECIPES[recipe])
+    small = spec.pop("small", False)
+    cfg = TrainConfig().to_dict()
+    cfg.update(device="cpu", amp=False, channels_last=False, seed=seed, **spec)
+    if small:
+        cfg.update(SMALL[data.dataset.key])
+    else:
+        cfg["patch_size"] = planned_patch(data, labeled_names, cfg["width"], data.num_classes, bool(cfg.get("copy_paste")),
+                                          cfg["method"])
+    cfg["patch_size"] = list(cfg["patch_size"])
+    return cfg
+
+
+def _cases(data: A.Data, budget: int, seed: int, method: str):
+    split = C.split_train(data.splits["train"], budget, seed, data.validation_size)
+    lab = data.get(split["labeled"])
+    labeled = [s.case(seed=i) for i, s in enumerate(lab)]
+    unlabeled = []
+    if method != "supervised":
+        unlabeled = [s.case(labeled=False) for s in data.get(split["unlabeled"][:40])] + list(data.extra)
+    return split, labeled, unlabeled
+
+
+def measure_pace(data: A.Data, recipes: Sequence[str], budget: int, steps: int, warmup: int, rounds: int,
+                 log=print) -> Dict[str, Any]:
+    """Median seconds per training step of each recipe, ``THREADS`` torch threads, recipes interleaved."""
+    torch.set_num_threads(THREADS)
+    trainers = {}
+    for r in recipes:
+        split = C.split_train(data.splits["train"], budget, 0, data.validation_size)
+        cfg = recipe_config(r, 0, data, split["labeled"])
+        _, labeled, unlabeled = _cases(data, budget, 0, cfg["method"])
+        tr = Trainer(TrainConfig.from_dict({**cfg, "iterations": 10**6}), labeled, unlabeled, data.num_classes)
+        for it in range(warmup):
+            tr.step(tr.sample(it), it)
+        trainers[r] = (tr, cfg)
+    times: Dict[str, List[float]] = {r: [] for r in recipes}
+    cpu: Dict[str, List[float]] = {r: [] for r in recipes}
+    it = warmup
+    for _ in range(rounds):
+        for r in recipes:
+            tr, _ = trainers[r]
+            for k in range(steps):
+                t, c = time.perf_counter(), time.process_time()
+                tr.step(tr.sample(it + k), it + k)
+                times[r].append(time.perf_counter() - t)
+                cpu[r].append(time.process_time() - c)
+        it += steps
+    out = {}
+    for r in recipes:
+        med = statistics.median(times[r])
+        out[r] = {"seconds_per_iteration": round(med, 4), "samples": len(times[r]),
+                  "iqr": [round(float(np.percentile(times[r], 25)), 4), round(float(np.percentile(times[r], 75)), 4)],
+                  "cpu_seconds_per_iteration": round(statistics.median(cpu[r]), 4),
+                  "patch_size": trainers[r][1]["patch_size"], "width": trainers[r][1]["width"]}
+        log(f"{r}: {med:.3f} s/it (patch {trainers[r][1]['patch_size']}, width {trainers[r][1]['width']})")
+    return out
+
+
+def iterations_for(minutes: float, pace: Dict[str, Any], recipe: str) -> int:
+    """The iteration count of ``recipe`` that fits ``minutes`` at its measured pace."""
+    return max(1, int(math.floor(minutes * 60.0 / pace[recipe]["seconds_per_iteration"])))
+
+
+def jobs_for(data: A.Data, pace: Dict[str, Any], recipes: Sequence[str], budgets: Sequence[int], minutes: Sequence[float],
+             seeds: Sequence[int]) -> List[A.Job]:
+    jobs = []
+    for m in minutes:
+        for s in seeds:
+            for b in budgets:
+                split = C.split_train(data.splits["train"], b, s, data.validation_size)
+                for r in recipes:
+                    cfg = recipe_config(r, s, data, split["labeled"])
+                    cfg["iterations"] = iterations_for(m, pace, r)
+                    cfg["validation_every"] = max(1, cfg["iterations"] // 5)
+                    jobs.append(A.Job("equal_time", r, b, s, cfg, name=f"{r}@{m:g}min", extra={"minutes": m}))
+    return jobs
+
+
+def summarize(records: Sequence[Dict[str, Any]]) -> Dict[tuple, Dict[str, Any]]:
+    """(dataset, labeled, minutes, recipe) -> per-seed test / validation Dice."""
+    latest = {r["key"]: r for r in records if r.get("experiment") == "equal_time"}
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in latest.values():
+        groups.setdefault((r["dataset"], r["budget"], r["minutes"], r["variant"]), []).append(r)
+    out = {}
+    for k, rs in groups.items():
+        rs.sort(key=lambda r: r["seed"])
+        out[k] = {"seeds": [r["seed"] for r in rs], "iterations": rs[0]["config"]["iterations"],
+                  "test": [r["test_last"]["mean_dice"] for r in rs], "val": [r["validation_last"]["mean_dice"] for r in rs]}
+    return out
+
+
+def _cell(xs: Sequence[float]) -> str:
+    if not xs:
+        return "–"
+    m = 100 * float(np.mean(xs))
+    return f"{m:.1f}" if len(xs) == 1 else f"{m:.1f} ± {100 * float(np.std(xs, ddof=1)):.1f}"
+
+
+def tables(records: Sequence[Dict[str, Any]], pace: Optional[Dict[str, Any]]) -> str:
+    summ = summarize(records)
+    lines = ["<!-- generated by bench/equal_time.py from equal_time.jsonl; do not edit by hand -->", ""]
+    for ds in sorted({k[0] for k in summ}):
+        p = (pace or {}).get("datasets", {}).get(ds)
+        if p:
+            lines += [f"Pace on {ds} ({p['machine']}, {THREADS} torch threads, {p['when']}): "
+                      + "; ".join(f"{r} {v['seconds_per_iteration']:.2f} s/it" for r, v in p["recipes"].items()), ""]
+        for lab in sorted({k[1] for k in summ if k[0] == ds}):
+            lines += [f"### {ds}, {lab} labeled: mean Dice (%) at equal minutes, mean ± std over seeds", "",
+                      "| minutes | recipe | iterations | seeds | test | validation | Δ test vs supervised, per seed | Δ validation, per seed |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for m in sorted({k[2] for k in summ if k[:2] == (ds, lab)}):
+                ref = summ.get((ds, lab, m, "supervised"))
+                for r in [x for x in RECIPES if (ds, lab, m, x) in summ]:
+                    a = summ[(ds, lab, m, r)]
+                    dt = dv = "–"
+                    if ref and r != "supervised":
+                        rt = dict(zip(ref["seeds"], ref["test"]))
+                        rv = dict(zip(ref["seeds"], ref["val"]))
+                        dt = ", ".join(f"{100 * (x - rt[s]):+.1f}" for s, x in zip(a["seeds"], a["test"]) if s in rt) or "–"
+                        dv = ", ".join(f"{100 * (x - rv[s]):+.1f}" for s, x in zip(a["seeds"], a["val"]) if s in rv) or "–"
+                    lines.append(f"| {m:g} | {LABELS.get(r, r)} | {a['iterations']} | {','.join(map(str, a['seeds']))} | "
+                                 f"{_cell(a['test'])} | {_cell(a['val'])} | {dt} | {dv} |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: Sequence[Dict[str, Any]], path: Path) -> bool:
+    summ = summarize(records)
+    panels = sorted({k[:2] for k in summ})
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (ds, lab) in zip(axes[0], panels):
+        for r in RECIPES:
+            pts = sorted((k[2], 100 * np.mean(v["test"]), 100 * np.std(v["test"])) for k, v in summ.items()
+                         if k[:2] == (ds, lab) and k[3] == r)
+            if pts:
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS.get(r, r))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"minutes of one {THREADS}-thread CPU process")
+        ax.set_ylabel("test mean Dice (%)")
+        ax.set_title(f"{ds}, {lab} labeled")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def report(results: C.Results) -> None:
+    pace = json.loads(PACE.read_text()) if PACE.exists() else None
+    (C.RESULTS_DIR / "equal_time_tables.md").write_text(tables(results.records(), pace), encoding="utf-8")
+    plot(results.records(), C.RESULTS_DIR / "equal_time_dice_vs_minutes.png")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="hippocampus", choices=sorted(C.DATASETS))
+    p.add_argument("--pace", action="store_true", help="measure every recipe's seconds per iteration (quiet machine)")
+    p.add_argument("--pace-steps", type=int, default=4, help="steps per recipe per round")
+    p.add_argument("--pace-rounds", type=int, default=4)
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    p.add_argument("--labeled", type=int, nargs="+", help="labeled subjects (default: 4 and 1 hippocampus, 4 la)")
+    p.add_argument("--minutes", type=float, nargs="+", default=BUDGETS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the runs (the pace is always 2-thread)")
+    p.add_argument("--shard", help="i/n: run every n-th job starting at i")
+    p.add_argument("--report", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = C.Results(RESULTS)
+    if args.report:
+        report(results)
+        return 0
+    dataset = C.DATASETS[args.dataset]
+    data = A.Data(C.data_dir(None, dataset), dataset=dataset)
+    if args.pace:
+        measured = measure_pace(data, args.recipes, (args.labeled or LABELED[args.dataset])[0], args.pace_steps, 2,
+                                args.pace_rounds)
+        old = json.loads(PACE.read_text()) if PACE.exists() else {}
+        per_ds = old.get("datasets", {})
+        per_ds[args.dataset] = {"machine": C.machine(), "when": time.strftime("%Y-%m-%d %H:%M"), "recipes": measured,
+                                "load_average_1min": round(os.getloadavg()[0], 2), "nice": os.nice(0)}
+        PACE.write_text(json.dumps({"threads": THREADS, "datasets": per_ds}, indent=1, allow_nan=False) + "\n")
+        return 0
+    pace = json.loads(PACE.read_text())["datasets"][args.dataset]["recipes"]
+    torch.set_num_threads(args.threads)
+    jobs = jobs_for(data, pace, args.recipes, args.labeled or LABELED[args.dataset], args.minutes, args.seeds)
+    orig = A.run_job
+
+    def run_job(job, data_, device, log=print):
+        rec = orig(job, data_, device, log)
+        rec["minutes"] = job.extra["minutes"]
+        return rec
+
+    A.run_job = run_job
+    A.run_jobs(jobs, results, data, torch.device("cpu"), C.parse_shard(args.shard))
+    report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
