@@ -100,7 +100,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 LABELS = {
     "supervised": "supervised-only",
     "mean_teacher": "mean teacher",
-    "cpcl": "CPCL without copy-paste (the default before issue 12)",
+    "cpcl": "CPCL without copy-paste (the earlier default)",
     "cpcl_claimed": "CPCL as claimed (teacher P_u, per-sample prototypes, no MT term)",
     "cpcl_cp": "CPCL + cross-image copy-paste (the default recipe)",
     "bcp": "bidirectional copy-paste only (BCP-style: EMA teacher pseudo-labels, no MSE term)",
