@@ -11,12 +11,13 @@ def small_real_cases():
     import slicerio
 
     from CPCLSegmentLib import io as cio
+    from CPCLSegmentLib.labels import build_label_array
     from CPCLSegmentLib.data import make_case
     from CPCLSegmentLib.preparation import foreground_intensity_sample, normalize, plan_normalization
 
     d = os.path.join(os.path.dirname(slicerio.__file__), "data")
     img = cio.read_image(os.path.join(d, "CTChest4.nrrd"))
-    lab, _ = cio.build_label_array(cio.read_segmentation(os.path.join(d, "Segmentation.seg.nrrd")), ["right lung", "left lung"], img, "ct")
+    lab, _ = build_label_array(cio.read_segmentation(os.path.join(d, "Segmentation.seg.nrrd")), ["right lung", "left lung"], img, "ct")
     import SimpleITK as sitk
 
     arr = sitk.GetArrayFromImage(img)

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import slicerio
 
 from CPCLSegmentLib import io as cio
+from CPCLSegmentLib.labels import build_label_array
 from CPCLSegmentLib.modelfile import load_model
 
 from conftest import COARSE_SPACING, LUNGS, child_env, cli_command, sha256
@@ -98,7 +99,7 @@ def test_predict_several_images_into_a_folder_as_label_maps(cli_run, ct_path, tm
 
 def test_label_map_model_writes_the_values_it_was_trained_on(tmp_path, ct_path, seg_path):
     image = cio.read_image(ct_path)
-    labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
+    labels, _ = build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
     lm = sitk.GetImageFromArray(np.where(labels == 1, 3, np.where(labels == 2, 7, 0)).astype(np.uint8))
     lm.CopyInformation(image)
     lm_path = tmp_path / "lungs.nii.gz"
@@ -269,7 +270,7 @@ def test_short_run_warning_names_the_threshold_and_how_long_to_train():
 
 def _labelmap(tmp_path, ct_path, seg_path, values=(3, 7)):
     image = cio.read_image(ct_path)
-    labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
+    labels, _ = build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
     lm = sitk.GetImageFromArray(np.where(labels == 1, values[0], np.where(labels == 2, values[1], 0)).astype(np.uint8))
     lm.CopyInformation(image)
     path = tmp_path / "lungs.nrrd"

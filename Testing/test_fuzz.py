@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from CPCLSegmentLib import cli, pipeline
 from CPCLSegmentLib import io as cio
+from CPCLSegmentLib.labels import build_label_array
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest
 
 from conftest import COARSE_SPACING, LUNGS, sha256, small_config, user_folder
@@ -63,7 +64,7 @@ VALUES = {
 def world(tmp_path, ct_path, seg_path):
     """A user's folder of inputs (valid, broken, and a small model) and an empty output folder."""
     inputs = user_folder(tmp_path / "inputs", ct_path, seg_path)
-    labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, cio.read_image(ct_path), ct_path)
+    labels, _ = build_label_array(cio.read_segmentation(seg_path), LUNGS, cio.read_image(ct_path), ct_path)
     lm = sitk.GetImageFromArray(labels.astype(np.uint8))
     lm.CopyInformation(sitk.ReadImage(ct_path))
     sitk.WriteImage(lm, str(inputs / "lungs.nii.gz"))

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import slicerio
 
 from CPCLSegmentLib import io as cio
+from CPCLSegmentLib.labels import build_label_array
 from CPCLSegmentLib import writers
 from CPCLSegmentLib.errors import InputError, OutputError
 
@@ -20,7 +21,7 @@ def test_seg_nrrd_round_trip_keeps_names_colours_terminology_and_voxels(seg_path
     image = cio.read_image(ct_path)
     seg = cio.read_segmentation(seg_path)
     names = seg.names()
-    labels, missing = cio.build_label_array(seg, names, image, ct_path)
+    labels, missing = build_label_array(seg, names, image, ct_path)
     assert missing == []
     classes = [{"name": "background", "color": [0, 0, 0], "label_value": 0}] + [
         {"name": s.name, "color": s.color, "label_value": s.label_value, "terminology": s.terminology, "segment_id": s.segment_id}
@@ -49,7 +50,7 @@ def test_label_map_values_and_names(tmp_path, ct_path):
     sitk.WriteImage(lab, str(path))
     seg = cio.read_segmentation(str(path), {7: "lesion"})
     assert [(s.name, s.label_value) for s in seg.segments] == [("Label 3", 3), ("lesion", 7)]
-    labels, _ = cio.build_label_array(seg, ["Label 3", "lesion"], image, ct_path)
+    labels, _ = build_label_array(seg, ["Label 3", "lesion"], image, ct_path)
     assert (labels == 1).sum() == 5 * 20 * 20 and (labels == 2).sum() == 3 * 10 * 10
     out = tmp_path / "out.nrrd"
     writers.write_label_image(str(out), labels, image, [0, 3, 7])
@@ -71,7 +72,7 @@ def test_segmentation_on_a_shifted_cropped_grid_lands_on_the_right_voxels(ct_pat
            "segments": [{"id": "s1", "name": "box", "color": [1, 0, 0], "labelValue": 1, "layer": 0}]}
     path = tmp_path / "cropped.seg.nrrd"
     slicerio.write_segmentation(str(path), seg)
-    labels, _ = cio.build_label_array(cio.read_segmentation(str(path)), ["box"], image, ct_path)
+    labels, _ = build_label_array(cio.read_segmentation(str(path)), ["box"], image, ct_path)
     assert np.array_equal(labels > 0, full > 0)
 
 
@@ -82,7 +83,7 @@ def test_segmentation_that_does_not_overlap_its_image_is_an_error_naming_both(ct
     far = tmp_path / "far-away.nrrd"
     sitk.WriteImage(moved, str(far))
     with pytest.raises(InputError) as e:
-        cio.build_label_array(cio.read_segmentation(seg_path), ["ribs"], cio.read_image(str(far)), str(far))
+        build_label_array(cio.read_segmentation(seg_path), ["ribs"], cio.read_image(str(far)), str(far))
     assert "far-away.nrrd" in str(e.value) and "Segmentation.seg.nrrd" in str(e.value) and "do not overlap" in str(e.value)
 
 
@@ -94,14 +95,14 @@ def test_overlapping_selected_segments_are_an_error_naming_them(overlapping_seg_
     overlapping = None
     for other in [s.name for s in seg.segments if s.layer == 0]:
         try:
-            cio.build_label_array(seg, [other, layer1[0]], image, ct_path)
+            build_label_array(seg, [other, layer1[0]], image, ct_path)
         except InputError as e:
             overlapping = (other, str(e))
             break
     assert overlapping is not None
     assert overlapping[0] in overlapping[1] and layer1[0] in overlapping[1] and "overlap" in overlapping[1]
     # segments of the same layer never overlap: fine
-    labels, _ = cio.build_label_array(seg, [s.name for s in seg.segments if s.layer == 0][:3], image, ct_path)
+    labels, _ = build_label_array(seg, [s.name for s in seg.segments if s.layer == 0][:3], image, ct_path)
     assert labels.max() == 3
 
 
@@ -175,6 +176,7 @@ import json, os, sys, random
 import numpy as np
 sys.path.insert(0, sys.argv[2])
 from CPCLSegmentLib import io as cio
+from CPCLSegmentLib.labels import build_label_array
 from CPCLSegmentLib.errors import CPCLError
 random.seed(int(sys.argv[3]))
 src = open(sys.argv[1], "rb").read()
@@ -242,7 +244,7 @@ def test_random_array_shapes_through_the_label_builder(ct_path):
         lab.SetSpacing(image.GetSpacing())
         lab.SetDirection(image.GetDirection())
         seg = cio.Segmentation("random.nrrd", [cio.SegmentInfo("a", 1, [1, 0, 0]), cio.SegmentInfo("b", 2, [0, 1, 0])], [lab], True)
-        labels, _ = cio.build_label_array(seg, ["a", "b"], image, ct_path)
+        labels, _ = build_label_array(seg, ["a", "b"], image, ct_path)
         assert labels.shape == tuple(reversed(image.GetSize()))
         k, j, i = [min(a, b) for a, b in zip(shape, labels.shape)]
         assert np.array_equal(labels[:k, :j, :i], sitk.GetArrayFromImage(lab)[:k, :j, :i])

@@ -19,6 +19,7 @@ import torch
 
 from CPCLSegmentLib import cleanup, cli, pipeline, preflight, writers
 from CPCLSegmentLib import io as cio
+from CPCLSegmentLib.labels import build_label_array
 from CPCLSegmentLib.console import Reporter
 from CPCLSegmentLib.errors import Cancelled, InputError, OutputError
 from CPCLSegmentLib.modelfile import checkpoint_path, load_model
@@ -409,7 +410,7 @@ def _write_like(image, array, path, **geometry):
 
 def test_geometry_mismatches_are_named_as_such(tmp_path, ct_path, seg_path):
     image = sitk.ReadImage(ct_path)
-    labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, cio.read_image(ct_path), ct_path)
+    labels, _ = build_label_array(cio.read_segmentation(seg_path), LUNGS, cio.read_image(ct_path), ct_path)
     # the CT's own labels with another origin (32 slices further): only its first two slices, which hold no lung,
     # overlap the image, so every lung voxel lies outside it
     shifted = _write_like(image, labels.astype(np.uint8), tmp_path / "shifted labels.nrrd",
@@ -431,7 +432,7 @@ def test_a_case_with_absurd_spacing_is_refused_before_it_collapses_the_others(tm
     wide_path = tmp_path / "wide.nrrd"
     sitk.WriteImage(wide, str(wide_path))
     wide_seg = tmp_path / "wide-labels.nrrd"
-    labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, cio.read_image(ct_path), ct_path)
+    labels, _ = build_label_array(cio.read_segmentation(seg_path), LUNGS, cio.read_image(ct_path), ct_path)
     _write_like(wide, labels.astype(np.uint8), wide_seg)
     err = refused(capsys, "train", "--labeled", ct_path, seg_path, "--labeled", wide_path, wide_seg, "--segments", *LUNGS,
                   "--segment-names", "1=right lung", "2=left lung",

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "CPCLSegment"))
 
 from CPCLSegmentModuleLib import core  # noqa: E402
 from CPCLSegmentLib import io as cio  # noqa: E402
+from CPCLSegmentLib.labels import build_label_array, find_segment, same_grid  # noqa: E402
 from CPCLSegmentLib.errors import Cancelled, InputError  # noqa: E402
 
 from conftest import LUNGS  # noqa: E402
@@ -54,7 +55,7 @@ def test_labeled_arrays_are_on_the_volume_grid(chest, ct_path, seg_path):
 
     assert np.array_equal(arrays.volume, sitk.GetArrayFromImage(sitk.ReadImage(ct_path)))
     np.testing.assert_allclose(arrays.ijk_to_ras, ras_matrix_of(image), atol=1e-4)
-    truth, missing = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
+    truth, missing = build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
     assert missing == [] and np.array_equal(arrays.labels(LUNGS), truth)
     assert [s["name"] for s in arrays.segments] == LUNGS
     assert arrays.segments[0]["color"] == pytest.approx([0.0862745, 0.772549, 0.278431], abs=1e-6)
@@ -71,15 +72,15 @@ def test_exported_files_keep_names_colours_terminology_and_voxels(chest, ct_path
     exported = cio.read_segmentation(str(tmp_path / "s.seg.nrrd"))
     original = cio.read_segmentation(seg_path)
     for name in LUNGS:
-        a, b = cio.find_segment(exported, name), cio.find_segment(original, name)
+        a, b = find_segment(exported, name), find_segment(original, name)
         assert a.color == pytest.approx(b.color) and a.terminology == b.terminology and a.segment_id == b.segment_id
     image, source = cio.read_image(image_path), cio.read_image(ct_path)
-    assert cio.same_grid(image, source)
+    assert same_grid(image, source)
     import SimpleITK as sitk
 
     assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(source))
-    labels, _ = cio.build_label_array(exported, LUNGS, image, image_path)
-    truth, _ = cio.build_label_array(original, LUNGS, source, ct_path)
+    labels, _ = build_label_array(exported, LUNGS, image, image_path)
+    truth, _ = build_label_array(original, LUNGS, source, ct_path)
     assert np.array_equal(labels, truth)
     assert fingerprint(volume, segmentation) == before and scene.GetNumberOfNodes() == nodes_before
 
@@ -278,7 +279,7 @@ def test_segment_creates_a_new_node_matching_the_cli(trained_in_scene, tmp_path)
     out = tmp_path / "cli.seg.nrrd"
     done = jobs.run(["predict", "--model", model, "--image", image, "--out", out, "--device", "cpu"], env=one_thread_env())
     assert done["outputs"] == [str(out)]
-    cli_labels, _ = cio.build_label_array(cio.read_segmentation(str(out)), LUNGS, cio.read_image(image), image)
+    cli_labels, _ = build_label_array(cio.read_segmentation(str(out)), LUNGS, cio.read_image(image), image)
     ours = core.labeled_arrays(volume, node, LUNGS)
     assert np.array_equal(ours.labels(LUNGS), cli_labels)
     assert (cli_labels > 0).sum() > 1000  # it found lungs

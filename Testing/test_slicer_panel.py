@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "CPCLSegment"))
 
 from CPCLSegmentLib import cli, jobs, settings, writers  # noqa: E402
 from CPCLSegmentLib import io as cio  # noqa: E402
+from CPCLSegmentLib.labels import build_label_array  # noqa: E402
 from CPCLSegmentLib.errors import Cancelled, InputError  # noqa: E402
 from CPCLSegmentModuleLib import core, environment, panel  # noqa: E402
 
@@ -432,7 +433,7 @@ def test_organ_and_lesion_a_later_segment_wins_and_predictions_nest_again(chest,
     assert res.ok and any("'lesion', wins there" in m for m in res.infos)
     assert res.nested() == {"left lung": ["lesion"]}
     image, seg_path, _ = res.labeled[0]
-    labels, missing = cio.build_label_array(cio.read_segmentation(seg_path), names, cio.read_image(image), image)
+    labels, missing = build_label_array(cio.read_segmentation(seg_path), names, cio.read_image(image), image)
     assert missing == [] and (labels[masks["lesion"]] == 2).all()  # the engine sees no overlap: the lesion won
     assert (labels[masks["left lung"] & ~masks["lesion"]] == 1).all()
     # a prediction (one label map, the later segment winning) is written back nested: the lung holds its lesion again

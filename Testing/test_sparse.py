@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from CPCLSegmentLib import io as cio
+from CPCLSegmentLib.labels import build_label_array
 from CPCLSegmentLib import pipeline, preparation
 from CPCLSegmentLib.prediction import Predictor
 from CPCLSegmentLib.preparation import foreground_intensity_sample, normalize, plan_normalization
@@ -22,7 +23,7 @@ from conftest import COARSE_SPACING, LUNGS, small_config
 def ct_patch(ct_path, seg_path):
     """A 20x64x64 patch of the real CT (normalised) with full and every-5th-slice labels."""
     image = cio.read_image(ct_path)
-    labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
+    labels, _ = build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
     arr = sitk.GetArrayFromImage(image)
     x = normalize(arr, plan_normalization("ct", [foreground_intensity_sample(arr, labels, np.random.RandomState(0))]))
     x, full = x[8:24, 32:96, 16:80], labels[8:24, 32:96, 16:80].astype(np.int64)
@@ -68,7 +69,7 @@ def test_backward_loss_gets_no_gradient_from_unknown_voxels(ct_patch):
 
 def _every_fifth_slice_labelmap(tmp_path, ct_path, seg_path):
     image = cio.read_image(ct_path)
-    labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
+    labels, _ = build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
     painted = np.zeros_like(labels)
     painted[::5] = labels[::5]
     lm = sitk.GetImageFromArray(painted.astype(np.uint8))
@@ -95,7 +96,7 @@ def test_auto_detects_painted_axial_slices_and_the_image_joins_the_unlabeled_str
 
 def test_partial_segments_mark_missing_segments_unknown_for_that_case(tmp_path, ct_path, seg_path):
     image = cio.read_image(ct_path)
-    labels, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
+    labels, _ = build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
     only_right = sitk.GetImageFromArray((labels == 1).astype(np.uint8) * 5)
     only_right.CopyInformation(image)
     path = tmp_path / "right only.nii.gz"

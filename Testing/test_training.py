@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from CPCLSegmentLib import io as cio
+from CPCLSegmentLib.labels import build_label_array
 from CPCLSegmentLib.data import make_case
 from CPCLSegmentLib.errors import ModelFileError
 from CPCLSegmentLib.metrics import dice_per_class
@@ -34,7 +35,7 @@ def test_training_drives_the_supervised_loss_down(trained):
 def test_trained_model_segments_the_lungs(trained, ct_path, seg_path):
     model, _, _ = trained
     image = cio.read_image(ct_path)
-    truth, _ = cio.build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
+    truth, _ = build_label_array(cio.read_segmentation(seg_path), LUNGS, image, ct_path)
     labels = Predictor(model).segment(image)
     assert labels.shape == truth.shape  # written back on the original grid
     dice = dice_per_class(labels, truth, 3)

@@ -66,6 +66,7 @@ from speed_common import (  # noqa: E402
 )
 
 from CPCLSegmentLib import io as cio  # noqa: E402
+from CPCLSegmentLib.labels import build_label_array  # noqa: E402
 from CPCLSegmentLib import pipeline, prediction, preparation, writers  # noqa: E402
 from CPCLSegmentLib.inference import predict_probabilities  # noqa: E402
 from CPCLSegmentLib.modelfile import load_model  # noqa: E402
@@ -165,7 +166,7 @@ def ground_truth_write(image_path: str, classes, out: str) -> Dict[str, float]:
     """Write time of the real segmentation's labels on the image grid (what a trained model's output resembles)."""
     seg = cio.read_segmentation(str(slicerio_data_dir() / "Segmentation.seg.nrrd"))
     image = cio.read_image(image_path)
-    labels, _ = cio.build_label_array(seg, [c["name"] for c in classes[1:]], image, image_path)
+    labels, _ = build_label_array(seg, [c["name"] for c in classes[1:]], image, image_path)
     with Clock() as c:
         writers.write_prediction(out, labels.astype("uint8"), image, classes)
     return {"wall_s": c.wall, "cpu_s": c.cpu, "bytes": os.path.getsize(out)}

@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))
 from common import data_dir, machine, read_splits, versions  # noqa: E402
 
 from CPCLSegmentLib import io as cio  # noqa: E402
+from CPCLSegmentLib.labels import build_label_array  # noqa: E402
 from CPCLSegmentLib import uncertainty as U  # noqa: E402
 from CPCLSegmentLib.metrics import dice_per_class, nanmean  # noqa: E402
 from CPCLSegmentLib.pipeline import train  # noqa: E402
@@ -164,7 +165,7 @@ def run_seed(d: Path, args, seed: int, work: Path, log) -> Dict[str, Any]:
         image = cio.read_image(img_path)
         res = um.analyze(image)
         labels = back_to_image_grid(res.teacher, res.grid, image)
-        truth, _ = cio.build_label_array(cio.read_segmentation(lab_path), names, image, lab_path)
+        truth, _ = build_label_array(cio.read_segmentation(lab_path), names, image, lab_path)
         dice = dice_per_class(labels, truth, len(names) + 1)
         cases.append({"case": n, "dice": dice, "error": 1.0 - nanmean(dice), "region_voxels": res.region_voxels,
                       "foreground_voxels": int((res.teacher.argmax(0) > 0).sum()), "scores": aggregations(res)})

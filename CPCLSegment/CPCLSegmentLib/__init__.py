@@ -14,13 +14,17 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``request_cancel``, ``sweep``). imports: errors.
 - ``settings``: every training setting and shared choice, torch-free (``TrainConfig``, ``PRESETS``, ``METHODS``,
   ``ANNOTATED_SLICES``, ``cli_settings``). imports: errors.
-- ``io``: reading images and segmentations, verified (gzip CRC and length, the bytes a header promises; ITK's
-  whole reason on failure), segments onto the image grid (``read_image``, ``read_segmentation``,
-  ``read_segment_list``, ``read_header``, ``integrity_problem``, ``error_reason``, ``build_label_array``,
-  ``find_segment``, ``same_grid``, ``geometry_difference``). imports: errors.
+- ``integrity``: damage checks for every file read: gzip CRC and length, the bytes a NIfTI header promises, ITK's
+  whole reason on failure (``integrity_problem``, ``error_reason``, ``native_messages``, ``itk_read``).
+  imports: errors.
+- ``io``: reading images and segmentations, verified (``read_image``, ``read_segmentation``, ``read_segment_list``,
+  ``read_header``, ``check_exists``, ``strip_extension``, ``Segmentation``, ``ijk_to_lps_matrix``).
+  imports: errors, integrity.
+- ``labels``: segments onto the image grid (``build_label_array``, ``find_segment``, ``same_grid``,
+  ``geometry_difference``, ``resample_label_to``). imports: errors, io.
 - ``writers``: atomic, checked writes: temp + fsync + verify + rename, normal permissions, "no space left on <disk>"
   (``atomic_path``, ``verify_written``, ``check_free_space``, ``write_prediction``, ``write_seg_nrrd``,
-  ``write_label_image``, ``write_image``). imports: cleanup, errors, io.
+  ``write_label_image``, ``write_image``). imports: cleanup, errors, integrity, io.
 - ``preflight``: checks before any work: outputs against inputs, writable folders, free space, the output lock,
   stale stop files, spacing values, dead runs' leftovers (``check_outputs``, ``same_file``, ``check_free_space``,
   ``OutputLock``, ``check_stop_file``, ``check_spacing``, ``sweep_leftovers``). imports: cleanup, errors, writers.
@@ -47,24 +51,33 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   (``file_identity``, ``case_key``, ``canonical_path``, ``PREPROCESSING_VERSION``). imports: none.
 - ``preparation``: a run's inputs to ``Case`` objects: classes, sparse labels, fingerprint, preprocessing
   (``LabeledInput``, ``TrainRequest``, ``resolve_classes``, ``read_labeled``, ``inspect_cases``,
-  ``preprocess_labeled``, ``model_input``, ``to_model_grid``, ``normalize``). imports: data, errors, io,
+  ``preprocess_labeled``, ``model_input``, ``to_model_grid``, ``normalize``). imports: data, errors, io, labels,
   prepcache, prototypes, settings.
 - ``planning``: spacing, patch, normalisation, memory and time; every case's grid at the target spacing
   (``plan_run``, ``plan_patch_size``, ``estimate_memory``, ``check_memory``, ``check_grids``, ``step_seconds``,
   ``iterations_for_minutes``). imports: errors, network, preparation, settings, writers.
+- ``trainchecks``: a training request checked before any work: paths and values, every case's grid at the target
+  spacing, the disk space the run needs (``check_request``, ``check_case_grids``, ``check_disk_space``).
+  imports: errors, io, modelfile, planning, preflight, prepcache, preparation, settings.
+- ``resume``: ``--resume``: the interrupted run a request continues and what it may change in it
+  (``resume_checkpoint``, ``RESUME_MAY_CHANGE``, ``setting_flag``). imports: cleanup, errors, modelfile,
+  preparation, settings.
+- ``workfolder``: the run's work folder and the cases preprocessed into it (``work_folder``,
+  ``preprocess_cases``). imports: cleanup, data, errors, preparation, writers.
 - ``trainer``: the training loop (``Trainer``, ``TrainResult``). imports: data, devices, distributed, errors, losses,
   metrics, modelfile, network, planning, prototypes, settings, teacher.
 - ``prediction``: model file and images in, segmentations on each image's grid out (``Predictor``,
-  ``back_to_image_grid``, ``predict``, ``compatibility_warnings``). imports: devices, errors, inference, io, modelfile,
-  preflight, preparation, writers.
-- ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``).
-  imports: cleanup, data, errors, io, metrics, modelfile, planning, preflight, preparation, settings, trainer, writers.
+  ``back_to_image_grid``, ``predict``, ``compatibility_warnings``). imports: devices, errors, inference, io, labels,
+  modelfile, preflight, preparation, writers.
+- ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``,
+  ``short_run_warning``). imports: cleanup, data, errors, metrics, modelfile, planning, preflight, preparation,
+  resume, settings, trainchecks, trainer, workfolder.
 - ``uncertainty``: "label this next" scores and ranking (``UncertaintyModel``, ``rank_files``).
   imports: errors, inference, io, modelfile, prediction, preflight, preparation, prototypes, settings, writers.
 - ``inputfiles``: the CLI's other input files: case lists, Decathlon folders, colour tables, ``--config``
   (``read_case_list``, ``decathlon_cases``, ``load_config_file``). imports: errors, io, settings.
-- ``demo``: ``cpcl-segment demo`` (``run_demo``). imports: errors, inputfiles, io, metrics, pipeline, prediction,
-  preflight, preparation, settings, writers.
+- ``demo``: ``cpcl-segment demo`` (``run_demo``). imports: errors, inputfiles, io, labels, metrics, pipeline,
+  prediction, preflight, preparation, settings, writers.
 - ``cli_args``: the command line's parser and the training request it stands for (``build_parser``,
   ``build_train_request``). imports: errors, inputfiles, preparation, settings.
 - ``console``: what the CLI prints and how it stops (``Reporter``, ``print_summary``, ``StopControl``).

@@ -25,6 +25,7 @@ import numpy as np
 from . import io as cio
 from .errors import InputError
 from .inputfiles import decathlon_cases
+from .labels import build_label_array
 from .metrics import dice_per_class, mean_dice
 from .pipeline import train
 from .prediction import Predictor
@@ -108,7 +109,7 @@ def run_demo(args: Any, emit: Callable[[Dict[str, Any]], None], should_stop: Cal
     labels = predictor.segment(ct)
     seg_out = os.path.join(out, "CTChest4.seg.nrrd")
     write_prediction(seg_out, labels, ct, predictor.classes)
-    truth, _ = cio.build_label_array(cio.read_segmentation(seg_path), DEMO_SEGMENTS, ct, ct_path)
+    truth, _ = build_label_array(cio.read_segmentation(seg_path), DEMO_SEGMENTS, ct, ct_path)
     k0, k1 = MIDDLE
     mean, dice = mean_dice([dice_per_class(labels[k0:k1], truth[k0:k1], len(predictor.classes))], len(predictor.classes))
     names = [c["name"] for c in predictor.classes[1:]]
@@ -173,7 +174,7 @@ def run_dataset_demo(args: Any, emit, should_stop) -> Dict[str, Any]:
         for x in test:
             img = cio.read_image(x["image"])
             seg = cio.read_segmentation(x["segmentation"])
-            truth, _ = cio.build_label_array(seg, [cl["name"] for cl in predictor.classes[1:]], img, x["image"])
+            truth, _ = build_label_array(seg, [cl["name"] for cl in predictor.classes[1:]], img, x["image"])
             per_case.append(dice_per_class(predictor.segment(img), truth, len(predictor.classes)))
         mean, dice = mean_dice(per_case, len(predictor.classes))
         results[method] = dict(zip([cl["name"] for cl in predictor.classes[1:]], dice))

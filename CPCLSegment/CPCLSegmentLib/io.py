@@ -1,16 +1,12 @@
-"""Reading images and segmentations; putting a segmentation onto its image's grid (writing: ``writers``).
+"""Reading images and segmentations, verified (damage checks: ``integrity``; onto the image grid: ``labels``;
+writing: ``writers``).
 
 - Images: SimpleITK (NIfTI, NRRD, MHA/MHD, DICOM series folders). Always 3-D scalar; vector / RGB / 4-D
   images are refused with a message naming the file.
 - Segmentations: ``.seg.nrrd`` through slicerio (segment names, colours, terminology, label values,
   overlapping layers), or label maps (NIfTI / NRRD / MHA) whose non-zero values are the segments.
-- A segmentation on another grid than its image (Slicer allows it) is resampled onto the image grid with
-  nearest-neighbour interpolation; no physical overlap at all is an error naming both files.
-- Every read is verified (``integrity_problem``): a gzip stream (``.nii.gz``, ``.gz``) is read to its end, its
-  CRC and length checked, and a NIfTI file must hold the bytes its header promises (ITK reads a truncated
-  NIfTI without a word, the missing voxels as zeros). ITK's own reason for a failed read is kept whole
-  (``error_reason``), including what its readers print on stderr (``native_messages``); HDF5's probing
-  diagnostics are dropped.
+- Every read is verified (``integrity.integrity_problem``) and a failed one gives ITK's whole reason
+  (``integrity.error_reason``).
 
 Array convention everywhere in the engine: numpy ``(k, j, i)`` = ``(D, H, W)``, as returned by
 ``sitk.GetArrayFromImage`` and ``slicer.util.arrayFromVolume``. slicerio's voxels are ``(i, j, k)`` and are
@@ -19,21 +15,16 @@ transposed on the way in and out. Physical space is LPS (ITK, slicerio, DICOM).
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import os
-import re
-import sys
-import tempfile
-import threading
-import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .integrity import error_reason, itk_read, native_messages
+
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEG_EXTENSION = ".seg.nrrd"
@@ -71,198 +62,6 @@ def check_exists(path: str, what: str, folder_ok: bool = False) -> None:
         raise InputError(f"{what} not found: {path}")
     if not folder_ok and os.path.isdir(path):
         raise InputError(f"{what} {path} is a folder; give a file")
-
-
-# ------------------------------------------------------------------------------------ verified reading
-
-
-class NativeMessages:
-    """What native code (ITK's readers, HDF5) printed on the process's stderr inside ``native_messages``."""
-
-    def __init__(self) -> None:
-        self.lines: List[str] = []
-
-    def replay(self) -> None:
-        """Prints the captured lines (after a successful read: warnings stay visible)."""
-        if self.lines:
-            with contextlib.suppress(Exception):
-                sys.stderr.write("\n".join(self.lines) + "\n")
-                sys.stderr.flush()
-
-
-_capture_lock = threading.Lock()
-
-
-def _drop_hdf5(lines: Sequence[str]) -> List[str]:
-    """Without HDF5's diagnostic blocks (printed when ITK probes a file that is not HDF5)."""
-    out, skipping = [], False
-    for line in lines:
-        if line.startswith("HDF5-DIAG"):
-            skipping = True
-            continue
-        if skipping and (line.startswith((" ", "\t", ",")) or not line.strip()):
-            continue
-        skipping = False
-        out.append(line)
-    return out
-
-
-@contextlib.contextmanager
-def native_messages() -> Iterator[NativeMessages]:
-    """Captures file descriptor 2 (where ITK's C++ readers print) while a file is read."""
-    holder = NativeMessages()
-    with _capture_lock:
-        try:
-            sys.stderr.flush()
-            saved = os.dup(2)
-        except (OSError, ValueError, AttributeError):
-            yield holder
-            return
-        with tempfile.TemporaryFile() as tmp:
-            try:
-                os.dup2(tmp.fileno(), 2)
-                try:
-                    yield holder
-                finally:
-                    os.dup2(saved, 2)
-                    os.close(saved)
-            finally:
-                tmp.seek(0)
-                text = tmp.read().decode("utf-8", errors="replace")
-                holder.lines = [line for line in _drop_hdf5(text.splitlines()) if line.strip()]
-
-
-_SOURCE_LINE = re.compile(r"^\S*\.(?:cxx|hxx|cpp|txx|h|c):\d+:?\s*$")
-_PREFIX = re.compile(r"^(?:ITK ERROR|sitk::ERROR|ERROR)\s*:\s*(?:[\w:]+\(0x[0-9a-fA-F]+\):\s*)?")
-
-
-def error_reason(e: BaseException, native: Sequence[str] = (), path: Optional[str] = None, limit: int = 600) -> str:
-    """The whole reason of a failed read or write: ITK's message without its source location and class
-    prefixes, NRRD's chain of "trouble" lines reduced to the cause, plus what the reader printed natively."""
-    lines: List[str] = []
-    for raw in list(str(e).splitlines()) + list(native):
-        line = raw.strip()
-        if not line or line.startswith("Exception thrown in SimpleITK") or _SOURCE_LINE.match(line):
-            continue
-        line = _PREFIX.sub("", line)
-        line = re.sub(r"^\[nrrd\]\s*", "", line)
-        if "trouble" in line or line.endswith(":"):
-            continue  # NRRD's chain down to the cause: "nrrdRead: trouble", "_nrrdFormatNRRD_read:"
-        if path and "No such file or directory" in line and os.path.exists(path):
-            continue  # errno left over from an earlier call: misleading when the file is there
-        if line not in lines:
-            lines.append(line)
-    text = "; ".join(lines) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def first_line(e: BaseException) -> str:
-    """Kept for callers of earlier versions: the whole reason (``error_reason``)."""
-    return error_reason(e)
-
-
-_verified: Dict[Tuple[str, int, int], None] = {}
-_verified_lock = threading.Lock()
-
-
-def gzip_problem(path: str, offset: int = 0) -> Tuple[Optional[str], int]:
-    """Reads the gzip stream starting at byte ``offset`` to its end, checking every member's CRC and length;
-    ``(what is wrong or None, uncompressed bytes read)``."""
-    n = 0
-    try:
-        with open(path, "rb") as raw:
-            raw.seek(offset)
-            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
-                while True:
-                    chunk = f.read(1 << 16)
-                    if not chunk:
-                        break
-                    n += len(chunk)
-    except EOFError:
-        return "the compressed data ends early (a truncated file)", n
-    except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError: CRC or length check failed, bad header
-        return f"the compressed data is damaged ({e})", n
-    return None, n
-
-
-def _is_gzip(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(2) == b"\x1f\x8b"
-    except OSError:
-        return False
-
-
-def _nifti_meta(path: str, image: Optional[sitk.Image]) -> Dict[str, str]:
-    if image is not None and image.HasMetaDataKey("vox_offset"):
-        return {k: image.GetMetaData(k) for k in image.GetMetaDataKeys()}
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    with native_messages():
-        reader.ReadImageInformation()
-    return {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
-
-
-def integrity_problem(path: str, image: Optional[sitk.Image] = None) -> Optional[str]:
-    """What is wrong with the bytes of an image file, or None: a gzip-compressed file (``.nii.gz``, ``.gz``)
-    is read to its end (CRC and length of every member), a NIfTI file must hold the bytes its header
-    promises (``vox_offset`` + voxels × ``bitpix`` / 8). ``image``: the file as ITK read it (its header
-    fields), if at hand. NRRD and MetaImage readers check their byte counts themselves."""
-    path = str(path)
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return f"cannot be read ({e.strerror})"
-    if os.path.isdir(path):
-        return None
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    with _verified_lock:
-        if key in _verified:
-            return None
-    low = path.lower()
-    compressed = _is_gzip(path)
-    size = st.st_size
-    if compressed:
-        problem, size = gzip_problem(path)
-        if problem:
-            return problem
-    if low.endswith((".nii", ".nii.gz")):
-        try:
-            meta = _nifti_meta(path, image)
-            ndim = int(meta.get("dim[0]", "0"))
-            voxels = 1
-            for d in range(1, ndim + 1):
-                voxels *= max(1, int(meta.get(f"dim[{d}]", "1")))
-            need = int(float(meta.get("vox_offset", "352"))) + voxels * int(meta.get("bitpix", "8")) // 8
-        except (RuntimeError, ValueError):
-            need = 0  # header unreadable: ITK's own read fails with its reason
-        if size < need:
-            return (f"it holds {size} bytes{' (uncompressed)' if compressed else ''} but its header promises {need} "
-                    f"({need - size} missing: a truncated or incompletely copied file)")
-    with _verified_lock:
-        if len(_verified) > 4096:
-            _verified.clear()
-        _verified[key] = None
-    return None
-
-
-def itk_read(path: str, what: str) -> sitk.Image:
-    """``sitk.ReadImage`` with ITK's whole reason in the ``InputError`` and the file's bytes verified."""
-    path = str(path)
-    with native_messages() as native:
-        try:
-            image = sitk.ReadImage(path)
-        except Exception as e:  # SimpleITK raises RuntimeError with ITK's text
-            err: Optional[BaseException] = e
-        else:
-            err = None
-    if err is not None:
-        raise InputError(f"cannot read {what} {path}: {error_reason(err, native.lines, path)}") from None
-    native.replay()
-    problem = integrity_problem(path, image)
-    if problem:
-        raise InputError(f"{what} {path} is damaged: {problem}")
-    return image
 
 
 def read_header(path: str) -> Optional[Tuple[Tuple[int, ...], Tuple[float, ...]]]:
@@ -498,131 +297,6 @@ def ijk_to_lps_matrix(image: sitk.Image) -> np.ndarray:
     m[:3, :3] = d @ np.diag(image.GetSpacing())
     m[:3, 3] = image.GetOrigin()
     return m
-
-
-# --------------------------------------------------------------------------------------------- geometry
-
-
-def physical_bounds(image: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned LPS bounding box of the image's voxel *cells* (half a voxel beyond the centres)."""
-    size = np.array(image.GetSize(), dtype=float)
-    corners = np.array([[x, y, z] for x in (-0.5, size[0] - 0.5) for y in (-0.5, size[1] - 0.5) for z in (-0.5, size[2] - 0.5)])
-    m = ijk_to_lps_matrix(image)
-    pts = corners @ m[:3, :3].T + m[:3, 3]
-    return pts.min(axis=0), pts.max(axis=0)
-
-
-def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol, rtol=tol)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol * 10, rtol=0)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
-    )
-
-
-def geometry_difference(a: sitk.Image, b: sitk.Image) -> str:
-    """How the grids of ``a`` and ``b`` differ, in words ("" when they are the same grid)."""
-    parts = []
-    if a.GetSize() != b.GetSize():
-        parts.append(f"size {list(a.GetSize())} vs {list(b.GetSize())} voxels")
-    if not np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-4, atol=1e-4):
-        parts.append(f"spacing {[round(v, 4) for v in a.GetSpacing()]} vs {[round(v, 4) for v in b.GetSpacing()]} mm")
-    shift = float(np.linalg.norm(np.subtract(a.GetOrigin(), b.GetOrigin())))
-    if shift > 1e-3:
-        parts.append(f"origin {[round(v, 2) for v in a.GetOrigin()]} vs {[round(v, 2) for v in b.GetOrigin()]} mm ({shift:.1f} mm apart)")
-    if not np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4):
-        parts.append("a different orientation (direction matrix)")
-    return "; ".join(parts)
-
-
-def resample_label_to(label: sitk.Image, reference: sitk.Image, label_name: str, reference_name: str) -> np.ndarray:
-    """The label image on the reference grid (nearest neighbour), as an int16 ``(D, H, W)`` array.
-
-    Raises InputError naming both when their physical extents do not overlap at all.
-    """
-    if same_grid(label, reference):
-        return sitk.GetArrayFromImage(label).astype(np.int16)
-    lo1, hi1 = physical_bounds(label)
-    lo2, hi2 = physical_bounds(reference)
-    if (np.minimum(hi1, hi2) <= np.maximum(lo1, lo2)).any():
-        raise InputError(
-            f"segmentation {label_name} and image {reference_name} do not overlap in space "
-            f"(segmentation spans {np.round(lo1, 1).tolist()}..{np.round(hi1, 1).tolist()} mm, "
-            f"image {np.round(lo2, 1).tolist()}..{np.round(hi2, 1).tolist()} mm, LPS); "
-            "are they from the same patient and scan?"
-        )
-    out = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
-    return sitk.GetArrayFromImage(out)
-
-
-# ------------------------------------------------------------------------------------- label building
-
-
-def build_label_array(
-    segmentation: Segmentation,
-    wanted: Sequence[Any],
-    image: sitk.Image,
-    image_name: str,
-) -> Tuple[np.ndarray, List[int]]:
-    """Class-index label array on the image grid for the wanted segments.
-
-    Args:
-        segmentation: as read by ``read_segmentation``.
-        wanted: for each class 1..K-1, the key that identifies it: a segment **name** (``.seg.nrrd``) or
-            a **label value** (label maps).
-        image: the image whose grid the labels must be on.
-    Returns:
-        ``(labels, missing)``: int16 ``(D, H, W)`` with 0 = background and c = ``wanted[c-1]``; ``missing``
-        lists the class indices (1-based) whose segment is absent or empty in this segmentation.
-    Raises:
-        InputError when selected segments overlap (naming them).
-    """
-    shape = tuple(reversed(image.GetSize()))
-    labels = np.zeros(shape, dtype=np.int16)
-    owner = np.zeros(shape, dtype=np.int16)
-    missing = []
-    segmentation.outside = {}
-    for c, key in enumerate(wanted, start=1):
-        seg = find_segment(segmentation, key)
-        if seg is None:
-            missing.append(c)
-            continue
-        layer = segmentation._arrays.get(seg.layer)
-        if layer is None:
-            layer = resample_label_to(segmentation.layers[seg.layer], image, segmentation.path, image_name)
-            segmentation._arrays[seg.layer] = layer
-        mask = layer == seg.label_value
-        if not mask.any():
-            missing.append(c)
-            in_file = int((sitk.GetArrayViewFromImage(segmentation.layers[seg.layer]) == seg.label_value).sum())
-            if in_file:
-                segmentation.outside[key] = in_file
-            continue
-        clash = mask & (owner > 0)
-        if clash.any():
-            other = wanted[int(np.bincount(owner[clash]).argmax()) - 1]
-            raise InputError(
-                f"segments {other!r} and {key!r} overlap in {segmentation.path} ({int(clash.sum())} voxels); "
-                "a voxel can belong to one selected segment only: select non-overlapping segments"
-            )
-        labels[mask] = c
-        owner[mask] = c
-    segmentation._arrays.clear()
-    return labels, missing
-
-
-def find_segment(segmentation: Segmentation, key: Any) -> Optional[SegmentInfo]:
-    if segmentation.from_labelmap:
-        for s in segmentation.segments:
-            if (isinstance(key, int) and s.label_value == key) or s.name == str(key):
-                return s
-        return None
-    for s in segmentation.segments:
-        if s.name == str(key):
-            return s
-    lowered = [s for s in segmentation.segments if s.name.lower() == str(key).lower()]
-    return lowered[0] if len(lowered) == 1 else None
 
 
 def strip_extension(name: str) -> str:

@@ -3,15 +3,17 @@ child process and the benchmarks call.
 
 Steps of ``train`` (each step's code lives in its own module):
 
-0. **Check** before any work (``preflight``): the model path (``.pt``), every output against every input (no
-   output may replace an input), writable folders, values (``--spacing``, ``--freeze-encoder`` needs
-   ``--init``), the lock ``<model>.lock`` (a second training writing the same file is refused), and with
-   ``--resume`` the checkpoint: what may change (iterations, lr, ...) is applied, what may not is refused.
+0. **Check** before any work (``trainchecks``, ``preflight``): the model path (``.pt``), every output against
+   every input (no output may replace an input), writable folders, values (``--spacing``, ``--freeze-encoder``
+   needs ``--init``), the lock ``<model>.lock`` (a second training writing the same file is refused), and with
+   ``--resume`` the checkpoint (``resume``): what may change (iterations, lr, ...) is applied, what may not is
+   refused.
 1. **Inspect** every labeled case once (``preparation``: classes, sparse labels, voxels per segment,
    foreground intensities). Problems are found here, before any training.
 2. **Plan**: target spacing, patch size, normalisation, memory and time (``planning``), unless the config or
    the starting model fixes them.
-3. **Preprocess** each case onto the model grid, stored as ``.npy`` in a work folder (``preparation``).
+3. **Preprocess** each case onto the model grid, stored as ``.npy`` in a work folder (``preparation``,
+   ``workfolder``), after checking every grid and the disk space the run needs (``trainchecks``).
 4. **Train** (``trainer.Trainer``), with checkpoints for ``--resume``; ``--compare-supervised`` also trains
    supervised-only and keeps the better model on the validation cases (``compare_supervised``).
 5. **Save** the model file atomically, plus the run record ``<model>.run.json`` (``modelfile``). A run stopped
@@ -25,64 +27,37 @@ Prediction is ``prediction.py``. ``LabeledInput`` and ``TrainRequest`` (``prepar
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from . import cleanup
-from . import io as cio
 from .data import Case
-from .errors import Cancelled, InputError, OutputError
+from .errors import Cancelled, InputError
 from .metrics import mean_dice_over_cases
 from .modelfile import (
     build_from_record,
     checkpoint_path,
-    load_checkpoint,
     load_model,
     make_record,
     plain,
-    run_record_path,
     save_checkpoint,
     save_model,
     starting_state,
     write_run_record,
 )
-from .planning import (
-    check_grids,
-    check_memory,
-    count_params,
-    estimate_seconds,
-    format_bytes,
-    iterations_for_minutes,
-    plan_run,
-    shape_at_spacing,
-)
-from .preflight import OutputLock, check_free_space, check_outputs, check_spacing, same_file, sweep_leftovers
-from .preparation import (
-    CaseInfo,
-    Emit,
-    LabeledInput,
-    TrainRequest,
-    canonical_path,
-    fingerprint_difference,
-    inspect_cases,
-    preprocess_labeled,
-    preprocess_unlabeled,
-    resolve_classes,
-    run_fingerprint,
-)
-from .settings import NETWORK_KEYS, SHORT_COPY_PASTE_RUN
+from .planning import check_memory, estimate_seconds, format_bytes, iterations_for_minutes, plan_run
+from .preflight import OutputLock, sweep_leftovers
+from .preparation import CaseInfo, Emit, LabeledInput, TrainRequest, inspect_cases, resolve_classes, run_fingerprint
+from .resume import resume_checkpoint
+from .settings import SHORT_COPY_PASTE_RUN
+from .trainchecks import check_case_grids, check_disk_space, check_request
 from .trainer import TrainConfig, Trainer, TrainResult, resolve_device
-from .writers import no_space_message
+from .workfolder import preprocess_cases, work_folder
 
 __all__ = ["LabeledInput", "TrainRequest", "train", "compare_supervised", "short_run_warning"]
 
@@ -123,7 +98,7 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
     emit = emit or _quiet
     rank0 = distributed is None or distributed.rank == 0
     say = emit if rank0 else _quiet
-    _check_request(request, say)  # paths and values, before anything is read or written
+    check_request(request, say)  # paths and values, before anything is read or written
     lock = OutputLock(request.out).acquire(say) if rank0 else None
     ckpt_file = checkpoint_path(request.out)
     wrote_ckpt: List[bool] = []
@@ -131,8 +106,8 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
         if rank0:
             sweep_leftovers([os.path.dirname(os.path.abspath(request.out)), request.work_dir], say)
         run = _prepare(request, emit, distributed)
-        with _work_folder(request.work_dir) as work_dir:
-            labeled, validation, unlabeled = _preprocess(run, work_dir)
+        with work_folder(request.work_dir) as work_dir:
+            labeled, validation, unlabeled = preprocess_cases(request, run.classes, run.plan, run.unlabeled_paths, work_dir, run.say)
             start_eval = _score_starting_model(run, validation)
 
             def make_trainer(cfg: TrainConfig, checkpoint: Optional[Callable[[Trainer, int], None]]) -> Trainer:
@@ -167,21 +142,6 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
         "validation_mean_dice": score, "comparison": comparison, "seconds": round(time.time() - t_start, 1),
         "best": result.best,
     }
-
-
-def _preprocess(run: "_Run", work_dir: str) -> Tuple[List[Case], List[Case], List[Case]]:
-    """The labeled, validation and unlabeled cases on the model grid, in ``work_dir`` (a full disk is an
-    ``OutputError`` naming the disk, not an internal error)."""
-    request = run.request
-    try:
-        labeled = preprocess_labeled(request.labeled, run.classes, run.plan, request, work_dir, run.say, "labeled")
-        validation = preprocess_labeled(request.validation, run.classes, run.plan, request, work_dir, run.say, "validation")
-        unlabeled = preprocess_unlabeled(run.unlabeled_paths, run.plan, work_dir, run.say)
-    except OSError as e:
-        reason = no_space_message(work_dir) if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) else (e.strerror or str(e))
-        raise OutputError(f"cannot write the preprocessed cases to {work_dir}: {reason}; free some space or give --work-dir "
-                          "on a disk with room") from None
-    return labeled, validation, unlabeled
 
 
 def compare_supervised(run: _Run, make_trainer: MakeTrainer, resume_state: Optional[Dict[str, Any]],
@@ -226,7 +186,7 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     init_record = load_model(request.init) if request.init else None
     classes = resolve_classes(request)
     fingerprint = run_fingerprint(request, classes)
-    checkpoint = _resume_checkpoint(request, fingerprint, say) if request.resume else None
+    checkpoint = resume_checkpoint(request, fingerprint, say) if request.resume else None
     cfg = request.config
     infos, fg_samples, is_ct = inspect_cases(request, classes, say)
     init_state = starting_state(init_record, request.init, classes, cfg, request.network_overrides, say) if init_record else None
@@ -237,14 +197,15 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     run = _Run(request, cfg, device, classes, infos, plan, init_record, init_state, list(request.unlabeled) + sparse, say, rank0,
                checkpoint["trainer"] if checkpoint else None, fingerprint)
     check_memory(plan, device)
-    _check_grids(run)
+    planned = request.spacing is None and init_record is None and checkpoint is None
+    check_case_grids(request, infos, plan["spacing"], say, planned)
     if cfg.minutes is not None and checkpoint is None:
         if distributed is not None:
             raise InputError("--minutes plans the iterations from one process's step time: with torchrun give --iterations")
         cfg.iterations = iterations_for_minutes(cfg, len(classes), device)
         say({"event": "info", "message": f"training for about {cfg.minutes:g} min: {cfg.iterations} iterations at the measured step time"})
     if rank0:
-        _check_disk_space(run)
+        check_disk_space(request, cfg, classes, infos, plan["spacing"], run.unlabeled_paths)
     say(_summary(run))
     if cfg.method != "supervised" and not run.unlabeled_paths:
         say({"event": "warning", "message": "no unlabeled cases given: training supervised-only"})
@@ -273,146 +234,6 @@ def short_run_warning(cfg: TrainConfig, has_unlabeled: bool, compare_supervised:
             "held-out cases (--validation CASES --compare-supervised; in Slicer: tick \"Hold out the last case\")")
 
 
-def _check_request(request: TrainRequest, say: Emit) -> TrainConfig:
-    """Everything about a request that can be checked without reading images: the config, the model path,
-    every output against every input, writable folders, values. Errors name the flag and the file."""
-    if not request.labeled:
-        raise InputError("give at least one labeled case (an image and its segmentation)")
-    cfg = request.config.validate()
-    out = str(request.out)
-    if not out.strip():
-        raise InputError("--out is empty: give the model file to write, e.g. --out model.pt")
-    if os.path.isdir(out):
-        raise InputError(f"--out {out} is a folder; give the model file to write, e.g. --out {os.path.join(out, 'model.pt')}")
-    if not out.lower().endswith(".pt"):
-        raise InputError(f"--out {out}: a model file name ends in .pt (e.g. --out {cio.strip_extension(out) or 'model'}.pt)")
-    if cfg.freeze_encoder and not request.init:
-        raise InputError("--freeze-encoder keeps the encoder of a starting model fixed: it needs --init MODEL "
-                         "(without one it would freeze randomly initialised weights)")
-    request.spacing = check_spacing(request.spacing)
-    if request.compare_supervised and not request.validation:
-        raise InputError("--compare-supervised needs --validation cases to compare on")
-    inputs: List[Tuple[str, str]] = []
-    for role, items in (("labeled", request.labeled), ("validation", request.validation)):
-        for item in items:
-            cio.check_exists(item.image, f"{role} image", folder_ok=True)
-            cio.check_exists(item.segmentation, f"segmentation of {role} image {item.image}")
-            if same_file(item.image, item.segmentation):
-                raise InputError(f"the same file {item.image} is given as the image and as the segmentation of a {role} case; "
-                                 "give the image and its segmentation (a .seg.nrrd or a label map)")
-            inputs += [(f"{role} image", item.image), (f"segmentation of {item.image}", item.segmentation)]
-    for u in request.unlabeled:
-        cio.check_exists(u, "unlabeled image", folder_ok=True)
-        inputs.append(("unlabeled image", u))
-    if request.init:
-        inputs.append(("--init model", request.init))
-    inputs += list(request.other_inputs)
-    outputs = [("--out", out), ("its run record", run_record_path(out)), ("its resume checkpoint", checkpoint_path(out)),
-               ("its lock file", out + ".lock")]
-    check_outputs(outputs, inputs, [("--work-dir", request.work_dir)] if request.work_dir else [])
-    if request.resume and not os.path.exists(checkpoint_path(out)):
-        raise InputError(f"--resume: no checkpoint {checkpoint_path(out)} to resume from (start without --resume)")
-    if not request.resume and os.path.exists(checkpoint_path(out)):
-        say({"event": "warning", "message": f"{checkpoint_path(out)} (an interrupted run's checkpoint) will be replaced by this "
-             "run's; to continue that run instead, give --resume"})
-    labeled_images = {canonical_path(i.image) for i in request.labeled}
-    dup = [u for u in request.unlabeled if canonical_path(u) in labeled_images]
-    if dup:
-        say({"event": "warning", "message": f"{len(dup)} image(s) are given both as labeled and unlabeled (e.g. {dup[0]}); "
-             "they are used in both streams"})
-    return cfg
-
-
-def _check_grids(run: "_Run") -> None:
-    """Every case at the target spacing: nothing collapses to a few voxels or explodes past memory (``planning.check_grids``)."""
-    cases = [(i.name, i.size, i.spacing, True) for i in run.infos]
-    for path in list(run.request.unlabeled) + [v.image for v in run.request.validation]:
-        header = cio.read_header(path)
-        if header is not None:
-            cases.append((path, header[0], header[1], False))
-    planned = run.request.spacing is None and run.init_record is None and run.resume_state is None
-    check_grids(run.plan["spacing"], cases, run.say, planned)
-
-
-def _check_disk_space(run: "_Run") -> None:
-    """The model file, its checkpoint and the preprocessed cases fit on their disks (estimated)."""
-    cfg, request = run.cfg, run.request
-    params = count_params(cfg.width, cfg.depth, len(run.classes)) * 4.0
-    spacing = run.plan["spacing"]
-    work_bytes = 0.0
-    for info in run.infos:
-        work_bytes += 6.0 * float(np.prod(shape_at_spacing(info.size, info.spacing, spacing or info.spacing)))
-    for path in list(run.unlabeled_paths) + [v.image for v in request.validation]:
-        header = cio.read_header(path)
-        if header is not None:
-            work_bytes += 6.0 * float(np.prod(shape_at_spacing(header[0], header[1], spacing or header[1])))
-    work_parent = request.work_dir or tempfile.gettempdir()
-    check_free_space([(str(request.out), params * 9, "the model file and its resume checkpoint"),
-                      (work_parent, work_bytes, f"the preprocessed cases (in {work_parent})")])
-
-
-def _resume_checkpoint(request: TrainRequest, fingerprint: Dict[str, Any], say: Emit) -> Dict[str, Any]:
-    """The checkpoint ``--resume`` continues: same cases and segments (paths compared absolute and
-    link-resolved), its config with the settings that may change applied (``RESUME_MAY_CHANGE``) and the ones
-    that may not refused, naming them. ``request.config`` becomes that config."""
-    ckpt_file = checkpoint_path(request.out)
-    ck = load_checkpoint(ckpt_file)
-    diff = fingerprint_difference(ck.get("fingerprint") or {}, fingerprint)
-    if diff:
-        raise InputError(f"--resume: checkpoint {ckpt_file} belongs to a run with other cases or segments ({diff}); "
-                         "give the same cases, or start anew without --resume")
-    try:
-        old = TrainConfig.from_dict(ck["trainer"]["config"]).validate()
-        done = int(ck["trainer"]["iteration"])
-    except (KeyError, TypeError, ValueError, InputError) as e:
-        raise InputError(f"--resume: checkpoint {ckpt_file} is damaged ({e})") from None
-    new = request.config
-    given = request.settings_given if request.settings_given is not None else [
-        f for f in new.to_dict() if not (f == "iterations" and new.minutes is not None and new.minutes == old.minutes)]
-    changed, refused = [], []
-    for name in given:
-        a, b = getattr(new, name), getattr(old, name)
-        if name == "patch_size":
-            if a is None:
-                continue
-            a, b = list(a), list(b) if b is not None else None
-        if a == b:
-            continue
-        if name in RESUME_MAY_CHANGE:
-            setattr(old, name, getattr(new, name))
-            changed.append(f"{name} {b} -> {a}")
-        else:
-            refused.append(f"{_setting_flag(name)} {a} (the interrupted run: {b})")
-    plan = ck.get("plan") or {}
-    if request.spacing is not None and plan.get("spacing") is not None and not np.allclose(request.spacing, plan["spacing"]):
-        refused.append(f"--spacing {list(request.spacing)} (the interrupted run: {plan['spacing']})")
-    modality = (plan.get("normalization") or {}).get("modality")
-    if request.modality not in ("auto", None) and modality and request.modality != modality:
-        refused.append(f"--modality {request.modality} (the interrupted run: {modality})")
-    if refused:
-        raise InputError("--resume continues the interrupted run, whose settings cannot change mid-run: " + "; ".join(refused)
-                         + ". Drop these to resume, or start a new run without --resume")
-    if old.iterations <= done:
-        raise InputError(f"--resume: {ckpt_file} is at iteration {done}: {old.iterations} iterations would train no further; "
-                         f"give --iterations more than {done}")
-    request.config = old
-    cleanup.note_written(ckpt_file, "resume checkpoint: --resume continues from it")  # a cancel keeps it and says so
-    say({"event": "info", "message": f"resuming from iteration {done} of {old.iterations}" + (f" ({'; '.join(changed)})" if changed else "")})
-    return ck
-
-
-# what ``--resume`` may change in an interrupted run: its length and learning rate, how often it reports, where it runs
-RESUME_MAY_CHANGE = ("iterations", "lr", "validation_every", "checkpoint_every", "validation_overlap", "device", "amp",
-                     "channels_last", "compile")
-
-
-def _setting_flag(name: str) -> str:
-    from .settings import cli_settings
-
-    flags = dict((n, m.get("flag")) for n, m in cli_settings())
-    return flags.get(name) or (f"{name} (network)" if name in NETWORK_KEYS else f"{name} (setting)")
-
-
 def _summary(run: _Run) -> Dict[str, Any]:
     """The ``summary`` event: cases, voxels per segment, plan, and estimated time and memory."""
     cfg, classes = run.cfg, run.classes
@@ -434,30 +255,6 @@ def _summary(run: _Run) -> Dict[str, Any]:
         "estimated_memory": format_bytes(run.plan["memory"]["total"]),
         "estimated_time_s": est_s,
     }
-
-
-@contextlib.contextmanager
-def _work_folder(work_dir: Optional[str]) -> Iterator[str]:
-    """``work_dir`` (created if needed), or a temporary folder removed afterwards (on cancel too: ``cleanup``)."""
-    if work_dir is not None:
-        try:
-            os.makedirs(work_dir, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create --work-dir {work_dir}: {e.strerror or e}") from None
-        yield work_dir
-        return
-    try:
-        folder = tempfile.mkdtemp(prefix=cleanup.work_prefix())
-    except OSError as e:
-        where = tempfile.gettempdir()
-        reason = no_space_message(where) if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) else (e.strerror or str(e))
-        raise OutputError(f"cannot create a temporary folder in {where}: {reason}; set TMPDIR to another folder or give --work-dir") from None
-    cleanup.register(folder)
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-        cleanup.unregister(folder)
 
 
 # ------------------------------------------------------------------------------------ around training

@@ -26,6 +26,7 @@ import torch
 from . import io as cio
 from .errors import InputError
 from .inference import class_argmax, predict_probabilities
+from .labels import same_grid
 from .modelfile import build_from_record, load_model
 from .devices import resolve_device
 from .preflight import check_outputs, sweep_leftovers
@@ -75,7 +76,7 @@ def back_to_image_grid(probs: torch.Tensor, grid: sitk.Image, image: sitk.Image,
         # the exact inverse of the canonical reorientation (an axis permutation / flip, no interpolation)
         code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
         back = sitk.DICOMOrient(lab, code)
-        if cio.same_grid(back, image):
+        if same_grid(back, image):
             labels = sitk.GetArrayFromImage(back)
         else:
             out = sitk.Resample(lab, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)

@@ -32,6 +32,7 @@ import SimpleITK as sitk
 from . import io as cio
 from .data import Case, make_case
 from .errors import InputError
+from .labels import build_label_array, find_segment, geometry_difference, same_grid
 from .prepcache import canonical_path, case_key, file_identity
 from .prototypes import IGNORE_INDEX
 from .settings import ANNOTATED_SLICES, TrainConfig
@@ -217,13 +218,13 @@ def read_labeled(
     """(image, labels on the image grid with -1 for unknown voxels, class_known (K,))."""
     image = cio.read_image(item.image)
     seg = cio.read_segmentation(item.segmentation, segment_names)
-    labels, missing = cio.build_label_array(seg, wanted, image, item.image)
+    labels, missing = build_label_array(seg, wanted, image, item.image)
     note = geometry_note(seg, image, item)
     if note:
         emit({"event": "warning", "message": note})
     for key, n in seg.outside.items():
         emit({"event": "warning", "message": f"segment {key!r} has {n} voxels in {item.segmentation}, but none inside image "
-              f"{item.image}: the segmentation lies outside its image ({cio.geometry_difference(seg.layers[0], image)})"})
+              f"{item.image}: the segmentation lies outside its image ({geometry_difference(seg.layers[0], image)})"})
     known_mask = annotated_mask(labels, image, item.annotated_slices, item.name, emit)
     if known_mask is not None:
         labels = np.where(known_mask, labels, IGNORE_INDEX).astype(np.int16)
@@ -240,10 +241,10 @@ def geometry_note(seg: cio.Segmentation, image: sitk.Image, item: LabeledInput) 
     if not seg.from_labelmap or not seg.layers:
         return None
     layer = seg.layers[0]
-    if layer.GetSize() != image.GetSize() or cio.same_grid(layer, image):
+    if layer.GetSize() != image.GetSize() or same_grid(layer, image):
         return None
     return (f"segmentation {item.segmentation} has the voxel dimensions of image {item.image} but another geometry "
-            f"({cio.geometry_difference(layer, image)}); it is placed by physical position. If it was saved without the "
+            f"({geometry_difference(layer, image)}); it is placed by physical position. If it was saved without the "
             "image's header (e.g. from numpy), copy the image's geometry into it first")
 
 
@@ -258,7 +259,7 @@ def resolve_classes(request: TrainRequest) -> List[Dict[str, Any]]:
         raise InputError(f"segment names must be unique, got {wanted}")
     classes: List[Dict[str, Any]] = [{"name": "background", "color": [0.0, 0.0, 0.0], "label_value": 0}]
     for name in wanted:
-        info = next((s for s in (cio.find_segment(seg, name) for seg in firsts) if s is not None), None)
+        info = next((s for s in (find_segment(seg, name) for seg in firsts) if s is not None), None)
         if info is None:
             where = ", ".join(os.path.basename(it.segmentation) for it in request.labeled[:5])
             available = sorted({s.name for seg in firsts for s in seg.segments})

@@ -25,17 +25,8 @@ import SimpleITK as sitk
 
 from . import cleanup
 from .errors import InputError, OutputError
-from .io import (
-    IMAGE_EXTENSIONS,
-    SEG_EXTENSION,
-    default_color,
-    error_reason,
-    has_extension,
-    ijk_to_lps_matrix,
-    integrity_problem,
-    is_seg_nrrd,
-    itk_read,
-)
+from .integrity import error_reason, integrity_problem, itk_read
+from .io import IMAGE_EXTENSIONS, SEG_EXTENSION, default_color, has_extension, ijk_to_lps_matrix, is_seg_nrrd
 
 MIN_FREE_BYTES = 1 << 20  # below this a disk counts as full whatever the write
 
@@ -119,7 +110,7 @@ def _fsync(path: str) -> None:
 
 def verify_written(path: str) -> Optional[str]:
     """What is wrong with a file just written, or None: a model file's zip (every member's CRC), an image or
-    segmentation re-read by ITK (NRRD, MetaImage check their byte counts) and verified (``io.integrity_problem``:
+    segmentation re-read by ITK (NRRD, MetaImage check their byte counts) and verified (``integrity.integrity_problem``:
     gzip CRC and length, NIfTI byte count), a JSON file parsed."""
     low = str(path).lower()
     try:

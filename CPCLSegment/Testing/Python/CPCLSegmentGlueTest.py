@@ -27,6 +27,7 @@ class CPCLSegmentGlueTest(unittest.TestCase):
         import slicerio
 
         from CPCLSegmentLib import io as cio
+        from CPCLSegmentLib.labels import build_label_array
         from CPCLSegmentModuleLib import core
 
         folder = os.path.join(os.path.dirname(slicerio.__file__), "data")
@@ -38,7 +39,7 @@ class CPCLSegmentGlueTest(unittest.TestCase):
             seg_path = os.path.join(tmp, "s.seg.nrrd")
             core.export_segmentation(volume, segmentation, names, seg_path)
             image = cio.read_image(image_path)
-            labels, missing = cio.build_label_array(cio.read_segmentation(seg_path), names, image, image_path)
+            labels, missing = build_label_array(cio.read_segmentation(seg_path), names, image, image_path)
         self.assertEqual(missing, [])
         arrays = core.labeled_arrays(volume, segmentation, names)
         self.assertTrue(np.array_equal(labels, arrays.labels(names)))

@@ -1,0 +1,104 @@
+"""Checks of a training request before any work: paths and values (nothing read or written yet), every case's
+grid at the target spacing, and an estimate of the disk space the run needs.
+
+- ``check_request``: the config, the model path (``.pt``), every output against every input (no output may
+  replace an input), writable folders, values (``--spacing``, ``--freeze-encoder`` needs ``--init``), the
+  resume checkpoint's presence. Errors name the flag and the file.
+- ``check_case_grids``: nothing collapses to a few voxels or explodes past memory at the target spacing.
+- ``check_disk_space``: the model file, its checkpoint and the preprocessed cases fit on their disks.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import io as cio
+from .errors import InputError
+from .modelfile import checkpoint_path, run_record_path
+from .planning import check_grids, count_params, shape_at_spacing
+from .preflight import check_free_space, check_outputs, check_spacing, same_file
+from .prepcache import canonical_path
+from .preparation import CaseInfo, Emit, TrainRequest
+from .settings import TrainConfig
+
+
+def check_request(request: TrainRequest, say: Emit) -> TrainConfig:
+    """Everything about a request that can be checked without reading images: the config, the model path,
+    every output against every input, writable folders, values. Errors name the flag and the file."""
+    if not request.labeled:
+        raise InputError("give at least one labeled case (an image and its segmentation)")
+    cfg = request.config.validate()
+    out = str(request.out)
+    if not out.strip():
+        raise InputError("--out is empty: give the model file to write, e.g. --out model.pt")
+    if os.path.isdir(out):
+        raise InputError(f"--out {out} is a folder; give the model file to write, e.g. --out {os.path.join(out, 'model.pt')}")
+    if not out.lower().endswith(".pt"):
+        raise InputError(f"--out {out}: a model file name ends in .pt (e.g. --out {cio.strip_extension(out) or 'model'}.pt)")
+    if cfg.freeze_encoder and not request.init:
+        raise InputError("--freeze-encoder keeps the encoder of a starting model fixed: it needs --init MODEL "
+                         "(without one it would freeze randomly initialised weights)")
+    request.spacing = check_spacing(request.spacing)
+    if request.compare_supervised and not request.validation:
+        raise InputError("--compare-supervised needs --validation cases to compare on")
+    inputs: List[Tuple[str, str]] = []
+    for role, items in (("labeled", request.labeled), ("validation", request.validation)):
+        for item in items:
+            cio.check_exists(item.image, f"{role} image", folder_ok=True)
+            cio.check_exists(item.segmentation, f"segmentation of {role} image {item.image}")
+            if same_file(item.image, item.segmentation):
+                raise InputError(f"the same file {item.image} is given as the image and as the segmentation of a {role} case; "
+                                 "give the image and its segmentation (a .seg.nrrd or a label map)")
+            inputs += [(f"{role} image", item.image), (f"segmentation of {item.image}", item.segmentation)]
+    for u in request.unlabeled:
+        cio.check_exists(u, "unlabeled image", folder_ok=True)
+        inputs.append(("unlabeled image", u))
+    if request.init:
+        inputs.append(("--init model", request.init))
+    inputs += list(request.other_inputs)
+    outputs = [("--out", out), ("its run record", run_record_path(out)), ("its resume checkpoint", checkpoint_path(out)),
+               ("its lock file", out + ".lock")]
+    check_outputs(outputs, inputs, [("--work-dir", request.work_dir)] if request.work_dir else [])
+    if request.resume and not os.path.exists(checkpoint_path(out)):
+        raise InputError(f"--resume: no checkpoint {checkpoint_path(out)} to resume from (start without --resume)")
+    if not request.resume and os.path.exists(checkpoint_path(out)):
+        say({"event": "warning", "message": f"{checkpoint_path(out)} (an interrupted run's checkpoint) will be replaced by this "
+             "run's; to continue that run instead, give --resume"})
+    labeled_images = {canonical_path(i.image) for i in request.labeled}
+    dup = [u for u in request.unlabeled if canonical_path(u) in labeled_images]
+    if dup:
+        say({"event": "warning", "message": f"{len(dup)} image(s) are given both as labeled and unlabeled (e.g. {dup[0]}); "
+             "they are used in both streams"})
+    return cfg
+
+
+def check_case_grids(request: TrainRequest, infos: Sequence[CaseInfo], spacing: Optional[Sequence[float]], say: Emit,
+                     planned: bool) -> None:
+    """Every case at the target spacing: nothing collapses to a few voxels or explodes past memory
+    (``planning.check_grids``). ``planned``: the spacing was planned here (not given, nor fixed by a model)."""
+    cases = [(i.name, i.size, i.spacing, True) for i in infos]
+    for path in list(request.unlabeled) + [v.image for v in request.validation]:
+        header = cio.read_header(path)
+        if header is not None:
+            cases.append((path, header[0], header[1], False))
+    check_grids(spacing, cases, say, planned)
+
+
+def check_disk_space(request: TrainRequest, cfg: TrainConfig, classes: Sequence[Dict[str, Any]], infos: Sequence[CaseInfo],
+                     spacing: Optional[Sequence[float]], unlabeled_paths: Sequence[str]) -> None:
+    """The model file, its checkpoint and the preprocessed cases fit on their disks (estimated)."""
+    params = count_params(cfg.width, cfg.depth, len(classes)) * 4.0
+    work_bytes = 0.0
+    for info in infos:
+        work_bytes += 6.0 * float(np.prod(shape_at_spacing(info.size, info.spacing, spacing or info.spacing)))
+    for path in list(unlabeled_paths) + [v.image for v in request.validation]:
+        header = cio.read_header(path)
+        if header is not None:
+            work_bytes += 6.0 * float(np.prod(shape_at_spacing(header[0], header[1], spacing or header[1])))
+    work_parent = request.work_dir or tempfile.gettempdir()
+    check_free_space([(str(request.out), params * 9, "the model file and its resume checkpoint"),
+                      (work_parent, work_bytes, f"the preprocessed cases (in {work_parent})")])
