@@ -30,7 +30,10 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``OutputLock``, ``check_stop_file``, ``check_spacing``, ``sweep_leftovers``). imports: cleanup, errors, writers.
 - ``devices``: where the networks run (``resolve_device``, ``describe_device``, ``autocast_context``, ``is_oom``).
   imports: errors.
-- ``network``: the VNet returning ``(logits, features)`` (``VNet``, ``build_network``). imports: none.
+- ``backbones``: allow-listed MONAI networks returning ``(logits, features)`` through a decoder-stage hook
+  (``MonaiBackbone``, ``ALLOWED``, ``make_spec``, ``check_spec``, ``adapt_state``, ``BackboneError``). imports: errors.
+- ``network``: the VNet returning ``(logits, features)``; ``build_network`` builds it or an allow-listed MONAI
+  backbone (``VNet``, ``build_network``). imports: backbones.
 - ``prototypes``: masked average pooling and cosine prototype maps (``masked_average_pooling``,
   ``prototype_logits``, ``feature_masks``, ``IGNORE_INDEX``). imports: settings.
 - ``losses``: one function per loss equation and one loss-term function per method (``supervised_loss``,
@@ -45,8 +48,11 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``mean_dice_over_cases``). imports: inference.
 - ``distributed``: torchrun / DDP (``DistributedContext``). imports: errors.
 - ``modelfile``: the model file and what lies beside it (``save_model``, ``load_model``, ``build_from_record``,
-  ``make_record``, ``write_run_record``, ``checkpoint_path``, ``starting_state``, ``plain``).
-  imports: errors, network, writers.
+  ``make_record``, ``write_run_record``, ``checkpoint_path``, ``plain``).
+  imports: backbones, errors, network, writers.
+- ``pretrained``: starting points for ``--init`` (our model files, Auto3DSeg checkpoints, MONAI bundles), segment
+  matching and the weights to start from, the MONAIAuto3DSeg models on this computer (``read_starting_point``,
+  ``starting_state``, ``match_segments``, ``find_auto3dseg_models``). imports: backbones, errors, modelfile, network.
 - ``prepcache``: the preprocessing cache's keys: an input file's identity (path, size, mtime) and a case's key
   (``file_identity``, ``case_key``, ``canonical_path``, ``PREPROCESSING_VERSION``). imports: none.
 - ``preparation``: a run's inputs to ``Case`` objects: classes, sparse labels, fingerprint, preprocessing
@@ -96,4 +102,4 @@ __version__ = "0.1.0"
 
 # Version of the model-file layout written by modelfile.save_model. Bump when fields change meaning.
 MODEL_FORMAT = "cpcl-segment-model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2  # 2: a MONAI backbone (``backbones``); VNet model files are still written as 1

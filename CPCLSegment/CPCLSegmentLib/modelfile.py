@@ -6,11 +6,13 @@ reads it and a model file can never execute code)::
     format            "cpcl-segment-model"
     format_version    1
     engine_version    CPCLSegmentLib version that wrote it
-    network           VNet config (in_channels, num_classes, width, depth, norm, feature_level, dropout)
+    network           VNet config (in_channels, num_classes, width, depth, norm, feature_level, dropout), or an
+                      allow-listed MONAI network (``backbones``: backbone, args, feature_level, layout; format 2)
     classes           [{name, color, label_value, terminology?, segment_id?}], index 0 = background
     spacing           target spacing [x, y, z] mm (None: each image's own)
     orientation       canonical voxel orientation applied before the network ("LPS")
-    normalization     {"scheme": "ct", clip, mean, std} or {"scheme": "zscore"}
+    normalization     {"scheme": "ct", clip, mean, std}, {"scheme": "zscore", nonzero?, tanh?}, {"scheme": "range",
+                      low, high, out_low, out_high, clip, sigmoid}, {"scheme": "pet"} or {"scheme": "none"}
     patch_size        [D, H, W] voxels of the sliding window
     weights           {"teacher": state_dict, "student": state_dict, "best": state_dict or None}
     best              {"iteration", "mean_dice", "dice"} of the best-on-validation weights, or None
@@ -39,8 +41,9 @@ import numpy as np
 import torch
 
 from . import MODEL_FORMAT, MODEL_FORMAT_VERSION, __version__
-from .errors import InputError, ModelFileError
-from .network import VNet, build_network
+from .errors import ModelFileError
+from .backbones import BackboneError, check_spec
+from .network import build_network
 from .writers import atomic_path
 
 REQUIRED_KEYS = ("format", "format_version", "network", "classes", "normalization", "patch_size", "weights")
@@ -51,7 +54,8 @@ def save_model(path: str, record: Dict[str, Any]) -> None:
     """Writes ``record`` atomically: a crash or a full disk leaves any previous file intact."""
     record = dict(record)
     record.setdefault("format", MODEL_FORMAT)
-    record.setdefault("format_version", MODEL_FORMAT_VERSION)
+    # a VNet model stays readable by engines that know format 1; a MONAI backbone needs format 2
+    record.setdefault("format_version", 2 if "backbone" in record.get("network", {}) else 1)
     record.setdefault("engine_version", __version__)
     with atomic_path(path, tensor_bytes(record), note="model file") as tmp:
         torch.save(record, tmp)
@@ -107,6 +111,12 @@ def record_problems(record: Dict[str, Any]) -> List[str]:
     net = record.get("network")
     if not isinstance(net, dict):
         return ["network settings are not a mapping"]
+    if "backbone" in net:
+        try:
+            check_spec(net, "the network settings")
+        except BackboneError as e:
+            out.append(str(e))
+        return out + _other_problems(record, net)
     for k in ("in_channels", "num_classes", "width", "depth", "feature_level"):
         if not _int(net.get(k)) or net[k] < (0 if k == "feature_level" else 1):
             out.append(f"network {k} must be a whole number >= {0 if k == 'feature_level' else 1}, not {net.get(k)!r}")
@@ -118,6 +128,15 @@ def record_problems(record: Dict[str, Any]) -> List[str]:
         out.append(f"network dropout must be in [0, 1), not {net['dropout']!r}")
     if not isinstance(net.get("norm", "instance"), str):
         out.append("network norm must be text")
+    return out + _other_problems(record, net)
+
+
+NORMALIZATION_KEYS = {"range": ("low", "high", "out_low", "out_high")}
+
+
+def _other_problems(record: Dict[str, Any], net: Dict[str, Any]) -> List[str]:
+    """``record_problems`` of the fields other than the network settings."""
+    out: List[str] = []
     classes = record.get("classes")
     if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in classes):
         out.append("classes must be a list of at least two entries, each with a name")
@@ -131,8 +150,10 @@ def record_problems(record: Dict[str, Any]) -> List[str]:
             if "label_value" in c and not _int(c["label_value"]):
                 out.append(f"class {c['name']!r} has an invalid label value {c['label_value']!r}")
     norm = record.get("normalization")
-    if not isinstance(norm, dict) or norm.get("scheme") not in ("ct", "zscore", "none"):
-        out.append(f"normalisation must be ct, zscore or none, not {norm!r:.80}")
+    if not isinstance(norm, dict) or norm.get("scheme") not in ("ct", "zscore", "range", "pet", "none"):
+        out.append(f"normalisation must be ct, zscore, range, pet or none, not {norm!r:.80}")
+    elif norm["scheme"] == "range" and (not all(_number(norm.get(k)) for k in NORMALIZATION_KEYS["range"]) or norm["low"] == norm["high"]):
+        out.append("range normalisation needs numbers low != high, out_low, out_high")
     elif norm["scheme"] == "ct":
         clip = norm.get("clip")
         if not (isinstance(clip, (list, tuple)) and len(clip) == 2 and all(_number(v) for v in clip)) or not _number(norm.get("mean")) \
@@ -190,7 +211,7 @@ def _load(path: str, what: str) -> Any:
         raise ModelFileError(f"{path} is damaged or truncated and cannot be read as a {what} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
-def build_from_record(record: Dict[str, Any], weights: str = "teacher") -> VNet:
+def build_from_record(record: Dict[str, Any], weights: str = "teacher") -> torch.nn.Module:
     """The network with the chosen weights (``teacher``, ``student`` or ``best``)."""
     if weights not in WEIGHT_CHOICES:
         raise ModelFileError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
@@ -333,31 +354,3 @@ def write_run_record(out: str, request, cfg, result, plan, classes, t_start: flo
     with atomic_path(run_record_path(out), note="run record") as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
-
-
-def starting_state(record: Dict[str, Any], init_path: str, classes, cfg, overrides: Optional[Dict[str, Any]], emit) -> Dict[str, Any]:
-    """Checks a starting model (``--init``) against the requested run and returns the student / teacher
-    states to load. Its network settings are copied into ``cfg``; other segments than ``classes`` keep the
-    trunk and re-initialise the output head (teacher None)."""
-    net_cfg = record["network"]
-    if net_cfg.get("in_channels", 1) != 1:
-        raise InputError(f"starting model {init_path} expects {net_cfg.get('in_channels')} input channels; CPCLSegment trains on 1")
-    diffs = [f"{k}: model {net_cfg.get(k)} vs requested {v}" for k, v in (overrides or {}).items() if k in net_cfg and net_cfg[k] != v]
-    if diffs:
-        raise InputError(f"starting model {init_path} does not match the requested network: " + "; ".join(diffs))
-    for k in ("width", "depth", "norm", "feature_level"):
-        setattr(cfg, k, net_cfg[k])
-    cfg.dropout = net_cfg.get("dropout", cfg.dropout)
-    teacher = record["weights"]["teacher"]
-    student = record["weights"].get("student") or teacher
-    old_names = [c["name"] for c in record["classes"]]
-    new_names = [c["name"] for c in classes]
-    if old_names == new_names:
-        emit({"event": "info", "message": f"fine-tuning {init_path}: same segments, continuing from its weights"})
-        # the EMA continues from the model's own step count (trainer.Trainer: ema_offset)
-        return {"student": student, "teacher": teacher, "iterations": int(record.get("training", {}).get("iterations") or 0)}
-    fresh = VNet(**cfg.network_config(len(classes))).state_dict()
-    fresh.update({k: v for k, v in student.items() if not k.startswith("head.")})
-    emit({"event": "warning", "message": f"fine-tuning {init_path}: its segments {old_names[1:]} differ from {new_names[1:]}: "
-          "keeping the trunk and re-initialising the output head for the new segment list"})
-    return {"student": fresh, "teacher": None}

@@ -145,6 +145,14 @@ class VNet(nn.Module):
     def size_multiple(self) -> int:
         return 2**self.depth
 
+    def encoder_modules(self) -> List[nn.Module]:
+        """The encoder (frozen by ``freeze_encoder``)."""
+        return [self.encoder, self.down]
+
+    def head_parameters(self) -> List[str]:
+        """State-dict keys of the final 1×1 convolution (class dimension first)."""
+        return ["head.weight", "head.bias"]
+
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5:
             raise ValueError(f"VNet expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
@@ -177,8 +185,13 @@ class VNet(nn.Module):
         return self.head(h), features
 
 
-def build_network(config: Dict[str, Any]) -> VNet:
-    """Builds a VNet from the ``config`` dict stored in a model file (``VNet.config``)."""
+def build_network(config: Dict[str, Any]) -> nn.Module:
+    """Builds the network a model file's ``network`` dict describes: a VNet (``VNet.config``) or, when it names a
+    ``backbone``, an allow-listed MONAI network (``backbones.MonaiBackbone``; anything else is refused)."""
+    if "backbone" in config:
+        from .backbones import MonaiBackbone
+
+        return MonaiBackbone(config)
     known = {"in_channels", "num_classes", "width", "depth", "norm", "feature_level", "dropout"}
     unknown = set(config) - known
     if unknown:

@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from .errors import InputError
-from .network import VNet, activation_voxels_per_input_voxel, count_parameters
+from .network import VNet, activation_voxels_per_input_voxel, build_network, count_parameters
 from .preparation import CANONICAL_ORIENTATION, CaseInfo, Emit, TrainRequest, plan_normalization
 from .settings import TrainConfig
 from .writers import format_bytes  # noqa: F401  (re-exported: ``planning.format_bytes``)
@@ -255,7 +255,7 @@ def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Op
     batch), best of two after a warm-up, +10 % for the losses, sampling, optimizer and EMA update; None if it
     cannot run."""
     try:
-        net = VNet(**cfg.network_config(num_classes)).to(device)
+        net = build_network(cfg.network_config(num_classes)).to(device)
         n_student = student_patches(cfg.labeled_batch, cfg.unlabeled_batch, cfg.method, cfg.uses_copy_paste())
         x = torch.randn(n_student, 1, *cfg.patch_size, device=device)
         xt = x[: cfg.unlabeled_batch] if cfg.method != "supervised" else None

@@ -14,7 +14,9 @@
   2. resample to the model's target spacing (linear for images, nearest for labels) when it differs;
   3. normalise intensities: ``"ct"`` clips to the labeled foreground's [0.5, 99.5] percentiles and z-scores
      with the foreground mean / std (nnU-Net's CT scheme, statistics fixed at planning time); ``"zscore"``
-     z-scores each volume with its own mean / std (MR and other modalities).
+     z-scores each volume with its own mean / std (MR and other modalities). A starting model from another tool
+     brings its own: ``"zscore"`` of the non-zero voxels (optionally 3·tanh(x/3)), ``"range"`` (MONAI's
+     ``ScaleIntensityRange``, optionally clipped, optionally followed by a sigmoid) or ``"pet"`` (``pretrained``).
 
   ``preprocess_labeled`` / ``preprocess_unlabeled`` store each case as ``.npy`` in a work folder (read back
   memory-mapped, so hundreds of cases are never all in memory).
@@ -158,12 +160,49 @@ def normalize(array: np.ndarray, norm: Dict[str, Any]) -> np.ndarray:
         a -= norm["mean"]
         a /= norm["std"]
     elif scheme == "zscore":
-        m, s = float(a.mean()), float(a.std())
-        a -= m
-        a /= max(s, 1e-6)
+        _zscore(a, bool(norm.get("nonzero")))
+        if norm.get("tanh"):
+            t = float(norm["tanh"])
+            np.tanh(a / t, out=a)
+            a *= t
+    elif scheme == "range":  # MONAI's ScaleIntensityRange (+ Auto3DSeg's sigmoid for CT)
+        a -= norm["low"]
+        a *= (norm["out_high"] - norm["out_low"]) / (norm["high"] - norm["low"])
+        a += norm["out_low"]
+        if norm.get("clip"):
+            np.clip(a, min(norm["out_low"], norm["out_high"]), max(norm["out_low"], norm["out_high"]), out=a)
+        if norm.get("sigmoid"):
+            _sigmoid(a)
+    elif scheme == "pet":  # Auto3DSeg's PET mode: sigmoid((x - min) / std)
+        a -= a.min()
+        a /= max(float(a.std()), 1e-6)
+        _sigmoid(a)
     elif scheme != "none":
         raise InputError(f"unknown normalisation scheme {scheme!r}")
     return a
+
+
+def _sigmoid(a: np.ndarray) -> None:
+    """In place, without overflow: 1 / (1 + exp(-x)) = (1 + tanh(x / 2)) / 2."""
+    a *= 0.5
+    np.tanh(a, out=a)
+    a += 1.0
+    a *= 0.5
+
+
+def _zscore(a: np.ndarray, nonzero: bool) -> None:
+    """In place: (x - mean) / std over all voxels, or (MONAI's ``NormalizeIntensity(nonzero=True)``) over the
+    non-zero voxels only, zeros staying zero."""
+    if nonzero:
+        mask = a != 0
+        if mask.any():
+            v = a[mask]
+            s = float(v.std())
+            a[mask] = (v - float(v.mean())) / (s if s > 0 else 1.0)
+        return
+    m, s = float(a.mean()), float(a.std())
+    a -= m
+    a /= max(s, 1e-6)
 
 
 def model_input(image: sitk.Image, spacing: Optional[Sequence[float]], normalization: Dict[str, Any]) -> Tuple[sitk.Image, np.ndarray]:

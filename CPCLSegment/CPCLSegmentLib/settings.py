@@ -74,6 +74,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     freeze_encoder: bool = field(default=False, metadata=_flag("--freeze-encoder", "with --init: train only the decoder and head"))
+    keep_model_segments: bool = field(default=False, metadata=_flag(
+        "--keep-model-segments", "with --init: keep the starting model's segments that yours do not name, as extra outputs "
+        "(your labeled cases then count them as background where they do not label them)"))
     # CPCL loss: L = L_s + λ(t)(L_fpc + β L_bpc) [+ w_mt · r(t) · L_mt]
     lambda_max: float = 0.1
     beta: float = 10.0
@@ -106,6 +109,9 @@ class TrainConfig:
     norm: str = field(default="instance", metadata={"choices": NORMS})
     feature_level: int = 1
     dropout: float = 0.0
+    # A MONAI network instead of the VNet (``backbones``: an allow-listed class, its arguments, the feature level and
+    # array layout), set by ``--init`` from an Auto3DSeg / bundle / MONAI-backbone model; None: the VNet above.
+    backbone: Optional[Dict[str, Any]] = None
     # data
     foreground_oversample: float = 0.33
     # Mirroring and rot90 are off by default: they swap left/right (lungs, kidneys) and anterior/posterior
@@ -173,6 +179,8 @@ class TrainConfig:
                 errs.append(f"patch_size must be three multiples of {m} (2**depth), not {list(self.patch_size)}")
             else:
                 self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.backbone is not None and not (isinstance(self.backbone, dict) and isinstance(self.backbone.get("backbone"), str)):
+            errs.append(f"backbone must be a mapping naming a MONAI network ('backbone': 'SegResNetDS', ...), not {self.backbone!r:.80}")
         if not (self.device in ("auto", "cpu", "mps", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             errs.append(f"device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
         if errs:
@@ -206,6 +214,8 @@ class TrainConfig:
         return cfg
 
     def network_config(self, num_classes: int, in_channels: int = 1) -> Dict[str, Any]:
+        if self.backbone is not None:
+            return dict(self.backbone, in_channels=in_channels, num_classes=num_classes)
         return dict(
             in_channels=in_channels, num_classes=num_classes, width=self.width, depth=self.depth, norm=self.norm,
             feature_level=self.feature_level, dropout=self.dropout,

@@ -30,7 +30,7 @@ from .errors import InputError, OutOfMemory, TrainingDiverged
 from .losses import LOSS_TERMS, StepInputs, read_terms, sigmoid_rampup, total_loss
 from .metrics import mean_dice_over_cases
 from .modelfile import state_dict_cpu
-from .network import VNet
+from .network import build_network
 from .prototypes import as_float, feature_masks
 from .settings import TrainConfig  # noqa: F401  (TrainConfig is re-exported: ``trainer.TrainConfig``)
 from .teacher import make_teacher, update_teacher
@@ -116,7 +116,7 @@ class Trainer:
         placement and precision."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        net = VNet(**cfg.network_config(self.K))
+        net = build_network(cfg.network_config(self.K))
         if init_state is not None:
             net.load_state_dict(init_state["student"])
         if self.dist and cfg.norm == "batch":
@@ -140,7 +140,7 @@ class Trainer:
         if use_cuda:
             torch.backends.cudnn.benchmark = True
         if cfg.freeze_encoder:
-            for m in (net.encoder, net.down):
+            for m in net.encoder_modules():
                 for p in m.parameters():
                     p.requires_grad_(False)
         self.student = net  # the plain module (EMA source, state dicts)
