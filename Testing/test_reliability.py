@@ -194,7 +194,7 @@ def test_init_same_segments_continue_other_segments_new_head_incompatible_refuse
     req = request(tmp_path, ct_path, seg_path, name="b.pt", init=model, segments=["right lung", "left lung", "ribs"],
                   config=tiny(patch_size=(16, 64, 64)))
     pipeline.train(req, events.append)
-    assert any("re-initialising the output head" in e.get("message", "") for e in events)
+    assert any("new segments (new output channels): ['ribs']" in e.get("message", "") for e in events)
     assert load_model(req.out)["network"]["num_classes"] == 4
     with pytest.raises(InputError, match="does not match the requested network: width: model 8 vs requested 32"):
         pipeline.train(request(tmp_path, ct_path, seg_path, name="c.pt", init=model, network_overrides={"width": 32}))

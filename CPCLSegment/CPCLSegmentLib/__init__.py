@@ -17,6 +17,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``integrity``: damage checks for every file read: gzip CRC and length, the bytes a NIfTI header promises, ITK's
   whole reason on failure (``integrity_problem``, ``error_reason``, ``native_messages``, ``itk_read``).
   imports: errors.
+- ``localmodels``: the MONAIAuto3DSeg models on this computer, torch-free, nothing downloaded
+  (``find_auto3dseg_models``, ``read_labels_csv``, ``checkpoint_modality``). imports: errors.
 - ``io``: reading images and segmentations, verified (``read_image``, ``read_segmentation``, ``read_segment_list``,
   ``read_header``, ``check_exists``, ``strip_extension``, ``Segmentation``, ``ijk_to_lps_matrix``).
   imports: errors, integrity.
@@ -52,7 +54,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   imports: backbones, errors, network, writers.
 - ``pretrained``: starting points for ``--init`` (our model files, Auto3DSeg checkpoints, MONAI bundles), segment
   matching and the weights to start from, the MONAIAuto3DSeg models on this computer (``read_starting_point``,
-  ``starting_state``, ``match_segments``, ``find_auto3dseg_models``). imports: backbones, errors, modelfile, network.
+  ``starting_state``, ``match_segments``). imports: backbones, errors, localmodels, modelfile, network.
 - ``prepcache``: the preprocessing cache's keys: an input file's identity (path, size, mtime) and a case's key
   (``file_identity``, ``case_key``, ``canonical_path``, ``PREPROCESSING_VERSION``). imports: none.
 - ``preparation``: a run's inputs to ``Case`` objects: classes, sparse labels, fingerprint, preprocessing
@@ -77,7 +79,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   modelfile, preflight, preparation, writers.
 - ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``,
   ``short_run_warning``). imports: cleanup, data, errors, metrics, modelfile, planning, preflight, preparation,
-  resume, settings, trainchecks, trainer, workfolder.
+  pretrained, resume, settings, trainchecks, trainer, workfolder.
 - ``uncertainty``: "label this next" scores and ranking (``UncertaintyModel``, ``rank_files``).
   imports: errors, inference, io, modelfile, prediction, preflight, preparation, prototypes, settings, writers.
 - ``inputfiles``: the CLI's other input files: case lists, Decathlon folders, colour tables, ``--config``

@@ -128,7 +128,7 @@ def _plain(value: Any, where: str, source: str) -> Any:
         return [_plain(v, f"{where}[{i}]", source) for i, v in enumerate(value)]
     if isinstance(value, dict):
         if "_target_" in value:
-            raise BackboneError(f"{source}: network setting {where} names a class ({value['_target_']!r:.60}); not allowed")
+            raise BackboneError(f"{source}: network setting {where.lstrip('.')} names a class ({value['_target_']!r:.60}); not allowed")
         return {str(k): _plain(v, f"{where}.{k}", source) for k, v in value.items()}
     raise BackboneError(f"{source}: network setting {where} has a value of type {type(value).__name__}; only plain data is allowed")
 
@@ -150,7 +150,7 @@ def make_spec(target: Any, args: Dict[str, Any], num_classes: int, in_channels: 
     """A checked backbone spec from a class name and constructor arguments (``in_channels`` / ``out_channels`` in
     ``args`` are replaced by the explicit values)."""
     name = allowed_name(target, source)
-    args = {k: v for k, v in _plain(dict(args), "", source).items() if k not in ("_target_", "in_channels", "out_channels")}
+    args = _plain({k: v for k, v in dict(args).items() if k not in ("_target_", "in_channels", "out_channels")}, "", source)
     spec = {"backbone": name, "in_channels": int(in_channels), "num_classes": int(num_classes),
             "feature_level": int(feature_level), "layout": layout, "args": args}
     check_spec(spec, source)

@@ -69,7 +69,9 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--segment-names", nargs="+", metavar="VALUE=NAME", help="names for label-map values, e.g. 1=anterior 2=posterior")
     t.add_argument("--color-table", help="Slicer colour table (.ctbl / .txt: 'value name r g b a') naming label-map values")
     t.add_argument("--partial-segments", action="store_true", help="a segment missing from a case means 'not annotated there', not 'absent'")
-    t.add_argument("--init", help="model file to fine-tune from (same segments: continue; other segments: new output head)")
+    t.add_argument("--init", help="model to fine-tune from: a CPCLSegment model file, a MONAI Auto3DSeg segresnet checkpoint "
+                   "(model.pt, or its MONAIAuto3DSeg model folder) or a MONAI bundle folder; its spacing and intensity "
+                   "normalisation are adopted, its segments matched to yours by name (new ones get new outputs)")
     t.add_argument("--config", help="JSON or YAML file of training settings (TrainConfig in CPCLSegmentLib/settings.py), or a "
                                     f"named recipe: {', '.join(PRESETS)}; flags override it")
     _add_settings_flags(t)

@@ -42,17 +42,16 @@ from .metrics import mean_dice_over_cases
 from .modelfile import (
     build_from_record,
     checkpoint_path,
-    load_model,
     make_record,
     plain,
     save_checkpoint,
     save_model,
-    starting_state,
     write_run_record,
 )
 from .planning import check_memory, estimate_seconds, format_bytes, iterations_for_minutes, plan_run
 from .preflight import OutputLock, sweep_leftovers
 from .preparation import CaseInfo, Emit, LabeledInput, TrainRequest, inspect_cases, resolve_classes, run_fingerprint
+from .pretrained import read_starting_point, starting_state
 from .resume import resume_checkpoint
 from .settings import SHORT_COPY_PASTE_RUN
 from .trainchecks import check_case_grids, check_disk_space, check_request
@@ -183,13 +182,18 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     rank0 = distributed is None or distributed.rank == 0
     say = emit if rank0 else _quiet
     device = distributed.device if distributed else resolve_device(request.config.device)
-    init_record = load_model(request.init) if request.init else None
+    init_record = read_starting_point(request.init) if request.init else None
     classes = resolve_classes(request)
-    fingerprint = run_fingerprint(request, classes)
-    checkpoint = resume_checkpoint(request, fingerprint, say) if request.resume else None
     cfg = request.config
-    infos, fg_samples, is_ct = inspect_cases(request, classes, say)
     init_state = starting_state(init_record, request.init, classes, cfg, request.network_overrides, say) if init_record else None
+    # with keep_model_segments, the starting model's other segments too (no labeled case need have them)
+    all_classes = init_state["classes"] if init_state is not None else classes
+    fingerprint = run_fingerprint(request, all_classes)
+    checkpoint = resume_checkpoint(request, fingerprint, say) if request.resume else None
+    infos, fg_samples, is_ct = inspect_cases(request, classes, say)
+    for info in infos:
+        info.counts.update({c: 0 for c in range(len(classes), len(all_classes))})
+    classes = all_classes
     plan = plan_run(request, classes, infos, fg_samples, is_ct, init_record, device, say)
     if checkpoint is not None:  # the interrupted run's grid and normalisation, whatever planning says today
         plan.update(spacing=checkpoint["plan"].get("spacing"), normalization=checkpoint["plan"].get("normalization", plan["normalization"]))

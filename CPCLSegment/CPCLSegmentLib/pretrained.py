@@ -16,12 +16,11 @@ Every file is read with ``torch.load(weights_only=True)``; a network is built on
 nothing in a configuration is evaluated (``backbones.BackboneError`` names the file otherwise).
 
 ``starting_state`` matches the starting model's segments to the run's and builds the weights to start from;
-``find_auto3dseg_models`` lists the MONAIAuto3DSeg models on this computer (nothing is downloaded).
+the MONAIAuto3DSeg models on this computer are listed, torch-free, by ``localmodels.find_auto3dseg_models``.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -29,14 +28,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .backbones import BackboneError, adapt_state, make_spec
+from .backbones import BackboneError, adapt_state, allowed_name, make_spec
 from .errors import InputError, ModelFileError
+from .localmodels import read_labels_csv
 from .modelfile import _load as read_weights_file
 from .modelfile import load_model
 from .network import build_network
 
 Emit = Callable[[Dict[str, Any]], None]
-AUTO3DSEG_HOME = os.path.join(os.path.expanduser("~"), ".MONAIAuto3DSeg", "models")
 BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 
 
@@ -73,6 +72,7 @@ def _auto3dseg_record(path: str, data: Optional[Dict[str, Any]] = None) -> Dict[
     net = config.get("network")
     if not isinstance(net, dict):
         raise ModelFileError(f"{path}: its config has no network section")
+    allowed_name(net.get("_target_"), path)
     sigmoid = bool(config.get("sigmoid", False))
     layout = "ras" if config.get("orientation_ras", False) else "xyz"
     out_channels = net.get("out_channels", config.get("output_classes"))
@@ -111,16 +111,6 @@ def _auto3dseg_rows(path: str, config: Dict[str, Any], out_channels: int, sigmoi
     return rows
 
 
-def read_labels_csv(path: str) -> List[Tuple[int, str]]:
-    """(label value, name) of a MONAIAuto3DSeg ``labels.csv`` (columns ``LabelValue``, ``Name``)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        return [(int(r["LabelValue"]), r["Name"].strip()) for r in rows if r.get("LabelValue", "").strip() not in ("", "0")]
-    except (OSError, KeyError, ValueError, UnicodeDecodeError, csv.Error) as e:
-        raise ModelFileError(f"{path} is not a readable labels.csv (LabelValue, Name columns): {e}") from None
-
-
 def _auto3dseg_normalization(path: str, config: Dict[str, Any]) -> Dict[str, Any]:
     """Auto3DSeg's ``normalize_mode`` as a normalisation dict (``preparation.normalize``)."""
     mode = config.get("normalize_mode") or ("range" if str(config.get("modality", "")).lower() == "ct" else "meanstd")
@@ -156,6 +146,7 @@ def _bundle_record(folder: str) -> Dict[str, Any]:
     net = config.get("network_def")
     if not isinstance(net, dict):
         raise ModelFileError(f"{conf_path} has no network_def section")
+    allowed_name(net.get("_target_"), conf_path)  # before anything else is read from it
     net = {k: _literal(v, config, conf_path, f"network_def.{k}") if k != "_target_" else v for k, v in net.items()}
     weights = os.path.join(folder, "models", "model.pt")
     state = read_weights_file(weights, "bundle weights")
@@ -388,36 +379,3 @@ def describe_normalization(norm: Dict[str, Any]) -> str:
     if s == "ct":
         return f"CT clip {norm['clip']} then z-score"
     return str(s)
-
-
-# ------------------------------------------------------------------------------ models on this computer
-
-
-def find_auto3dseg_models(root: Optional[str] = None) -> List[Dict[str, Any]]:
-    """The MONAIAuto3DSeg models already on this computer (``~/.MONAIAuto3DSeg/models/<id>/.../model.pt`` beside
-    ``labels.csv``): ``[{"name", "path", "modality", "segments"}]``, sorted by name. Nothing is downloaded; the
-    weights are not read (the checkpoint's config is, memory-mapped, for the modality; None when unreadable)."""
-    root = AUTO3DSEG_HOME if root is None else str(root)
-    found = []
-    if not os.path.isdir(root):
-        return found
-    for name in sorted(os.listdir(root)):
-        for folder, _dirs, files in os.walk(os.path.join(root, name)):
-            if "labels.csv" in files and "model.pt" in files:
-                try:
-                    segments = [n for _v, n in sorted(read_labels_csv(os.path.join(folder, "labels.csv")))]
-                except ModelFileError:
-                    continue
-                found.append({"name": name, "path": folder, "modality": _modality(os.path.join(folder, "model.pt")),
-                              "segments": segments})
-                break
-    return found
-
-
-def _modality(path: str) -> Optional[str]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        modality = data["config"].get("modality")
-        return str(modality).upper() if modality else None
-    except Exception:  # an unreadable or odd checkpoint: listed, modality unknown
-        return None
