@@ -96,10 +96,9 @@ def test_every_relative_link_names_an_existing_file(doc):
     assert broken_links(doc) == []
 
 
-def test_every_benchmark_table_and_plot_is_reachable_from_benchmarks_md():
-    """BENCHMARKS.md summarises; the numbers live in the tables and plots the scripts write to bench/results/ and
-    in the study pages: each must be reachable from BENCHMARKS.md by following links."""
-    reachable, todo = set(), [ROOT / "BENCHMARKS.md"]
+def reachable_from(start: Path) -> set:
+    """Every file of the repository reached from ``start`` by following relative links through Markdown files."""
+    reachable, todo = set(), [start]
     while todo:
         doc = todo.pop()
         for _, target in relative_links(doc.read_text(encoding="utf-8")):
@@ -108,6 +107,18 @@ def test_every_benchmark_table_and_plot_is_reachable_from_benchmarks_md():
                 reachable.add(path)
                 if path.suffix == ".md":
                     todo.append(path)
+    return reachable
+
+
+def test_every_page_under_docs_is_reachable_from_the_readme():
+    reachable = reachable_from(ROOT / "README.md")
+    assert [str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").rglob("*.md")) if p.resolve() not in reachable] == []
+
+
+def test_every_benchmark_table_and_plot_is_reachable_from_benchmarks_md():
+    """BENCHMARKS.md summarises; the numbers live in the tables and plots the scripts write to bench/results/ and
+    in the study pages: each must be reachable from BENCHMARKS.md by following links."""
+    reachable = reachable_from(ROOT / "BENCHMARKS.md")
     results = ROOT / "bench" / "results"
     wanted = sorted(results.glob("*.md")) + sorted(results.glob("*.png")) + sorted((ROOT / "docs" / "benchmarks").glob("*.md"))
     assert [str(p.relative_to(ROOT)) for p in wanted if p.resolve() not in reachable] == []
