@@ -41,7 +41,10 @@ from slicer.util import VTKObservationMixin
 
 from CPCLSegmentLib import jobs
 from CPCLSegmentLib.errors import CPCLError
-from CPCLSegmentModuleLib import core, environment, panel
+from CPCLSegmentModuleLib import environment, panel
+from CPCLSegmentModuleLib.logic import LogicCore
+from CPCLSegmentModuleLib.models import is_model_node
+from CPCLSegmentModuleLib.nodes import segment_names, volume_array
 
 
 #
@@ -127,7 +130,7 @@ class CPCLSegmentLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         work_root = os.path.join(slicer.app.temporaryPath, "CPCLSegment")
         # PythonSlicer sets up Slicer's Python environment for the child (PythonSlicer.exe on Windows).
-        self.core = core.LogicCore(slicer.mrmlScene, python=jobs.default_python(inside_slicer=True), work_root=work_root,
+        self.core = LogicCore(slicer.mrmlScene, python=jobs.default_python(inside_slicer=True), work_root=work_root,
                                    ensure_dependencies=self.ensureDependencies, tick=slicer.app.processEvents)
 
     def train(self, labeled: Sequence[Any], unlabeled: Sequence[Any] = (), segments: Optional[Sequence[str]] = None,
@@ -517,15 +520,15 @@ class CPCLSegmentTest(ScriptedLoadableModuleTest):
     def test_ConsoleLogic(self):
         self.delayDisplay("Console API: train and segment")
         volume, segmentation = self.loadChest()
-        before = core.volume_array(volume).copy()
+        before = volume_array(volume).copy()
         logic = CPCLSegmentLogic()
         model = logic.train(labeled=[(volume, segmentation)], unlabeled=[volume], segments=["right lung", "left lung"], **self.TINY)
-        self.assertTrue(core.is_model_node(model))
+        self.assertTrue(is_model_node(model))
         self.assertTrue(os.path.isfile(logic.core.model_file(model)))
         result = logic.segment(model, volume)
-        self.assertEqual(core.segment_names(result), ["right lung", "left lung"])
+        self.assertEqual(segment_names(result), ["right lung", "left lung"])
         self.assertEqual(result.GetNodeReference(result.GetReferenceImageGeometryReferenceRole()), volume)
-        self.assertTrue((core.volume_array(volume) == before).all())
+        self.assertTrue((volume_array(volume) == before).all())
         self.delayDisplay("Console API passed")
 
     def _waitFor(self, widget, kind, timeout=600, until=None):

@@ -5,7 +5,8 @@ import hashlib
 
 import slicer
 
-from CPCLSegmentModuleLib import core
+from CPCLSegmentModuleLib.export import RAS_TO_LPS
+from CPCLSegmentModuleLib.nodes import matrix_to_array, segment_ids, volume_array, world_ijk_to_ras
 from CPCLSegmentLib import io as cio
 from conftest import COARSE_SPACING, child_env
 
@@ -57,10 +58,10 @@ def fingerprint(volume, segmentation):
     from vtk.util import numpy_support
 
     h = hashlib.sha256()
-    h.update(core.volume_array(volume).tobytes())
-    h.update(core.matrix_to_array(core.world_ijk_to_ras(volume)).tobytes())
+    h.update(volume_array(volume).tobytes())
+    h.update(matrix_to_array(world_ijk_to_ras(volume)).tobytes())
     h.update(str(volume.GetParentTransformNode() and volume.GetParentTransformNode().GetID()).encode())
-    for sid in core.segment_ids(segmentation):
+    for sid in segment_ids(segmentation):
         seg = segmentation.GetSegmentation().GetSegment(sid)
         h.update(f"{sid}|{seg.GetName()}|{seg.GetColor()}".encode())
         image = slicer.vtkOrientedImageData()
@@ -73,4 +74,4 @@ def fingerprint(volume, segmentation):
 
 def ras_matrix_of(image):
     """IJK-to-RAS of a SimpleITK image (LPS)."""
-    return core.RAS_TO_LPS @ cio.ijk_to_lps_matrix(image)
+    return RAS_TO_LPS @ cio.ijk_to_lps_matrix(image)

@@ -27,8 +27,9 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import slicer
 slicer.mrmlScene = slicer.vtkMRMLScene()
-from CPCLSegmentModuleLib import core, panel
-c = panel.PanelController(core.LogicCore(slicer.mrmlScene, work_root=sys.argv[2]))
+from CPCLSegmentModuleLib import panel
+from CPCLSegmentModuleLib.logic import LogicCore
+c = panel.PanelController(LogicCore(slicer.mrmlScene, work_root=sys.argv[2]))
 c.start_probe()
 first = c.view().text["backendLabel"]
 deadline = time.time() + 120

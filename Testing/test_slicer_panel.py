@@ -27,7 +27,16 @@ from CPCLSegmentLib import cli, jobs, settings, writers  # noqa: E402
 from CPCLSegmentLib import io as cio  # noqa: E402
 from CPCLSegmentLib.labels import build_label_array  # noqa: E402
 from CPCLSegmentLib.errors import Cancelled, InputError  # noqa: E402
-from CPCLSegmentModuleLib import core, environment, panel  # noqa: E402
+from CPCLSegmentModuleLib import environment, inputcheck, panel  # noqa: E402
+from CPCLSegmentModuleLib.export import export_inputs, export_volume  # noqa: E402
+from CPCLSegmentModuleLib.inputcheck import check_inputs, CheckFailed  # noqa: E402
+from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
+from CPCLSegmentModuleLib.models import model_nested, model_summary  # noqa: E402
+from CPCLSegmentModuleLib.nodes import ensure_converter_rules, labeled_arrays, segment_masks, segment_names  # noqa: E402
+from CPCLSegmentModuleLib.options import compares_supervised, DEFAULT_MINUTES, MODULE_SETTINGS, train_config  # noqa: E402
+from CPCLSegmentModuleLib.panelsettings import PANEL_DEFAULTS  # noqa: E402
+from CPCLSegmentModuleLib.results import import_segmentation  # noqa: E402
+from CPCLSegmentModuleLib.scene import is_module_output, nodes_by_class, OUTPUT_ATTRIBUTE, OUTPUT_LABELS  # noqa: E402
 
 from conftest import LUNGS  # noqa: E402
 from slicer_scene import TINY, load_segmentation, load_volume, new_scene, one_thread_env  # noqa: E402
@@ -36,7 +45,7 @@ pytestmark = pytest.mark.slicer
 
 
 def controller(scene, tmp_path, **kwargs):
-    logic = core.LogicCore(scene, env=one_thread_env(), work_root=str(tmp_path / "work"), **kwargs)
+    logic = LogicCore(scene, env=one_thread_env(), work_root=str(tmp_path / "work"), **kwargs)
     return panel.PanelController(logic)
 
 
@@ -56,7 +65,7 @@ def tiny_model(tmp_path_factory, ct_path, seg_path):
     scene = new_scene()
     volume = load_volume(scene, ct_path)
     segmentation = load_segmentation(scene, seg_path, volume=volume)
-    logic = core.LogicCore(scene, env=one_thread_env(), work_root=str(tmp_path_factory.mktemp("tiny-model")))
+    logic = LogicCore(scene, env=one_thread_env(), work_root=str(tmp_path_factory.mktemp("tiny-model")))
     return logic.model_file(logic.train([(volume, segmentation)], [], LUNGS, **TINY))
 
 
@@ -126,16 +135,16 @@ def test_the_module_s_own_outputs_are_never_selected_automatically(chest, ct_pat
     unlabeled_before = [v.GetName() for v in c.unlabeled()]
     model = c.core.load_model(tiny_model)
     # an uncertainty map (Label next) and a prediction (Segment) of the module
-    heat_path = core.export_volume(volume, tmp_path / "heat.nrrd")
+    heat_path = export_volume(volume, tmp_path / "heat.nrrd")
     heat = c.core.show_uncertainty({"volume": volume, "uncertainty": heat_path})
     prediction = c.core.segment(model, volume)
     labels = c.core.empty_segmentation_for(model, volume)
-    assert core.is_module_output(heat) and core.is_module_output(prediction) and core.is_module_output(labels)
+    assert is_module_output(heat) and is_module_output(prediction) and is_module_output(labels)
     assert [v.GetName() for v in c.unlabeled()] == unlabeled_before  # the heat map was not ticked as unlabeled
     assert c.add_all_cases() == 0 and pairs(c) == [("CTChest", "Segmentation")]  # the prediction is not a labeled case
     # a volume the user loads is an unlabeled candidate (the positive control)
     user = load_volume(scene, ct_path, "new CT")
-    assert [v.GetName() for v in c.unlabeled()] == unlabeled_before + ["new CT"] and not core.is_module_output(user)
+    assert [v.GetName() for v in c.unlabeled()] == unlabeled_before + ["new CT"] and not is_module_output(user)
     # a first look at a scene that holds outputs (the panel's defaults): the user's volume only
     pnode = c.node
     pnode.RemoveNodeReferenceIDs("UnlabeledVolume")
@@ -185,15 +194,15 @@ def test_label_next_opens_a_segmentation_empty_or_prefilled(chest, tmp_path, tin
     c.label_next()
     effects = c.take_effects()
     edit = [value for kind, value in effects if kind == "edit"]
-    assert len(edit) == 1 and edit[0][1] is volume and core.segment_names(edit[0][0]) == LUNGS
-    assert edit[0][0].GetAttribute(core.OUTPUT_ATTRIBUTE) == core.OUTPUT_LABELS
+    assert len(edit) == 1 and edit[0][1] is volume and segment_names(edit[0][0]) == LUNGS
+    assert edit[0][0].GetAttribute(OUTPUT_ATTRIBUTE) == OUTPUT_LABELS
     c.set_setting("prefill", True)
     c.label_next()
     assert c.busy("segment") and not c.view().enabled["labelNextButton"]
     wait_for(c, "segment")
     edit = [value for kind, value in c.take_effects() if kind == "edit"]
     assert len(edit) == 1 and edit[0][1] is volume and edit[0][0].GetName() == "CTChest labels_1"
-    assert edit[0][0].GetAttribute(core.OUTPUT_ATTRIBUTE) == core.OUTPUT_LABELS
+    assert edit[0][0].GetAttribute(OUTPUT_ATTRIBUTE) == OUTPUT_LABELS
 
 
 def test_closing_the_scene_while_jobs_run_keeps_the_model_and_drops_stale_results(chest, tmp_path, tiny_model):
@@ -225,7 +234,9 @@ def test_closing_the_scene_while_jobs_run_keeps_the_model_and_drops_stale_result
 def test_one_logic_api_and_run_is_folded_into_job():
     import ast
 
-    assert not hasattr(core, "Run") and not hasattr(core, "TrainSettings")
+    from CPCLSegmentModuleLib import logic as logic_module
+
+    assert not hasattr(logic_module, "Run") and not hasattr(logic_module, "TrainSettings")
     assert hasattr(jobs.Job, "result") and "collect" in jobs.Job.__init__.__code__.co_varnames
     tree = ast.parse((ROOT / "CPCLSegment" / "CPCLSegment.py").read_text(encoding="utf-8"))
     logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CPCLSegmentLogic")
@@ -248,7 +259,7 @@ def test_a_declined_install_stops_the_console_train(chest, tmp_path):
     def declined():
         raise environment.DependencyError("PyTorch is not installed (installation declined)")
 
-    logic = core.LogicCore(scene, work_root=str(tmp_path / "work"), ensure_dependencies=declined)
+    logic = LogicCore(scene, work_root=str(tmp_path / "work"), ensure_dependencies=declined)
     for call in (lambda: logic.train([(volume, segmentation)], [], LUNGS, **TINY), lambda: logic.segment("any.pt", volume),
                  lambda: logic.rank("any.pt", [volume])):
         with pytest.raises(environment.DependencyError, match="declined"):
@@ -263,7 +274,7 @@ def test_a_declined_install_stops_the_console_train(chest, tmp_path):
 def test_the_model_is_saved_with_the_scene_and_segments_after_the_temp_folder_is_gone(chest, tmp_path, how):
     scene, volume, segmentation = chest
     work = tmp_path / "Slicer temp" / "CPCLSegment"
-    logic = core.LogicCore(scene, env=one_thread_env(), work_root=str(work))
+    logic = LogicCore(scene, env=one_thread_env(), work_root=str(work))
     model = logic.train([(volume, segmentation)], [], LUNGS, **dict(TINY, iterations=8))
     c = panel.PanelController(logic)
     c.set_model(model)
@@ -287,23 +298,23 @@ def test_the_model_is_saved_with_the_scene_and_segments_after_the_temp_folder_is
         mrml = next(str(p) for p in Path(saved).glob("*.mrml"))
         loaded.SetURL(mrml)
         assert loaded.Connect()
-    logic2 = core.LogicCore(loaded, env=one_thread_env(), work_root=str(tmp_path / "new temp"))
+    logic2 = LogicCore(loaded, env=one_thread_env(), work_root=str(tmp_path / "new temp"))
     c2 = panel.PanelController(logic2)
     restored = c2.model()
-    assert restored is not None and core.model_summary(restored)["segments"] == LUNGS
+    assert restored is not None and model_summary(restored)["segments"] == LUNGS
     assert "saved with the scene" in c2.model_text()
     volume2 = loaded.GetFirstNodeByName("CTChest")
     c2.set_segment_volumes([volume2])
     c2.segment()
     wait_for(c2, "segment")
-    outputs = [n for n in core.nodes_by_class(loaded, "vtkMRMLSegmentationNode") if core.is_module_output(n)]
-    assert len(outputs) == 1 and core.segment_names(outputs[0]) == LUNGS
+    outputs = [n for n in nodes_by_class(loaded, "vtkMRMLSegmentationNode") if is_module_output(n)]
+    assert len(outputs) == 1 and segment_names(outputs[0]) == LUNGS
     assert logic2.model_file(restored).startswith(str(tmp_path / "new temp"))  # re-created from the node
 
 
 def test_a_corrupted_model_node_is_refused(chest, tmp_path, tiny_model):
     scene, volume, segmentation = chest
-    logic = core.LogicCore(scene, work_root=str(tmp_path / "work"))
+    logic = LogicCore(scene, work_root=str(tmp_path / "work"))
     model = logic.load_model(tiny_model)
     model.SetAttribute("CPCLSegment.File", "")  # no cached file: the node's text is decoded
     model.SetText(model.GetText()[:-8] + "AAAAAAAA")
@@ -313,12 +324,12 @@ def test_a_corrupted_model_node_is_refused(chest, tmp_path, tiny_model):
 
 def test_save_and_load_model_files_keep_the_nesting(chest, tmp_path, tiny_model):
     scene, volume, segmentation = chest
-    logic = core.LogicCore(scene, work_root=str(tmp_path / "work"))
+    logic = LogicCore(scene, work_root=str(tmp_path / "work"))
     model = logic.load_model(tiny_model)
     model.SetAttribute("CPCLSegment.Nested", json.dumps({"right lung": ["left lung"]}))
     target = logic.save_model(model, str(tmp_path / "exported model.pt"))
     again = logic.load_model(target)
-    assert core.model_nested(again) == {"right lung": ["left lung"]} and again is not model
+    assert model_nested(again) == {"right lung": ["left lung"]} and again is not model
 
 
 # ------------------------------------------------------------------------------------------ item 8
@@ -327,8 +338,8 @@ def test_save_and_load_model_files_keep_the_nesting(chest, tmp_path, tiny_model)
 def test_train_rasterises_each_case_once(two_cases, tmp_path, monkeypatch):
     scene, v1, s1, v2, s2 = two_cases
     calls = []
-    original = core.segment_masks
-    monkeypatch.setattr(core, "segment_masks", lambda *a, **k: calls.append(a[1].GetName()) or original(*a, **k))
+    original = segment_masks
+    monkeypatch.setattr(inputcheck, "segment_masks", lambda *a, **k: calls.append(a[1].GetName()) or original(*a, **k))
     c = controller(scene, tmp_path)
     c.set_setting("device", "cpu")
     job = c.train()  # check + export + start, as the Train button does
@@ -363,7 +374,7 @@ def big_ct_scene(n_segments=3, shape=(300, 512, 512)):
     limage.GetPointData().SetScalars(numpy_support.numpy_to_vtk(labels.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
     labelmap.SetAndObserveImageData(limage)
     labelmap.SetSpacing(0.8, 0.8, 1.5)
-    core.ensure_converter_rules()
+    ensure_converter_rules()
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "big segmentation")
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
@@ -399,7 +410,7 @@ def test_gui_thread_time_from_train_to_the_child_starting(tmp_path):
 
 def organ_and_lesion(scene, volume, segmentation):
     """Adds a "lesion" inside "left lung" (overlapping it, as Slicer's editor stores nested structures)."""
-    arrays = core.labeled_arrays(volume, segmentation, ["left lung"])
+    arrays = labeled_arrays(volume, segmentation, ["left lung"])
     lesion = np.zeros_like(arrays.masks["left lung"])
     k, j, i = [int(np.median(a)) for a in np.nonzero(arrays.masks["left lung"])]
     lesion[k - 3:k + 3, j - 8:j + 8, i - 8:i + 8] = True
@@ -418,7 +429,7 @@ def organ_and_lesion(scene, volume, segmentation):
     segment.SetColor(1.0, 1.0, 0.0)
     segment.AddRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName(), image)
     segmentation.GetSegmentation().AddSegment(segment, "lesion")
-    masks = core.segment_masks(volume, segmentation, ["left lung", "lesion"])
+    masks = segment_masks(volume, segmentation, ["left lung", "lesion"])
     assert masks["lesion"].sum() > 100 and (masks["lesion"] & masks["left lung"]).sum() == masks["lesion"].sum()
     return masks
 
@@ -427,12 +438,12 @@ def test_organ_and_lesion_a_later_segment_wins_and_predictions_nest_again(chest,
     scene, volume, segmentation = chest
     masks = organ_and_lesion(scene, volume, segmentation)
     names = ["left lung", "lesion"]
-    res = core.check_inputs([(volume, segmentation)], names, [])
+    res = check_inputs([(volume, segmentation)], names, [])
     assert not res.ok and "'left lung' and 'lesion' overlap" in res.errors[0] and "later segment" in res.errors[0]
-    res = core.check_inputs([(volume, segmentation)], names, [], later_wins=True, export_dir=str(tmp_path))
+    res, files = export_inputs([(volume, segmentation)], names, [], False, False, True, str(tmp_path))
     assert res.ok and any("'lesion', wins there" in m for m in res.infos)
     assert res.nested() == {"left lung": ["lesion"]}
-    image, seg_path, _ = res.labeled[0]
+    image, seg_path, _ = files.labeled[0]
     labels, missing = build_label_array(cio.read_segmentation(seg_path), names, cio.read_image(image), image)
     assert missing == [] and (labels[masks["lesion"]] == 2).all()  # the engine sees no overlap: the lesion won
     assert (labels[masks["left lung"] & ~masks["lesion"]] == 1).all()
@@ -440,11 +451,11 @@ def test_organ_and_lesion_a_later_segment_wins_and_predictions_nest_again(chest,
     predicted = cio.read_image(image)
     classes = [{k: v for k, v in c.items() if k != "terminology"} for c in res.classes()]  # the engine's (dict) terminology
     writers.write_seg_nrrd(str(tmp_path / "prediction.seg.nrrd"), labels, predicted, classes)
-    node = core.import_segmentation(scene, str(tmp_path / "prediction.seg.nrrd"), volume, nested=res.nested())
-    back = core.segment_masks(volume, node, names)
+    node = import_segmentation(scene, str(tmp_path / "prediction.seg.nrrd"), volume, nested=res.nested())
+    back = segment_masks(volume, node, names)
     assert np.array_equal(back["lesion"], masks["lesion"]) and np.array_equal(back["left lung"], masks["left lung"])
-    plain = core.import_segmentation(scene, str(tmp_path / "prediction.seg.nrrd"), volume)  # without nesting: as predicted
-    assert not (core.segment_masks(volume, plain, names)["left lung"] & masks["lesion"]).any()
+    plain = import_segmentation(scene, str(tmp_path / "prediction.seg.nrrd"), volume)  # without nesting: as predicted
+    assert not (segment_masks(volume, plain, names)["left lung"] & masks["lesion"]).any()
 
 
 def test_the_panel_offers_the_order_and_trains_with_it(chest, tmp_path):
@@ -458,7 +469,7 @@ def test_the_panel_offers_the_order_and_trains_with_it(chest, tmp_path):
     c.move_segment("lesion", +10)
     assert c.checked_segments() == ["left lung", "lesion"]
     assert c.view().enabled["moveSegmentDownButton"]
-    with pytest.raises(core.CheckFailed, match="overlap"):
+    with pytest.raises(CheckFailed, match="overlap"):
         c.train()
     assert "overlap" in c.text["checkResultLabel"]
     c.set_setting("later_wins", True)
@@ -468,7 +479,7 @@ def test_the_panel_offers_the_order_and_trains_with_it(chest, tmp_path):
     c.train()
     wait_for(c, "train")
     model = c.model()
-    assert core.model_nested(model) == {"left lung": ["lesion"]} and "left lung contains lesion" in c.model_text()
+    assert model_nested(model) == {"left lung": ["lesion"]} and "left lung contains lesion" in c.model_text()
 
 
 # ------------------------------------------------------------------------------------------ item 10
@@ -479,7 +490,7 @@ def test_the_panel_trains_for_minutes_by_default_iterations_for_experts(chest, t
     c = controller(scene, tmp_path)
     assert c.setting("length_mode") == "minutes" and c.view().visible["minutesSpinBox"] and not c.view().visible["iterationsSpinBox"]
     values = c.train_values()
-    assert values["minutes"] == panel.PANEL_DEFAULTS["minutes"] and "iterations" not in values
+    assert values["minutes"] == PANEL_DEFAULTS["minutes"] and "iterations" not in values
     plan = c.core.prepare_training(c.cases(), [], LUNGS, **values)
     args = cli.build_parser().parse_args(plan["args"])
     request = cli.build_train_request(args)  # what the child will train: about 10 minutes, iterations planned
@@ -496,7 +507,7 @@ def test_the_panel_trains_for_minutes_by_default_iterations_for_experts(chest, t
     assert not c.view().visible["minutesSpinBox"] and c.view().visible["iterationsSpinBox"]
     shutil.rmtree(plan["run_dir"])
     # the console: minutes unless iterations are given
-    assert core.train_config({}) == {"minutes": core.DEFAULT_MINUTES} and core.train_config({"minutes": 2.5}) == {"minutes": 2.5}
+    assert train_config({}) == {"minutes": DEFAULT_MINUTES} and train_config({"minutes": 2.5}) == {"minutes": 2.5}
 
 
 # ------------------------------------------------------------------------------------------ issue 16 (settings)
@@ -520,7 +531,7 @@ def test_a_new_train_config_field_reaches_the_panel_and_the_console_without_othe
     assert console["config"]["warmup_fraction"] == 0.5
     shutil.rmtree(console["run_dir"])
     with pytest.raises(InputError, match="warmup_fraction must be a number"):
-        core.train_config({"warmup_fraction": "a lot"})
+        train_config({"warmup_fraction": "a lot"})
 
 
 # ------------------------------------------------------------------------------------------ issue 12 (safety net)
@@ -552,4 +563,4 @@ def test_with_a_held_out_case_the_panel_checks_the_unlabeled_volumes_help(two_ca
     c.set_setting("compare_supervised", True)
     c.set_unlabeled([])
     assert not child_request().compare_supervised  # no unlabeled volumes: supervised-only is what trains
-    assert core.compares_supervised(dict(core.MODULE_SETTINGS, hold_out_last=True), {}, ["a volume"])  # the console's default
+    assert compares_supervised(dict(MODULE_SETTINGS, hold_out_last=True), {}, ["a volume"])  # the console's default

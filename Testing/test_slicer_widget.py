@@ -276,13 +276,13 @@ def module(monkeypatch, tmp_path, ct_path, seg_path):
     sys.modules.pop("CPCLSegment", None)
     mod = importlib.import_module("CPCLSegment")
     # the child processes get this checkout's engine and one torch thread (as the other slicer-core tests)
-    original = mod.core.LogicCore.__init__
+    original = mod.LogicCore.__init__
 
     def init(self, *args, **kwargs):
         kwargs["env"] = one_thread_env()
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(mod.core.LogicCore, "__init__", init)
+    monkeypatch.setattr(mod.LogicCore, "__init__", init)
     yield mod, scene, volume, segmentation, widgets, calls
     sys.modules.pop("CPCLSegment", None)
 
@@ -366,6 +366,6 @@ def test_the_module_file_sets_up_and_its_widget_maps_the_controller(module):
 
 
 def segment_names(segmentation):
-    from CPCLSegmentModuleLib import core
+    from CPCLSegmentModuleLib.nodes import segment_names
 
-    return core.segment_names(segmentation)
+    return segment_names(segmentation)

@@ -147,10 +147,11 @@ def test_every_name_the_panel_view_sets_is_a_widget():
     pytest.importorskip("slicer", reason="slicer-core is not installed (Python >= 3.10)")
     sys.path.insert(0, str(ROOT / "CPCLSegment"))
     import slicer
-    from CPCLSegmentModuleLib import core, panel
+    from CPCLSegmentModuleLib import panel
+    from CPCLSegmentModuleLib.logic import LogicCore
 
     slicer.mrmlScene = slicer.vtkMRMLScene()
-    view = panel.PanelController(core.LogicCore(slicer.mrmlScene), observe=False).view()
+    view = panel.PanelController(LogicCore(slicer.mrmlScene), observe=False).view()
     widgets = _widgets()
     for group in (view.enabled, view.visible, view.text, view.progress):
         missing = sorted(set(group) - set(widgets))

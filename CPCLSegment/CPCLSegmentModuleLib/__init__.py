@@ -1,9 +1,46 @@
 """CPCLSegmentModuleLib: the Slicer module's Qt-free logic (imports ``slicer`` and ``vtk``, never ``qt``, ``ctk`` or
-``torch``), tested with pytest against slicer-core.
+``torch``), tested with pytest against slicer-core. A package, not top-level files: Slicer loads every top-level
+``.py`` of a module folder as a module.
 
-- ``core``: nodes <-> files, the one train / segment / rank API (``LogicCore``), models stored in the scene.
-- ``panel``: ``PanelController``, every decision the panel makes (the widget maps its ``view()`` to Qt).
-- ``environment``: package versions from metadata, the child's device report, installing dependencies.
+Modules, bottom-up: each imports only modules listed above it (``Testing/test_layout.py`` checks that the
+``imports:`` lists below are exactly what each module imports from this package).
 
-A package, not top-level files: Slicer loads every top-level ``.py`` of a module folder as a module.
+- ``slicer_api``: every ``slicer.*`` name the package calls, and which of them this Slicer lacks (``SLICER_API``,
+  ``missing_slicer_api``). imports: none.
+- ``options``: the module's run options and the ``--config`` mapping for the engine (``MODULE_SETTINGS``,
+  ``DEVICES``, ``DEFAULT_MINUTES``, ``split_settings``, ``train_config``, ``compares_supervised``). imports: none.
+- ``environment``: package versions from metadata, the child's device report, installing dependencies
+  (``check_requirements``, ``describe_backend``). imports: none.
+- ``nodes``: reading the scene's nodes: voxels, geometry, segments and their masks on a volume's grid
+  (``node_name``, ``check_volume``, ``volume_array``, ``world_ijk_to_ras``, ``segment_names``, ``find_segment_id``,
+  ``segment_masks``, ``labeled_arrays``). imports: none.
+- ``scene``: the user's cases and volumes in the scene and the module's own outputs (``LabeledCase``,
+  ``as_cases``, ``OUTPUT_ATTRIBUTE``, ``is_module_output``, ``new_output_node``, ``segmented_volume_pairs``,
+  ``volumes_without_segmentation``). imports: none.
+- ``inputcheck``: the input check before training, pure: writes nothing (``check_inputs``, ``CheckResult``,
+  ``CheckFailed``). imports: nodes, scene.
+- ``export``: scene -> files: volumes, segments, a run's inputs checked and written in one pass
+  (``export_volume``, ``write_segments``, ``export_segmentation``, ``export_inputs``, ``ExportedInputs``).
+  imports: inputcheck, nodes, scene.
+- ``results``: files -> NEW nodes (``import_segmentation``, ``import_scalar_volume``, ``empty_segmentation``,
+  ``nest_segments``). imports: export, nodes, scene.
+- ``models``: models kept in the scene as text nodes (``store_model``, ``is_model_node``, ``model_file_of``,
+  ``model_node_from_file``, ``save_model_file``, ``model_summary``, ``model_nested``). imports: nodes, scene.
+- ``trainrun``: a training run's folder, command line and what stays of it (``write_training_run``,
+  ``train_command``, ``read_command``, ``can_resume``, ``collect_model``, ``keep_run_dir``).
+  imports: export, inputcheck, models, options, scene.
+- ``plot``: the training plot in MRML table and plot nodes (``TrainingPlot``). imports: none.
+- ``logic``: the one train / segment / rank API the console and the panel call (``LogicCore``).
+  imports: export, models, nodes, options, results, scene, trainrun.
+- ``panelsettings``: the panel's settings in the parameter node (``PanelSettings``, ``PANEL_SETTINGS``).
+  imports: options.
+- ``panelstate``: the panel's cases, segments, volumes and model in the parameter node (``PanelState``,
+  ``parameter_node``). imports: models, nodes, scene.
+- ``panelview``: what the panel shows (``PanelView``, ``build_view``, ``model_text``, ``check_text``,
+  ``train_event_display``, ``format_seconds``). imports: environment, inputcheck, models, panelsettings, trainrun.
+- ``paneljobs``: the panel's running jobs, their events and results, scene close (``PanelJobs``).
+  imports: logic, panelview, plot.
+- ``panel``: ``PanelController``, every decision the panel makes (the widget maps its ``view()`` to Qt)
+  (``PanelController``, ``error_text``). imports: environment, inputcheck, logic, nodes, paneljobs, panelsettings,
+  panelstate, panelview, plot, scene.
 """

@@ -18,9 +18,9 @@ class CPCLSegmentGlueTest(unittest.TestCase):
         slicer.mrmlScene.Clear()
 
     def test_slicer_has_every_api_the_core_uses(self):
-        from CPCLSegmentModuleLib import core
+        from CPCLSegmentModuleLib.slicer_api import missing_slicer_api
 
-        self.assertEqual(core.missing_slicer_api(), [])
+        self.assertEqual(missing_slicer_api(), [])
 
     def test_export_reads_back_on_the_volume_grid(self):
         import numpy as np
@@ -28,33 +28,35 @@ class CPCLSegmentGlueTest(unittest.TestCase):
 
         from CPCLSegmentLib import io as cio
         from CPCLSegmentLib.labels import build_label_array
-        from CPCLSegmentModuleLib import core
+        from CPCLSegmentModuleLib.export import export_segmentation, export_volume
+        from CPCLSegmentModuleLib.nodes import labeled_arrays
 
         folder = os.path.join(os.path.dirname(slicerio.__file__), "data")
         volume = slicer.util.loadVolume(os.path.join(folder, "CTChest4.nrrd"))
         segmentation = slicer.util.loadSegmentation(os.path.join(folder, "Segmentation.seg.nrrd"))
         names = ["right lung", "left lung"]
         with tempfile.TemporaryDirectory() as tmp:
-            image_path = core.export_volume(volume, os.path.join(tmp, "v.nrrd"))
+            image_path = export_volume(volume, os.path.join(tmp, "v.nrrd"))
             seg_path = os.path.join(tmp, "s.seg.nrrd")
-            core.export_segmentation(volume, segmentation, names, seg_path)
+            export_segmentation(volume, segmentation, names, seg_path)
             image = cio.read_image(image_path)
             labels, missing = build_label_array(cio.read_segmentation(seg_path), names, image, image_path)
         self.assertEqual(missing, [])
-        arrays = core.labeled_arrays(volume, segmentation, names)
+        arrays = labeled_arrays(volume, segmentation, names)
         self.assertTrue(np.array_equal(labels, arrays.labels(names)))
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), arrays.volume))
 
     def test_panel_controller_on_the_application_scene(self):
         import slicerio
 
-        from CPCLSegmentModuleLib import core, panel
+        from CPCLSegmentModuleLib import panel
+        from CPCLSegmentModuleLib.logic import LogicCore
 
         folder = os.path.join(os.path.dirname(slicerio.__file__), "data")
         volume = slicer.util.loadVolume(os.path.join(folder, "CTChest4.nrrd"))
         segmentation = slicer.util.loadSegmentation(os.path.join(folder, "Segmentation.seg.nrrd"))
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        controller = panel.PanelController(core.LogicCore(slicer.mrmlScene, work_root=tempfile.mkdtemp()))
+        controller = panel.PanelController(LogicCore(slicer.mrmlScene, work_root=tempfile.mkdtemp()))
         try:
             self.assertEqual([(c.volume, c.segmentation) for c in controller.cases()], [(volume, segmentation)])
             self.assertTrue(controller.view().enabled["trainButton"])

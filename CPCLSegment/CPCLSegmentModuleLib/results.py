@@ -1,0 +1,132 @@
+"""Files -> NEW nodes: results become new nodes marked as module outputs; segmentations are named after the
+volume, carry the model's segment names and colours, are referenced to the volume geometry and sit beside it in
+the subject hierarchy; segments recorded as nested are restored. Input nodes are never modified."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+import slicer
+from CPCLSegmentLib.errors import InputError
+
+from .export import RAS_TO_LPS, terminology_to_string, write_segments
+from .nodes import ensure_converter_rules, node_name, volume_array
+from .scene import OUTPUT_LABELS, OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, new_output_node
+
+
+HEAT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeIron")
+
+
+def _subject_hierarchy_beside(scene: Any, node: Any, reference: Any) -> None:
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if sh is None:
+        return
+    item, ref_item = sh.GetItemByDataNode(node), sh.GetItemByDataNode(reference)
+    if item and ref_item:
+        sh.SetItemParent(item, sh.GetItemParent(ref_item))
+
+
+def nest_segments(path: str, nested: Dict[str, List[str]], out_path: str) -> str:
+    """Rewrites a one-layer prediction so that each segment also holds the segments recorded as nested in it
+    (``{"liver": ["tumour"]}``: the liver segment includes the tumour), in separate layers."""
+    import slicerio
+
+    seg = slicerio.read_segmentation(str(path))
+    voxels = np.asarray(seg["voxels"])
+    names = [s["name"] for s in seg["segments"]]
+
+    def mask(s: Dict[str, Any]) -> np.ndarray:
+        layer = voxels[int(s.get("layer", 0) or 0)] if voxels.ndim == 4 else voxels
+        return (layer == int(s.get("labelValue", 1))).transpose(2, 1, 0)  # (i, j, k) -> (k, j, i)
+
+    masks = {s["name"]: mask(s) for s in seg["segments"]}
+    closure = {name: set(nested.get(name, [])) & set(names) for name in names}
+    changed = True
+    while changed:  # nested in a nested segment: also in the outer one
+        changed = False
+        for name, inner in closure.items():
+            more = set().union(*[closure[i] for i in inner]) - inner - {name} if inner else set()
+            if more:
+                inner |= more
+                changed = True
+    for name, inner in closure.items():
+        for other in inner:
+            masks[name] = masks[name] | masks[other]
+    records = [{"id": s.get("id"), "name": s["name"], "color": s.get("color", (0.5, 0.5, 0.5)),
+                "terminology": s.get("terminology")} for s in seg["segments"]]
+    ijk_to_ras = RAS_TO_LPS @ np.asarray(seg["ijkToLPS"], dtype=float)
+    write_segments(out_path, masks, records, ijk_to_ras, later_wins=False)
+    return out_path
+
+
+def import_segmentation(scene: Any, path: str, volume_node: Any, name: Optional[str] = None,
+                        nested: Optional[Dict[str, List[str]]] = None, kind: str = OUTPUT_SEGMENTATION) -> Any:
+    """A NEW segmentation node read from a ``.seg.nrrd`` (names, colours, terminology as in the file),
+    named after the volume, referenced to its geometry, beside it in the subject hierarchy, displayed,
+    marked as a module output. ``nested``: segments recorded as nested in others are restored
+    (``nest_segments``)."""
+    if nested and any(nested.values()):
+        path = nest_segments(path, nested, os.path.splitext(str(path))[0] + "-nested.seg.nrrd")
+    node = new_output_node(scene, "vtkMRMLSegmentationNode", name or f"{node_name(volume_node)} segmentation", kind)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise InputError(f"cannot read the segmentation result {path}")
+    finish_segmentation_node(scene, node, volume_node)
+    return node
+
+
+def finish_segmentation_node(scene: Any, node: Any, volume_node: Any) -> None:
+    # The two lines the reference extensions use (TotalSegmentator / MONAIAuto3DSeg); the first also sets
+    # the "referenceImageGeometryRef" node reference (vtkMRMLSegmentationNode.cxx).
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), volume_node.GetID())
+    node.CreateDefaultDisplayNodes()
+    _subject_hierarchy_beside(scene, node, volume_node)
+
+
+def empty_segmentation(scene: Any, volume_node: Any, classes: Sequence[Dict[str, Any]], name: Optional[str] = None) -> Any:
+    """A NEW segmentation with one empty segment per model class (background skipped), ready to paint."""
+    ensure_converter_rules()
+    node = new_output_node(scene, "vtkMRMLSegmentationNode", name or f"{node_name(volume_node)} labels", OUTPUT_LABELS)
+    node.SetSourceRepresentationToBinaryLabelmap()
+    seg = node.GetSegmentation()
+    for i, c in enumerate(classes[1:], start=1):
+        sid = str(c.get("segment_id") or c.get("id") or f"Segment_{i}")
+        seg.AddEmptySegment(sid, str(c["name"]), [float(v) for v in c.get("color", (0.5, 0.5, 0.5))][:3])
+        term = c.get("terminology")
+        if isinstance(term, dict):
+            term = terminology_to_string(term)
+        if term:
+            seg.GetSegment(sid).SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), str(term))
+    finish_segmentation_node(scene, node, volume_node)
+    return node
+
+
+def import_scalar_volume(scene: Any, path: str, reference_node: Any, name: str, heat: bool = True,
+                         kind: str = OUTPUT_UNCERTAINTY) -> Any:
+    """A NEW scalar volume node read from ``path`` (e.g. an uncertainty map), shown with a heat colour map,
+    marked as a module output (never an unlabeled training volume by default)."""
+    node = new_output_node(scene, "vtkMRMLScalarVolumeNode", name, kind)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        raise InputError(f"cannot read {path}")
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if display is not None and heat:
+        for cid in HEAT_COLOR_NODE_IDS:
+            if scene.GetNodeByID(cid) is not None:
+                display.SetAndObserveColorNodeID(cid)
+                break
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, max(1e-6, float(np.nanmax(volume_array(node)))))
+        display.SetLowerThreshold(1e-3)
+        display.ApplyThresholdOn()
+    _subject_hierarchy_beside(scene, node, reference_node)
+    return node
