@@ -106,6 +106,14 @@ def check_prediction(model_path, ct_path, n_classes):
     assert labels.min() >= 0 and labels.max() < n_classes
 
 
+def continues_and_predicts(tmp_path, ct_path, seg_path, init, name, backbone):
+    """Fine-tuning from a model with exactly the run's segments continues from its weights; the result predicts."""
+    out, messages = fine_tune(tmp_path, ct_path, seg_path, init, name)
+    assert any("same segments, continuing" in m for m in messages)
+    assert load_model(out)["network"]["backbone"] == backbone
+    check_prediction(out, ct_path, 3)
+
+
 # ----------------------------------------------------------------------------------------- the three kinds
 
 
@@ -125,10 +133,7 @@ def test_auto3dseg_model_folder_fine_tunes_with_the_default_recipe_and_predicts(
     assert [c["name"] for c in record["classes"]] == ["background"] + LUNGS
     check_prediction(out, ct_path, 3)
     # (a) our own model file with a MONAI backbone is itself a starting point: same segments continue its EMA
-    out2, messages = fine_tune(tmp_path, ct_path, seg_path, out, "again.pt")
-    assert any("same segments, continuing" in m for m in messages)
-    assert load_model(out2)["network"]["backbone"] == "SegResNetDS"
-    check_prediction(out2, ct_path, 3)
+    continues_and_predicts(tmp_path, ct_path, seg_path, out, "again.pt", "SegResNetDS")
 
 
 def test_bundle_folder_with_the_same_segments_continues_from_its_weights_and_predicts(tmp_path, ct_path, seg_path):
@@ -137,10 +142,7 @@ def test_bundle_folder_with_the_same_segments_continues_from_its_weights_and_pre
     assert record["network"]["backbone"] == "BasicUNet" and record["network"]["layout"] == "ras"
     assert record["normalization"] == {"scheme": "range", "low": -1000.0, "high": 500.0, "out_low": 0.0, "out_high": 1.0,
                                        "clip": True, "sigmoid": False}
-    out, messages = fine_tune(tmp_path, ct_path, seg_path, bundle, "from_bundle.pt")
-    assert any("same segments, continuing" in m for m in messages)
-    assert load_model(out)["network"]["backbone"] == "BasicUNet"
-    check_prediction(out, ct_path, 3)
+    continues_and_predicts(tmp_path, ct_path, seg_path, bundle, "from_bundle.pt", "BasicUNet")
 
 
 def test_keep_model_segments_adds_the_models_other_segments_as_outputs(tmp_path, ct_path, seg_path):

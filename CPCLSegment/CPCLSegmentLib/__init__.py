@@ -19,6 +19,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   imports: errors.
 - ``localmodels``: the MONAIAuto3DSeg models on this computer, torch-free, nothing downloaded
   (``find_auto3dseg_models``, ``read_labels_csv``, ``checkpoint_modality``). imports: errors.
+- ``intensity``: intensity normalisation schemes, planned and applied (``plan_normalization``, ``normalize``,
+  ``looks_like_ct``, ``foreground_intensity_sample``). imports: errors.
 - ``io``: reading images and segmentations, verified (``read_image``, ``read_segmentation``, ``read_segment_list``,
   ``read_header``, ``check_exists``, ``strip_extension``, ``Segmentation``, ``ijk_to_lps_matrix``).
   imports: errors, integrity.
@@ -59,8 +61,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   (``file_identity``, ``case_key``, ``canonical_path``, ``PREPROCESSING_VERSION``). imports: none.
 - ``preparation``: a run's inputs to ``Case`` objects: classes, sparse labels, fingerprint, preprocessing
   (``LabeledInput``, ``TrainRequest``, ``resolve_classes``, ``read_labeled``, ``inspect_cases``,
-  ``preprocess_labeled``, ``model_input``, ``to_model_grid``, ``normalize``). imports: data, errors, io, labels,
-  prepcache, prototypes, settings.
+  ``preprocess_labeled``, ``model_input``, ``to_model_grid``, ``normalize``). imports: data, errors, intensity, io,
+  labels, prepcache, prototypes, settings.
 - ``planning``: spacing, patch, normalisation, memory and time; every case's grid at the target spacing
   (``plan_run``, ``plan_patch_size``, ``estimate_memory``, ``check_memory``, ``check_grids``, ``step_seconds``,
   ``iterations_for_minutes``). imports: errors, network, preparation, settings, writers.

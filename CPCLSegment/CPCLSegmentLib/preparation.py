@@ -12,11 +12,8 @@
   1. reorient to the canonical voxel order ``CANONICAL_ORIENTATION`` (``sitk.DICOMOrient``), so cases with
      different direction matrices (LPS vs RAS, axis permutations) present the anatomy the same way;
   2. resample to the model's target spacing (linear for images, nearest for labels) when it differs;
-  3. normalise intensities: ``"ct"`` clips to the labeled foreground's [0.5, 99.5] percentiles and z-scores
-     with the foreground mean / std (nnU-Net's CT scheme, statistics fixed at planning time); ``"zscore"``
-     z-scores each volume with its own mean / std (MR and other modalities). A starting model from another tool
-     brings its own: ``"zscore"`` of the non-zero voxels (optionally 3·tanh(x/3)), ``"range"`` (MONAI's
-     ``ScaleIntensityRange``, optionally clipped, optionally followed by a sigmoid) or ``"pet"`` (``pretrained``).
+  3. normalise intensities (``intensity``): nnU-Net's CT scheme with statistics fixed at planning time, a
+     per-volume z-score for MR and other modalities, or a starting model's own scheme.
 
   ``preprocess_labeled`` / ``preprocess_unlabeled`` store each case as ``.npy`` in a work folder (read back
   memory-mapped, so hundreds of cases are never all in memory).
@@ -34,6 +31,7 @@ import SimpleITK as sitk
 from . import io as cio
 from .data import Case, make_case
 from .errors import InputError
+from .intensity import foreground_intensity_sample, looks_like_ct, normalize, plan_normalization  # noqa: F401 (re-exported)
 from .labels import build_label_array, find_segment, geometry_difference, same_grid
 from .prepcache import canonical_path, case_key, file_identity
 from .prototypes import IGNORE_INDEX
@@ -124,85 +122,6 @@ def labels_to_grid(labels: np.ndarray, image: sitk.Image, grid: sitk.Image) -> n
     if lab.GetSize() != grid.GetSize() or not np.allclose(lab.GetSpacing(), grid.GetSpacing(), rtol=1e-3):
         lab = sitk.Resample(lab, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
     return sitk.GetArrayFromImage(lab).astype(np.int16)
-
-
-def looks_like_ct(array: np.ndarray) -> bool:
-    """CT in Hounsfield units has air near -1000; MR intensities are non-negative."""
-    return float(np.percentile(array, 0.5)) <= -500.0
-
-
-def foreground_intensity_sample(image: np.ndarray, labels: np.ndarray, rng: np.random.RandomState, n: int = 10000) -> np.ndarray:
-    vals = image[labels > 0]
-    if vals.size > n:
-        vals = vals[rng.choice(vals.size, n, replace=False)]
-    return vals.astype(np.float32)
-
-
-def plan_normalization(modality: str, foreground_samples: Sequence[np.ndarray]) -> Dict[str, Any]:
-    """Normalisation parameters stored in the model file. ``modality`` is "ct", "mr" or "other"."""
-    if modality == "ct":
-        vals = np.concatenate([v for v in foreground_samples if v.size]) if foreground_samples else np.zeros(0)
-        if vals.size < 10:
-            raise InputError("CT normalisation needs labeled foreground voxels; none were found")
-        lo, hi = np.percentile(vals, [0.5, 99.5])
-        clipped = np.clip(vals, lo, hi)
-        return {"scheme": "ct", "clip": [float(lo), float(hi)], "mean": float(clipped.mean()), "std": float(max(clipped.std(), 1e-3))}
-    return {"scheme": "zscore"}
-
-
-def normalize(array: np.ndarray, norm: Dict[str, Any]) -> np.ndarray:
-    """Applies a normalisation dict (see ``plan_normalization``); returns float32."""
-    a = array.astype(np.float32, copy=True)
-    scheme = norm.get("scheme", "zscore")
-    if scheme == "ct":
-        lo, hi = norm["clip"]
-        np.clip(a, lo, hi, out=a)
-        a -= norm["mean"]
-        a /= norm["std"]
-    elif scheme == "zscore":
-        _zscore(a, bool(norm.get("nonzero")))
-        if norm.get("tanh"):
-            t = float(norm["tanh"])
-            np.tanh(a / t, out=a)
-            a *= t
-    elif scheme == "range":  # MONAI's ScaleIntensityRange (+ Auto3DSeg's sigmoid for CT)
-        a -= norm["low"]
-        a *= (norm["out_high"] - norm["out_low"]) / (norm["high"] - norm["low"])
-        a += norm["out_low"]
-        if norm.get("clip"):
-            np.clip(a, min(norm["out_low"], norm["out_high"]), max(norm["out_low"], norm["out_high"]), out=a)
-        if norm.get("sigmoid"):
-            _sigmoid(a)
-    elif scheme == "pet":  # Auto3DSeg's PET mode: sigmoid((x - min) / std)
-        a -= a.min()
-        a /= max(float(a.std()), 1e-6)
-        _sigmoid(a)
-    elif scheme != "none":
-        raise InputError(f"unknown normalisation scheme {scheme!r}")
-    return a
-
-
-def _sigmoid(a: np.ndarray) -> None:
-    """In place, without overflow: 1 / (1 + exp(-x)) = (1 + tanh(x / 2)) / 2."""
-    a *= 0.5
-    np.tanh(a, out=a)
-    a += 1.0
-    a *= 0.5
-
-
-def _zscore(a: np.ndarray, nonzero: bool) -> None:
-    """In place: (x - mean) / std over all voxels, or (MONAI's ``NormalizeIntensity(nonzero=True)``) over the
-    non-zero voxels only, zeros staying zero."""
-    if nonzero:
-        mask = a != 0
-        if mask.any():
-            v = a[mask]
-            s = float(v.std())
-            a[mask] = (v - float(v.mean())) / (s if s > 0 else 1.0)
-        return
-    m, s = float(a.mean()), float(a.std())
-    a -= m
-    a /= max(s, 1e-6)
 
 
 def model_input(image: sitk.Image, spacing: Optional[Sequence[float]], normalization: Dict[str, Any]) -> Tuple[sitk.Image, np.ndarray]:

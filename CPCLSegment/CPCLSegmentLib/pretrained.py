@@ -112,7 +112,7 @@ def _auto3dseg_rows(path: str, config: Dict[str, Any], out_channels: int, sigmoi
 
 
 def _auto3dseg_normalization(path: str, config: Dict[str, Any]) -> Dict[str, Any]:
-    """Auto3DSeg's ``normalize_mode`` as a normalisation dict (``preparation.normalize``)."""
+    """Auto3DSeg's ``normalize_mode`` as a normalisation dict (``intensity.normalize``)."""
     mode = config.get("normalize_mode") or ("range" if str(config.get("modality", "")).lower() == "ct" else "meanstd")
     if mode in ("range", "ct"):
         lo, hi = config.get("intensity_bounds") or [-250, 250]
