@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 import accuracy as A  # noqa: E402
 import common as C  # noqa: E402
-from CPCLSegmentLib.planning import plan_patch_size, shape_at_spacing  # noqa: E402
+from CPCLSegmentLib.planning import plan_patch_size, plan_width, shape_at_spacing  # noqa: E402
 from CPCLSegmentLib.settings import TrainConfig  # noqa: E402
 from CPCLSegmentLib.trainer import Trainer  # noqa: E402
 
@@ -51,11 +51,12 @@ PACE = C.RESULTS_DIR / "equal_time_pace.json"
 THREADS = 2  # the budget is minutes of one process with this many torch threads
 BUDGETS = [5, 10, 20, 40]
 LABELED = {"hippocampus": [4, 1], "la": [4]}
-# The small CPU setting: the accuracy benchmarks' network and patch (width 8, the patch of ``accuracy.BASE``).
-SMALL = {"hippocampus": dict(width=8, patch_size=(32, 48, 32)), "la": dict(width=8, patch_size=(32, 48, 48))}
+# The product's CPU plan before the equal-time study (width 16, the median shape rounded UP to multiples of 16, at
+# most 64^3 voxels), pinned so its runs stay comparable; "small" recipes get the planner's CPU plan of this code
+# (``planning.plan_width`` / ``plan_patch_size``: width 8, the median shape rounded DOWN).
+WIDE = {"hippocampus": dict(width=16, patch_size=(48, 64, 48)), "la": dict(width=16, patch_size=(48, 64, 80))}
 
-# Recipes: what differs from the product's defaults (``TrainConfig()``: width 16, the planned CPU patch, the
-# default CPCL + copy-paste recipe). "small": the product's recipe on the small CPU setting.
+# Recipes: what differs from the product's defaults (``TrainConfig()``: the default CPCL + copy-paste recipe).
 RECIPES: Dict[str, Dict[str, Any]] = {
     "supervised": dict(method="supervised"),
     "default": dict(method="cpcl", copy_paste=True),
@@ -63,15 +64,15 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "default_small": dict(method="cpcl", copy_paste=True, small=True),
 }
 LABELS = {
-    "supervised": "supervised-only (width 16, planned patch)",
-    "default": "default recipe (CPCL + copy-paste, width 16, planned patch)",
-    "supervised_small": "supervised-only (width 8, small patch)",
-    "default_small": "default recipe (width 8, small patch)",
+    "supervised": "supervised-only (width 16, patch rounded up)",
+    "default": "default recipe (CPCL + copy-paste, width 16, patch rounded up)",
+    "supervised_small": "supervised-only (CPU plan: width 8, patch rounded down)",
+    "default_small": "default recipe (CPU plan: width 8, patch rounded down)",
 }
 
 
-def planned_patch(data: A.Data, names: Sequence[str], width: int, num_classes: int, copy_paste: bool, method: str):
-    """The patch ``planning.plan_run`` gives these labeled subjects on a CPU."""
+def cpu_plan(data: A.Data, names: Sequence[str], num_classes: int, copy_paste: bool, method: str) -> Dict[str, Any]:
+    """The width and patch ``planning.plan_run`` gives these labeled subjects on a CPU (no width given)."""
     import SimpleITK as sitk
 
     shapes = []
@@ -79,9 +80,9 @@ def planned_patch(data: A.Data, names: Sequence[str], width: int, num_classes: i
         img = sitk.ReadImage(data.dataset.files(data.dir, n)[0])
         shapes.append(shape_at_spacing(img.GetSize(), img.GetSpacing(), data.plan["spacing"]))
     median = [int(np.median([s[a] for s in shapes])) for a in range(3)]
-    patch, _ = plan_patch_size(median, data.plan["spacing"], 4, "cpu", width, num_classes, method=method,
-                               copy_paste=copy_paste)
-    return tuple(patch)
+    width = plan_width(TrainConfig(), "cpu", [], False)
+    patch, _ = plan_patch_size(median, data.plan["spacing"], 4, "cpu", width, num_classes, method=method, copy_paste=copy_paste)
+    return dict(width=width, patch_size=tuple(patch))
 
 
 def recipe_config(recipe: str, seed: int, data: A.Data, labeled_names: Sequence[str]) -> Dict[str, Any]:
@@ -91,10 +92,9 @@ def recipe_config(recipe: str, seed: int, data: A.Data, labeled_names: Sequence[
     cfg = TrainConfig().to_dict()
     cfg.update(device="cpu", amp=False, channels_last=False, seed=seed, **spec)
     if small:
-        cfg.update(SMALL[data.dataset.key])
+        cfg.update(cpu_plan(data, labeled_names, data.num_classes, bool(cfg.get("copy_paste")), cfg["method"]))
     else:
-        cfg["patch_size"] = planned_patch(data, labeled_names, cfg["width"], data.num_classes, bool(cfg.get("copy_paste")),
-                                          cfg["method"])
+        cfg.update(WIDE[data.dataset.key])
     cfg["patch_size"] = list(cfg["patch_size"])
     return cfg
 
