@@ -249,23 +249,24 @@ def test_case_list_dataset_folder_and_info(tmp_path, ct_path, seg_path):
     assert info.returncode == 0 and "right lung" in info.stdout and "cpcl" in info.stdout
 
 
-def test_short_run_warning_names_the_threshold_and_how_long_to_train():
-    from CPCLSegmentLib.pipeline import short_run_warning
-    from CPCLSegmentLib.settings import SHORT_COPY_PASTE_RUN, TrainConfig
+def test_minutes_too_short_for_the_default_recipe_train_supervised_only_and_say_so(tmp_path, ct_path, seg_path, capsys):
+    """``--minutes`` that cannot pay for the semi-supervised recipe's measured pay-off length train supervised-only
+    for the same minutes (budget.recipe_for_minutes), say so up front, and the model file records it."""
+    from CPCLSegmentLib import cli
 
-    # the defaults never warn about themselves: the CLI's iteration count is the length measured safe
-    assert TrainConfig().iterations >= SHORT_COPY_PASTE_RUN and short_run_warning(TrainConfig(), True, False) is None
-    short = SHORT_COPY_PASTE_RUN // 4
-    msg = short_run_warning(TrainConfig(iterations=short), True, False)
-    assert msg.startswith(f"{short} iterations is short") and f"--iterations {SHORT_COPY_PASTE_RUN} or more" in msg
-    assert "--compare-supervised" in msg and "Hold out the last case" in msg
-    # planned from minutes (the panel, --minutes): how many minutes reach the threshold at the planned pace
-    assert "train for about 40 minutes or more" in short_run_warning(TrainConfig(iterations=short, minutes=10.0), True, False)
-    # no warning without unlabeled cases, without copy-paste, or when supervised-only is trained alongside anyway
-    assert short_run_warning(TrainConfig(iterations=short), False, False) is None
-    assert short_run_warning(TrainConfig(iterations=short, copy_paste=False), True, False) is None
-    assert short_run_warning(TrainConfig(iterations=short, method="mean_teacher"), True, False) is None
-    assert short_run_warning(TrainConfig(iterations=short), True, True) is None
+    small = [a for a in SMALL if a not in ("--iterations", "8")]
+    out = tmp_path / "m.pt"
+    code = cli.main(["train", "--labeled", ct_path, seg_path, "--unlabeled", ct_path, "--segments", *LUNGS, "--out", str(out),
+                     "--progress", "json", "--minutes", "0.05", *small])
+    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    events = json_lines(captured.out)
+    warning = " ".join(e["message"] for e in events if e.get("event") == "warning")
+    assert "training supervised-only for these minutes instead" in warning and "the unlabeled volumes are not used" in warning
+    start = next(e for e in events if e.get("event") == "start")
+    assert start["method"] == "supervised" and start["unlabeled"] == 0
+    info = run_cli("info", out)
+    assert info.returncode == 0 and "supervised" in info.stdout
 
 
 def _labelmap(tmp_path, ct_path, seg_path, values=(3, 7)):

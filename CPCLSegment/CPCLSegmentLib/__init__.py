@@ -14,6 +14,9 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``request_cancel``, ``sweep``). imports: errors.
 - ``settings``: every training setting and shared choice, torch-free (``TrainConfig``, ``PRESETS``, ``METHODS``,
   ``ANNOTATED_SLICES``, ``cli_settings``). imports: errors.
+- ``budget``: what a run's length can afford: the recipe for a time budget (too short for the semi-supervised
+  recipe to pay off: supervised-only) and the warning for a short run (``recipe_for_minutes``,
+  ``short_run_warning``, ``minutes_to_pay_off``). imports: settings.
 - ``integrity``: damage checks for every file read: gzip CRC and length, the bytes a NIfTI header promises, ITK's
   whole reason on failure (``integrity_problem``, ``error_reason``, ``native_messages``, ``itk_read``).
   imports: errors.
@@ -79,9 +82,9 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``prediction``: model file and images in, segmentations on each image's grid out (``Predictor``,
   ``back_to_image_grid``, ``predict``, ``compatibility_warnings``). imports: devices, errors, inference, io, labels,
   modelfile, preflight, preparation, writers.
-- ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``,
-  ``short_run_warning``). imports: cleanup, data, errors, metrics, modelfile, planning, preflight, preparation,
-  pretrained, resume, settings, trainchecks, trainer, workfolder.
+- ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``).
+  imports: budget, cleanup, data, errors, metrics, modelfile, planning, preflight, preparation, pretrained, resume,
+  trainchecks, trainer, workfolder.
 - ``uncertainty``: "label this next" scores and ranking (``UncertaintyModel``, ``rank_files``).
   imports: errors, inference, io, modelfile, prediction, preflight, preparation, prototypes, settings, writers.
 - ``inputfiles``: the CLI's other input files: case lists, Decathlon folders, colour tables, ``--config``

@@ -27,7 +27,6 @@ Prediction is ``prediction.py``. ``LabeledInput`` and ``TrainRequest`` (``prepar
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import cleanup
+from .budget import recipe_for_minutes, short_run_warning
 from .data import Case
 from .errors import Cancelled, InputError
 from .metrics import mean_dice_over_cases
@@ -53,12 +53,11 @@ from .preflight import OutputLock, sweep_leftovers
 from .preparation import CaseInfo, Emit, LabeledInput, TrainRequest, inspect_cases, resolve_classes, run_fingerprint
 from .pretrained import read_starting_point, starting_state
 from .resume import resume_checkpoint
-from .settings import SHORT_COPY_PASTE_RUN
 from .trainchecks import check_case_grids, check_disk_space, check_request
 from .trainer import TrainConfig, Trainer, TrainResult, resolve_device
 from .workfolder import preprocess_cases, work_folder
 
-__all__ = ["LabeledInput", "TrainRequest", "train", "compare_supervised", "short_run_warning"]
+__all__ = ["LabeledInput", "TrainRequest", "train", "compare_supervised"]
 
 MakeTrainer = Callable[[TrainConfig, Optional[Callable[[Trainer, int], None]]], Trainer]
 
@@ -204,10 +203,7 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     planned = request.spacing is None and init_record is None and checkpoint is None
     check_case_grids(request, infos, plan["spacing"], say, planned)
     if cfg.minutes is not None and checkpoint is None:
-        if distributed is not None:
-            raise InputError("--minutes plans the iterations from one process's step time: with torchrun give --iterations")
-        cfg.iterations = iterations_for_minutes(cfg, len(classes), device)
-        say({"event": "info", "message": f"training for about {cfg.minutes:g} min: {cfg.iterations} iterations at the measured step time"})
+        cfg = _plan_minutes(run, distributed)
     if rank0:
         check_disk_space(request, cfg, classes, infos, plan["spacing"], run.unlabeled_paths)
     say(_summary(run))
@@ -222,20 +218,21 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     return run
 
 
-def short_run_warning(cfg: TrainConfig, has_unlabeled: bool, compare_supervised: bool) -> Optional[str]:
-    """The warning for a semi-supervised copy-paste run shorter than ``SHORT_COPY_PASTE_RUN`` iterations (measured
-    below supervised-only on the benchmarks: BENCHMARKS.md, short runs), or None. With ``cfg.minutes`` (the panel,
-    ``--minutes``) it says how many minutes reach the threshold at the planned pace; none when the run compares
-    with supervised-only anyway."""
-    if not has_unlabeled or not cfg.uses_copy_paste() or cfg.iterations >= SHORT_COPY_PASTE_RUN or compare_supervised:
-        return None
-    if cfg.minutes is not None:
-        longer = f"train for about {math.ceil(cfg.minutes * SHORT_COPY_PASTE_RUN / max(cfg.iterations, 1))} minutes or more"
-    else:
-        longer = f"train longer (--iterations {SHORT_COPY_PASTE_RUN} or more)"
-    return (f"{cfg.iterations} iterations is short for semi-supervised training with copy-paste: below {SHORT_COPY_PASTE_RUN} "
-            f"it scored under supervised-only on the benchmarks (BENCHMARKS.md, short runs); {longer}, or compare on "
-            "held-out cases (--validation CASES --compare-supervised; in Slicer: tick \"Hold out the last case\")")
+def _plan_minutes(run: _Run, distributed: Any) -> TrainConfig:
+    """The iterations that fit ``--minutes`` at the measured step time, and the recipe the minutes can afford
+    (``budget.recipe_for_minutes``: too few for the semi-supervised recipe to pay off trains supervised-only)."""
+    if distributed is not None:
+        raise InputError("--minutes plans the iterations from one process's step time: with torchrun give --iterations")
+    K = len(run.classes)
+    cfg, switched = recipe_for_minutes(run.cfg, iterations_for_minutes(run.cfg, K, run.device),
+                                       lambda c: iterations_for_minutes(c, K, run.device), bool(run.unlabeled_paths),
+                                       run.request.compare_supervised)
+    run.cfg = run.request.config = cfg
+    if switched:
+        run.unlabeled_paths = []  # not read, not preprocessed: the run is supervised-only
+        run.say({"event": "warning", "message": switched})
+    run.say({"event": "info", "message": f"training for about {cfg.minutes:g} min: {cfg.iterations} iterations at the measured step time"})
+    return cfg
 
 
 def _summary(run: _Run) -> Dict[str, Any]:

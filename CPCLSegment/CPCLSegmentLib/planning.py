@@ -1,9 +1,13 @@
 """Planning from the data (as nnU-Net does): target spacing, patch size, memory and time estimates.
 
 - Target spacing: the per-axis median spacing of the labeled cases.
-- Patch size: the median case shape at that spacing, rounded **up** to a multiple of ``2**depth`` (small
-  volumes get a small patch and are seen whole), then shrunk along its longest physical side until it
-  fits the voxel budget of the device (CPU: speed; GPU: the memory estimate below within the budget).
+- Patch size: the median case shape at that spacing, rounded to a multiple of ``2**depth`` — **up** on a GPU
+  (small volumes are seen whole), **down** on the CPU (no step time spent on padding) — then shrunk along its
+  longest physical side until it fits the voxel budget of the device (CPU: speed; GPU: the memory estimate
+  below within the budget).
+- Network width, where the user gave none: ``GPU_WIDTH`` on a GPU, ``CPU_WIDTH`` on the CPU. On a 2-core CPU a
+  default-recipe step of the narrower network on its smaller patch is 6.8x faster, so the panel's minutes buy the
+  iterations the semi-supervised recipe needs (BENCHMARKS.md, equal time).
 - Memory: parameters (student, teacher, gradients, optimizer state) plus the activations the student keeps
   for backward and the teacher's transient ones; ``bench/memory.py`` checks the estimate against
   measured peaks (BENCHMARKS.md).
@@ -27,6 +31,7 @@ from .settings import TrainConfig
 from .writers import format_bytes  # noqa: F401  (re-exported: ``planning.format_bytes``)
 
 CPU_PATCH_VOXELS = 64 * 64 * 64  # CPU: above this a step takes seconds on a laptop
+GPU_WIDTH, CPU_WIDTH = 16, 8  # the planned network width per device (``plan_width``)
 GPU_MAX_PATCH = (128, 128, 128)
 DEFAULT_GPU_BUDGET = 8 * 1024**3  # plan for an 8 GB GPU unless told otherwise
 BYTES_OVERHEAD = 1.35  # GPU: allocator slack, cuDNN workspaces, prototype maps (to be measured on a GPU)
@@ -131,7 +136,8 @@ def plan_patch_size(
 ) -> Tuple[Tuple[int, int, int], Dict[str, float]]:
     """Patch (D, H, W) and its memory estimate; see module docstring."""
     m = 2**depth
-    patch = [max(m, int(math.ceil(s / m)) * m) for s in median_shape]
+    whole = math.floor if device_type == "cpu" else math.ceil
+    patch = [max(m, int(whole(s / m)) * m) for s in median_shape]
     spacing_dhw = list(reversed(list(spacing_xyz)))
     if device_type == "cpu":
         while np.prod(patch) > CPU_PATCH_VOXELS and _shrink(patch, spacing_dhw, m):
@@ -146,6 +152,14 @@ def plan_patch_size(
     est = estimate_memory(patch, labeled_batch, unlabeled_batch, width, depth, num_classes, method,
                           amp=amp and device_type == "cuda", device_type=device_type, copy_paste=copy_paste)
     return (int(patch[0]), int(patch[1]), int(patch[2])), est
+
+
+def plan_width(cfg: TrainConfig, device_type: str, settings_given: Optional[Sequence[str]], fine_tuning: bool) -> int:
+    """The network width to train: what the user gave (``settings_given`` names it, or a starting model fixes it),
+    else ``CPU_WIDTH`` on the CPU and ``GPU_WIDTH`` elsewhere."""
+    if fine_tuning or (settings_given is not None and "width" in settings_given) or cfg.width != GPU_WIDTH:
+        return cfg.width
+    return CPU_WIDTH if device_type == "cpu" else GPU_WIDTH
 
 
 def suggest_smaller(patch: Sequence[int], depth: int) -> Tuple[int, int, int]:
@@ -176,6 +190,7 @@ def plan_run(request: TrainRequest, classes: List[Dict[str, Any]], infos: Sequen
         spacing = list(request.spacing)
     shapes = [shape_at_spacing(i.size, i.spacing, spacing or i.spacing) for i in infos]
     median_shape = [int(np.median([s[a] for s in shapes])) for a in range(3)]
+    cfg.width = plan_width(cfg, device.type, request.settings_given, init_record is not None or bool(request.resume))
     est = None
     if cfg.patch_size is None:
         patch, est = plan_patch_size(
