@@ -1,0 +1,39 @@
+"""The equal-time benchmark's arithmetic (bench/equal_time.py): minutes to iterations per recipe, and tables
+that compare each recipe with supervised-only of the same plan on the same seeds."""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _record(recipe, seed, test, val, iterations, minutes=10):
+    return {"key": f"{recipe}{seed}{minutes}", "experiment": "equal_time", "dataset": "hippocampus", "budget": 4, "minutes": minutes,
+            "variant": recipe, "seed": seed, "config": {"iterations": iterations},
+            "test_last": {"mean_dice": test}, "validation_last": {"mean_dice": val}}
+
+
+def test_minutes_become_iterations_at_each_recipes_pace():
+    import equal_time as E
+
+    pace = {"default": {"seconds_per_iteration": 2.5}, "supervised": {"seconds_per_iteration": 0.5}}
+    assert E.iterations_for(10, pace, "default") == 240 and E.iterations_for(10, pace, "supervised") == 1200
+    assert E.iterations_for(0.001, pace, "default") == 1  # never zero
+
+
+def test_tables_compare_with_supervised_only_of_the_same_plan_per_seed():
+    import equal_time as E
+
+    recs = [_record("supervised", 0, 0.776, 0.764, 997), _record("supervised_small", 0, 0.815, 0.811, 4800),
+            _record("default_small", 0, 0.849, 0.845, 1538), _record("supervised_small", 1, 0.80, 0.80, 4800),
+            _record("default_small", 1, 0.83, 0.82, 1538)]
+    table = E.tables(recs, None)
+    row = next(line for line in table.splitlines() if line.startswith("| 10 | default recipe (CPU plan"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2] == "1538" and cells[3] == "0,1"
+    assert cells[6] == "+3.4, +3.0"  # test vs supervised_small, per seed
+    assert cells[7] == "+3.4, +2.0"  # validation
+    assert cells[8] == "+7.3"  # vs the width-16 supervised run, on the seed it has
