@@ -285,3 +285,20 @@ def test_listing_the_models_never_imports_torch(tmp_path):
             f"print(f({str(tmp_path)!r})[0]['modality'], 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=120)
     assert out.stdout.split() == ["MRI", "False"], out.stderr
+
+
+def test_a_stopped_fine_tuning_of_a_bundle_resumes_with_its_own_settings(tmp_path, ct_path, seg_path):
+    """--resume given nothing else continues with the interrupted run's settings (network, patch, recipe)."""
+    bundle = bundle_folder(tmp_path / "b")
+    out = str(tmp_path / "r.pt")
+    seen = []
+    first = TrainRequest(labeled=[LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=out, segments=list(LUNGS),
+                         init=str(bundle), config=default_recipe(iterations=4, checkpoint_every=1))
+    pipeline.train(first, seen.append, lambda: sum(e["event"] == "progress" for e in seen) >= 2)
+    events = []
+    again = TrainRequest(labeled=[LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=out, segments=list(LUNGS),
+                         init=str(bundle), config=TrainConfig(device="cpu"), resume=True, settings_given=[])
+    assert pipeline.train(again, events.append)["status"] == "completed"
+    assert [e["iteration"] for e in events if e["event"] == "progress"] == [3, 4]
+    record = load_model(out)
+    assert record["network"]["backbone"] == "BasicUNet" and record["patch_size"] == [16, 32, 32]

@@ -189,6 +189,7 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     all_classes = init_state["classes"] if init_state is not None else classes
     fingerprint = run_fingerprint(request, all_classes)
     checkpoint = resume_checkpoint(request, fingerprint, say) if request.resume else None
+    cfg = request.config  # with --resume, the interrupted run's
     infos, fg_samples, is_ct = inspect_cases(request, classes, say)
     for info in infos:
         info.counts.update({c: 0 for c in range(len(classes), len(all_classes))})
