@@ -29,6 +29,19 @@ def slicerio_data_dir() -> Path:
     return Path(slicerio.__file__).parent / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def preprocessing_cache(tmp_path_factory):
+    """The suite's runs (here and in child processes) share one preprocessing cache of their own, never the user's."""
+    folder = tmp_path_factory.mktemp("preprocessing-cache")
+    before = os.environ.get("CPCL_SEGMENT_CACHE_DIR")
+    os.environ["CPCL_SEGMENT_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("CPCL_SEGMENT_CACHE_DIR", None)
+    else:
+        os.environ["CPCL_SEGMENT_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def ct_path() -> str:
     return str(slicerio_data_dir() / "CTChest4.nrrd")

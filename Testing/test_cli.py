@@ -170,6 +170,7 @@ def test_sigterm_cancels_within_seconds_and_leaves_nothing(tmp_path, ct_path, se
     tmpdir.mkdir()
     env = child_env()
     env["TMPDIR"] = str(tmpdir)
+    env["CPCL_SEGMENT_CACHE_DIR"] = str(tmp_path / "cache")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     config = tmp_path / "every iteration.json"
@@ -192,8 +193,11 @@ def test_sigterm_cancels_within_seconds_and_leaves_nothing(tmp_path, ct_path, se
     error = json_lines(rest)[-1]
     assert error["event"] == "error" and error["message"].startswith("cancelled: no output was written"), error
     assert "checkpoint" not in error["message"] or "not written" in error["message"], error
-    # the preprocessing work folder is gone (torch keeps its own compiler cache there: not ours)
+    # nothing preprocessed outside the cache (torch keeps its own compiler cache in the temporary folder: not ours);
+    # the cache holds complete entries only (no temporary folder, no in-use marker)
     assert [n for n in os.listdir(tmpdir) if not n.startswith("torchinductor")] == []
+    entries = [n for n in os.listdir(tmp_path / "cache") if n not in ("CACHEDIR.TAG", "identities")]
+    assert entries and all(os.path.isfile(tmp_path / "cache" / n / "manifest.json") for n in entries), entries
 
 
 def test_child_exits_when_its_parent_dies(tmp_path, ct_path, seg_path):
@@ -316,7 +320,12 @@ def test_preprocessed_cases_are_memory_mapped_not_held_in_memory(tmp_path, ct_pa
     classes = preparation.resolve_classes(req)
     infos, fg, is_ct = preparation.inspect_cases(req, classes, lambda e: None)
     plan = planning.plan_run(req, classes, infos, fg, is_ct, None, torch.device("cpu"), lambda e: None)
-    cases = preparation.preprocess_labeled(req.labeled, classes, plan, req, str(tmp_path / "work"), lambda e: None, "labeled")
+    from CPCLSegmentLib.prepcache import PreprocessCache
+    from CPCLSegmentLib.preprocessing import preprocess_cases
+
+    cache = PreprocessCache(str(tmp_path / "cache")).prepare()
+    cases, _, _ = preprocess_cases(req, classes, plan, [], cache, lambda e: None)
+    cache.release()
     assert isinstance(cases[0].image, np.memmap) and isinstance(cases[0].label, np.memmap)
     assert isinstance(cases[0].image_source, str)  # only the path is held
 

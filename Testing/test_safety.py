@@ -271,11 +271,12 @@ def test_bad_values_and_paths_are_input_errors(data, capsys, tmp_path, monkeypat
     refused(capsys, "train", "--labeled", ct, seg, "--out", out, "--color-table", data, *TINY, words=["colour table", "is a folder"])
     refused(capsys, "demo", "--iterations", "0", words=["--iterations must be at least 1"])
     refused(capsys, "demo", "--data", tmp_path, "--labeled", "0", words=["--labeled must be at least 1"])
-    # a temporary folder that cannot be created (full or missing TMPDIR) is named, with what to do
+    # a preprocessing cache on a full disk is named, with what to do
     import tempfile
 
     monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    refused(capsys, *base, "--spacing", *SPACING, words=["cannot create a temporary folder", "no space left on", "--work-dir"])
+    refused(capsys, *base, "--spacing", *SPACING, "--cache-dir", tmp_path / "new-cache",
+            words=["cannot write the preprocessed cases to the preprocessing cache", "no space left on", "--cache-dir"])
     assert not out.exists()
 
 

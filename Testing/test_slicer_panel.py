@@ -534,6 +534,25 @@ def test_a_new_train_config_field_reaches_the_panel_and_the_console_without_othe
         train_config({"warmup_fraction": "a lot"})
 
 
+def test_the_module_can_point_the_child_at_a_preprocessing_cache_and_its_exports_hit_it(chest, tmp_path):
+    """``cache_dir`` (a module setting) reaches the child as ``--cache-dir``; the same node exported for two runs
+    has the same content identity, so the second run reuses the first one's preprocessed cases."""
+    from CPCLSegmentLib.prepcache import content_digest
+
+    scene, volume, segmentation = chest
+    c = controller(scene, tmp_path)
+    plans = [c.core.prepare_training([(volume, segmentation)], [], LUNGS, cache_dir=str(tmp_path / "cache")) for _ in range(2)]
+    try:
+        request = cli.build_train_request(cli.build_parser().parse_args(plans[0]["args"]))
+        assert request.cache_dir == str(tmp_path / "cache")
+        for offset in (1, 2):  # the image, the segmentation
+            files = [p["args"][p["args"].index("--labeled") + offset] for p in plans]
+            assert files[0] != files[1] and content_digest(files[0]) == content_digest(files[1])
+    finally:
+        for p in plans:
+            shutil.rmtree(p["run_dir"])
+
+
 # ------------------------------------------------------------------------------------------ issue 12 (safety net)
 
 

@@ -48,7 +48,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``total_loss``, ``StepInputs``, ``LOSS_TERMS``). imports: prototypes, settings.
 - ``teacher``: the EMA teacher (``make_teacher``, ``update_teacher``). imports: none.
 - ``data``: preprocessed cases, patch sampling and augmentation (``Case``, ``make_case``, ``PatchSampler``,
-  ``Augmenter``). imports: errors, prototypes.
+  ``Augmenter``, ``cached_case``, ``sample_locations``). imports: errors, settings.
 - ``inference``: sliding-window probabilities of a network on an array (``predict_probabilities``,
   ``predict_labels``, ``class_argmax``). imports: devices, network.
 - ``metrics``: Dice, HD95, mean Dice per class over cases (``dice_per_class``, ``mean_dice``,
@@ -60,31 +60,33 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``pretrained``: starting points for ``--init`` (our model files, Auto3DSeg checkpoints, MONAI bundles), segment
   matching and the weights to start from, the MONAIAuto3DSeg models on this computer (``read_starting_point``,
   ``starting_state``, ``match_segments``). imports: backbones, errors, localmodels, modelfile, network.
-- ``prepcache``: the preprocessing cache's keys: an input file's identity (path, size, mtime) and a case's key
-  (``file_identity``, ``case_key``, ``canonical_path``, ``PREPROCESSING_VERSION``). imports: none.
-- ``preparation``: a run's inputs to ``Case`` objects: classes, sparse labels, fingerprint, preprocessing
+- ``prepcache``: the preprocessing cache on disk: an input file's identity (path, size, mtime), a case's key, the
+  per-user folder and size limit, entries written atomically and verified on read, LRU trimming (``file_identity``,
+  ``case_key``, ``canonical_path``, ``PREPROCESSING_VERSION``, ``PreprocessCache``, ``default_cache_dir``,
+  ``parse_size``). imports: cleanup, errors.
+- ``preparation``: a run's inputs before training: classes, sparse labels, fingerprint, preprocessing
   (``LabeledInput``, ``TrainRequest``, ``resolve_classes``, ``read_labeled``, ``inspect_cases``,
-  ``preprocess_labeled``, ``model_input``, ``to_model_grid``, ``normalize``). imports: data, errors, intensity, io,
-  labels, prepcache, prototypes, settings.
+  ``model_input``, ``to_model_grid``, ``normalize``). imports: errors, intensity, io, labels, prepcache, settings.
+- ``preprocessing``: a run's cases on the model grid through the preprocessing cache, in worker processes
+  (``preprocess_cases``, ``open_cache``, ``cache_folder``, ``build_entry``, ``worker_count``). imports: cleanup,
+  data, errors, io, prepcache, preparation, writers.
 - ``planning``: spacing, patch, normalisation, memory and time; every case's grid at the target spacing
   (``plan_run``, ``plan_patch_size``, ``estimate_memory``, ``check_memory``, ``check_grids``, ``step_seconds``,
   ``iterations_for_minutes``). imports: errors, network, preparation, settings, writers.
 - ``trainchecks``: a training request checked before any work: paths and values, every case's grid at the target
   spacing, the disk space the run needs (``check_request``, ``check_case_grids``, ``check_disk_space``).
-  imports: errors, io, modelfile, planning, preflight, prepcache, preparation, settings.
+  imports: errors, io, modelfile, planning, preflight, prepcache, preparation, preprocessing, settings.
 - ``resume``: ``--resume``: the interrupted run a request continues and what it may change in it
   (``resume_checkpoint``, ``RESUME_MAY_CHANGE``, ``setting_flag``). imports: cleanup, errors, modelfile,
   preparation, settings.
-- ``workfolder``: the run's work folder and the cases preprocessed into it (``work_folder``,
-  ``preprocess_cases``). imports: cleanup, data, errors, preparation, writers.
 - ``trainer``: the training loop (``Trainer``, ``TrainResult``). imports: data, devices, distributed, errors, losses,
   metrics, modelfile, network, planning, prototypes, settings, teacher.
 - ``prediction``: model file and images in, segmentations on each image's grid out (``Predictor``,
   ``back_to_image_grid``, ``predict``, ``compatibility_warnings``). imports: devices, errors, inference, io, labels,
   modelfile, preflight, preparation, writers.
 - ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``).
-  imports: budget, cleanup, data, errors, metrics, modelfile, planning, preflight, preparation, pretrained, resume,
-  trainchecks, trainer, workfolder.
+  imports: budget, cleanup, data, errors, metrics, modelfile, planning, preflight, preparation, preprocessing,
+  pretrained, resume, trainchecks, trainer.
 - ``uncertainty``: "label this next" scores and ranking (``UncertaintyModel``, ``rank_files``).
   imports: errors, inference, io, modelfile, prediction, preflight, preparation, prototypes, settings, writers.
 - ``inputfiles``: the CLI's other input files: case lists, Decathlon folders, colour tables, ``--config``
@@ -92,15 +94,16 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``demo``: ``cpcl-segment demo`` (``run_demo``). imports: errors, inputfiles, io, labels, metrics, pipeline,
   prediction, preflight, preparation, settings, writers.
 - ``cli_args``: the command line's parser and the training request it stands for (``build_parser``,
-  ``build_train_request``). imports: errors, inputfiles, preparation, settings.
+  ``build_train_request``, ``cache_settings``). imports: errors, inputfiles, prepcache, preparation, settings.
 - ``console``: what the CLI prints and how it stops (``Reporter``, ``print_summary``, ``StopControl``).
   imports: cleanup, errors.
 - ``childinfo``: what the Slicer module asks a child process, so its own never imports torch (``probe_environment``,
   ``model_info``, ``installed_versions``, ``nvidia_gpus``). imports: errors, modelfile.
 - ``jobs``: background child-process runs for the Slicer module (``Job``, ``probe_job``, ``model_info_job``).
   imports: errors.
-- ``cli``: the ``cpcl-segment`` entry point and its commands (``main``, ``classify``). imports: cleanup, cli_args,
-  console, demo, distributed, errors, modelfile, pipeline, planning, preflight, prediction, uncertainty, writers.
+- ``cli``: the ``cpcl-segment`` entry point and its commands (``main``, ``classify``, ``cmd_cache``). imports: cleanup,
+  cli_args, console, demo, distributed, errors, modelfile, pipeline, planning, preflight, prediction, prepcache,
+  uncertainty, writers.
 """
 
 from __future__ import annotations

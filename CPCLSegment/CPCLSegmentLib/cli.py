@@ -1,4 +1,4 @@
-"""``cpcl-segment`` (also ``python -m CPCLSegmentLib.cli``): train | predict | demo | rank | info.
+"""``cpcl-segment`` (also ``python -m CPCLSegmentLib.cli``): train | predict | demo | rank | info | cache.
 
 Progress (``--progress json``): stdout carries only JSON lines, one object per line, flushed:
 ``{"event": "progress", "iteration", "of", "loss": {...}, "eta_s"}``, ``{"event": "validation", ...}``,
@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 from . import cleanup
 from .cli_args import build_parser, build_train_request
 from .console import Reporter, StopControl
-from .errors import Cancelled, CPCLError, OutOfMemory
+from .errors import Cancelled, CPCLError, InputError, OutOfMemory
 from .preflight import check_stop_file
 
 
@@ -131,7 +131,34 @@ def cmd_info(args, report: Reporter, control: StopControl) -> int:
     return 0
 
 
-COMMANDS: Dict[str, Callable[..., int]] = {"train": cmd_train, "predict": cmd_predict, "demo": cmd_demo, "rank": cmd_rank, "info": cmd_info}
+def cmd_cache(args, report: Reporter, control: StopControl) -> int:
+    """``cpcl-segment cache [list|clear]``: the preprocessing cache's entries, sizes and total, or clears it."""
+    import time
+
+    from .prepcache import PreprocessCache
+    from .writers import format_bytes
+
+    cache = PreprocessCache(args.cache_dir)
+    if args.older_than is not None and (args.action != "clear" or args.older_than < 0):
+        raise InputError("--older-than DAYS goes with clear and is 0 or more, e.g. cpcl-segment cache clear --older-than 30")
+    if args.action == "clear":
+        removed, busy = cache.clear(args.older_than)
+        which = f" not used for {args.older_than:g} days" if args.older_than is not None else ""
+        print(f"removed {len(removed)} preprocessed case(s){which} ({format_bytes(sum(e.size for e in removed))}) from {cache.root}"
+              + (f"; kept {len(busy)} that a running training is using" if busy else ""))
+        return 0
+    entries = cache.entries()
+    print(f"preprocessing cache {cache.root} (limit {format_bytes(cache.limit)})")
+    for e in reversed(entries):  # most recently used first
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        what = f"DAMAGED ({e.meta['damaged']})" if "damaged" in e.meta else f"{e.meta.get('kind', '?')} {e.meta.get('source', '?')}"
+        print(f"  {e.key[:12]}  {format_bytes(e.size):>10}  last used {used}  {what}")
+    print(f"{len(entries)} entries, {format_bytes(sum(e.size for e in entries))} in all")
+    return 0
+
+
+COMMANDS: Dict[str, Callable[..., int]] = {"train": cmd_train, "predict": cmd_predict, "demo": cmd_demo, "rank": cmd_rank, "info": cmd_info,
+                                           "cache": cmd_cache}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -6,11 +6,13 @@ Importing this module does not import torch, so ``--help`` and argument errors a
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any, Dict
+import os
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from . import __version__, settings
 from .errors import InputError
 from .inputfiles import decathlon_cases, load_config_file, parse_segment_names, read_case_list
+from .prepcache import CACHE_DIR_ENV, CACHE_LIMIT_ENV, DEFAULT_LIMIT, parse_size
 from .settings import ANNOTATED_SLICES, MODALITIES, OUTPUT_FORMATS, PRESETS, PROGRESS_MODES, WEIGHTS, cli_settings, field_type
 
 if TYPE_CHECKING:
@@ -44,11 +46,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``cpcl-segment`` parser: ``train``, ``predict``, ``demo``, ``rank``, ``info``."""
+    """The ``cpcl-segment`` parser: ``train``, ``predict``, ``demo``, ``rank``, ``info``, ``cache``."""
     parser = argparse.ArgumentParser(prog="cpcl-segment", description="Semi-supervised 3D segmentation with cyclic prototype consistency (CPCL).")
     parser.add_argument("--version", action="version", version=f"cpcl-segment {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_predict, _add_demo, _add_rank, _add_info):
+    for add in (_add_train, _add_predict, _add_demo, _add_rank, _add_info, _add_cache):
         add(sub)
     return parser
 
@@ -80,8 +82,16 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--compare-supervised", action="store_true", help="also train supervised-only; keep the better on the validation cases")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.checkpoint.pt")
     t.add_argument("--retry-smaller-on-oom", action="store_true", help="on out-of-memory, retry once with half the patch size")
-    t.add_argument("--work-dir", help="folder for preprocessed cases (default: a temporary folder, removed afterwards)")
+    _add_cache_flags(t)
+    t.add_argument("--work-dir", help="the same as --cache-dir (older name)")
     _add_common(t)
+
+
+def _add_cache_flags(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--cache-dir", help=f"preprocessing cache folder, kept and reused across runs (default: ${CACHE_DIR_ENV}, else "
+                                       "the per-user cache folder, e.g. ~/.cache/cpcl-segment; `cpcl-segment cache` lists it)")
+    t.add_argument("--cache-limit", metavar="SIZE", help=f"size limit of the preprocessing cache, e.g. 50GB (default: "
+                                                          f"${CACHE_LIMIT_ENV}, else {DEFAULT_LIMIT}); least recently used cases go first")
 
 
 def _add_settings_flags(t: argparse.ArgumentParser) -> None:
@@ -141,6 +151,25 @@ def _add_info(sub: Any) -> None:
     i.add_argument("--debug", action="store_true")
 
 
+def _add_cache(sub: Any) -> None:
+    c = sub.add_parser("cache", help="list or clear the preprocessing cache (preprocessed cases kept for later runs)")
+    c.add_argument("action", nargs="?", choices=("list", "clear"), default="list",
+                   help="list: every entry, its size and last use, and the total (default); clear: remove entries")
+    c.add_argument("--older-than", type=float, metavar="DAYS", help="with clear: only entries not used for DAYS days")
+    c.add_argument("--cache-dir", help=f"the cache folder (default: ${CACHE_DIR_ENV}, else the per-user cache folder)")
+    c.add_argument("--debug", action="store_true")
+
+
+def cache_settings(args: argparse.Namespace) -> Tuple[Optional[str], Optional[int]]:
+    """``(cache folder or None for the default, size limit in bytes or None for the default)`` of ``train``'s
+    ``--cache-dir`` / ``--work-dir`` (its older name) and ``--cache-limit``."""
+    folder = args.cache_dir or args.work_dir
+    if args.cache_dir and args.work_dir and os.path.abspath(args.cache_dir) != os.path.abspath(args.work_dir):
+        raise InputError(f"--work-dir {args.work_dir} and --cache-dir {args.cache_dir}: --work-dir is the older name of "
+                         "--cache-dir; give one")
+    return folder, parse_size(args.cache_limit) if args.cache_limit is not None else None
+
+
 def build_train_request(args: argparse.Namespace) -> TrainRequest:
     """The ``TrainRequest`` of parsed ``train`` arguments (config file, then flags; case lists and folders added)."""
     from .preparation import LabeledInput, TrainRequest  # torch: imported when a train command runs, not for --help
@@ -184,6 +213,8 @@ def build_train_request(args: argparse.Namespace) -> TrainRequest:
         resume=args.resume,
         compare_supervised=args.compare_supervised,
         work_dir=args.work_dir,
+        cache_dir=cache_settings(args)[0],
+        cache_limit=cache_settings(args)[1],
         settings_given=sorted(given),
         other_inputs=[(flag, path) for flag, path in (("--config file", args.config if args.config not in PRESETS else None),
                                                      ("--cases list", args.cases), ("--color-table", args.color_table)) if path],

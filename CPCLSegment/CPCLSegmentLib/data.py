@@ -10,15 +10,13 @@ state, and gives the same global batch whatever the number of DDP ranks (each ra
 from __future__ import annotations
 
 import functools
-import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import InputError
-from .prototypes import IGNORE_INDEX
+from .settings import IGNORE_INDEX
 
 _MAX_LOCATIONS = 20000  # foreground voxel coordinates kept per class and case for oversampling
 
@@ -71,48 +69,52 @@ def make_case(
     image: np.ndarray,
     label: Optional[np.ndarray] = None,
     class_known: Optional[np.ndarray] = None,
-    cache_dir: Optional[str] = None,
     seed: int = 0,
-    key: Optional[str] = None,
 ) -> Case:
-    """Builds a Case from preprocessed arrays; with ``cache_dir`` the arrays go to ``.npy`` files there, named
-    ``<name>-<key>``: ``key`` identifies the case's inputs (``prepcache.case_key``), so two cases whose files
-    share a name never share arrays (without a key, a fresh random one)."""
+    """Builds a Case held in memory from preprocessed arrays."""
     image = np.ascontiguousarray(image, dtype=np.float32)
     if image.ndim != 3:
         raise InputError(f"case {name}: image must be 3-D, got shape {image.shape}")
-    locations: Dict[int, np.ndarray] = {}
-    annotated = None
     if label is not None:
         label = np.ascontiguousarray(label, dtype=np.int16)
         if label.shape != image.shape:
             raise InputError(f"case {name}: label shape {label.shape} differs from image shape {image.shape}")
-        rng = np.random.RandomState(seed)
-        for c in np.unique(label):
-            if c <= 0:
-                continue
-            idx = np.argwhere(label == c)
-            if len(idx) > _MAX_LOCATIONS:
-                idx = idx[rng.choice(len(idx), _MAX_LOCATIONS, replace=False)]
-            locations[int(c)] = idx.astype(np.int32)
-        if (label == IGNORE_INDEX).any():
-            idx = np.argwhere(label != IGNORE_INDEX)
-            if len(idx) > _MAX_LOCATIONS:
-                idx = idx[rng.choice(len(idx), _MAX_LOCATIONS, replace=False)]
-            annotated = idx.astype(np.int32)
-    image_source: Any = image
-    label_source: Any = label
-    if cache_dir is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:80]
-        stem = os.path.join(cache_dir, f"{safe}-{key or uuid.uuid4().hex}")
-        np.save(stem + "-image.npy", image)
-        image_source = stem + "-image.npy"
-        if label is not None:
-            np.save(stem + "-label.npy", label)
-            label_source = stem + "-label.npy"
-    return Case(name, tuple(int(s) for s in image.shape), image_source, label_source, class_known, locations, annotated,
-                float(image.min()))
+    locations, annotated = sample_locations(label, seed)
+    return Case(name, tuple(int(s) for s in image.shape), image, label, class_known, locations, annotated, float(image.min()))
+
+
+def cached_case(name: str, image_path: str, label_path: Optional[str], class_known: Optional[np.ndarray], pad_value: float,
+                seed: int = 0) -> Case:
+    """A Case whose arrays are ``.npy`` files (the preprocessing cache), read memory-mapped on demand."""
+    image = _open_npy(image_path)
+    label = _open_npy(label_path) if label_path is not None else None
+    if label is not None and label.shape != image.shape:
+        raise InputError(f"case {name}: label shape {label.shape} differs from image shape {image.shape}")
+    locations, annotated = sample_locations(label, seed)
+    return Case(name, tuple(int(s) for s in image.shape), image_path, label_path, class_known, locations, annotated, pad_value)
+
+
+def sample_locations(label: Optional[np.ndarray], seed: int) -> Tuple[Dict[int, np.ndarray], Optional[np.ndarray]]:
+    """``(locations, annotated)`` of a label array: up to ``_MAX_LOCATIONS`` voxel coordinates per class present
+    (for foreground oversampling) and, when some voxels are unknown (``IGNORE_INDEX``), of known voxels."""
+    locations: Dict[int, np.ndarray] = {}
+    annotated = None
+    if label is None:
+        return locations, annotated
+    rng = np.random.RandomState(seed)
+    for c in np.unique(label):
+        if c <= 0:
+            continue
+        idx = np.argwhere(label == c)
+        if len(idx) > _MAX_LOCATIONS:
+            idx = idx[rng.choice(len(idx), _MAX_LOCATIONS, replace=False)]
+        locations[int(c)] = idx.astype(np.int32)
+    if (label == IGNORE_INDEX).any():
+        idx = np.argwhere(label != IGNORE_INDEX)
+        if len(idx) > _MAX_LOCATIONS:
+            idx = idx[rng.choice(len(idx), _MAX_LOCATIONS, replace=False)]
+        annotated = idx.astype(np.int32)
+    return locations, annotated
 
 
 # ----------------------------------------------------------------------------------------- sampling

@@ -12,8 +12,9 @@ Steps of ``train`` (each step's code lives in its own module):
    foreground intensities). Problems are found here, before any training.
 2. **Plan**: target spacing, patch size, normalisation, memory and time (``planning``), unless the config or
    the starting model fixes them.
-3. **Preprocess** each case onto the model grid, stored as ``.npy`` in a work folder (``preparation``,
-   ``workfolder``), after checking every grid and the disk space the run needs (``trainchecks``).
+3. **Preprocess** each case onto the model grid, after checking every grid and the disk space the run needs
+   (``trainchecks``), through the per-user preprocessing cache: cases found there are reused, the others
+   preprocessed into it in parallel (``preprocessing``, ``prepcache``).
 4. **Train** (``trainer.Trainer``), with checkpoints for ``--resume``; ``--compare-supervised`` also trains
    supervised-only and keeps the better model on the validation cases (``compare_supervised``).
 5. **Save** the model file atomically, plus the run record ``<model>.run.json`` (``modelfile``). A run stopped
@@ -51,11 +52,11 @@ from .modelfile import (
 from .planning import check_memory, estimate_seconds, format_bytes, iterations_for_minutes, plan_run
 from .preflight import OutputLock, sweep_leftovers
 from .preparation import CaseInfo, Emit, LabeledInput, TrainRequest, inspect_cases, resolve_classes, run_fingerprint
+from .preprocessing import open_cache, preprocess_cases
 from .pretrained import read_starting_point, starting_state
 from .resume import resume_checkpoint
 from .trainchecks import check_case_grids, check_disk_space, check_request
 from .trainer import TrainConfig, Trainer, TrainResult, resolve_device
-from .workfolder import preprocess_cases, work_folder
 
 __all__ = ["LabeledInput", "TrainRequest", "train", "compare_supervised"]
 
@@ -104,8 +105,9 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
         if rank0:
             sweep_leftovers([os.path.dirname(os.path.abspath(request.out)), request.work_dir], say)
         run = _prepare(request, emit, distributed)
-        with work_folder(request.work_dir) as work_dir:
-            labeled, validation, unlabeled = preprocess_cases(request, run.classes, run.plan, run.unlabeled_paths, work_dir, run.say)
+        cache = open_cache(request)
+        try:
+            labeled, validation, unlabeled = preprocess_cases(request, run.classes, run.plan, run.unlabeled_paths, cache, run.say)
             start_eval = _score_starting_model(run, validation)
 
             def make_trainer(cfg: TrainConfig, checkpoint: Optional[Callable[[Trainer, int], None]]) -> Trainer:
@@ -127,6 +129,8 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
                 kept = f" (the existing {os.path.basename(str(request.out))} is unchanged)" if os.path.exists(request.out) else ""
                 raise Cancelled(f"stopped before the first training iteration: no model was written{kept}")
             _save(run, cfg, result, comparison, start_eval, t_start, ckpt_file)
+        finally:
+            cache.release()
     except Cancelled:
         if rank0 and wrote_ckpt and not request.resume and os.path.exists(ckpt_file):
             os.remove(ckpt_file)  # a cancelled run leaves nothing; a resumed one keeps its checkpoint resumable

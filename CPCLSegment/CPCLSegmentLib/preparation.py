@@ -1,4 +1,4 @@
-"""Preparation (nnU-Net's fingerprint + preprocessing): from the files a run is given to ``Case`` objects.
+"""Preparation (nnU-Net's fingerprint + preprocessing): the files a run is given, made ready for training.
 
 - What a run is given: ``LabeledInput`` (image + segmentation + which slices are annotated) and
   ``TrainRequest`` (everything ``pipeline.train`` needs).
@@ -15,8 +15,7 @@
   3. normalise intensities (``intensity``): nnU-Net's CT scheme with statistics fixed at planning time, a
      per-volume z-score for MR and other modalities, or a starting model's own scheme.
 
-  ``preprocess_labeled`` / ``preprocess_unlabeled`` store each case as ``.npy`` in a work folder (read back
-  memory-mapped, so hundreds of cases are never all in memory).
+  ``preprocessing`` applies them to a run's cases, through the preprocessing cache.
 """
 
 from __future__ import annotations
@@ -29,13 +28,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import io as cio
-from .data import Case, make_case
 from .errors import InputError
 from .intensity import foreground_intensity_sample, looks_like_ct, normalize, plan_normalization  # noqa: F401 (re-exported)
 from .labels import build_label_array, find_segment, geometry_difference, same_grid
-from .prepcache import canonical_path, case_key, file_identity
-from .prototypes import IGNORE_INDEX
-from .settings import ANNOTATED_SLICES, TrainConfig
+from .prepcache import canonical_path
+from .settings import ANNOTATED_SLICES, IGNORE_INDEX, TrainConfig
 
 Emit = Callable[[Dict[str, Any]], None]
 CANONICAL_ORIENTATION = "LPS"  # identity direction matrix for axis-aligned images
@@ -76,7 +73,9 @@ class TrainRequest:
     network_overrides: Optional[Dict[str, Any]] = None  # network settings the user set explicitly
     resume: bool = False
     compare_supervised: bool = False
-    work_dir: Optional[str] = None
+    work_dir: Optional[str] = None  # older name of cache_dir
+    cache_dir: Optional[str] = None  # the preprocessing cache folder (None: prepcache.default_cache_dir())
+    cache_limit: Optional[int] = None  # its size limit in bytes (None: prepcache.default_limit())
     memory_budget: Optional[float] = None  # bytes; GPU planning budget
     # the settings the user gave explicitly (config file keys, flags): what ``--resume`` compares with the
     # interrupted run; None: every field of ``config`` counts as given (the Python API)
@@ -336,53 +335,3 @@ def fingerprint_difference(old: Dict[str, Any], new: Dict[str, Any]) -> Optional
         elif a.get(key) != b[key]:
             parts.append(f"{key} cases in another order")
     return "; ".join(parts) or "other cases"
-
-
-# ------------------------------------------------------------------------------- cases on the model grid
-
-
-def preprocess_labeled(
-    items: Sequence[LabeledInput], classes: List[Dict[str, Any]], plan: Dict[str, Any], request: TrainRequest,
-    work_dir: str, emit: Emit, stage: str,
-) -> List[Case]:
-    """Labeled cases on the model grid (``plan``'s spacing and normalisation), stored in ``work_dir``."""
-    wanted = [c["name"] for c in classes[1:]]
-    cases = []
-    for n, item in enumerate(items):
-        image, labels, class_known = read_labeled(item, wanted, request.segment_names, request.partial_segments, lambda e: None)
-        grid, arr = model_input(image, plan["spacing"], plan["normalization"])
-        lab = labels_to_grid(labels, image, grid)
-        known = None if class_known.all() else class_known
-        key = labeled_key(item, wanted, request, plan)
-        cases.append(make_case(item.name, arr, lab, known, cache_dir=work_dir, seed=n, key=key))
-        emit({"event": "preprocess", "stage": stage, "index": n + 1, "of": len(items), "case": item.name})
-    return cases
-
-
-def preprocess_unlabeled(paths: Sequence[str], plan: Dict[str, Any], work_dir: str, emit: Emit) -> List[Case]:
-    """Unlabeled images on the model grid, stored in ``work_dir``."""
-    cases = []
-    for n, path in enumerate(paths):
-        _, arr = model_input(cio.read_image(path), plan["spacing"], plan["normalization"])
-        cases.append(make_case(cio.strip_extension(path) or f"unlabeled-{n}", arr, None, cache_dir=work_dir, key=unlabeled_key(path, plan)))
-        emit({"event": "preprocess", "stage": "unlabeled", "index": n + 1, "of": len(paths), "case": path})
-    return cases
-
-
-def _plan_parts(plan: Dict[str, Any]) -> Dict[str, Any]:
-    """What of a plan changes the preprocessed arrays: the target spacing and the normalisation."""
-    return {"spacing": plan.get("spacing"), "normalization": plan.get("normalization")}
-
-
-def labeled_key(item: LabeledInput, wanted: Sequence[str], request: TrainRequest, plan: Dict[str, Any]) -> str:
-    """The key of a labeled case on the model grid: its image's and segmentation's identities (path, size,
-    mtime), which slices are annotated, the segments learnt and how they are named, and the plan."""
-    names = {str(k): v for k, v in (request.segment_names or {}).items()}
-    return case_key({"kind": "labeled", "image": file_identity(item.image), "segmentation": file_identity(item.segmentation),
-                     "annotated_slices": item.annotated_slices, "segments": list(wanted), "segment_names": names,
-                     "partial": bool(request.partial_segments), **_plan_parts(plan)})
-
-
-def unlabeled_key(path: str, plan: Dict[str, Any]) -> str:
-    """The key of an unlabeled image on the model grid: its identity and the plan."""
-    return case_key({"kind": "unlabeled", "image": file_identity(path), **_plan_parts(plan)})

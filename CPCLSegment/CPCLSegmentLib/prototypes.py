@@ -26,9 +26,8 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .settings import COSINE_SCALE
+from .settings import COSINE_SCALE, IGNORE_INDEX
 
-IGNORE_INDEX = -1
 NEG = -1.0e4  # logit of a class with no prototype: exp(NEG - max) underflows to exactly 0 in float32
 DEFAULT_SCALE = COSINE_SCALE  # s = 20 (settings.COSINE_SCALE, also TrainConfig.scale's default)
 _TINY = 1e-6

@@ -33,6 +33,7 @@ MODALITIES = ("auto", "ct", "mr", "other")
 PROGRESS_MODES = ("bar", "json", "none")
 UNCERTAINTY_SCORES = ("entropy", "student_teacher", "label_disagreement", "prototype")
 
+IGNORE_INDEX = -1  # the label of unknown voxels (sparse labels, segments not annotated in a case)
 COSINE_SCALE = 20.0  # s in softmax_k(s · cos(F(x), p^k)) (the method's value)
 CPCL_CONSISTENCY = 1.0  # the mean-teacher term's weight inside the default CPCL recipe (BENCHMARKS.md, tuning round 2)
 # Copy-paste runs shorter than this were measured below supervised-only (BENCHMARKS.md, "Short runs", 4 labeled,

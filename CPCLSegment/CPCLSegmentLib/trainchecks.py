@@ -11,7 +11,6 @@ grid at the target spacing, and an estimate of the disk space the run needs.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,6 +22,7 @@ from .planning import check_grids, count_params, shape_at_spacing
 from .preflight import check_free_space, check_outputs, check_spacing, same_file
 from .prepcache import canonical_path
 from .preparation import CaseInfo, Emit, TrainRequest
+from .preprocessing import cache_folder
 from .settings import TrainConfig
 
 
@@ -62,7 +62,8 @@ def check_request(request: TrainRequest, say: Emit) -> TrainConfig:
     inputs += list(request.other_inputs)
     outputs = [("--out", out), ("its run record", run_record_path(out)), ("its resume checkpoint", checkpoint_path(out)),
                ("its lock file", out + ".lock")]
-    check_outputs(outputs, inputs, [("--work-dir", request.work_dir)] if request.work_dir else [])
+    given_cache = [("--cache-dir" if request.cache_dir else "--work-dir", request.cache_dir or request.work_dir)]
+    check_outputs(outputs, inputs, given_cache if given_cache[0][1] else [])
     if request.resume and not os.path.exists(checkpoint_path(out)):
         raise InputError(f"--resume: no checkpoint {checkpoint_path(out)} to resume from (start without --resume)")
     if not request.resume and os.path.exists(checkpoint_path(out)):
@@ -99,6 +100,6 @@ def check_disk_space(request: TrainRequest, cfg: TrainConfig, classes: Sequence[
         header = cio.read_header(path)
         if header is not None:
             work_bytes += 6.0 * float(np.prod(shape_at_spacing(header[0], header[1], spacing or header[1])))
-    work_parent = request.work_dir or tempfile.gettempdir()
+    cache = cache_folder(request)
     check_free_space([(str(request.out), params * 9, "the model file and its resume checkpoint"),
-                      (work_parent, work_bytes, f"the preprocessed cases (in {work_parent})")])
+                      (cache, work_bytes, f"the preprocessed cases (in the preprocessing cache {cache})")])

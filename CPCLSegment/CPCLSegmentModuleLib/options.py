@@ -12,14 +12,15 @@ from CPCLSegmentLib.errors import InputError
 
 
 # Settings the module owns (not TrainConfig fields): which device, which starting model, the target spacing,
-# the meaning of a missing segment, hold-out validation, the supervised-only comparison and the overlap order.
+# the meaning of a missing segment, hold-out validation, the supervised-only comparison, the overlap order and
+# the preprocessing cache folder (``cache_dir``; default: the engine's per-user folder or $CPCL_SEGMENT_CACHE_DIR).
 # Everything else a caller passes must be a TrainConfig field (``CPCLSegmentLib/settings.py``) and goes to the
 # engine as ``--config``. ``compare_supervised`` (on unless turned off) acts only with a held-out case and
 # unlabeled volumes: the engine then also trains supervised-only and keeps the model that scores better on the
 # held-out case, saying which, so a run where the unlabeled volumes do not help never silently keeps the worse
 # model (BENCHMARKS.md: they do not help at every budget).
 MODULE_SETTINGS: Dict[str, Any] = {"device": "auto", "init": None, "spacing": None, "partial_segments": False,
-                                   "hold_out_last": False, "compare_supervised": True, "later_wins": False}
+                                   "hold_out_last": False, "compare_supervised": True, "later_wins": False, "cache_dir": None}
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")

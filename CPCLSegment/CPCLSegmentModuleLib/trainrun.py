@@ -69,6 +69,8 @@ def train_command(check: CheckResult, files: ExportedInputs, n_cases: int, unlab
         args += ["--init", init]
     if module["spacing"]:
         args += ["--spacing", *[repr(float(v)) for v in module["spacing"]]]
+    if module["cache_dir"]:  # the preprocessing cache (default: the engine's per-user folder)
+        args += ["--cache-dir", os.path.abspath(os.path.expanduser(str(module["cache_dir"])))]
     return args
 
 
