@@ -358,3 +358,36 @@ def test_retraining_another_seed_and_compare_supervised_reuse_the_cache(tmp_path
     assert main([*train, "--out", str(tmp_path / "m4.pt"), "--cache-dir", str(tmp_path / "other")]) == 0
     assert built == []
     assert "are reused from the preprocessing cache" in capsys.readouterr().err
+
+
+def test_a_cancel_during_preprocessing_leaves_complete_entries_only_and_nothing_elsewhere(tmp_path, monkeypatch):
+    import tempfile
+
+    from CPCLSegmentLib import cleanup
+    from CPCLSegmentLib.errors import Cancelled
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
+    unl = [make_labeled(tmp_path / f"u{i}", i)[0] for i in range(4)]
+    a_img, a_seg, _, _ = make_labeled(tmp_path / "a", 9)
+
+    def cancel_after_first(event):
+        if event.get("event") == "preprocess":
+            cleanup.request_cancel()  # what SIGTERM / Ctrl-C / the Slicer Cancel button do
+
+    try:
+        with pytest.raises(Cancelled):
+            preprocess(tmp_path, [(a_img, a_seg)], unl, emit=cancel_after_first)
+        message = cleanup.cancel_report()
+    finally:
+        cleanup.reset()
+    assert message.startswith("cancelled: no output was written")
+    cache = PreprocessCache(str(tmp_path / "cache"))
+    names = sorted(os.listdir(cache.root))
+    assert [n for n in names if n.startswith(".tmp-p")] == []  # no half entry, no in-use marker
+    assert len(cache.entries()) == 1 and all("damaged" not in e.meta for e in cache.entries())  # the one finished
+    assert os.listdir(tmp_path / "tmp") == []
+    built = count_builds(monkeypatch)
+    preprocess(tmp_path, [(a_img, a_seg)], unl)
+    assert len(built) == 4  # the next run preprocesses only what the cancelled one had not finished
