@@ -118,8 +118,8 @@ def continues_and_predicts(tmp_path, ct_path, seg_path, init, name, backbone):
 
 
 def test_auto3dseg_model_folder_fine_tunes_with_the_default_recipe_and_predicts(tmp_path, ct_path, seg_path):
-    folder = auto3dseg_folder(tmp_path / "models" / "lungs-v1.0.0" / "model")
-    out, messages = fine_tune(tmp_path, ct_path, seg_path, folder, "from_auto3dseg.pt")
+    auto3dseg_folder(tmp_path / "models" / "lungs-v1.0.0" / "model")  # the extension unpacks into a subfolder
+    out, messages = fine_tune(tmp_path, ct_path, seg_path, tmp_path / "models" / "lungs-v1.0.0", "from_auto3dseg.pt")
     said = " ".join(messages)
     assert "its preprocessing is adopted" in said and "then sigmoid" in said
     assert "segments from the model: ['right lung']" in said and "new segments (new output channels): ['left lung']" in said

@@ -21,7 +21,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   whole reason on failure (``integrity_problem``, ``error_reason``, ``native_messages``, ``itk_read``).
   imports: errors.
 - ``localmodels``: the MONAIAuto3DSeg models on this computer, torch-free, nothing downloaded
-  (``find_auto3dseg_models``, ``read_labels_csv``, ``checkpoint_modality``). imports: errors.
+  (``find_auto3dseg_models``, ``auto3dseg_checkpoint``, ``read_labels_csv``, ``checkpoint_modality``). imports: errors.
 - ``intensity``: intensity normalisation schemes, planned and applied (``plan_normalization``, ``normalize``,
   ``looks_like_ct``, ``foreground_intensity_sample``). imports: errors.
 - ``io``: reading images and segmentations, verified (``read_image``, ``read_segmentation``, ``read_segment_list``,

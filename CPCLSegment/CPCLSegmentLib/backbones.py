@@ -153,7 +153,7 @@ def make_spec(target: Any, args: Dict[str, Any], num_classes: int, in_channels: 
     args = _plain({k: v for k, v in dict(args).items() if k not in ("_target_", "in_channels", "out_channels")}, "", source)
     spec = {"backbone": name, "in_channels": int(in_channels), "num_classes": int(num_classes),
             "feature_level": int(feature_level), "layout": layout, "args": args}
-    check_spec(spec, source)
+    spec["args"] = check_spec(spec, source)  # normalised: what is built is what the model file records
     return spec
 
 

@@ -32,17 +32,29 @@ def find_auto3dseg_models(root: Optional[str] = None) -> List[Dict[str, Any]]:
     if not os.path.isdir(root):
         return found
     for name in sorted(os.listdir(root)):
-        for folder, dirs, files in os.walk(os.path.join(root, name)):
-            dirs.sort()
-            if "labels.csv" in files and "model.pt" in files:
-                try:
-                    segments = [n for _v, n in sorted(read_labels_csv(os.path.join(folder, "labels.csv")))]
-                except ModelFileError:
-                    break
-                found.append({"name": name, "path": folder, "modality": checkpoint_modality(os.path.join(folder, "model.pt")),
-                              "segments": segments})
-                break
+        checkpoint = auto3dseg_checkpoint(os.path.join(root, name), need_labels=True)
+        if checkpoint is None:
+            continue
+        folder = os.path.dirname(checkpoint)
+        try:
+            segments = [n for _v, n in sorted(read_labels_csv(os.path.join(folder, "labels.csv")))]
+        except ModelFileError:
+            continue
+        found.append({"name": name, "path": folder, "modality": checkpoint_modality(checkpoint), "segments": segments})
     return found
+
+
+def auto3dseg_checkpoint(folder: str, need_labels: bool = False) -> Optional[str]:
+    """The ``model.pt`` of a MONAIAuto3DSeg model folder: the first (in name order) beside a ``labels.csv``, as the
+    extension finds it, else (unless ``need_labels``) the first ``model.pt``; None when there is none."""
+    fallback = None
+    for here, dirs, files in os.walk(folder):
+        dirs.sort()
+        if "model.pt" in files:
+            if "labels.csv" in files:
+                return os.path.join(here, "model.pt")
+            fallback = fallback or os.path.join(here, "model.pt")
+    return None if need_labels else fallback
 
 
 def read_labels_csv(path: str) -> List[Tuple[int, str]]:

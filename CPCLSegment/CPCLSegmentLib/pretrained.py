@@ -30,7 +30,7 @@ import torch
 
 from .backbones import BackboneError, adapt_state, allowed_name, make_spec
 from .errors import InputError, ModelFileError
-from .localmodels import read_labels_csv
+from .localmodels import auto3dseg_checkpoint, read_labels_csv
 from .modelfile import _load as read_weights_file
 from .modelfile import load_model
 from .network import build_network
@@ -47,12 +47,13 @@ def read_starting_point(path: str) -> Dict[str, Any]:
     folder) or a MONAI bundle folder; ``ModelFileError`` naming the file otherwise."""
     path = str(path)
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "model.pt")):
-            return _auto3dseg_record(os.path.join(path, "model.pt"))
         if any(os.path.isfile(os.path.join(path, "configs", c)) for c in BUNDLE_CONFIGS):
             return _bundle_record(path)
+        checkpoint = auto3dseg_checkpoint(path)
+        if checkpoint:
+            return _auto3dseg_record(checkpoint)
         raise ModelFileError(f"{path} is a folder but neither a MONAI bundle (configs/inference.json and models/model.pt) "
-                             "nor an Auto3DSeg model folder (model.pt)")
+                             "nor an Auto3DSeg model folder (model.pt, in it or in a subfolder beside labels.csv)")
     data = read_weights_file(path, "starting model")
     if isinstance(data, dict) and data.get("format") == "cpcl-segment-model":
         record = load_model(path)
