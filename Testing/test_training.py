@@ -49,7 +49,12 @@ def test_model_file_contents(trained):
     assert rec["classes"][1]["color"] == pytest.approx([0.0862745, 0.772549, 0.278431], abs=1e-5)  # Slicer's colour
     assert "terminology" in rec["classes"][1]
     assert rec["normalization"]["scheme"] == "ct"
-    assert set(rec["weights"]) == {"teacher", "student", "best"}
+    # only what inference and fine-tuning need: the teacher (stored fp16, read back as float32), no student
+    assert set(rec["weights"]) == {"teacher", "best"}
+    assert all(v.dtype == torch.float32 for v in rec["weights"]["teacher"].values() if v.is_floating_point())
+    raw = torch.load(model, map_location="cpu", weights_only=True)
+    assert "student" not in raw["weights"] and "optimizer" not in raw
+    assert all(v.dtype == torch.float16 for v in raw["weights"]["teacher"].values() if v.is_floating_point())
     assert rec["prototypes"].shape == (3, 16) and rec["prototype_valid"].all()
     assert rec["training"]["method"] == "cpcl" and rec["training"]["iterations"] == 120
     run = os.path.splitext(model)[0] + ".run.json"
@@ -73,6 +78,45 @@ def test_save_load_predict_is_identical(trained, ct_path, tmp_path):
     net = build_from_record(rec)
     for k, v in net.state_dict().items():
         assert torch.equal(v, rec["weights"]["teacher"][k])
+
+
+def test_default_width_model_file_is_small_and_keeps_only_the_teacher(tmp_path):
+    """A model file of the default network (width 16) holds the teacher in fp16 and the record: <= 25 MB
+    (float32 student + teacher made it 72 MB). The best-on-validation weights are stored only when they differ
+    from the last teacher's; asking for them otherwise gives the teacher."""
+    from types import SimpleNamespace
+
+    from CPCLSegmentLib.modelfile import make_record
+    from CPCLSegmentLib.network import VNet
+
+    cfg = TrainConfig(patch_size=(64, 64, 64))
+    assert cfg.width == 16 and cfg.depth == TrainConfig().depth
+    classes = [{"name": n, "color": [0.5, 0.5, 0.5]} for n in ["background"] + LUNGS]
+    student, teacher = VNet(**cfg.network_config(3)), VNet(**cfg.network_config(3))
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    result = SimpleNamespace(teacher=teacher, student=student, best_state=teacher_state, prototypes=torch.zeros(3, 16),
+                             prototype_valid=torch.ones(3, dtype=torch.bool), best={"iteration": 2, "mean_dice": 0.5, "dice": {}},
+                             method="cpcl", status="completed", iterations_done=2)
+    plan = {"spacing": [1.0, 1.0, 1.0], "orientation": "LPS", "normalization": {"scheme": "zscore"}}
+    record = make_record(cfg, result, classes, plan, SimpleNamespace(init=None), [SimpleNamespace(name="ct")], 1)
+    out = tmp_path / "default.pt"
+    save_model(str(out), record)
+    assert os.path.getsize(out) <= 25 * 2**20, os.path.getsize(out)
+    rec = load_model(str(out))
+    assert set(rec["weights"]) == {"teacher", "best"} and rec["weights"]["best"] is None
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        ref = teacher.eval()(x)[0]
+        for which in ("teacher", "best"):
+            got = build_from_record(rec, which)(x)[0]
+            assert (got - ref).abs().max() < 1e-2 * ref.abs().max()  # fp16 storage: the same network
+    with pytest.raises(ModelFileError, match="no student weights"):
+        build_from_record(rec, "student")
+    # best weights that differ from the last teacher's are kept (fp16)
+    result.best_state = {k: v + 1.0 if v.is_floating_point() else v for k, v in teacher_state.items()}
+    save_model(str(out), make_record(cfg, result, classes, plan, SimpleNamespace(init=None), [SimpleNamespace(name="ct")], 1))
+    rec = load_model(str(out))
+    assert rec["weights"]["best"] is not None and os.path.getsize(out) <= 2 * 25 * 2**20
 
 
 def test_corrupt_truncated_foreign_and_newer_files_are_refused(trained, tmp_path):

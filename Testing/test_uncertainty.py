@@ -134,8 +134,29 @@ def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
             and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4) and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
 
 
-def test_rank_cli_on_real_images(trained, rank_images, tmp_path):
-    model, _, _ = trained
+@pytest.fixture(scope="module")
+def model_with_student(trained, tmp_path_factory):
+    """The shared model with a student network added, as model files of older versions kept it (new model files
+    keep only the teacher; the student scores need one)."""
+    from CPCLSegmentLib.modelfile import load_model, save_model
+
+    rec = load_model(trained[0])
+    gen = torch.Generator().manual_seed(0)
+    rec["weights"]["student"] = {k: (v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) if v.is_floating_point() and v.numel() > 1 else v)
+                                 for k, v in rec["weights"]["teacher"].items()}
+    out = tmp_path_factory.mktemp("student-model") / "with student.pt"
+    save_model(str(out), rec)
+    return str(out)
+
+
+def test_teacher_only_model_ranks_by_entropy(trained):
+    um = U.UncertaintyModel(trained[0], "cpu")
+    assert um.student is None and "label_disagreement" not in um.available
+    assert U.resolve_score("auto", um.available) == "entropy"
+
+
+def test_rank_cli_on_real_images(model_with_student, rank_images, tmp_path):
+    model = model_with_student
     out_csv, maps = tmp_path / "ranking.csv", tmp_path / "maps"
     proc = subprocess.run(cli_command("rank", "--model", model, "--images", *rank_images, "--out", out_csv,
                                       "--uncertainty-dir", maps, "--progress", "json", "--device", "cpu"),

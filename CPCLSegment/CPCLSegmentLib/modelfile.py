@@ -14,13 +14,17 @@ reads it and a model file can never execute code)::
     normalization     {"scheme": "ct", clip, mean, std}, {"scheme": "zscore", nonzero?, tanh?}, {"scheme": "range",
                       low, high, out_low, out_high, clip, sigmoid}, {"scheme": "pet"} or {"scheme": "none"}
     patch_size        [D, H, W] voxels of the sliding window
-    weights           {"teacher": state_dict, "student": state_dict, "best": state_dict or None}
+    weights           {"teacher": state_dict, "best": state_dict or None}, stored in fp16 (``save_model``)
     best              {"iteration", "mean_dice", "dice"} of the best-on-validation weights, or None
     prototypes        (K, C) teacher-feature class prototypes from the labeled cases; prototype_valid (K,)
     training          run summary: method, config, iterations, case names, supervised_only, ...
 
 Inference uses the teacher's last weights unless asked for ``best`` (marked separately, chosen on the
-validation cases only) or ``student``.
+validation cases only). A model file holds only what inference and fine-tuning need: the teacher's weights in
+fp16 (``load_model`` returns them as float32), the best-on-validation weights only when they differ from the
+last teacher's (``weights.best`` None with a ``best`` record means the last teacher is the best), and no
+student or optimizer state: those live in the resume checkpoint. The default network (width 16) makes a
+model file of about 18 MB. Older model files (student and teacher in float32) are still read.
 
 Beside the model file: ``<model>.run.json``, the run record (versions, seed, config, plan, cases, losses,
 validations: ``write_run_record``), and while training ``<model>.pt.checkpoint.pt`` for ``--resume``.
@@ -57,6 +61,9 @@ def save_model(path: str, record: Dict[str, Any]) -> None:
     # a VNet model stays readable by engines that know format 1; a MONAI backbone needs format 2
     record.setdefault("format_version", 2 if "backbone" in record.get("network", {}) else 1)
     record.setdefault("engine_version", __version__)
+    weights = record.get("weights")
+    if isinstance(weights, dict):
+        record["weights"] = {k: (half_state(v) if isinstance(v, dict) else v) for k, v in weights.items()}
     with atomic_path(path, tensor_bytes(record), note="model file") as tmp:
         torch.save(record, tmp)
 
@@ -70,6 +77,27 @@ def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v) for v in obj)
     return 0
+
+
+def half_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The storage form of a state dict in a model file: float32/float64 tensors as fp16 (half the bytes of
+    float32; a network loads them back into its float32 parameters), except a tensor whose values do not fit
+    fp16 (``|x| > 65504``), which stays as it is. Integer tensors are kept."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float16:
+            h = v.detach().to("cpu", torch.float16)
+            out[k] = h if bool(torch.isfinite(h).all()) or not bool(torch.isfinite(v).all()) else v
+        else:
+            out[k] = v
+    return out
+
+
+def float_state(state: Any) -> Any:
+    """fp16 tensors of a stored state dict as float32 (what the networks and the trainer use)."""
+    if not isinstance(state, dict):
+        return state
+    return {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float16 else v) for k, v in state.items()}
 
 
 def load_model(path: str) -> Dict[str, Any]:
@@ -89,6 +117,7 @@ def load_model(path: str) -> Dict[str, Any]:
     problems = record_problems(record)
     if problems:
         raise ModelFileError(f"{path} is not a valid CPCLSegment model file: " + "; ".join(problems[:6]))
+    record["weights"] = {k: float_state(v) for k, v in record["weights"].items()}
     return record
 
 
@@ -216,9 +245,14 @@ def build_from_record(record: Dict[str, Any], weights: str = "teacher") -> torch
     if weights not in WEIGHT_CHOICES:
         raise ModelFileError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     state = record["weights"].get(weights)
+    if state is None and weights == "best" and record.get("best") is not None:
+        state = record["weights"].get("teacher")  # the best weights were the last teacher's: stored once
     if state is None:
         if weights == "best":
             raise ModelFileError("this model has no best-on-validation weights (it was trained without --validation cases)")
+        if weights == "student":
+            raise ModelFileError("this model file has no student weights: model files keep only the teacher's "
+                                 "(the student is in the resume checkpoint of an unfinished run)")
         raise ModelFileError(f"this model file has no {weights} weights")
     try:
         net = build_network(dict(record["network"]))
@@ -305,11 +339,7 @@ def make_record(cfg, result, classes, plan, request, infos, n_unlabeled: int, st
         "orientation": plan["orientation"],
         "normalization": plain(plan["normalization"]),
         "patch_size": [int(p) for p in cfg.patch_size],
-        "weights": {
-            "teacher": state_dict_cpu(result.teacher),
-            "student": state_dict_cpu(result.student),
-            "best": result.best_state,
-        },
+        "weights": model_weights(result),
         "best": plain(result.best),
         "prototypes": result.prototypes,
         "prototype_valid": result.prototype_valid,
@@ -326,6 +356,17 @@ def make_record(cfg, result, classes, plan, request, infos, n_unlabeled: int, st
             "comparison": plain(comparison),
         },
     }
+
+
+def model_weights(result) -> Dict[str, Any]:
+    """The weights a model file keeps: the teacher's, and the best-on-validation weights only when they differ
+    from it (``build_from_record(..., "best")`` then uses the teacher). The student and the optimizer stay in the
+    resume checkpoint: inference and fine-tuning (``--init``, ``starting_state``) need only the teacher."""
+    teacher = state_dict_cpu(result.teacher)
+    best = result.best_state
+    if best is not None and set(best) == set(teacher) and all(torch.equal(best[k], teacher[k]) for k in teacher):
+        best = None
+    return {"teacher": teacher, "best": best}
 
 
 def write_run_record(out: str, request, cfg, result, plan, classes, t_start: float, comparison=None, start_eval=None) -> None:

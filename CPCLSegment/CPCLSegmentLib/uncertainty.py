@@ -1,7 +1,9 @@
 """“Label this next”: per-voxel and per-case uncertainty of a trained model, and a ranking of images by it.
 
-A trained model file holds the EMA **teacher** (used for prediction), the **student**, and the class
-**prototypes** ``p^k`` (``(K, C)``: the teacher's decoder features averaged per class over the labeled
+A trained model file holds the EMA **teacher** (used for prediction) and the class **prototypes**; the
+**student** is no longer kept in model files (only in resume checkpoints), so the two student scores need a
+model file from an older version that kept it, and ``--score auto`` ranks by ``entropy`` otherwise. The
+class **prototypes** are ``p^k`` (``(K, C)``: the teacher's decoder features averaged per class over the labeled
 cases; ``prototype_valid`` ``(K,)``). From one sliding-window pass over an image (both networks on the same
 windows, MONAI's ``sliding_window_inference``, Gaussian blending) we get, per voxel ``x``:
 
@@ -366,7 +368,8 @@ def rank_files(
         need = " and ".join(_NEEDS[chosen])
         raise ModelFileError(f"{model} has no {need}, which the {chosen!r} score needs; use --score entropy")
     if (score or "auto").lower() == "auto" and chosen != AUTO_SCORE:
-        emit({"event": "warning", "message": f"{model} lacks what the {AUTO_SCORE!r} score needs: ranking by {chosen!r}"})
+        emit({"event": "info", "message": f"ranking by {chosen!r}: {model} has no student network, which the {AUTO_SCORE!r} "
+              "score needs (model files keep only the teacher)"})
     rows: List[Dict[str, Any]] = []
     for n, (path, target) in enumerate(zip(images, targets)):
         if should_stop and should_stop():
