@@ -94,6 +94,42 @@ def test_cancel_ends_the_process_tree_within_5_s_and_writes_no_model(case_in_odd
     assert not os.path.exists(job.temp_dir)
 
 
+def test_cancel_reaches_a_child_that_cannot_be_signalled(tmp_path, monkeypatch):
+    """On Windows the child has no console, so CTRL_BREAK never arrives: Cancel creates the cancel file the CLI
+    is started with, and the CLI's StopControl cancels when it appears (its own cleanup runs: exit 130)."""
+    import subprocess
+    import sys
+
+    from CPCLSegmentLib.console import StopControl
+
+    job = jobs.Job(["train", "--labeled", "a.nrrd", "b.seg.nrrd", "--out", str(tmp_path / "m.pt")], name="training")
+    assert job.command()[-2:] == ["--cancel-file", job.cancel_file]
+    job.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        monkeypatch.setattr(jobs, "_WINDOWS", True)  # as on Windows: no signal is sent
+        assert job._signal_root() and os.path.exists(job.cancel_file)
+        assert job.proc.poll() is None  # not signalled, not killed: the child cancels itself
+    finally:
+        job.proc.kill()
+        job.proc.wait()
+        job._remove_temp()
+    control = StopControl(cancel_file=str(tmp_path / "cancel"), grace_s=600.0)  # no hard exit of pytest itself
+    try:
+        assert control.should_stop() is False
+        (tmp_path / "cancel").write_text("cancel")
+        deadline = time.time() + 5
+        while not control.cancelled.is_set() and time.time() < deadline:
+            time.sleep(0.05)
+        assert control.cancelled.is_set()  # noticed by its watcher, even between the run's own checks
+        with pytest.raises(Cancelled):
+            control.should_stop()
+    finally:
+        control.close()
+        from CPCLSegmentLib import cleanup
+
+        cleanup.reset()
+
+
 def test_stop_keeps_the_model_trained_so_far(case_in_odd_folder):
     folder, image, seg = case_in_odd_folder
     out = folder / "stopped.pt"

@@ -172,7 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = Reporter(mode)
     cleanup.reset()
     control = StopControl(getattr(args, "stop_file", None), getattr(args, "exit_with_parent", False),
-                          on_hard_exit=lambda message: _error(report, message, Cancelled.exit_code))
+                          on_hard_exit=lambda message: _error(report, message, Cancelled.exit_code),
+                          cancel_file=getattr(args, "cancel_file", None))
     control.install()
     report.start_heartbeat()
     code = 0

@@ -41,6 +41,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--progress", choices=PROGRESS_MODES, default="bar", help="bar (terminal), json (JSON lines on stdout), none")
     p.add_argument("--stop-file", help="when this file appears, stop early and keep what was done so far")
+    p.add_argument("--cancel-file", help="when this file appears, cancel: nothing more is written (what Slicer's Cancel uses)")
     p.add_argument("--exit-with-parent", action="store_true", help="cancel if the parent process goes away (used by Slicer)")
     p.add_argument("--debug", action="store_true", help="print tracebacks")
 

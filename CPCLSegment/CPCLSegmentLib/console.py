@@ -162,7 +162,7 @@ class StopControl:
     process exits with 130 after ``cleanup.cancel_report`` (printed through ``on_hard_exit``)."""
 
     def __init__(self, stop_file: Optional[str] = None, exit_with_parent: bool = False, grace_s: float = 3.0,
-                 on_hard_exit: Optional[Callable[[str], None]] = None) -> None:
+                 on_hard_exit: Optional[Callable[[str], None]] = None, cancel_file: Optional[str] = None) -> None:
         self.cancelled = threading.Event()
         self.stop_file = stop_file
         self.grace_s = grace_s
@@ -171,8 +171,11 @@ class StopControl:
         self._previous: Dict[int, Any] = {}
         self._timer: Optional[threading.Timer] = None
         self._closed = threading.Event()
+        self.cancel_file = cancel_file
         if exit_with_parent:
             self._watch_parent()
+        if cancel_file:
+            self._watch_cancel_file(cancel_file)
 
     def install(self) -> None:
         if self._installed:
@@ -244,7 +247,22 @@ class StopControl:
 
         threading.Thread(target=loop, daemon=True, name="parent-watchdog").start()
 
+    def _watch_cancel_file(self, path: str) -> None:
+        """Cancels when ``path`` appears: how a parent cancels a child it cannot signal (on Windows a child
+        started without a console never receives CTRL_BREAK)."""
+
+        def loop() -> None:
+            while not self.cancelled.is_set() and not self._closed.is_set():
+                if os.path.exists(path):
+                    self.cancel("cancel file")
+                    return
+                time.sleep(0.2)
+
+        threading.Thread(target=loop, daemon=True, name="cancel-file-watch").start()
+
     def should_stop(self) -> bool:
+        if self.cancel_file and not self.cancelled.is_set() and os.path.exists(self.cancel_file):
+            self.cancel("cancel file")
         if self.cancelled.is_set():
             raise Cancelled("cancelled")
         return bool(self.stop_file) and os.path.exists(self.stop_file)

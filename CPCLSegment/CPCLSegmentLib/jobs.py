@@ -16,9 +16,9 @@ which sets up Slicer's Python environment; the child's ``PYTHONPATH`` and workin
 package's parent folder, so the engine is importable wherever the extension is installed.
 
 - ``stop()``: creates the stop file; training ends at the next iteration and **keeps** the model so far.
-- ``cancel()``: asks the whole process tree to terminate (SIGTERM; CTRL_BREAK on Windows), which makes the
-  CLI exit within a few seconds leaving no output file; whatever is still alive after ``grace_s`` is killed
-  (psutil: children first, then the parent, so the launcher's child is not orphaned).
+- ``cancel()``: creates the child's cancel file (``--cancel-file``, polled by the CLI: a child without a console
+  on Windows never gets CTRL_BREAK) and on POSIX SIGTERMs the tree; the CLI exits within seconds, writing
+  nothing; what lives after ``grace_s`` is killed (psutil: children first, then the parent).
 - An ``error`` event or a non-zero exit code becomes ``job.error`` (a one-line message).
 - The job's temporary folder (stop file) is removed when the job has finished.
 - ``result()`` (after the job finished; ``wait()`` returns it): what ``collect(job)`` makes of the CLI's
@@ -27,13 +27,13 @@ package's parent folder, so the engine is importable wherever the extension is i
   results) is removed then, unless ``keep_work_dir(job)`` says to keep it.
 
 ``probe_job`` and ``model_info_job`` run ``python -m CPCLSegmentLib.childinfo probe | model-info MODEL``: they answer,
-in a child process, what the Slicer GUI process must not find out
-itself because it would import torch there: the PyTorch build, GPUs (``torch.cuda``; ``nvidia-smi``) and
-package versions, and what a model file holds.
+in a child process, what the Slicer GUI process must not find out itself because it would import torch there:
+the PyTorch build, GPUs (``torch.cuda``; ``nvidia-smi``) and package versions, and what a model file holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -139,6 +139,7 @@ class Job:
         self._collected_value: Any = None
         self.temp_dir = tempfile.mkdtemp(prefix="cpcl-job-")
         self.stop_file = os.path.join(self.temp_dir, "stop")
+        self.cancel_file = os.path.join(self.temp_dir, "cancel")
         self.proc: Optional[subprocess.Popen] = None
         self.status = "created"  # created | running | done | stopped | cancelled | failed
         self.exit_code: Optional[int] = None
@@ -162,14 +163,14 @@ class Job:
         if self.module != "CPCLSegmentLib.cli":
             return [self.python, "-m", self.module, *self.args]
         return [self.python, "-m", self.module, *self.args,
-                "--progress", "json", "--exit-with-parent", "--stop-file", self.stop_file]
+                "--progress", "json", "--exit-with-parent", "--stop-file", self.stop_file, "--cancel-file", self.cancel_file]
 
     def start(self) -> "Job":
         if self.proc is not None:
             raise RuntimeError("job already started")
         kwargs: Dict[str, Any] = {}
         if _WINDOWS:
-            # own process group: CTRL_BREAK reaches only the child's tree; no console window pops up
+            # own process group (Slicer's console events do not reach it); no console window pops up
             kwargs["creationflags"] = _CREATE_NEW_PROCESS_GROUP | _CREATE_NO_WINDOW
         else:
             kwargs["start_new_session"] = True  # Slicer's Ctrl-C / terminal signals do not reach the child
@@ -379,7 +380,7 @@ class Job:
                         p.terminate()
                     except psutil.NoSuchProcess:
                         pass
-            # Windows: if CTRL_BREAK could not be delivered (no shared console), kill at once
+            # if the cancel could not be delivered at all, kill at once
             _, alive = psutil.wait_procs(tree, timeout=grace_s if delivered else 0.2)
             for p in [p for p in alive if p.pid != pid] + [p for p in alive if p.pid == pid]:
                 try:
@@ -389,16 +390,20 @@ class Job:
             psutil.wait_procs(alive, timeout=2.0)
 
     def _signal_root(self) -> bool:
-        """Asks the child to cancel itself (it then removes partial outputs); True if delivered."""
+        """Asks the child to cancel itself (it removes partial outputs, says what it kept): the cancel file it polls
+        (a console-less child on Windows never gets CTRL_BREAK), and on POSIX SIGTERM too. True if delivered."""
         assert self.proc is not None
-        try:
-            if _WINDOWS:
-                os.kill(self.proc.pid, signal.CTRL_BREAK_EVENT)  # the CLI handles SIGBREAK like SIGTERM
-            else:
+        delivered = False
+        with contextlib.suppress(OSError):
+            if self.module == "CPCLSegmentLib.cli":
+                with open(self.cancel_file, "w", encoding="utf-8") as f:
+                    f.write("cancel\n")
+                delivered = True
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if not _WINDOWS:
                 self.proc.send_signal(signal.SIGTERM)
-        except (OSError, ValueError, AttributeError):
-            return False
-        return True
+                delivered = True
+        return delivered
 
     # ------------------------------------------------------------------------------------ cleanup
 
