@@ -27,7 +27,7 @@ from CPCLSegmentLib import cli, jobs, settings, writers  # noqa: E402
 from CPCLSegmentLib import io as cio  # noqa: E402
 from CPCLSegmentLib.labels import build_label_array  # noqa: E402
 from CPCLSegmentLib.errors import Cancelled, InputError  # noqa: E402
-from CPCLSegmentModuleLib import environment, inputcheck, panel  # noqa: E402
+from CPCLSegmentModuleLib import environment, inputcheck, modelnode, panel  # noqa: E402
 from CPCLSegmentModuleLib.export import export_inputs, export_volume  # noqa: E402
 from CPCLSegmentModuleLib.inputcheck import check_inputs, CheckFailed  # noqa: E402
 from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
@@ -316,10 +316,31 @@ def test_a_corrupted_model_node_is_refused(chest, tmp_path, tiny_model):
     scene, volume, segmentation = chest
     logic = LogicCore(scene, work_root=str(tmp_path / "work"))
     model = logic.load_model(tiny_model)
-    model.SetAttribute("CPCLSegment.File", "")  # no cached file: the node's text is decoded
-    model.SetText(model.GetText()[:-8] + "AAAAAAAA")
+    model.SetAttribute("CPCLSegment.File", "")  # no cached file: the data node's text is decoded
+    data = modelnode.payload_node(model)
+    data.SetText(data.GetText()[:-8] + "AAAAAAAA")
     with pytest.raises(InputError, match="no intact model"):
         logic.model_file(model)
+
+
+def test_a_loaded_model_shows_a_short_text_and_a_same_size_cached_file_is_not_trusted(chest, tmp_path, tiny_model):
+    """What Slicer's views render of a model (the Texts plugin's tooltip: the node's text) stays short; the
+    model file is in a hidden data node. A cached file of the same size but other content (a resumed run's
+    newer file) is not used: the node's own model is written again, checked by SHA-256."""
+    scene, volume, segmentation = chest
+    logic = LogicCore(scene, work_root=str(tmp_path / "work"))
+    copy = tmp_path / "model copy.pt"
+    shutil.copyfile(tiny_model, copy)
+    model = logic.load_model(str(copy))
+    assert len(model.GetText()) <= modelnode.DESCRIPTION_LIMIT and "right lung" in model.GetText()
+    assert modelnode.payload_node(model).GetHideFromEditors()
+    cached = logic.model_file(model)
+    original = Path(cached).read_bytes()
+    changed = bytearray(original)
+    changed[-100] ^= 0xFF
+    Path(cached).write_bytes(bytes(changed))  # same size, other content
+    again = logic.model_file(model)
+    assert Path(again).read_bytes() == original
 
 
 def test_save_and_load_model_files_keep_the_nesting(chest, tmp_path, tiny_model):

@@ -24,8 +24,18 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   imports: inputcheck, nodes, scene.
 - ``results``: files -> NEW nodes (``import_segmentation``, ``import_scalar_volume``, ``empty_segmentation``,
   ``nest_segments``). imports: export, nodes, scene.
-- ``models``: models kept in the scene as text nodes (``store_model``, ``is_model_node``, ``model_file_of``,
-  ``model_node_from_file``, ``save_model_file``, ``model_summary``, ``model_nested``). imports: nodes, scene.
+- ``modelnode``: a model as a node with a short text plus a hidden data node holding the file, so no view renders
+  the payload (``payload_node``, ``model_bytes``, ``file_matches``, ``upgrade_model_node``, ``remove_model``,
+  ``describe``). imports: scene.
+- ``models``: models kept in the scene (``store_model``, ``is_model_node``, ``model_file_of``,
+  ``model_node_from_file``, ``save_model_file``, ``model_summary``, ``model_nested``). imports: modelnode, nodes, scene.
+- ``modellist``: the models as a list (rename, delete, keep only the latest) and the run folders, listed and
+  removable (``model_rows``, ``rename_model``, ``keep_latest``, ``run_folders``, ``remove_run_folders``).
+  imports: modelnode.
+- ``rounds``: the label -> train loop's rounds: the held-out Dice change, where an added case goes
+  (``round_record``, ``dice_change``, ``order_cases``). imports: none.
+- ``sampledata``: the chest CT and its segmentation as Slicer Sample Data (``sample_files``, ``load_sample``,
+  ``registration``). imports: none.
 - ``trainrun``: a training run's folder, command line and what stays of it (``write_training_run``,
   ``train_command``, ``read_command``, ``can_resume``, ``collect_model``, ``keep_run_dir``).
   imports: export, inputcheck, models, options, scene.

@@ -1,25 +1,23 @@
-"""Models kept in the scene: a trained or loaded model is a ``vtkMRMLTextNode`` ("CPCLSegment model", the model
-file base64-encoded, with a text storage node), so saving the scene (``.mrml`` + data, or ``.mrb``) saves the
-model and loading the scene restores it; the file in the temporary folder is only a cache, re-created from the
-node when it is gone."""
+"""Models kept in the scene: a trained or loaded model is a "CPCLSegment model" node whose text is a short
+description, with the model file in a hidden data node (``modelnode``), so saving the scene (``.mrml`` + data,
+or ``.mrb``) saves the model and loading the scene restores it; the file in the temporary folder is only a
+cache, used when its SHA-256 is the node's and re-created from the node otherwise."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
-import slicer
 from CPCLSegmentLib.errors import InputError
 
+from . import modelnode
 from .nodes import node_name
-from .scene import OUTPUT_ATTRIBUTE, OUTPUT_MODEL, new_output_node
+from .scene import OUTPUT_ATTRIBUTE, OUTPUT_MODEL
 
 
-MODEL_NODE_CLASS = "vtkMRMLTextNode"
+MODEL_NODE_CLASS = modelnode.MODEL_NODE_CLASS
 
 
 MODEL_ATTRIBUTES = ("CPCLSegment.SHA256", "CPCLSegment.Bytes", "CPCLSegment.Classes", "CPCLSegment.Nested",
@@ -53,28 +51,10 @@ def model_summary(node: Any) -> Dict[str, Any]:
 def store_model(scene: Any, path: str, name: str = "CPCLSegment model", classes: Optional[Sequence[Dict[str, Any]]] = None,
                 nested: Optional[Dict[str, List[str]]] = None, summary: Optional[Dict[str, Any]] = None,
                 run_dir: Optional[str] = None, node: Any = None) -> Any:
-    """The model file as a scene node: a text node holding the file base64-encoded, with a text storage node,
-    so saving the scene (or an .mrb) saves the model and loading the scene restores it. ``path`` stays the
-    node's cached file. ``node``: update that model node instead of making a new one."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if node is None:
-        node = new_output_node(scene, MODEL_NODE_CLASS, name, OUTPUT_MODEL)
-    node.SetForceCreateStorageNode(slicer.vtkMRMLTextNode.CreateStorageNodeAlways)
-    node.SetText(base64.b64encode(data).decode("ascii"))
-    node.SetAttribute("CPCLSegment.SHA256", hashlib.sha256(data).hexdigest())
-    node.SetAttribute("CPCLSegment.Bytes", str(len(data)))
-    node.SetAttribute("CPCLSegment.File", os.path.abspath(path))
-    if classes is not None:
-        set_model_classes(node, classes)
-    node.SetAttribute("CPCLSegment.Nested", json.dumps(nested or {}))
-    if summary is not None:
-        node.SetAttribute("CPCLSegment.Summary", json.dumps(summary, default=str))
-    if run_dir:
-        node.SetAttribute("CPCLSegment.RunDir", run_dir)
-    if node.GetStorageNode() is None:
-        node.AddDefaultStorageNode()
-    return node
+    """The model file as a model node (short text: what Slicer's views show) and a hidden data node holding the
+    file (``modelnode``), so saving the scene saves the model and loading the scene restores it. ``path`` stays
+    the node's cached file. ``node``: update that model node (one Modified) instead of making a new one."""
+    return modelnode.store_model(scene, path, name, classes=classes, nested=nested, summary=summary, run_dir=run_dir, node=node)
 
 
 def set_model_classes(node: Any, classes: Sequence[Dict[str, Any]]) -> None:
@@ -84,17 +64,19 @@ def set_model_classes(node: Any, classes: Sequence[Dict[str, Any]]) -> None:
 
 
 def model_file_of(model: Any, work_root: str) -> str:
-    """The model node's cached file, written again (from the node's base64 text, checksum verified) into
-    ``work_root/models`` when the temporary folder lost it."""
+    """The model node's cached file when its SHA-256 is the node's, else the node's data written again (checksum
+    verified) into ``work_root/models``. A model node of an older scene (the file as its own text) is upgraded
+    to a short text + data node first."""
     if not is_model_node(model):
         raise InputError(f"'{node_name(model)}' is not a CPCLSegment model node")
     cached = model.GetAttribute("CPCLSegment.File") or ""
-    size = int(model.GetAttribute("CPCLSegment.Bytes") or -1)
-    if cached and os.path.isfile(cached) and os.path.getsize(cached) == size:
+    if modelnode.file_matches(cached, model):
         return cached
-    data = base64.b64decode((model.GetText() or "").encode("ascii"))
-    if not data or len(data) != size or hashlib.sha256(data).hexdigest() != model.GetAttribute("CPCLSegment.SHA256"):
-        raise InputError(f"model node '{node_name(model)}' holds no intact model (size or checksum differ)")
+    try:
+        modelnode.upgrade_model_node(model.GetScene(), model)
+        data = modelnode.model_bytes(model)
+    except ValueError as e:
+        raise InputError(f"{e}: no intact model") from None
     folder = os.path.join(work_root, "models")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{model.GetAttribute('CPCLSegment.SHA256')[:16]}.pt")

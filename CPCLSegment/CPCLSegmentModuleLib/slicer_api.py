@@ -55,6 +55,9 @@ SLICER_API = (
     "vtkMRMLScriptedModuleNode.RemoveNodeReferenceIDs", "vtkMRMLScriptedModuleNode.GetNumberOfNodeReferences",
     "vtkMRMLScriptedModuleNode.GetNthNodeReference", "vtkMRMLScriptedModuleNode.StartModify",
     "vtkMRMLScriptedModuleNode.EndModify",
+    # the model node and its hidden data node (modelnode.py), the chest CT sample (sampledata.py)
+    "vtkMRMLTextNode.SetHideFromEditors", "vtkMRMLTextNode.StartModify", "vtkMRMLTextNode.EndModify",
+    "vtkMRMLTextNode.SetNodeReferenceID", "vtkMRMLTextNode.GetNodeReference", "vtkMRMLTextNode.SetName",
 )
 
 
