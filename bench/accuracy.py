@@ -669,11 +669,7 @@ def plot_curves(records: Sequence[Dict[str, Any]], path: Path, title: str) -> bo
         ax.set_xlabel("iteration")
         ax.set_ylabel("validation mean Dice (%)")
         ax.set_title(f"{title}:\n{b} labeled, {lengths[b]} iterations (line style = seed)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    C.finish_figure(fig, axes[0], path)
     return True
 
 

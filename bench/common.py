@@ -304,3 +304,15 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t
+
+
+def finish_figure(fig: Any, axes: Iterable[Any], path: Path) -> None:
+    """Grid and legend on every panel, then the figure written to ``path`` (PNG, 110 dpi) and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

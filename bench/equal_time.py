@@ -241,11 +241,7 @@ def plot(records: Sequence[Dict[str, Any]], path: Path) -> bool:
         ax.set_xlabel(f"minutes of one {THREADS}-thread CPU process")
         ax.set_ylabel("test mean Dice (%)")
         ax.set_title(f"{ds}, {lab} labeled")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    C.finish_figure(fig, axes[0], path)
     return True
 
 
