@@ -6,22 +6,10 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .devices import autocast_context  # noqa: F401  (re-exported: inference.autocast_context)
 from .network import VNet
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
-    """Zero-pads the last three dims of ``x`` up to multiples of ``multiple``; returns the crop back."""
-    sizes = list(x.shape[-3:])
-    extras = [(-s) % multiple for s in sizes]
-    pads = []
-    for e in reversed(extras):  # F.pad takes the last dimension first
-        pads += [e // 2, e - e // 2]
-    crop = tuple(slice(e // 2, e // 2 + s) for e, s in zip(extras, sizes))
-    return F.pad(x, pads), crop
 
 
 @torch.inference_mode()

@@ -105,11 +105,6 @@ def error_reason(e: BaseException, native: Sequence[str] = (), path: Optional[st
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def first_line(e: BaseException) -> str:
-    """Kept for callers of earlier versions: the whole reason (``error_reason``)."""
-    return error_reason(e)
-
-
 _verified: Dict[Tuple[str, int, int], None] = {}
 _verified_lock = threading.Lock()
 

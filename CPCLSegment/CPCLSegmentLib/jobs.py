@@ -145,7 +145,6 @@ class Job:
         self.exit_code: Optional[int] = None
         self.error: Optional[str] = None
         self.done: Optional[Event] = None  # the CLI's "done" event
-        self.last_progress: Optional[Event] = None
         self.warnings: List[str] = []
         self.log: Deque[str] = deque(maxlen=log_lines)
         self.started_at: Optional[float] = None
@@ -239,9 +238,7 @@ class Job:
         if kind == "finished":  # start() failed
             self._finished_event_seen = True
             return [event]
-        if kind == "progress":
-            self.last_progress = event
-        elif kind == "warning":
+        if kind == "warning":
             self.warnings.append(str(event.get("message", "")))
         elif kind == "done":
             self.done = event

@@ -162,7 +162,7 @@ class VNet(nn.Module):
         if bad:
             raise ValueError(
                 f"VNet(depth={self.depth}) needs spatial sizes that are multiples of {self.size_multiple}; "
-                f"got {tuple(x.shape[2:])} (pad the input, e.g. with inference.pad_to_multiple)"
+                f"got {tuple(x.shape[2:])} (pad the input; sliding-window inference takes patches of such sizes)"
             )
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -20,10 +20,6 @@ from .scene import OUTPUT_ATTRIBUTE, OUTPUT_MODEL
 MODEL_NODE_CLASS = modelnode.MODEL_NODE_CLASS
 
 
-MODEL_ATTRIBUTES = ("CPCLSegment.SHA256", "CPCLSegment.Bytes", "CPCLSegment.Classes", "CPCLSegment.Nested",
-                    "CPCLSegment.Summary", "CPCLSegment.RunDir", "CPCLSegment.File")
-
-
 def is_model_node(node: Any) -> bool:
     return node is not None and node.IsA(MODEL_NODE_CLASS) and node.GetAttribute(OUTPUT_ATTRIBUTE) == OUTPUT_MODEL
 

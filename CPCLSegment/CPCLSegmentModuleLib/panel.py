@@ -48,7 +48,6 @@ class PanelController(PanelJobs, PanelState, PanelSettings):
         self.open_in_editor: Optional[Any] = None  # the volume whose pre-filled segmentation opens in the editor
         self.plot: Optional[TrainingPlot] = None
         self._plot_updated = 0.0
-        self.check_result: Optional[CheckResult] = None
         self.probe: Optional[Dict[str, Any]] = None
         self.problems: List[environment.Problem] = []
         self.log: List[str] = []
@@ -114,7 +113,6 @@ class PanelController(PanelJobs, PanelState, PanelSettings):
         return res
 
     def _show_check(self, res: CheckResult) -> None:
-        self.check_result = res
         self.text["checkResultLabel"] = check_text(res)
 
     def train(self) -> Any:

@@ -166,7 +166,6 @@ class PanelJobs:
         self._discard_ranking()
         self.open_in_editor = None
         self.plot = None
-        self.check_result = None
         self.text["checkResultLabel"] = ""
 
     def on_scene_end_close(self) -> None:
