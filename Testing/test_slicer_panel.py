@@ -32,7 +32,7 @@ from CPCLSegmentModuleLib.export import export_inputs, export_volume  # noqa: E4
 from CPCLSegmentModuleLib.inputcheck import check_inputs, CheckFailed  # noqa: E402
 from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
 from CPCLSegmentModuleLib.models import model_nested, model_summary  # noqa: E402
-from CPCLSegmentModuleLib.nodes import ensure_converter_rules, labeled_arrays, segment_masks, segment_names  # noqa: E402
+from CPCLSegmentModuleLib.nodes import ensure_converter_rules, find_segment_id, labeled_arrays, segment_masks, segment_names  # noqa: E402
 from CPCLSegmentModuleLib.options import compares_supervised, DEFAULT_MINUTES, MODULE_SETTINGS, train_config  # noqa: E402
 from CPCLSegmentModuleLib.panelsettings import PANEL_DEFAULTS  # noqa: E402
 from CPCLSegmentModuleLib.results import import_segmentation  # noqa: E402
@@ -604,3 +604,15 @@ def test_with_a_held_out_case_the_panel_checks_the_unlabeled_volumes_help(two_ca
     c.set_unlabeled([])
     assert not child_request().compare_supervised  # no unlabeled volumes: supervised-only is what trains
     assert compares_supervised(dict(MODULE_SETTINGS, hold_out_last=True), {}, ["a volume"])  # the console's default
+
+
+def test_segment_names_are_the_union_of_every_case_and_each_case_says_what_it_lacks(two_cases, tmp_path):
+    scene, v1, s1, v2, s2 = two_cases
+    s1.GetSegmentation().RemoveSegment(find_segment_id(s1, "right lung"))  # the first case lacks one segment
+    res = check_inputs([(v1, s1), (v2, s2)])
+    assert "right lung" in res.segments and len(res.segments) == 7  # not only the first case's six
+    assert any("'right lung' is missing from 'S1'" in w for w in res.warnings)
+    c = controller(scene, tmp_path)
+    c.add_case(v1, s1)
+    c.add_case(v2, s2)
+    assert "right lung" in [name for name, _, _ in c.segment_choices()]

@@ -91,9 +91,10 @@ def check_inputs(labeled: Sequence[Any], segments: Optional[Sequence[str]] = Non
     if hold_out_last and len(cases) < 2:
         res.errors.append("holding out a case for validation needs at least two labeled cases")
     names = list(segments) if segments else []
-    first_seg = cases[0].segmentation
-    if not names and first_seg is not None and first_seg.IsA("vtkMRMLSegmentationNode"):
-        names = segment_names(first_seg)
+    if not names:  # every case's segments, in order of first appearance; each case then says which it lacks
+        for case in cases:
+            if case.segmentation is not None and case.segmentation.IsA("vtkMRMLSegmentationNode"):
+                names += [n for n in segment_names(case.segmentation) if n not in names]
     res.segments = names
     if not names:
         res.errors.append("select at least one segment to learn")

@@ -193,15 +193,15 @@ class PanelState:
     # ---------------------------------------------------------------------- segments
 
     def _available_segments(self) -> List[Tuple[str, Tuple[float, float, float]]]:
-        cases = self.cases()
-        if not cases:
-            return []
-        seg = cases[0].segmentation
-        return [(name, tuple(seg.GetSegmentation().GetSegment(find_segment_id(seg, name)).GetColor()))
-                for name in segment_names(seg)]
+        out: Dict[str, Tuple[float, float, float]] = {}  # every case's segments, in order of first appearance
+        for case in self.cases():
+            seg = case.segmentation
+            for name in segment_names(seg):
+                out.setdefault(name, tuple(seg.GetSegmentation().GetSegment(find_segment_id(seg, name)).GetColor()))
+        return list(out.items())
 
     def segment_choices(self) -> List[Tuple[str, Tuple[float, float, float], bool]]:
-        """The first case's segments in the panel's order (``move_segment``; a later one wins overlaps),
+        """Every case's segments (first appearance first) in the panel's order (``move_segment``; a later one wins overlaps),
         each with its colour and whether it is learned."""
         available = self._available_segments()
         order = self._json("SegmentOrder", [])
