@@ -70,3 +70,38 @@ def run_rank(rank, world, init_file, out_file, differentiable=True):
         check = [e for e in events if e["event"] == "distributed_check"][0]
         torch.save({"student": trainer.student.state_dict(), "loss": events[1]["loss"], "check": check}, out_file)
     ctx.close()
+
+
+def run_rank_validation(rank, world, init_file, out_file, seconds_per_case, timeout_s):
+    """Two ranks, two validation cases that take ``seconds_per_case`` each to score, collectives that time out after
+    ``timeout_s``: one rank scoring both cases alone would keep the other waiting past the timeout."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from CPCLSegmentLib import metrics
+    from CPCLSegmentLib.distributed import DistributedContext
+    from CPCLSegmentLib.trainer import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    real = metrics.predict_labels
+
+    def slow(*a, **k):
+        time.sleep(seconds_per_case)
+        return real(*a, **k)
+
+    metrics.predict_labels = slow
+    ctx = DistributedContext(rank, world, rank, torch.device("cpu"))
+    labeled, unlabeled = small_real_cases()
+    cfg = config(1, 1)
+    cfg.iterations, cfg.validation_every = 2, 2
+    events = []
+    trainer = Trainer(cfg, labeled, unlabeled, 3, validation=labeled, distributed=ctx, on_progress=events.append)
+    trainer.run()
+    if rank == 0:
+        torch.save({"teacher": trainer.teacher.state_dict(), "validation": [e for e in events if e["event"] == "validation"]},
+                   out_file)
+    ctx.close()

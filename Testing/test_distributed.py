@@ -81,3 +81,41 @@ def test_torchrun_cli_trains_with_two_processes(tmp_path, ct_path, seg_path):
     check = [e for e in events if e["event"] == "distributed_check"][0]
     assert check["teacher_max_abs_diff"] == 0.0
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "model.run.json", "small.json"]
+
+
+@pytest.mark.slow
+def test_validation_is_sharded_so_no_rank_waits_past_the_timeout(tmp_path):
+    """Scoring a validation case takes 20 s and collectives time out after 30 s: rank 0 scoring both cases alone (40 s)
+    would leave rank 1 waiting past the timeout; sharded, each rank scores one and the Dice sums are all-reduced to
+    the one-process value."""
+    from CPCLSegmentLib.metrics import mean_dice_over_cases
+    from CPCLSegmentLib.network import VNet
+
+    out = tmp_path / "validation.pt"
+    mp.spawn(dist_worker.run_rank_validation, args=(2, str(tmp_path / "init-val"), str(out), 20.0, 30.0), nprocs=2, join=True)
+    saved = torch.load(out, weights_only=True)
+    [event] = saved["validation"]
+    cfg = dist_worker.config(1, 1)
+    net = VNet(**cfg.network_config(3))
+    net.load_state_dict(saved["teacher"])
+    labeled, _ = dist_worker.small_real_cases()
+    mean, _ = mean_dice_over_cases(net, labeled, cfg.patch_size, torch.device("cpu"), 3, cfg.validation_overlap)
+    assert event["mean_dice"] == pytest.approx(round(mean, 4), abs=1e-4)
+
+
+def test_the_process_group_waits_an_hour_by_default(monkeypatch):
+    from datetime import timedelta
+
+    from CPCLSegmentLib import distributed
+
+    monkeypatch.delenv("CPCL_DDP_TIMEOUT_MINUTES", raising=False)
+    assert distributed.process_group_timeout() == timedelta(minutes=60)
+    monkeypatch.setenv("CPCL_DDP_TIMEOUT_MINUTES", "90")
+    assert distributed.process_group_timeout() == timedelta(minutes=90)
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.DistributedContext.from_environment("cpu")
+    assert seen == {"backend": "gloo", "timeout": timedelta(minutes=90)}

@@ -220,3 +220,33 @@ def test_reoriented_and_oblique_copies_predict_the_same_voxels(trained, ct_path)
     rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
     oblique.SetDirection((rot @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
     assert np.array_equal(predictor.segment(oblique), reference)
+
+
+def test_oom_retry_starts_after_the_failed_trainer_is_released(tmp_path, ct_path, seg_path, monkeypatch):
+    """The retry runs outside the ``except``: the first Trainer (optimizer state, activations held by the traceback)
+    is gone when the second one starts."""
+    import weakref
+
+    first = []
+    original = Trainer.step
+
+    def step(self, inputs, it):
+        if not first:
+            first.append(weakref.ref(self))
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        assert first[0]() is None, "the first Trainer is still alive while the retry trains"
+        return original(self, inputs, it)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    out = tmp_path / "m.pt"
+    code = cli.main(["train", "--labeled", ct_path, seg_path, "--segments", *LUNGS, "--out", str(out), "--iterations", "2",
+                     "--patch-size", "64", "64", "32", "--width", "4", "--spacing", *map(str, COARSE_SPACING), "--device", "cpu",
+                     "--progress", "none", "--retry-smaller-on-oom"])
+    assert code == 0 and len(first) == 1
+
+
+def test_oom_retry_is_refused_under_torchrun(tmp_path, ct_path, seg_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = cli.main(["train", "--labeled", ct_path, seg_path, "--segments", *LUNGS, "--out", str(tmp_path / "m.pt"),
+                     "--device", "cpu", "--progress", "none", "--retry-smaller-on-oom"])
+    assert code == 2 and "--retry-smaller-on-oom cannot be used with torchrun" in capsys.readouterr().err

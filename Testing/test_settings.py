@@ -97,7 +97,7 @@ def test_settings_module_does_not_import_torch():
 def test_minutes_plans_the_iterations_from_a_timed_step():
     import torch
 
-    from CPCLSegmentLib.planning import iterations_for_minutes, step_seconds
+    from CPCLSegmentLib.pace import iterations_for_minutes, step_seconds
 
     cfg = TrainConfig(minutes=0.2, patch_size=(16, 32, 32), width=4, device="cpu").validate()
     n = iterations_for_minutes(cfg, 3, torch.device("cpu"))

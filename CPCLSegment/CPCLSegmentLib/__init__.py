@@ -35,8 +35,9 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``preflight``: checks before any work: outputs against inputs, writable folders, free space, the output lock,
   stale stop files, spacing values, dead runs' leftovers (``check_outputs``, ``same_file``, ``check_free_space``,
   ``OutputLock``, ``check_stop_file``, ``check_spacing``, ``sweep_leftovers``). imports: cleanup, errors, writers.
-- ``devices``: where the networks run (``resolve_device``, ``describe_device``, ``autocast_context``, ``is_oom``).
-  imports: errors.
+- ``precision``: compute precision per device: bf16 / fp16 + loss scaling / fp32 by CUDA compute capability,
+  bf16 on CPUs with native bf16, never an autocast object for fp32 (``choose_precision``, ``Precision``,
+  ``cuda_precision``, ``cpu_native_bf16``, ``autocast_context``). imports: none.
 - ``backbones``: allow-listed MONAI networks returning ``(logits, features)`` through a decoder-stage hook
   (``MonaiBackbone``, ``ALLOWED``, ``make_spec``, ``check_spec``, ``adapt_state``, ``BackboneError``). imports: errors.
 - ``network``: the VNet returning ``(logits, features)``; ``build_network`` builds it or an allow-listed MONAI
@@ -47,11 +48,17 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``forward_prototype_loss``, ``backward_prototype_loss``, ``consistency_loss``, ``copy_paste_terms``,
   ``total_loss``, ``StepInputs``, ``LOSS_TERMS``). imports: prototypes, settings.
 - ``teacher``: the EMA teacher (``make_teacher``, ``update_teacher``). imports: none.
+- ``devices``: where the networks run; Apple MPS only after a one-step self-test (``choose_device``,
+  ``resolve_device``, ``device_self_test``, ``MPS_MISSING_OPS``, ``MIN_MPS_TORCH``, ``describe_device``, ``is_oom``).
+  imports: errors, losses, network, precision, settings, teacher.
 - ``data``: preprocessed cases, patch sampling and augmentation (``Case``, ``make_case``, ``PatchSampler``,
   ``Augmenter``, ``cached_case``, ``sample_locations``). imports: errors, settings.
+- ``loader``: patch sampling in DataLoader worker processes, deterministic and resumable (``BatchMaker``,
+  ``host_batches``, ``sampling_workers``). imports: data, settings.
 - ``inference``: sliding-window probabilities of a network on an array (``predict_probabilities``,
-  ``predict_labels``, ``class_argmax``). imports: devices, network.
-- ``metrics``: Dice, HD95, mean Dice per class over cases (``dice_per_class``, ``mean_dice``,
+  ``predict_labels``, ``class_argmax``). imports: network, precision.
+- ``metrics``: Dice by voxel counting, HD95, mean Dice per class over cases (``dice_per_class``, ``confusion_counts``,
+  ``dice_sums``, ``mean_dice``,
   ``mean_dice_over_cases``). imports: inference.
 - ``distributed``: torchrun / DDP (``DistributedContext``). imports: errors.
 - ``modelfile``: the model file and what lies beside it (``save_model``, ``load_model``, ``build_from_record``,
@@ -71,22 +78,25 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   (``preprocess_cases``, ``open_cache``, ``cache_folder``, ``build_entry``, ``worker_count``). imports: cleanup,
   data, errors, io, prepcache, preparation, writers.
 - ``planning``: spacing, patch, normalisation, memory and time; every case's grid at the target spacing
-  (``plan_run``, ``plan_patch_size``, ``estimate_memory``, ``check_memory``, ``check_grids``, ``step_seconds``,
-  ``iterations_for_minutes``). imports: errors, network, preparation, settings, writers.
+  (``plan_run``, ``plan_patch_size``, ``estimate_memory``, ``memory_budget``, ``check_memory``, ``check_grids``).
+  imports: errors, network, precision, preparation, settings, writers.
 - ``trainchecks``: a training request checked before any work: paths and values, every case's grid at the target
   spacing, the disk space the run needs (``check_request``, ``check_case_grids``, ``check_disk_space``).
   imports: errors, io, modelfile, planning, preflight, prepcache, preparation, preprocessing, settings.
 - ``resume``: ``--resume``: the interrupted run a request continues and what it may change in it
   (``resume_checkpoint``, ``RESUME_MAY_CHANGE``, ``setting_flag``). imports: cleanup, errors, modelfile,
   preparation, settings.
-- ``trainer``: the training loop (``Trainer``, ``TrainResult``). imports: data, devices, distributed, errors, losses,
-  metrics, modelfile, network, planning, prototypes, settings, teacher.
+- ``trainer``: the training loop (``Trainer``, ``TrainResult``). imports: data, devices, distributed, errors, loader,
+  losses, metrics, modelfile, network, planning, precision, prototypes, settings, teacher.
+- ``pace``: seconds per iteration timed on real ``Trainer`` steps with the run's settings, the iterations that fit
+  ``--minutes`` (``step_seconds``, ``estimate_seconds``, ``iterations_for_minutes``). imports: data, errors, settings,
+  trainer.
 - ``prediction``: model file and images in, segmentations on each image's grid out (``Predictor``,
   ``back_to_image_grid``, ``predict``, ``compatibility_warnings``). imports: devices, errors, inference, io, labels,
   modelfile, preflight, preparation, writers.
 - ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``).
-  imports: budget, cleanup, data, errors, metrics, modelfile, planning, preflight, preparation, preprocessing,
-  pretrained, resume, trainchecks, trainer.
+  imports: budget, cleanup, data, devices, errors, metrics, modelfile, pace, planning, preflight, preparation,
+  preprocessing, pretrained, resume, trainchecks, trainer.
 - ``uncertainty``: "label this next" scores and ranking (``UncertaintyModel``, ``rank_files``).
   imports: errors, inference, io, modelfile, prediction, preflight, preparation, prototypes, settings, writers.
 - ``inputfiles``: the CLI's other input files: case lists, Decathlon folders, colour tables, ``--config``

@@ -35,23 +35,14 @@ from .preflight import check_stop_file
 
 def cmd_train(args, report: Reporter, control: StopControl) -> int:
     from . import pipeline
-    from .errors import OutOfMemory
 
     request = build_train_request(args)
+    if args.retry_smaller_on_oom and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("--retry-smaller-on-oom cannot be used with torchrun: the rank that ran out of memory would retry "
+                         "alone while the others wait for it; give a smaller --patch-size instead")
     dist = _init_distributed(request.config.device)
     try:
-        try:
-            result = pipeline.train(request, report, control.should_stop, distributed=dist)
-        except OutOfMemory:
-            if not args.retry_smaller_on_oom or request.config.patch_size is None:
-                raise
-            from .planning import suggest_smaller
-
-            smaller = suggest_smaller(request.config.patch_size, request.config.depth)
-            report({"event": "warning", "message": f"out of memory: retrying once with patch {list(smaller)} (D, H, W)"})
-            request.config.patch_size = smaller
-            request.resume = False
-            result = pipeline.train(request, report, control.should_stop, distributed=dist)
+        result = train_with_retry(pipeline.train, request, args.retry_smaller_on_oom, report, control.should_stop, dist)
     finally:
         if dist is not None:
             dist.close()
@@ -61,6 +52,40 @@ def cmd_train(args, report: Reporter, control: StopControl) -> int:
             f"model written to {result['model']} ({result['status']}, {result['iterations']} iterations, {result['seconds']} s)"
         )
     return 0
+
+
+def train_with_retry(train: Callable[..., Dict[str, Any]], request: Any, retry: bool, report: Callable[[Dict[str, Any]], None],
+                     should_stop: Callable[[], bool], dist: Any = None) -> Dict[str, Any]:
+    """``train(request, ...)``; with ``retry`` (``--retry-smaller-on-oom``), after an ``OutOfMemory`` once more with
+    half the patch. The retry runs after the ``except`` block, once the failed run's trainer, optimizer state and
+    activations (which the exception's traceback holds) are released and the device's cached memory is freed."""
+    try:
+        return train(request, report, should_stop, distributed=dist)
+    except OutOfMemory:
+        if not retry or request.config.patch_size is None:
+            raise
+    free_memory()
+    from .planning import suggest_smaller
+
+    smaller = suggest_smaller(request.config.patch_size, request.config.depth)
+    report({"event": "warning", "message": f"out of memory: retrying once with patch {list(smaller)} (D, H, W)"})
+    request.config.patch_size = smaller
+    request.resume = False
+    return train(request, report, should_stop, distributed=dist)
+
+
+def free_memory() -> None:
+    """Collects unreachable objects (trainers hold reference cycles) and returns cached GPU memory to the driver."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
 
 
 def _init_distributed(device: str):

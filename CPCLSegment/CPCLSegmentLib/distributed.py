@@ -18,14 +18,19 @@ Semantics (also in docs/command-line.md, "Training on many GPUs"):
 - BatchNorm (``norm="batch"``) is converted to SyncBatchNorm on CUDA; on CPU (gloo) its statistics are
   per rank. The default instance norm has no cross-sample statistics at all.
 - Seeds: weights are initialised from ``seed`` on every rank; dropout streams use ``seed + rank``.
-- Only rank 0 prints progress, validates, and writes checkpoints and the model file.
+- Validation is sharded: each rank scores its share of the validation cases and the Dice sums are all-reduced.
+- Only rank 0 prints progress and writes checkpoints and the model file.
+- Collectives wait ``process_group_timeout()`` (60 min; ``CPCL_DDP_TIMEOUT_MINUTES``) for a slow rank.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Tuple
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -58,7 +63,7 @@ class DistributedContext:
         else:
             dev = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=process_group_timeout())
         return cls(rank, world, local, dev)
 
     def wrap(self, net: nn.Module) -> nn.Module:
@@ -82,6 +87,14 @@ class DistributedContext:
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         return float(diff.item())
 
+    def sum_arrays(self, *arrays: np.ndarray) -> Tuple[np.ndarray, ...]:
+        """Element-wise sums over ranks of float arrays (one all-reduce; e.g. validation's Dice sums and counts)."""
+        sizes = [a.size for a in arrays]
+        t = torch.tensor(np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays]), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        parts = np.split(t.cpu().numpy(), np.cumsum(sizes)[:-1])
+        return tuple(p.reshape(a.shape) for p, a in zip(parts, arrays))
+
     def any_rank(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -90,6 +103,22 @@ class DistributedContext:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+DEFAULT_TIMEOUT_MINUTES = 60.0  # a collective waits this long for a slow rank (torch's default: 10 min with NCCL)
+
+
+def process_group_timeout() -> timedelta:
+    """How long a collective waits for the other ranks: ``CPCL_DDP_TIMEOUT_MINUTES`` or ``DEFAULT_TIMEOUT_MINUTES``
+    (rank 0 alone scores a starting model and writes the model file; each rank preprocesses its cases)."""
+    text = os.environ.get("CPCL_DDP_TIMEOUT_MINUTES", "")
+    try:
+        minutes = float(text) if text.strip() else DEFAULT_TIMEOUT_MINUTES
+    except ValueError:
+        raise InputError(f"CPCL_DDP_TIMEOUT_MINUTES must be a number of minutes, not {text!r}") from None
+    if not minutes > 0:
+        raise InputError(f"CPCL_DDP_TIMEOUT_MINUTES must be > 0, not {text!r}")
+    return timedelta(minutes=minutes)
 
 
 def convert_batchnorm(net: nn.Module, device: Any) -> nn.Module:

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .devices import autocast_context  # noqa: F401  (re-exported: inference.autocast_context)
 from .network import VNet
+from .precision import autocast_context  # noqa: F401  (re-exported: inference.autocast_context)
 
 
 @torch.inference_mode()

@@ -38,6 +38,7 @@ import torch
 from . import cleanup
 from .budget import recipe_for_minutes, short_run_warning
 from .data import Case
+from .devices import choose_device
 from .errors import Cancelled, InputError
 from .metrics import mean_dice_over_cases
 from .modelfile import (
@@ -49,14 +50,15 @@ from .modelfile import (
     save_model,
     write_run_record,
 )
-from .planning import check_memory, estimate_seconds, format_bytes, iterations_for_minutes, plan_run
+from .pace import estimate_seconds, iterations_for_minutes
+from .planning import check_memory, format_bytes, plan_run
 from .preflight import OutputLock, sweep_leftovers
 from .preparation import CaseInfo, Emit, LabeledInput, TrainRequest, inspect_cases, resolve_classes, run_fingerprint
 from .preprocessing import open_cache, preprocess_cases
 from .pretrained import read_starting_point, starting_state
 from .resume import resume_checkpoint
 from .trainchecks import check_case_grids, check_disk_space, check_request
-from .trainer import TrainConfig, Trainer, TrainResult, resolve_device
+from .trainer import TrainConfig, Trainer, TrainResult
 
 __all__ = ["LabeledInput", "TrainRequest", "train", "compare_supervised"]
 
@@ -184,7 +186,9 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     memory and disk space, and emits the summary."""
     rank0 = distributed is None or distributed.rank == 0
     say = emit if rank0 else _quiet
-    device = distributed.device if distributed else resolve_device(request.config.device)
+    device, note = (distributed.device, None) if distributed else choose_device(request.config.device)
+    if note:  # e.g. Apple MPS passed over: too old a torch, or its self-test step failed
+        say({"event": "warning", "message": note})
     init_record = read_starting_point(request.init) if request.init else None
     classes = resolve_classes(request)
     cfg = request.config

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,7 +24,8 @@ import psutil
 import torch
 
 from .errors import InputError
-from .network import VNet, activation_voxels_per_input_voxel, build_network, count_parameters
+from .network import VNet, activation_voxels_per_input_voxel, count_parameters
+from .precision import choose_precision
 from .preparation import CANONICAL_ORIENTATION, CaseInfo, Emit, TrainRequest, plan_normalization
 from .settings import TrainConfig
 from .writers import format_bytes  # noqa: F401  (re-exported: ``planning.format_bytes``)
@@ -33,7 +33,8 @@ from .writers import format_bytes  # noqa: F401  (re-exported: ``planning.format
 CPU_PATCH_VOXELS = 64 * 64 * 64  # CPU: above this a step takes seconds on a laptop
 GPU_WIDTH, CPU_WIDTH = 16, 8  # the planned network width per device (``plan_width``)
 GPU_MAX_PATCH = (128, 128, 128)
-DEFAULT_GPU_BUDGET = 8 * 1024**3  # plan for an 8 GB GPU unless told otherwise
+DEFAULT_GPU_BUDGET = 8 * 1024**3  # a GPU whose free memory cannot be read: plan for an 8 GB card
+GPU_FREE_MARGIN = 0.85  # plan within this share of the GPU's free memory (other processes, fragmentation)
 BYTES_OVERHEAD = 1.35  # GPU: allocator slack, cuDNN workspaces, prototype maps (to be measured on a GPU)
 # CPU: the process itself (Python, torch, MONAI, oneDNN scratch) plus the tensors counted below, which
 # the measured peaks fit with factor 1.0 (measured / estimated 0.85-0.97 over 10 settings, BENCHMARKS.md).
@@ -91,6 +92,8 @@ def estimate_memory(
     activations = per_voxel * voxels * student_batch * act_bytes
     teacher = (per_voxel / 3.0) * voxels * unlabeled_batch * act_bytes * 0.5 if method != "supervised" else 0.0
     losses = 6 * num_classes * voxels * (labeled_batch + unlabeled_batch) * 4.0
+    if amp:  # under autocast the losses read fp32 copies of the student's half-precision logits
+        losses += num_classes * voxels * student_batch * 4.0
     params = count_params(width, depth, num_classes) * 4.0 * (5 if optimizer == "sgd" else 6)
     raw = activations + teacher + losses + params
     total = CPU_PROCESS_BASE + raw if device_type == "cpu" else raw * BYTES_OVERHEAD
@@ -108,6 +111,25 @@ def available_memory(device_type: str, device_index: Optional[int] = None) -> Op
             return None
         return float(free)
     return None
+
+
+def memory_budget(device: torch.device) -> float:
+    """The planning budget of a GPU: ``GPU_FREE_MARGIN`` of its free memory now (CUDA ``mem_get_info``; Apple MPS:
+    its recommended working set less what torch holds), or ``DEFAULT_GPU_BUDGET`` when that cannot be read."""
+    free = available_memory(device.type, device.index)
+    if free is None and device.type == "mps":
+        mps = getattr(torch, "mps", None)
+        try:
+            free = float(mps.recommended_max_memory() - mps.driver_allocated_memory())
+        except Exception:  # torch < 2.5 or MPS not usable
+            free = None
+    return GPU_FREE_MARGIN * free if free else float(DEFAULT_GPU_BUDGET)
+
+
+def planned_amp(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the memory planner counts half-precision activations: only where the run uses them on a GPU
+    (``precision.choose_precision``: bf16 / fp16 by compute capability; never on MPS, which trains in fp32)."""
+    return device.type == "cuda" and choose_precision(device, cfg.amp).dtype is not None
 
 
 def _shrink(patch: List[int], spacing_dhw: Sequence[float], multiple: int) -> bool:
@@ -193,14 +215,15 @@ def plan_run(request: TrainRequest, classes: List[Dict[str, Any]], infos: Sequen
     cfg.width = plan_width(cfg, device.type, request.settings_given, init_record is not None or bool(request.resume))
     est = None
     if cfg.patch_size is None:
+        budget = request.memory_budget or (memory_budget(device) if device.type != "cpu" else None)
         patch, est = plan_patch_size(
             median_shape, spacing, cfg.depth, device.type, cfg.width, len(classes), cfg.labeled_batch, cfg.unlabeled_batch,
-            request.memory_budget, cfg.method, cfg.amp, cfg.uses_copy_paste(),
+            budget, cfg.method, planned_amp(cfg, device), cfg.uses_copy_paste(),
         )
         cfg.patch_size = patch
     if est is None:
         est = estimate_memory(cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth, len(classes),
-                              cfg.method, cfg.optimizer, cfg.amp and device.type == "cuda", device.type, cfg.uses_copy_paste())
+                              cfg.method, cfg.optimizer, planned_amp(cfg, device), device.type, cfg.uses_copy_paste())
     return {"spacing": spacing, "normalization": normalization, "patch_size": list(cfg.patch_size),
             "median_shape": median_shape, "memory": est, "orientation": CANONICAL_ORIENTATION}
 
@@ -259,45 +282,3 @@ def check_memory(plan: Dict[str, Any], device: torch.device) -> None:
             f"training needs about {format_bytes(need)} of {device.type.upper()} memory but only {format_bytes(free)} is free; "
             f"use a smaller patch (e.g. --patch-size {smaller[2]} {smaller[1]} {smaller[0]}), smaller batches or a narrower network"
         )
-
-
-# ------------------------------------------------------------------------------------------- time
-
-
-def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
-    """Times the network work of one step at the real batch sizes (student forward + backward on the
-    labeled and unlabeled batch and, with ``copy_paste``, the mixed patches; teacher forward on the unlabeled
-    batch), best of two after a warm-up, +10 % for the losses, sampling, optimizer and EMA update; None if it
-    cannot run."""
-    try:
-        net = build_network(cfg.network_config(num_classes)).to(device)
-        n_student = student_patches(cfg.labeled_batch, cfg.unlabeled_batch, cfg.method, cfg.uses_copy_paste())
-        x = torch.randn(n_student, 1, *cfg.patch_size, device=device)
-        xt = x[: cfg.unlabeled_batch] if cfg.method != "supervised" else None
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            net(x)[0].sum().backward()
-            if xt is not None and len(xt):
-                with torch.no_grad():
-                    net(xt)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-    except Exception:
-        return None
-    return min(times[1:]) * 1.1
-
-
-def estimate_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
-    """The whole run's estimated time in seconds (``step_seconds`` × iterations), or None."""
-    per_it = step_seconds(cfg, num_classes, device)
-    return None if per_it is None else round(per_it * cfg.iterations, 0)
-
-
-def iterations_for_minutes(cfg: TrainConfig, num_classes: int, device: torch.device) -> int:
-    """The iteration count that fits ``cfg.minutes`` at the timed step (``step_seconds``); at least 1."""
-    per_it = step_seconds(cfg, num_classes, device)
-    if not per_it:
-        raise InputError("--minutes: could not time a training step on this device; give --iterations instead")
-    return max(1, int(cfg.minutes * 60.0 / per_it))

@@ -79,7 +79,10 @@ def downsample_masks(masks: torch.Tensor, feature_shape: Sequence[int]) -> torch
         if s % f:
             raise ValueError(f"label grid {tuple(size)} is not an integer multiple of feature grid {tuple(feature_shape)}")
         factors.append(s // f)
-    return F.avg_pool3d(masks, kernel_size=factors, stride=factors)
+    b, k = masks.shape[:2]
+    (d, fd), (h, fh), (w, fw) = [(int(f), s // int(f)) for s, f in zip(size, feature_shape)]
+    # average pooling as a reshape and a mean: the same numbers as avg_pool3d, and an operator every backend has
+    return masks.reshape(b, k, d, fd, h, fh, w, fw).mean(dim=(3, 5, 7))
 
 
 def feature_masks(
@@ -166,10 +169,37 @@ def prototype_probabilities(
 
 
 def to_label_resolution(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Trilinear resize of K-channel logits ``(B, K, d, h, w)`` to the label grid ``size``."""
+    """Trilinear resize of K-channel logits ``(B, K, d, h, w)`` to the label grid ``size`` (``align_corners=False``).
+
+    Integer factors (the feature grid of a patch) are resized axis by axis with ``upsample_axis``: the numbers of
+    ``F.interpolate(mode="trilinear")`` without its operator, which Apple MPS lacks (backward); other sizes use it."""
     if tuple(logits.shape[2:]) == tuple(size):
         return logits
+    if all(s % n == 0 and s >= n for s, n in zip(size, logits.shape[2:])):
+        out = logits
+        for axis, (s, n) in enumerate(zip(size, logits.shape[2:])):
+            out = upsample_axis(out, 2 + axis, s // n)
+        return out
     return F.interpolate(logits, size=tuple(size), mode="trilinear", align_corners=False)
+
+
+def upsample_axis(x: torch.Tensor, dim: int, factor: int) -> torch.Tensor:
+    """Linear upsampling of ``x`` by an integer ``factor`` along ``dim`` (``align_corners=False``, edges clamped).
+
+    Output ``factor·j + r`` samples the input at ``j + t_r``, ``t_r = (r + ½)/factor − ½`` ∈ (−½, ½):
+    ``x[j] + t_r·(x[j] − x[j−1])`` for ``t_r < 0``, ``x[j] + t_r·(x[j+1] − x[j])`` otherwise, with ``x[−1] = x[0]``
+    and ``x[n] = x[n−1]`` (PyTorch's clamping). Shape: ``(…, n, …)`` → ``(…, factor·n, …)``."""
+    if factor == 1:
+        return x
+    n = x.shape[dim]
+    prev = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+    nxt = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+    down, up = x - prev, nxt - x
+    parts = []
+    for r in range(factor):
+        t = (r + 0.5) / factor - 0.5
+        parts.append(x + t * down if t < 0 else (x + t * up if t > 0 else x))
+    return torch.stack(parts, dim + 1).flatten(dim, dim + 1)
 
 
 def expand_valid(valid: torch.Tensor, batch: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .settings import NETWORK_KEYS, TrainConfig, cli_settings
 
 # what ``--resume`` may change in an interrupted run: its length and learning rate, how often it reports, where it runs
 RESUME_MAY_CHANGE = ("iterations", "lr", "validation_every", "checkpoint_every", "validation_overlap", "device", "amp",
-                     "channels_last", "compile")
+                     "cpu_bf16", "channels_last", "compile", "sampling_workers")
 
 
 def resume_checkpoint(request: TrainRequest, fingerprint: Dict[str, Any], say: Emit) -> Dict[str, Any]:

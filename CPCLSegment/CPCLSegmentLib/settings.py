@@ -31,6 +31,7 @@ WEIGHTS = ("teacher", "best", "student")  # which weights of a model file segmen
 OUTPUT_FORMATS = (".seg.nrrd", ".nii.gz", ".nrrd", ".mha")
 MODALITIES = ("auto", "ct", "mr", "other")
 PROGRESS_MODES = ("bar", "json", "none")
+CPU_BF16_CHOICES = ("auto", "on", "off")  # the cpu_bf16 setting
 UNCERTAINTY_SCORES = ("entropy", "student_teacher", "label_disagreement", "prototype")
 
 IGNORE_INDEX = -1  # the label of unknown voxels (sparse labels, segments not annotated in a case)
@@ -126,9 +127,13 @@ class TrainConfig:
     # run
     seed: int = field(default=0, metadata=_flag("--seed", "random seed (weights, patches, augmentation)"))
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (the CLI's --device)
-    amp: bool = True  # bf16 / fp16 autocast on CUDA only
+    amp: bool = True  # CUDA: bf16 / fp16 autocast by compute capability (``precision``); False: fp32 everywhere
+    # bf16 autocast on a CPU with native bf16 (AMX-BF16 / AVX512-BF16; elsewhere fp32, saying why): auto | on | off
+    cpu_bf16: str = field(default="off", metadata={"choices": CPU_BF16_CHOICES})
     channels_last: bool = True  # CUDA only
     compile: bool = False
+    # processes sampling patches ahead of the step (torch DataLoader workers); None: up to 4 with a GPU, none on the CPU
+    sampling_workers: Optional[int] = None
     validation_every: int = 0  # 0: about 10 times per run when validation cases are given
     checkpoint_every: int = 0  # 0: about 10 times per run when a checkpoint path is given
     validation_overlap: float = 0.25
@@ -147,8 +152,8 @@ class TrainConfig:
         for name in ("iterations", "labeled_batch", "width"):
             if getattr(self, name) < 1:
                 errs.append(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("unlabeled_batch", "validation_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
+        for name in ("unlabeled_batch", "validation_every", "checkpoint_every", "sampling_workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 errs.append(f"{name} must be >= 0, not {getattr(self, name)}")
         if self.minutes is not None and not (0 < self.minutes < 10**6):
             errs.append(f"minutes must be a number > 0, not {self.minutes!r}")

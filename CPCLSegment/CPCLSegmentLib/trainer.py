@@ -18,19 +18,21 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data import Augmenter, Case, PatchSampler, paste_masks
-from .devices import autocast_context, describe_device, is_oom, resolve_device  # noqa: F401  (re-exported)
+from .data import Augmenter, Case, PatchSampler
+from .devices import describe_device, is_oom, resolve_device  # noqa: F401  (re-exported)
 from .errors import InputError, OutOfMemory, TrainingDiverged
+from .loader import BatchMaker, host_batches, sampling_workers
 from .losses import LOSS_TERMS, StepInputs, read_terms, sigmoid_rampup, total_loss
-from .metrics import mean_dice_over_cases
+from .metrics import dice_sums, mean_from_sums
 from .modelfile import state_dict_cpu
 from .network import build_network
+from .precision import autocast_context, choose_precision
 from .prototypes import as_float, feature_masks
 from .settings import TrainConfig  # noqa: F401  (TrainConfig is re-exported: ``trainer.TrainConfig``)
 from .teacher import make_teacher, update_teacher
@@ -94,8 +96,7 @@ class Trainer:
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         else:
             self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        use_cuda = self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not torch.cuda.is_bf16_supported()) if use_cuda else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.scaler) if self.device.type == "cuda" else None
         aug = Augmenter(cfg.patch_size, cfg.flip, cfg.rot90, cfg.intensity_prob)
         self.lab_sampler = PatchSampler(self.labeled, cfg.patch_size, num_classes, aug, cfg.seed, 1, cfg.foreground_oversample)
         self.unl_sampler = (
@@ -103,6 +104,8 @@ class Trainer:
             if self.method != "supervised"
             else None
         )
+        self.maker = BatchMaker(cfg, self.lab_sampler, self.unl_sampler, self.rank)  # pure in the iteration: see loader
+        self.workers = sampling_workers(cfg.sampling_workers, self.device)
         self.iteration = 0
         self.history: List[Dict[str, Any]] = []
         self.validations: List[Dict[str, Any]] = []
@@ -133,7 +136,8 @@ class Trainer:
             self.teacher.load_state_dict(init_state["teacher"])
             self.ema_offset = int(init_state.get("iterations") or 0)
         use_cuda = self.device.type == "cuda"
-        self.amp = bool(cfg.amp and use_cuda)
+        self.precision = choose_precision(self.device, cfg.amp, cfg.cpu_bf16)  # by compute capability / CPU features
+        self.amp = self.precision.dtype is not None
         self.memory_format = torch.channels_last_3d if (use_cuda and cfg.channels_last) else torch.contiguous_format
         net = net.to(self.device, memory_format=self.memory_format)
         self.teacher = self.teacher.to(self.device, memory_format=self.memory_format)
@@ -191,32 +195,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
-    def _tensor(self, a: Optional[np.ndarray], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
-        """A batch array on the device; images in the networks' parameter dtype (float32; float64 in tests)."""
+    def _tensor(self, a: Any, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+        """A host array (numpy, or a pinned tensor from a sampling worker) on the device, copied without blocking;
+        images in the networks' parameter dtype (float32; float64 in tests)."""
         if a is None:
             return None
         dtype = dtype or next(self.student.parameters()).dtype
-        t = torch.from_numpy(a).to(self.device, dtype=dtype, non_blocking=True)
+        t = torch.as_tensor(a).to(self.device, non_blocking=True).to(dtype)
         return t.contiguous(memory_format=self.memory_format) if t.dim() == 5 else t
 
-    def _indices(self, batch: int) -> List[int]:
-        return [self.rank * batch + i for i in range(batch)]
+    def to_device(self, host: Dict[str, Any]) -> StepInputs:
+        """A host batch (``loader.BatchMaker``) as the step's inputs on the device."""
+        return StepInputs(self._tensor(host["labeled"]), self._tensor(host["labels"], torch.int64),
+                          self._tensor(host.get("unlabeled")), self._tensor(host.get("teacher_view")),
+                          self._tensor(host.get("class_known"), torch.bool), self._tensor(host.get("paste_mask"), torch.bool))
 
     def sample(self, it: int) -> StepInputs:
-        """This rank's slice of iteration ``it``'s global batch, on the device."""
-        cfg = self.cfg
-        lb = self.lab_sampler.sample(it, self._indices(cfg.labeled_batch))
-        known = lb.class_known
-        inputs = StepInputs(self._tensor(lb.images), self._tensor(lb.labels, torch.int64),
-                            class_known=None if known is None or known.all() else self._tensor(known, torch.bool))
-        if self.unl_sampler is not None:
-            ub = self.unl_sampler.sample(it, self._indices(cfg.unlabeled_batch))
-            inputs.unlabeled, inputs.teacher_view = self._tensor(ub.images), self._tensor(ub.teacher_images)
-            pairs = min(cfg.labeled_batch, cfg.unlabeled_batch)
-            if cfg.uses_copy_paste() and pairs:
-                boxes = paste_masks(cfg.patch_size, cfg.copy_paste_size, cfg.seed, it, self._indices(pairs))
-                inputs.paste_mask = self._tensor(boxes, torch.bool)
-        return inputs
+        """This rank's slice of iteration ``it``'s global batch, on the device (sampled in this process)."""
+        return self.to_device(self.maker(it))
 
     def step(self, inputs: StepInputs, it: int) -> Dict[str, float]:
         """One iteration on ``inputs``: loss terms, backward, optimizer step, EMA update. Returns the logged
@@ -226,7 +222,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         ramp = sigmoid_rampup(it, cfg.rampup_iterations())
-        with autocast_context(self.device, self.amp):
+        with autocast_context(self.device, self.precision):
             terms = self.loss_terms(self.model, self.teacher, inputs, cfg, self.dist.all_reduce if self.dist else None)
         loss = total_loss(terms, ramp, cfg)
         self.opt.zero_grad(set_to_none=True)
@@ -248,20 +244,21 @@ class Trainer:
         values.update(lr=lr, ramp=ramp)
         return values
 
-    def run(self) -> TrainResult:
+    def _guarded_step(self, it: int, host: Optional[Dict[str, Any]]) -> Dict[str, float]:
+        """``step(to_device(host) or sample(it), it)``; out of memory becomes ``OutOfMemory``, raised after the
+        handler so that the original error's traceback (and the activations its frames hold) is already released."""
+        try:
+            return self.step(self.sample(it) if host is None else self.to_device(host), it)
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+        raise OutOfMemory(oom_message(self.cfg, self.device))
+
+    def _loop(self, batches: Iterator[Optional[Dict[str, Any]]], first: int, val_every: int, ckpt_every: int) -> str:
+        """Steps on ``batches`` (one host batch per iteration from ``self.iteration``) until done or stopped;
+        reports, validates and checkpoints. Returns ``completed`` or ``stopped``."""
         cfg = self.cfg
-        n_val = max(1, cfg.iterations // 10)
-        val_every = cfg.validation_every or n_val
-        ckpt_every = cfg.checkpoint_every or n_val
-        self.emit({
-            "event": "start", "method": self.method, "iterations": cfg.iterations, "start_iteration": self.iteration,
-            "device": describe_device(self.device), "labeled": len(self.labeled), "unlabeled": len(self.unlabeled),
-            "validation": len(self.validation), "patch_size": list(cfg.patch_size), "world_size": self.world,
-        })
         status = "completed"
-        self.student.train()
-        self._t0 = time.perf_counter()
-        first = self.iteration
         while self.iteration < cfg.iterations:
             stop = self.should_stop()
             if self.dist is not None:
@@ -271,12 +268,7 @@ class Trainer:
                 break
             it = self.iteration
             t = time.perf_counter()
-            try:
-                values = self.step(self.sample(it), it)
-            except RuntimeError as e:
-                if is_oom(e):
-                    raise OutOfMemory(oom_message(cfg, self.device)) from None
-                raise
+            values = self._guarded_step(it, next(batches))
             self.iteration = it + 1
             dt = time.perf_counter() - t
             self._time_per_it = dt if self._time_per_it is None else 0.9 * self._time_per_it + 0.1 * dt
@@ -294,6 +286,30 @@ class Trainer:
                 self.validate()
             if self.checkpoint_fn and self.iteration % ckpt_every == 0 and self.iteration < cfg.iterations:
                 self.checkpoint_fn(self, self.iteration)
+        return status
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        n_val = max(1, cfg.iterations // 10)
+        val_every = cfg.validation_every or n_val
+        ckpt_every = cfg.checkpoint_every or n_val
+        self.emit({
+            "event": "start", "method": self.method, "iterations": cfg.iterations, "start_iteration": self.iteration,
+            "device": describe_device(self.device), "labeled": len(self.labeled), "unlabeled": len(self.unlabeled),
+            "validation": len(self.validation), "patch_size": list(cfg.patch_size), "world_size": self.world,
+            "precision": self.precision.name, "precision_reason": self.precision.reason,
+        })
+        status = "completed"
+        self.student.train()
+        self._t0 = time.perf_counter()
+        first = self.iteration
+        # sampling workers make the host batches ahead; without them ``sample(it)`` runs in the loop
+        batches = (host_batches(self.maker, first, cfg.iterations, self.workers, pin=self.device.type == "cuda")
+                   if self.workers else _nothing_ahead())
+        try:
+            status = self._loop(batches, first, val_every, ckpt_every)
+        finally:
+            batches.close()  # a stopped or failed loop ends the sampling workers
         if status == "stopped" and self.checkpoint_fn:
             self.checkpoint_fn(self, self.iteration)  # so --resume can continue a stopped run
         if self.dist is not None:
@@ -309,11 +325,15 @@ class Trainer:
         )
 
     def validate(self) -> Dict[str, Any]:
-        """Teacher Dice per segment on the validation cases (rank 0); keeps the best weights."""
+        """Teacher Dice per segment on the validation cases; keeps the best weights. With several ranks each scores
+        its share of the cases and the Dice sums are all-reduced (no rank waits for another's whole validation)."""
+        sums, counts = dice_sums(self.teacher, self.validation[self.rank::self.world], self.cfg.patch_size, self.device,
+                                 self.K, self.cfg.validation_overlap, self.amp)
+        if self.dist is not None:
+            sums, counts = self.dist.sum_arrays(sums, counts)
         if self.rank != 0:
             return {}
-        mean, dice = mean_dice_over_cases(self.teacher, self.validation, self.cfg.patch_size, self.device, self.K,
-                                          self.cfg.validation_overlap, self.amp)
+        mean, dice = mean_from_sums(sums, counts)
         improved = self.best is None or (mean == mean and mean > self.best["mean_dice"])
         if improved and mean == mean:
             self.best_state = state_dict_cpu(self.teacher)
@@ -330,6 +350,12 @@ class Trainer:
         self.validations.append(event)
         self.emit(event)
         return event
+
+
+def _nothing_ahead() -> Iterator[None]:
+    """The loop's batches when it samples in process: ``None`` for every iteration."""
+    while True:
+        yield None
 
 
 def oom_message(cfg: TrainConfig, device: torch.device) -> str:
