@@ -115,3 +115,19 @@ def test_flop_count_covers_backward_and_teacher():
     finally:
         torch.set_num_threads(threads)
     assert 2.0 < flops["cpcl"] / flops["supervised"] < 2.6
+
+
+def test_gpu_check_smoke(tmp_path):
+    """The prepared GPU check runs every part (step precisions, peak memory vs estimate, FLOPs, sampling overlap, a
+    short CLI training) in its smoke mode on the CPU and writes consistent JSON."""
+    res, _ = run_script("gpu_check.py", tmp_path)
+    assert res["smoke"] and not any("error" in res[k] for k in ("step", "sampling_overlap", "training"))
+    step = res["step"]
+    assert step["flops_per_step"] > 0 and step["fp32"]["median_step_s"] > 0 and step["mixed"]["planner_estimate_bytes"] > 0
+    assert res["sampling_overlap"]["workers_0_s_per_it"] > 0 and res["sampling_overlap"]["workers_1_s_per_it"] > 0
+    assert res["training"]["exit"] == 0 and res["training"]["iterations_done"] == 4
+
+
+def test_cpu_bf16_smoke(tmp_path):
+    res, _ = run_script("cpu_bf16.py", tmp_path)
+    assert set(res["summary"]) == {"fp32", "bf16"} and res["bf16_over_fp32_wall"] > 0
