@@ -99,6 +99,12 @@ def test_out_of_memory_mid_run_keeps_the_last_checkpoint(tmp_path, ct_path, seg_
     assert ckpt["trainer"]["iteration"] == 4 and not os.path.exists(req.out)
 
 
+def _train_with_oom_retry(ct_path, seg_path, out, iterations):
+    return cli.main(["train", "--labeled", ct_path, seg_path, "--segments", *LUNGS, "--out", str(out), "--iterations",
+                     str(iterations), "--patch-size", "64", "64", "32", "--width", "4", "--spacing", *map(str, COARSE_SPACING),
+                     "--device", "cpu", "--progress", "none", "--retry-smaller-on-oom"])
+
+
 def test_cli_retries_once_with_a_smaller_patch_after_out_of_memory(tmp_path, ct_path, seg_path, monkeypatch, capsys):
     calls = {"n": 0}
     original = Trainer.step
@@ -111,9 +117,7 @@ def test_cli_retries_once_with_a_smaller_patch_after_out_of_memory(tmp_path, ct_
 
     monkeypatch.setattr(Trainer, "step", step)
     out = tmp_path / "m.pt"
-    code = cli.main(["train", "--labeled", ct_path, seg_path, "--segments", *LUNGS, "--out", str(out), "--iterations", "4",
-                     "--patch-size", "64", "64", "32", "--width", "4", "--spacing", *map(str, COARSE_SPACING), "--device", "cpu",
-                     "--progress", "none", "--retry-smaller-on-oom"])
+    code = _train_with_oom_retry(ct_path, seg_path, out, 4)
     assert code == 0 and calls["n"] == 1
     assert "retrying once with patch [16, 32, 32]" in capsys.readouterr().err
     assert load_model(str(out))["patch_size"] == [16, 32, 32]
@@ -238,10 +242,7 @@ def test_oom_retry_starts_after_the_failed_trainer_is_released(tmp_path, ct_path
         return original(self, inputs, it)
 
     monkeypatch.setattr(Trainer, "step", step)
-    out = tmp_path / "m.pt"
-    code = cli.main(["train", "--labeled", ct_path, seg_path, "--segments", *LUNGS, "--out", str(out), "--iterations", "2",
-                     "--patch-size", "64", "64", "32", "--width", "4", "--spacing", *map(str, COARSE_SPACING), "--device", "cpu",
-                     "--progress", "none", "--retry-smaller-on-oom"])
+    code = _train_with_oom_retry(ct_path, seg_path, tmp_path / "m.pt", 2)
     assert code == 0 and len(first) == 1
 
 

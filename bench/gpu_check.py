@@ -41,7 +41,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gpu_step import count_step_flops, datasheet_peak  # noqa: E402
-from speed_common import ROOT, RESULTS_DIR, StepRunner, config, machine_info, make_batches, median, slicerio_data_dir, write_json  # noqa: E402
+from speed_common import (  # noqa: E402
+    ROOT,
+    RESULTS_DIR,
+    StepRunner,
+    config,
+    machine_info,
+    make_batches,
+    median,
+    slicerio_data_dir,
+    timed_steps,
+    write_json,
+)
 
 from CPCLSegmentLib.data import make_case  # noqa: E402
 from CPCLSegmentLib.planning import estimate_memory  # noqa: E402
@@ -51,30 +62,6 @@ from CPCLSegmentLib.trainer import Trainer  # noqa: E402
 
 def log(msg: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def timed_steps(runner: StepRunner, batches: List[Dict[str, torch.Tensor]], warmup: int, steps: int) -> List[float]:
-    """Seconds of ``steps`` steps after ``warmup`` (CUDA events on a GPU, wall time on the CPU)."""
-    cuda = runner.device.type == "cuda"
-    for i in range(warmup):
-        runner.step(batches[i % len(batches)])
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            runner.step(batches[i % len(batches)])
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-        else:
-            t = time.perf_counter()
-            runner.step(batches[i % len(batches)])
-            times.append(time.perf_counter() - t)
-    return times
 
 
 def step_precisions(args, device: torch.device) -> Dict[str, Any]:

@@ -50,6 +50,7 @@ from speed_common import (  # noqa: E402
     make_batches,
     median,
     set_threads,
+    timed_steps,
     write_json,
 )
 
@@ -132,24 +133,7 @@ def run_variant(name: str, opts: Dict[str, Any], args, state, batches_cpu, devic
     if cuda:
         torch.backends.cudnn.benchmark = bool(opts["cudnn_benchmark"])  # after the Trainer, which turns it on
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches_cpu]
-    for i in range(args.warmup):
-        runner.step(batches[i % len(batches)])
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.steps):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            runner.step(batches[i % len(batches)])
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-        else:
-            with Clock() as c:
-                runner.step(batches[i % len(batches)])
-            times.append(c.wall)
+    times = timed_steps(runner, batches, args.warmup, args.steps)
     out = {"options": opts, "step_s": times, "median_step_s": median(times)}
     if cuda:
         out["max_memory_allocated_bytes"] = int(torch.cuda.max_memory_allocated())

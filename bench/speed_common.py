@@ -222,6 +222,30 @@ class StepRunner:
         return values
 
 
+def timed_steps(runner: StepRunner, batches: List[Dict[str, torch.Tensor]], warmup: int, steps: int) -> List[float]:
+    """Seconds of ``steps`` steps after ``warmup`` (CUDA events on a GPU, wall time on the CPU)."""
+    cuda = runner.device.type == "cuda"
+    for i in range(warmup):
+        runner.step(batches[i % len(batches)])
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            runner.step(batches[i % len(batches)])
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        else:
+            t = time.perf_counter()
+            runner.step(batches[i % len(batches)])
+            times.append(time.perf_counter() - t)
+    return times
+
+
 def _as_dict(inputs: StepInputs) -> Dict[str, torch.Tensor]:
     return {"x_l": inputs.labeled, "y_l": inputs.labels, "x_u": inputs.unlabeled}
 
