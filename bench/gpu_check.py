@@ -180,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("no CUDA GPU here: this check is for a GPU (use --smoke to try every part on the CPU)")
     if args.smoke:
         args.patch, args.width, args.steps, args.warmup = [16, 32, 32], 4, 2, 1
-        args.workers, args.overlap_iterations, args.train_iterations, args.train_timeout = 1, 3, 4, 300.0
+        args.workers, args.overlap_iterations, args.train_iterations, args.train_timeout = 1, 3, 4, 540.0
     t0 = time.perf_counter()
     result: Dict[str, Any] = {"benchmark": "gpu_check", "smoke": args.smoke, "device": str(device), "machine": machine_info(),
                               "patch_dhw": list(args.patch), "width": args.width, "K": args.K, "recipe": "cpcl + copy-paste, adamw, 2+2",
