@@ -59,7 +59,9 @@ def test_the_cpu_patch_rounds_the_median_shape_down_and_a_gpu_patch_rounds_it_up
     32 x 48 x 32 patches there (the accuracy benchmarks' patch) and on 48 x 64 x 48 on a GPU."""
     assert plan_patch_size((36, 50, 35), (1, 1, 1), 4, "cpu", 8, 3)[0] == (32, 48, 32)
     assert plan_patch_size((36, 50, 35), (1, 1, 1), 4, "cuda", 16, 3)[0] == (48, 64, 48)
-    assert plan_patch_size((10, 12, 9), (1, 1, 1), 4, "cpu", 8, 3)[0] == (16, 16, 16)  # never below one multiple
+    # never below one multiple, and never a single voxel at the deepest level (instance norm cannot train on it)
+    assert plan_patch_size((10, 12, 9), (1, 1, 1), 4, "cpu", 8, 3)[0] == (16, 32, 16)
+    assert plan_patch_size((20, 40, 20), (1, 1, 1), 4, "cpu", 8, 3)[0] == (16, 32, 16)
 
 
 def test_the_planned_width_is_narrow_on_the_cpu_unless_the_user_or_a_model_chose_one():

@@ -22,6 +22,7 @@ from CPCLSegmentLib.settings import PRESETS, TrainConfig
     ({"consistency_weight": -5}, "consistency_weight must be a finite number >= 0"),
     ({"validation_every": -3}, "validation_every must be >= 0"),
     ({"patch_size": [16, 16, 15]}, "patch_size must be three multiples of 16"),
+    ({"patch_size": [16, 16, 16]}, "single voxel at the network's deepest level.*at least one side 32"),
     ({"method": "cpl"}, "method must be one of cpcl, mean_teacher, supervised"),
     ({"minutes": 0}, "minutes must be a number > 0"),
     ({"lr": float("nan")}, "lr must be a finite number"),

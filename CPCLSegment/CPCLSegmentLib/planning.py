@@ -161,6 +161,8 @@ def plan_patch_size(
     whole = math.floor if device_type == "cpu" else math.ceil
     patch = [max(m, int(whole(s / m)) * m) for s in median_shape]
     spacing_dhw = list(reversed(list(spacing_xyz)))
+    if all(p == m for p in patch):  # one voxel at the deepest level: instance norm cannot train on it
+        patch[max(range(3), key=lambda a: median_shape[a])] = 2 * m
     if device_type == "cpu":
         while np.prod(patch) > CPU_PATCH_VOXELS and _shrink(patch, spacing_dhw, m):
             pass

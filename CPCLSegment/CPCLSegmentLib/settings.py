@@ -183,6 +183,9 @@ class TrainConfig:
             m = 2 ** self.depth if 1 <= self.depth <= 6 else 16
             if len(self.patch_size) != 3 or any(p < m or p % m for p in self.patch_size):
                 errs.append(f"patch_size must be three multiples of {m} (2**depth), not {list(self.patch_size)}")
+            elif self.norm == "instance" and all(p == m for p in self.patch_size):
+                errs.append(f"patch_size {list(self.patch_size)} is a single voxel at the network's deepest level, where instance "
+                            f"normalisation has nothing to normalise: make at least one side {2 * m}")
             else:
                 self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.backbone is not None and not (isinstance(self.backbone, dict) and isinstance(self.backbone.get("backbone"), str)):
