@@ -616,3 +616,20 @@ def test_segment_names_are_the_union_of_every_case_and_each_case_says_what_it_la
     c.add_case(v1, s1)
     c.add_case(v2, s2)
     assert "right lung" in [name for name, _, _ in c.segment_choices()]
+
+
+def test_a_pre_filled_label_next_that_fails_to_start_leaves_nothing_to_open(chest, tmp_path, monkeypatch):
+    """Otherwise the next plain Segment would open the Segment Editor over the wrong volume."""
+    scene, volume, segmentation = chest
+    c = controller(scene, tmp_path)
+    monkeypatch.setattr(c, "model", lambda: segmentation)  # any node: the start below fails before using it
+    c.rank_rows, c.selected_rank_row = [{"volume": volume}], 0
+    c.set_setting("prefill", True)
+
+    def fail(*args, **kwargs):
+        raise InputError("the segmentation could not start")
+
+    monkeypatch.setattr(c, "segment", fail)
+    with pytest.raises(InputError, match="could not start"):
+        c.label_next()
+    assert c.open_in_editor is None

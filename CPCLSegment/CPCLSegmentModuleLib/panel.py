@@ -212,8 +212,9 @@ class PanelController(PanelJobs, PanelState, PanelSettings):
         foreground = self.core.show_uncertainty(row) if row.get("uncertainty") else None
         self._effects.append(("show", (volume, foreground)))
         if self.setting("prefill"):
-            self.open_in_editor = volume
+            self.open_in_editor = None  # set only once the pre-filling job runs: a failed start leaves nothing to open
             self.segment([volume], names=[f"{node_name(volume)} labels"], kind=OUTPUT_LABELS)
+            self.open_in_editor = volume
         else:
             segmentation = self.core.empty_segmentation_for(model, volume)
             self._effects.append(("edit", (segmentation, volume)))
