@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from CPCLSegmentLib.data import make_case
@@ -39,6 +40,7 @@ def test_worker_batches_are_bit_identical_to_in_process_sampling_also_after_a_re
             _same({k: v.numpy() for k, v in batch.items()}, maker(it))
 
 
+@pytest.mark.slow
 def test_a_run_with_workers_trains_exactly_as_one_without():
     seen = {0: [], 2: []}
     for workers in (0, 2):

@@ -8,9 +8,8 @@ made in ``torch.utils.data.DataLoader`` worker processes while the device runs t
 - ``host_batches(maker, start, end, workers, pin)``: the batches of iterations ``start .. end - 1`` in order;
   ``workers`` 0 makes them in this process; more run ``workers`` DataLoader processes, each a couple of
   iterations ahead, with pinned memory for non-blocking copies to a GPU when ``pin``.
-- ``sampling_workers(setting, device)``: how many workers a run uses (``sampling_workers`` setting; ``None``
-  = automatic: up to 4 for a GPU, none on the CPU, where sampling is a small share of a step and a worker process
-  would compete with the step for the same cores).
+- ``sampling_workers(setting, device)``: how many workers a run uses (``sampling_workers`` setting; ``None``, the
+  default: none, until the gain is measured on a GPU; on the CPU at most the cores but one).
 """
 
 from __future__ import annotations
@@ -83,10 +82,9 @@ def host_batches(maker: BatchMaker, start: int, end: int, workers: int = 0, pin:
 
 
 def sampling_workers(setting: Optional[int], device: torch.device) -> int:
-    """Worker processes for patch sampling: the setting when given, else up to 4 for a GPU (leaving a core to the
-    training process) and none on the CPU."""
-    if setting is not None:
-        return int(setting)
-    if device.type == "cpu":
+    """Worker processes for patch sampling: the setting when given, else none (sampling in the training process)
+    until the prepared GPU check (``bench/gpu_check.py``, sampling overlap) has measured the gain on a GPU; at most
+    the cores but one."""
+    if setting is None:
         return 0
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    return max(0, min(int(setting), (os.cpu_count() or 1) - 1)) if device.type == "cpu" else int(setting)

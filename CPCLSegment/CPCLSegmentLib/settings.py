@@ -132,7 +132,7 @@ class TrainConfig:
     cpu_bf16: str = field(default="off", metadata={"choices": CPU_BF16_CHOICES})
     channels_last: bool = True  # CUDA only
     compile: bool = False
-    # processes sampling patches ahead of the step (torch DataLoader workers); None: up to 4 with a GPU, none on the CPU
+    # processes sampling patches ahead of the step (torch DataLoader workers); None: none (4 is the GPU check's setting)
     sampling_workers: Optional[int] = None
     validation_every: int = 0  # 0: about 10 times per run when validation cases are given
     checkpoint_every: int = 0  # 0: about 10 times per run when a checkpoint path is given
