@@ -1,4 +1,4 @@
-"""Hippocampus accuracy benchmark: CPCL vs mean teacher vs supervised-only (issue 5, accuracy part).
+"""Hippocampus accuracy benchmark: CPCL vs mean teacher vs supervised-only.
 
 Data: MSD Task04 hippocampus (``../shared/data/msd-hippocampus``), its ``splits.json``. From ``train`` (150):
 a fixed validation set of 10 subjects, then per seed a draw of N labeled subjects; every other ``train``
@@ -75,7 +75,7 @@ CPCL: Dict[str, Any] = dict(lambda_max=0.1, beta=10.0, per_sample_prototypes=Fal
                             feature_level=1, forward_prediction="student", consistency_weight=1.0)
 # Mean teacher: the SSL4MIS / UA-MT consistency weight 0.1 (with the same ramp-up).
 MT: Dict[str, Any] = dict(consistency_weight=0.1)
-# CPCL as the method claims it (issue 12): the teacher's P_u in the forward loss, per-sample prototypes (labeled
+# CPCL as the method claims it: the teacher's P_u in the forward loss, per-sample prototypes (labeled
 # sample i with unlabeled sample i, as the reference pairs them), no mean-teacher term.
 CPCL_CLAIMED: Dict[str, Any] = dict(lambda_max=0.1, beta=10.0, per_sample_prototypes=True, confidence_weighting=True,
                                     feature_level=1, forward_prediction="teacher", consistency_weight=0.0)

@@ -1,4 +1,4 @@
-"""GPU training-step benchmark: fp32 vs bf16 autocast, channels_last_3d, cuDNN benchmark, torch.compile (issue 8).
+"""GPU training-step benchmark: fp32 vs bf16 autocast, channels_last_3d, cuDNN benchmark, torch.compile.
 
 Each variant builds its own student / EMA teacher / SGD optimizer from the same weights and times
 ``speed_common.StepRunner.step`` (the trainer's exact step: engine loss terms under autocast, backward,

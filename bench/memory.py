@@ -1,4 +1,4 @@
-"""Peak training memory, measured vs ``planning.estimate_memory`` (issues 5, 6).
+"""Peak training memory, measured vs ``planning.estimate_memory``.
 
 Every measurement runs in a **fresh child process** so its peak is its own:
 

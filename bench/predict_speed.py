@@ -1,4 +1,4 @@
-"""The whole predict path vs MONAI's ``sliding_window_inference`` alone (issue 5).
+"""The whole predict path vs MONAI's ``sliding_window_inference`` alone.
 
 A 256×256×128 CT is synthesised from real data (slicerio's ``CTChest4.nrrd`` resampled linearly over the
 same physical extent, int16, gzip NRRD as Slicer writes it) into a temporary folder; nothing is downloaded.

@@ -1,4 +1,4 @@
-"""Sparse labels (issue 7): train on every N-th axial slice of the labels, score on the FULL test labels.
+"""Sparse labels: train on every N-th axial slice of the labels, score on the FULL test labels.
 
 For each labeled subject only every N-th axial slice (N = 1, 3, 5, 10) keeps its label; every other voxel
 becomes unknown (``IGNORE_INDEX`` = -1, what ``--annotated-slices axial`` produces). The kept slices start

@@ -1,4 +1,4 @@
-"""Training-step time: supervised-only vs plain mean teacher vs CPCL, side by side in ONE run (issues 2, 5).
+"""Training-step time: supervised-only vs plain mean teacher vs CPCL, side by side in ONE run.
 
 Every variant has its own student, EMA teacher and SGD optimizer, all starting from the same weights, and
 takes exactly the step ``trainer.Trainer.step`` takes (the engine's loss-term function, ``total_loss``,

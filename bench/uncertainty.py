@@ -1,4 +1,4 @@
-"""Does the "label this next" uncertainty predict the real error? (issue 9; BENCHMARKS.md, "Label this next")
+"""Does the "label this next" uncertainty predict the real error? (BENCHMARKS.md, "Label this next")
 
 On MSD hippocampus (``../shared/data/msd-hippocampus``), from ``splits.json``'s ``train`` pool only (``test`` is
 never read): a seeded draw of ``--labeled`` labeled cases and ``--unlabeled`` unlabeled cases trains a CPCL model

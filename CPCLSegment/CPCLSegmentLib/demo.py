@@ -54,7 +54,7 @@ def demo_config(iterations: Optional[int], seed: int, device: str) -> TrainConfi
         # The default recipe's intensity augmentation, strong unlabeled view and mean-teacher term won on the
         # hippocampus validation set at 600 iterations; on this 400-iteration run on one CT they slowed
         # learning (held-out mean Dice 0.56 vs 0.65, seed 0 each), so the demo trains without them.
-        # Copy-paste (the default recipe's since issue 12) needs more iterations than the demo's 400 to pay off (its
+        # Copy-paste (part of the default recipe) needs more iterations than the demo's 400 to pay off (its
         # learning curves start below the others': BENCHMARKS.md, left atrium), so the demo trains without it too.
         intensity_prob=0.0, strong_unlabeled=False, consistency_weight=0.0, copy_paste=False,
     )

@@ -101,7 +101,7 @@ class TrainConfig:
     # unlabeled box pasted into the labeled patch; outward for odd i); the student learns the ground truth where it
     # is known (term "paste", weight 1) and the teacher's pseudo-label elsewhere ("paste_pseudo", weight
     # copy_paste_weight · r(t)). None (the default): on for cpcl, where it won on the validation cases of both
-    # benchmarks (BENCHMARKS.md, issue 12), off for mean_teacher (the plain baseline); ``uses_copy_paste()``.
+    # benchmarks (BENCHMARKS.md), off for mean_teacher (the plain baseline); ``uses_copy_paste()``.
     copy_paste: Optional[bool] = None
     copy_paste_weight: float = 0.5
     copy_paste_size: float = 2.0 / 3.0
