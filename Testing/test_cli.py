@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -291,7 +292,9 @@ def test_compare_supervised_segments_by_value_colour_table_and_starting_model_sc
     table = tmp_path / "colors.ctbl"
     table.write_text("# Slicer colour table\n0 background 0 0 0 0\n3 right_lung 200 80 80 255\n7 left_lung 80 80 200 255\n")
     out = tmp_path / "m.pt"
-    code = cli.main(["train", "--labeled", ct_path, lm, "--unlabeled", ct_path, "--validation", ct_path, lm, "--segments", "7",
+    held_out = tmp_path / "held-out CT.nrrd"  # a validation case must not be a training case: a copy stands in for another one
+    shutil.copy(ct_path, held_out)
+    code = cli.main(["train", "--labeled", ct_path, lm, "--unlabeled", ct_path, "--validation", held_out, lm, "--segments", "7",
                      "--color-table", str(table), "--compare-supervised", "--out", str(out), "--progress", "none", *SMALL])
     assert code == 0, capsys.readouterr().err
     err = capsys.readouterr().err
@@ -302,7 +305,7 @@ def test_compare_supervised_segments_by_value_colour_table_and_starting_model_sc
     assert set(rec["training"]["comparison"]) == {"cpcl", "supervised"}
     # fine-tuning with validation cases scores the starting model first
     model, _, _ = trained
-    code = cli.main(["train", "--labeled", ct_path, seg_path, "--unlabeled", ct_path, "--validation", ct_path, seg_path,
+    code = cli.main(["train", "--labeled", ct_path, seg_path, "--unlabeled", ct_path, "--validation", held_out, seg_path,
                      "--segments", *LUNGS, "--init", model, "--out", str(tmp_path / "ft.pt"), "--progress", "none", "--iterations", "2",
                      "--spacing", *map(str, COARSE_SPACING)])
     assert code == 0

@@ -68,6 +68,18 @@ def world(tmp_path, ct_path, seg_path):
     lm = sitk.GetImageFromArray(labels.astype(np.uint8))
     lm.CopyInformation(sitk.ReadImage(ct_path))
     sitk.WriteImage(lm, str(inputs / "lungs.nii.gz"))
+    empty = sitk.GetImageFromArray(np.zeros(labels.shape, np.uint8))
+    empty.CopyInformation(sitk.ReadImage(ct_path))
+    sitk.WriteImage(empty, str(inputs / "empty.nii.gz"))  # a validation case with empty labels
+    nan = sitk.GetImageFromArray(np.full(labels.shape, np.nan, np.float32))
+    nan.CopyInformation(sitk.ReadImage(ct_path))
+    sitk.WriteImage(nan, str(inputs / "nan.nii.gz"))  # ITK's NIfTI reader would show these voxels as 0
+    for folder, channels in (("decathlon", 1), ("decathlon-channels", 2)):  # nnU-Net / Decathlon layouts, one or two channels
+        (inputs / folder / "imagesTr").mkdir(parents=True)
+        (inputs / folder / "labelsTr").mkdir()
+        for c in range(channels):
+            os.link(inputs / "ct.nii.gz", inputs / folder / "imagesTr" / f"chest_{c:04d}.nii.gz")
+        os.link(inputs / "lungs.nii.gz", inputs / folder / "labelsTr" / "chest.nii.gz")
     data = (inputs / "ct.nii.gz").read_bytes()
     (inputs / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
     (inputs / "garbage.nrrd").write_bytes(b"GARBAGE" + random.Random(0).randbytes(2000))
@@ -102,7 +114,7 @@ def _paths(rng, inputs, out, exts, good):
 
 
 GOOD_IMAGES, BAD_IMAGES = ["ct.nrrd", "ct.nii.gz", "link to ct.nrrd"], ["truncated.nii.gz", "garbage.nrrd", "sub", "missing.nrrd",
-                                                                        "ct.seg.nrrd", "model.pt"]
+                                                                        "ct.seg.nrrd", "model.pt", "nan.nii.gz"]
 GOOD_SEGS, BAD_SEGS = ["ct.seg.nrrd", "lungs.nii.gz"], ["ct.nrrd", "garbage.nrrd", "sub", "truncated.nii.gz", "missing.seg.nrrd"]
 
 
@@ -123,6 +135,10 @@ def _train_args(rng, inputs, out, n, hostile):
     seg = _pick(rng, inputs, GOOD_SEGS, BAD_SEGS, "segmentation" not in hostile)
     args = ["train", "--out", _paths(rng, inputs, out, [".pt", ".nii.gz", ""], "out" not in hostile), "--config", str(config),
             "--progress", rng.choice(["none", "json"]), "--labeled", _pick(rng, inputs, GOOD_IMAGES, BAD_IMAGES, "image" not in hostile), seg]
+    if "dataset" in hostile or rng.random() < 0.15:  # Decathlon layouts: two channels per case are refused
+        args += ["--dataset", str(inputs / ("decathlon-channels" if "dataset" in hostile else "decathlon"))]
+    if "validation" in hostile:  # a validation case whose labels are empty, with or without the comparison
+        args += ["--validation", str(inputs / "ct.nii.gz"), str(inputs / "empty.nii.gz")] + rng.choice([[], ["--compare-supervised"]])
     if "cases" in hostile:
         args += ["--cases", str(rng.choice([inputs / "settings.json", inputs / "ct.nrrd", inputs / "sub", inputs / "cases.csv"]))]
     if rng.random() < 0.5:
@@ -165,7 +181,8 @@ def _rank_args(rng, inputs, out, hostile):
     return args
 
 
-HOSTILE = {"train": ["setting", "setting", "out", "image", "segmentation", "cases", "unlabeled", "segments", "spacing", "flag"],
+HOSTILE = {"train": ["setting", "setting", "out", "image", "segmentation", "cases", "unlabeled", "segments", "spacing", "flag", "dataset",
+                    "validation"],
            "predict": ["image", "out", "out", "model"], "rank": ["image", "out", "model", "score"]}
 
 
@@ -188,7 +205,11 @@ def test_random_settings_and_paths_end_in_a_clear_error_or_a_result_and_never_to
         else:
             args = ["info", rng.choice([str(p) for p in inputs.iterdir()] + [""])]
         code = cli.main(args)
-        err = capsys.readouterr().err
+        captured = capsys.readouterr()
+        err = captured.out + captured.err
+        if "json" in args:  # every line of the stream is strict JSON (no NaN / Infinity)
+            for line in captured.out.splitlines():
+                json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line[:200]} ({args})"))
         outcomes.append(code)
         assert code in (0, 2, 4), (args, err[-3000:])
         assert "internal error" not in err and "Traceback" not in err, (args, err[-3000:])

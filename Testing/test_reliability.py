@@ -1,6 +1,7 @@
 """What happens when… (docs/what-happens-when.md): each failure mode behaves as the documentation says."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -74,7 +75,8 @@ def test_memory_planning_shrinks_the_patch_or_stops_before_training(tmp_path, ct
     small, est = planning.plan_patch_size((128, 256, 256), (1, 1, 1), 4, "cuda", 16, 3, memory_budget=2e9)
     assert np.prod(small) < np.prod(big) and est["total"] <= 2e9
     monkeypatch.setattr(planning, "available_memory", lambda *a, **k: 1e6)
-    with pytest.raises(InputError, match=r"needs about .* but only .* is free; use a smaller patch \(e.g. --patch-size"):
+    with pytest.raises(InputError, match=r"needs about .* but only .* is free; use smaller batches or a narrower network \(even the "
+                                         r"smallest patch, --patch-size 8 8 8, needs more\)"):
         pipeline.train(request(tmp_path, ct_path, seg_path))
     assert not os.path.exists(tmp_path / "m.pt")
 
@@ -93,8 +95,9 @@ def _fail_at(monkeypatch, iteration, exc):
 def test_out_of_memory_mid_run_keeps_the_last_checkpoint(tmp_path, ct_path, seg_path, monkeypatch):
     _fail_at(monkeypatch, 4, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     req = request(tmp_path, ct_path, seg_path)
-    with pytest.raises(OutOfMemory, match=r"patch \[16, 32, 32\] .*Reduce the patch size \(e.g. \[8, 16, 16\]\)"):
+    with pytest.raises(OutOfMemory, match=r"patch 32 32 16 \(X Y Z\) .*Reduce the patch size \(e.g. --patch-size \d+ \d+ \d+\)") as e:
         pipeline.train(req)
+    assert np.prod(e.value.smaller_patch) < 16 * 32 * 32  # estimated to need at most half the patch-dependent memory
     ckpt = load_checkpoint(checkpoint_path(req.out))
     assert ckpt["trainer"]["iteration"] == 4 and not os.path.exists(req.out)
 
@@ -119,8 +122,11 @@ def test_cli_retries_once_with_a_smaller_patch_after_out_of_memory(tmp_path, ct_
     out = tmp_path / "m.pt"
     code = _train_with_oom_retry(ct_path, seg_path, out, 4)
     assert code == 0 and calls["n"] == 1
-    assert "retrying once with patch [16, 32, 32]" in capsys.readouterr().err
-    assert load_model(str(out))["patch_size"] == [16, 32, 32]
+    err = capsys.readouterr().err
+    retried = re.search(r"retrying once with --patch-size (\d+) (\d+) (\d+) \(was 64 64 32\)", err)
+    assert retried, err
+    assert load_model(str(out))["patch_size"] == [int(v) for v in reversed(retried.groups())]
+    assert np.prod(load_model(str(out))["patch_size"]) < 32 * 64 * 64
 
 
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_finite_checkpoint(tmp_path, ct_path, seg_path, monkeypatch):
@@ -193,12 +199,14 @@ def test_init_same_segments_continue_other_segments_new_head_incompatible_refuse
     model, _, _ = trained
     events = []
     pipeline.train(request(tmp_path, ct_path, seg_path, name="a.pt", init=model, config=tiny(patch_size=(16, 64, 64))), events.append)
-    assert any("same segments, continuing" in e.get("message", "") for e in events)
+    assert "same segments, continuing" in next(e for e in events if e["event"] == "summary")["starting_model"]
     events = []
     req = request(tmp_path, ct_path, seg_path, name="b.pt", init=model, segments=["right lung", "left lung", "ribs"],
                   config=tiny(patch_size=(16, 64, 64)))
     pipeline.train(req, events.append)
     assert any("new segments (new output channels): ['ribs']" in e.get("message", "") for e in events)
+    summary = next(e for e in events if e["event"] == "summary")
+    assert "new segments (new output channels): ['ribs']" in summary["starting_model"]  # said where the plan is read
     assert load_model(req.out)["network"]["num_classes"] == 4
     with pytest.raises(InputError, match="does not match the requested network: width: model 8 vs requested 32"):
         pipeline.train(request(tmp_path, ct_path, seg_path, name="c.pt", init=model, network_overrides={"width": 32}))

@@ -8,6 +8,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 
 - ``errors``: error types and their exit codes (``CPCLError``, ``InputError``, ``ModelFileError``,
   ``OutOfMemory``, ``TrainingDiverged``, ``Cancelled``). imports: none.
+- ``jsonout``: strict JSON for every line and file the tool writes: non-finite numbers become null
+  (``strict_json``, ``finite_or_none``). imports: none.
 - ``cleanup``: what a run leaves on disk: temporary files removed at exit or on cancel, this run's checkpoint
   removed on cancel, outputs committed (never after a cancel) and named in the cancel message, and the sweep of
   dead runs' leftovers (``register``, ``remove_all``, ``commit``, ``remove_on_cancel``, ``cancel_report``,
@@ -63,7 +65,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``distributed``: torchrun / DDP (``DistributedContext``). imports: errors.
 - ``modelfile``: the model file and what lies beside it (``save_model``, ``load_model``, ``build_from_record``,
   ``make_record``, ``write_run_record``, ``checkpoint_path``, ``plain``).
-  imports: backbones, errors, network, writers.
+  imports: backbones, errors, jsonout, network, writers.
 - ``pretrained``: starting points for ``--init`` (our model files, Auto3DSeg checkpoints, MONAI bundles), segment
   matching and the weights to start from, the MONAIAuto3DSeg models on this computer (``read_starting_point``,
   ``starting_state``, ``match_segments``). imports: backbones, errors, localmodels, modelfile, network.
@@ -79,7 +81,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   data, errors, io, prepcache, preparation, writers.
 - ``planning``: spacing, patch, normalisation, memory and time; every case's grid at the target spacing
   (``plan_run``, ``plan_patch_size``, ``estimate_memory``, ``memory_budget``, ``check_memory``, ``check_grids``).
-  imports: errors, network, precision, preparation, settings, writers.
+  imports: errors, io, network, precision, preparation, settings, writers.
 - ``trainchecks``: a training request checked before any work: paths and values, every case's grid at the target
   spacing, the disk space the run needs (``check_request``, ``check_case_grids``, ``check_disk_space``).
   imports: errors, io, modelfile, planning, preflight, prepcache, preparation, preprocessing, settings.
@@ -106,9 +108,9 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``cli_args``: the command line's parser and the training request it stands for (``build_parser``,
   ``build_train_request``, ``cache_settings``). imports: errors, inputfiles, prepcache, preparation, settings.
 - ``console``: what the CLI prints and how it stops (``Reporter``, ``print_summary``, ``StopControl``).
-  imports: cleanup, errors.
+  imports: cleanup, errors, jsonout.
 - ``childinfo``: what the Slicer module asks a child process, so its own never imports torch (``probe_environment``,
-  ``model_info``, ``installed_versions``, ``nvidia_gpus``). imports: errors, modelfile.
+  ``model_info``, ``installed_versions``, ``nvidia_gpus``). imports: errors, jsonout, modelfile.
 - ``jobs``: background child-process runs for the Slicer module (``Job``, ``probe_job``, ``model_info_job``).
   imports: errors.
 - ``cli``: the ``cpcl-segment`` entry point and its commands (``main``, ``classify``, ``cmd_cache``). imports: cleanup,

@@ -16,6 +16,7 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from .errors import CPCLError
+from .jsonout import strict_json
 
 
 def nvidia_gpus(timeout: float = 5.0) -> Optional[List[Dict[str, Any]]]:
@@ -106,7 +107,7 @@ def _main(argv: Sequence[str]) -> int:
     except CPCLError as e:
         print(json.dumps({"event": "error", "message": str(e), "exit_code": e.exit_code}), flush=True)
         return e.exit_code
-    print(json.dumps({"event": "done", **payload}, default=str), flush=True)
+    print(strict_json({"event": "done", **payload}), flush=True)
     return 0
 
 

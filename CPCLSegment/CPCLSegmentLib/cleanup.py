@@ -218,3 +218,30 @@ def sweep(folders: Iterable[Optional[str]], min_age_s: float = SWEEP_MIN_AGE_S) 
             if _remove(path):
                 removed.append(path)
     return removed
+
+
+def torch_cache_folder() -> Optional[str]:
+    """The folder torch's compiler creates in the temporary folder when it is first imported
+    (``torchinductor_<user>``, made even when nothing is compiled), unless ``TORCHINDUCTOR_CACHE_DIR`` names
+    another; None if it already exists (a cache someone keeps). ``remove_if_empty`` removes it afterwards."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    import getpass
+    import tempfile
+
+    try:
+        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+    except Exception:  # no user name (a container without one): torch then uses its own fallback name
+        return None
+    path = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    return None if os.path.exists(path) else path
+
+
+def remove_if_empty(folder: Optional[str]) -> None:
+    """Removes ``folder`` and its empty subfolders; anything holding a file stays."""
+    if not folder or not os.path.isdir(folder):
+        return
+    for root, dirs, files in os.walk(folder, topdown=False):
+        if not files:
+            with contextlib.suppress(OSError):
+                os.rmdir(root)

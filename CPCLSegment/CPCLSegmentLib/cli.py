@@ -57,18 +57,19 @@ def cmd_train(args, report: Reporter, control: StopControl) -> int:
 def train_with_retry(train: Callable[..., Dict[str, Any]], request: Any, retry: bool, report: Callable[[Dict[str, Any]], None],
                      should_stop: Callable[[], bool], dist: Any = None) -> Dict[str, Any]:
     """``train(request, ...)``; with ``retry`` (``--retry-smaller-on-oom``), after an ``OutOfMemory`` once more with
-    half the patch. The retry runs after the ``except`` block, once the failed run's trainer, optimizer state and
+    a patch estimated to need half the memory. The retry runs after the ``except`` block, once the failed run's trainer, optimizer state and
     activations (which the exception's traceback holds) are released and the device's cached memory is freed."""
     try:
         return train(request, report, should_stop, distributed=dist)
-    except OutOfMemory:
-        if not retry or request.config.patch_size is None:
+    except OutOfMemory as e:
+        smaller = e.smaller_patch  # estimated to need at most half the patch-dependent memory
+        if not retry or request.config.patch_size is None or smaller is None:
             raise
     free_memory()
-    from .planning import suggest_smaller
+    from .planning import xyz
 
-    smaller = suggest_smaller(request.config.patch_size, request.config.depth)
-    report({"event": "warning", "message": f"out of memory: retrying once with patch {list(smaller)} (D, H, W)"})
+    report({"event": "warning", "message": f"out of memory: retrying once with --patch-size {xyz(smaller)} "
+            f"(was {xyz(request.config.patch_size)})"})
     request.config.patch_size = smaller
     request.resume = False
     return train(request, report, should_stop, distributed=dist)
@@ -147,7 +148,7 @@ def cmd_info(args, report: Reporter, control: StopControl) -> int:
         f"{args.model}: CPCLSegment model (format {rec['format_version']}, engine {rec.get('engine_version')})",
         "  segments: " + ", ".join(f"{c['name']} ({c.get('label_value')})" for c in rec["classes"][1:]),
         f"  network: {rec['network']}",
-        f"  spacing: {rec.get('spacing')} mm, patch {rec['patch_size']}, normalisation {rec['normalization'].get('scheme')}",
+        f"  spacing: {rec.get('spacing')} mm, patch {' '.join(str(v) for v in reversed(rec['patch_size']))} (X Y Z), normalisation {rec['normalization'].get('scheme')}",
         f"  training: {tr.get('method')}, {tr.get('iterations')} iterations ({tr.get('status')}), "
         f"{len(labeled) if isinstance(labeled, list) else '?'} labeled + {tr.get('unlabeled_cases')} unlabeled cases",
         f"  best-on-validation weights: {rec.get('best') or 'none'}",
@@ -201,6 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           cancel_file=getattr(args, "cancel_file", None))
     control.install()
     report.start_heartbeat()
+    torch_cache = cleanup.torch_cache_folder()  # made empty by importing torch's compiler: removed again at the end
     code = 0
     try:
         check_stop_file(getattr(args, "stop_file", None))
@@ -223,6 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report.stop_heartbeat()
         report.close()
         cleanup.remove_all()
+        cleanup.remove_if_empty(torch_cache)
         cleanup.reset()  # the next command in this process (Slicer's console, tests) starts afresh
     return code
 

@@ -6,7 +6,6 @@ within ``grace_s`` exits hard, after ``cleanup.cancel_report``)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -14,10 +13,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
-import numpy as np
 import psutil
 
 from . import __version__, cleanup
+from .jsonout import strict_json
 from .errors import Cancelled
 
 
@@ -27,9 +26,12 @@ def print_summary(s: Dict[str, Any], out=None) -> None:
         f"CPCLSegment {__version__}: {s['method']} training on {len(s['labeled'])} labeled + {s['unlabeled']} unlabeled case(s)"
         + (f", {s['validation']} validation" if s["validation"] else ""),
         "  voxels per segment: " + ", ".join(f"{k}: {v}" for k, v in s["voxels_per_segment"].items()),
-        f"  spacing {[round(v, 3) for v in s['spacing']]} mm, patch {s['patch_size']} (D, H, W), normalisation {s['normalization']}",
+        f"  spacing {[round(v, 3) for v in s['spacing']]} mm, patch {' '.join(str(v) for v in reversed(s['patch_size']))} (X Y Z), "
+        f"normalisation {s['normalization']}",
         f"  {s['iterations']} iterations on {s['device']}: about {format_seconds(s['estimated_time_s'])}, peak memory about {s['estimated_memory']}",
     ]
+    if s.get("starting_model"):
+        lines.insert(1, f"  starting from {s['starting_model']}")
     print("\n".join(lines), file=out or sys.stderr, flush=True)
 
 
@@ -99,7 +101,7 @@ class Reporter:
 
     def json_line(self, event: Dict[str, Any]) -> None:
         with self._lock:
-            sys.stdout.write(json.dumps(event, default=_json_default) + "\n")
+            sys.stdout.write(strict_json(event) + "\n")
             sys.stdout.flush()
 
     def text(self, message: str) -> None:
@@ -123,7 +125,7 @@ class Reporter:
         elif kind == "progress" and self.mode == "bar":
             self._bar(event)
         elif kind == "validation":
-            dice = ", ".join(f"{k} {v:.3f}" for k, v in event["dice"].items() if v is not None)
+            dice = ", ".join(f"{k} {v:.3f}" for k, v in event["dice"].items() if v is not None) or "undefined (no validation case holds the segments)"
             label = event.get("label") or f"iteration {event['iteration']}"
             self.text(f"validation Dice ({label}): {dice}" + (" (best so far)" if event.get("best") else ""))
         elif kind == "predict":
@@ -145,12 +147,6 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
 
 
 class StopControl:

@@ -29,9 +29,11 @@ class TrainingDiverged(CPCLError):
 
 
 class OutOfMemory(CPCLError):
-    """The device ran out of memory; the message says what to reduce."""
+    """The device ran out of memory; the message says what to reduce (``smaller_patch``: the patch (D, H, W) it
+    suggests, when there is one)."""
 
     exit_code = 4
+    smaller_patch = None
 
 
 class Cancelled(CPCLError):
@@ -46,7 +48,7 @@ EXIT_INTERNAL = 1
 EXIT_MESSAGES = {
     EXIT_INTERNAL: "internal error",
     CPCLError.exit_code: "bad input or model file",
-    TrainingDiverged.exit_code: "training diverged (the loss became NaN or infinite)",
+    TrainingDiverged.exit_code: "training diverged (the loss became NaN or infinite, or grew a thousandfold)",
     OutOfMemory.exit_code: "out of memory",
     Cancelled.exit_code: "cancelled",
 }

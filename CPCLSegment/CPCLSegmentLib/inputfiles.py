@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence
 
 from .errors import InputError
@@ -135,24 +136,73 @@ def decathlon_cases(folder: str) -> Dict[str, List[Dict[str, Any]]]:
         raise InputError(f"cannot read dataset folder {folder}: {e.strerror or e} ({e.filename or folder})") from None
 
 
+_CHANNEL = re.compile(r"^(.*)_(\d{4})$")  # nnU-Net's channel suffix: case_0000 (first channel), case_0001, ...
+
+
 def _decathlon_cases(folder: str) -> Dict[str, List[Dict[str, Any]]]:
     tr = os.path.join(folder, "imagesTr")
     lb = os.path.join(folder, "labelsTr")
     if not os.path.isdir(tr):
         raise InputError(f"{folder} is not in the Decathlon layout: no imagesTr/ folder")
+    _check_one_channel(folder)
+    labels = {_stem(n): os.path.join(lb, n) for n in (sorted(os.listdir(lb)) if os.path.isdir(lb) else [])
+              if has_extension(n, IMAGE_EXTENSIONS)}
+    images = [n for n in sorted(os.listdir(tr)) if not n.startswith(".") and has_extension(n, IMAGE_EXTENSIONS)]
     out: Dict[str, List[Dict[str, Any]]] = {"labeled": [], "unlabeled": [], "validation": []}
-    for name in sorted(os.listdir(tr)):
-        if name.startswith(".") or not has_extension(name, IMAGE_EXTENSIONS):
-            continue
-        label = os.path.join(lb, name.replace("_0000", ""))
-        if os.path.exists(label):
-            out["labeled"].append({"image": os.path.join(tr, name), "segmentation": label, "annotated_slices": None})
+    channels: Dict[str, List[str]] = {}  # case -> its image files, when they carry a channel suffix
+    for name in images:
+        stem = _stem(name)
+        m = _CHANNEL.match(stem)
+        case = stem if stem in labels or not m else m.group(1)
+        if case != stem:
+            channels.setdefault(case, []).append(name)
+        if case in labels:
+            out["labeled"].append({"image": os.path.join(tr, name), "segmentation": labels[case], "annotated_slices": None})
         else:
             out["unlabeled"].append({"image": os.path.join(tr, name)})
     ts = os.path.join(folder, "imagesTs")
     if os.path.isdir(ts):
-        out["unlabeled"] += [{"image": os.path.join(ts, n)} for n in sorted(os.listdir(ts)) if has_extension(n, IMAGE_EXTENSIONS)]
+        for name in sorted(os.listdir(ts)):
+            if has_extension(name, IMAGE_EXTENSIONS) and not name.startswith("."):
+                out["unlabeled"].append({"image": os.path.join(ts, name)})
+                m = _CHANNEL.match(_stem(name))
+                if m:
+                    channels.setdefault("imagesTs/" + m.group(1), []).append(name)
+    if not any(case in labels for case in channels):  # no labeled case uses the suffix: _NNNN is part of the case names
+        channels = {}
+    several = {case: files for case, files in channels.items() if len(files) > 1}
+    if several:
+        case, files = next(iter(several.items()))
+        raise InputError(f"dataset folder {folder} holds several image channels per case ({case}: {', '.join(files)}; "
+                         f"{len(several)} case(s) like this). " + _ONE_CHANNEL)
     return out
+
+
+_ONE_CHANNEL = ("CPCLSegment trains on one image channel: to train on one of them, list the cases with --cases "
+                "(CSV columns image,segmentation,role) naming that channel's files, e.g. the _0000 ones")
+
+
+def _stem(name: str) -> str:
+    for ext in IMAGE_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _check_one_channel(folder: str) -> None:
+    """Refuses a dataset whose ``dataset.json`` declares several channels (``channel_names`` of nnU-Net v2,
+    ``modality`` of the Medical Segmentation Decathlon)."""
+    path = os.path.join(folder, "dataset.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        meta = json.loads(_read_text(path, "dataset description"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    names = meta.get("channel_names", meta.get("modality")) if isinstance(meta, dict) else None
+    if isinstance(names, dict) and len(names) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in sorted(names.items(), key=lambda kv: str(kv[0])))
+        raise InputError(f"dataset folder {folder} has {len(names)} image channels ({listed}, in {path}). " + _ONE_CHANNEL)
 
 
 def load_config_file(path: str) -> Dict[str, Any]:

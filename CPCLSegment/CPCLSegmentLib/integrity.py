@@ -207,3 +207,58 @@ def itk_read(path: str, what: str) -> sitk.Image:
     if problem:
         raise InputError(f"{what} {path} is damaged: {problem}")
     return image
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 / float64 voxels
+
+
+def nifti_has_nonfinite(path: str, chunk: int = 1 << 24) -> bool:
+    """Whether a ``.nii`` / ``.nii.gz`` file of float voxels holds NaN or infinite values, read from its own bytes
+    (NIfTI-1 or -2, either byte order), a chunk at a time. ITK's NIfTI reader turns them into 0 without a word, so
+    a check of what ITK read cannot see them. False for integer types, other formats or an unreadable header."""
+    import numpy as np
+
+    opener = gzip.open if _is_gzip(path) else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            layout = _nifti_layout(head)
+            if layout is None:
+                return False
+            dtype, offset = layout
+            tail = head[offset:]  # voxels that came with the header read
+            f.read(max(0, offset - len(head)))
+            step = chunk - chunk % dtype.itemsize
+            while True:
+                block = tail + f.read(step)
+                if not block:
+                    return False
+                usable = len(block) - len(block) % dtype.itemsize
+                if not np.isfinite(np.frombuffer(block[:usable], dtype=dtype)).all():
+                    return True
+                tail = block[usable:]
+                if len(block) < step:
+                    return False
+    except (OSError, EOFError, zlib.error, ValueError):
+        return False  # a damaged file: ``integrity_problem`` says what is wrong with it
+
+
+def _nifti_layout(head: bytes):
+    """(numpy dtype, voxel offset) of a float NIfTI header, or None (not NIfTI, not float voxels)."""
+    import numpy as np
+
+    if len(head) < 348:
+        return None
+    for order in ("<", ">"):
+        size = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0])
+        if size == 348:  # NIfTI-1: datatype at 70, vox_offset (float32) at 108
+            code = int(np.frombuffer(head[70:72], dtype=f"{order}i2")[0])
+            offset = int(np.frombuffer(head[108:112], dtype=f"{order}f4")[0])
+        elif size == 540 and len(head) >= 540:  # NIfTI-2: datatype at 12, vox_offset (int64) at 168
+            code = int(np.frombuffer(head[12:14], dtype=f"{order}i2")[0])
+            offset = int(np.frombuffer(head[168:176], dtype=f"{order}i8")[0])
+        else:
+            continue
+        kind = _NIFTI_FLOATS.get(code)
+        return (np.dtype(order + kind), max(offset, size)) if kind else None
+    return None

@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .integrity import error_reason, itk_read, native_messages
+from .integrity import error_reason, itk_read, native_messages, nifti_has_nonfinite
 
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -102,7 +102,17 @@ def read_image(path: str) -> sitk.Image:
             raise InputError(f"folder {path} holds {len(series)} DICOM series; give one series per folder")
     else:
         image = itk_read(path, "image")
+        if has_extension(path, (".nii", ".nii.gz")) and nifti_has_nonfinite(path):  # ITK read them as 0
+            raise InputError(f"{path} contains NaN or infinite voxel values (in the file; its reader would show them as 0)")
     return as_scalar_3d(image, path)
+
+
+def check_not_one_slice(name: str, size: Sequence[int]) -> None:
+    """Refuses an image of a single slice (size x, y, z with an axis of 1 voxel): a 2-D image in a 3-D file, which
+    3-D patches would pad to many times its size and segment for minutes without learning anything 3-D."""
+    if min(int(v) for v in size) == 1:
+        raise InputError(f"{name} is one slice ({'x'.join(str(int(v)) for v in size)} voxels): CPCLSegment trains on and "
+                         "segments 3-D volumes; give the whole volume (a series of slices), not a single 2-D image")
 
 
 def as_scalar_3d(image: sitk.Image, name: str) -> sitk.Image:
@@ -123,6 +133,7 @@ def as_scalar_3d(image: sitk.Image, name: str) -> sitk.Image:
         raise InputError(f"{name} has {image.GetDimension()} dimensions; expected 3")
     if min(image.GetSize()) < 1:
         raise InputError(f"{name} is empty (size {image.GetSize()})")
+    check_not_one_slice(name, image.GetSize())
     geometry = list(image.GetSpacing()) + list(image.GetOrigin()) + list(image.GetDirection())
     if not np.isfinite(geometry).all() or min(image.GetSpacing()) <= 0:
         raise InputError(f"{name} has an invalid geometry in its header (spacing {list(image.GetSpacing())}, origin "

@@ -368,3 +368,8 @@ def read_terms(terms: Dict[str, torch.Tensor], loss: torch.Tensor) -> Tuple[Dict
     values = torch.stack([t.detach().float() for t in terms.values()] + [loss.detach().float()]).tolist()
     out = dict(zip(names, values))
     return out, all(v == v and abs(v) != float("inf") for v in values)
+
+
+def finite_inputs(inputs: StepInputs) -> bool:
+    """Whether the batch's images are all finite (a non-finite loss then comes from the weights)."""
+    return all(bool(torch.isfinite(t).all()) for t in (inputs.labeled, inputs.unlabeled) if t is not None)

@@ -33,12 +33,12 @@ validations: ``write_run_record``), and while training ``<model>.pt.checkpoint.p
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import pickle
 import platform
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -47,6 +47,7 @@ import torch
 from . import MODEL_FORMAT, MODEL_FORMAT_VERSION, __version__
 from .errors import ModelFileError
 from .backbones import BackboneError, check_spec
+from .jsonout import strict_json
 from .network import build_network
 from .writers import atomic_path
 
@@ -240,6 +241,16 @@ def _load(path: str, what: str) -> Any:
         raise ModelFileError(f"{path} is damaged or truncated and cannot be read as a {what} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
+def _why_no_best(record: Dict[str, Any]) -> str:
+    n = (record.get("training") or {}).get("validation_cases")
+    if n:
+        return (f"none of its {n} validation case(s) gave a Dice score: their labels hold none of the segments (empty), "
+                "where Dice is undefined")
+    if n is None:  # a model file from before validation cases were recorded
+        return "it was trained without --validation cases, or their labels were empty"
+    return "it was trained without --validation cases"
+
+
 def build_from_record(record: Dict[str, Any], weights: str = "teacher") -> torch.nn.Module:
     """The network with the chosen weights (``teacher``, ``student`` or ``best``)."""
     if weights not in WEIGHT_CHOICES:
@@ -249,7 +260,7 @@ def build_from_record(record: Dict[str, Any], weights: str = "teacher") -> torch
         state = record["weights"].get("teacher")  # the best weights were the last teacher's: stored once
     if state is None:
         if weights == "best":
-            raise ModelFileError("this model has no best-on-validation weights (it was trained without --validation cases)")
+            raise ModelFileError(f"this model has no best-on-validation weights ({_why_no_best(record)}); use --weights teacher")
         if weights == "student":
             raise ModelFileError("this model file has no student weights: model files keep only the teacher's "
                                  "(the student is in the resume checkpoint of an unfinished run)")
@@ -264,6 +275,17 @@ def build_from_record(record: Dict[str, Any], weights: str = "teacher") -> torch
         raise ModelFileError(f"the model file's {weights} weights do not fit its network settings: {str(e)[:500]}") from None
     net.eval()
     return net
+
+
+@dataclass
+class Snapshot:
+    """A checkpoint held until the next loss confirms its weights (callbacks read ``.state()``, like a ``Trainer``)."""
+
+    iteration: int
+    saved: Dict[str, Any]
+
+    def state(self) -> Dict[str, Any]:
+        return self.saved
 
 
 def state_dict_cpu(net: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -350,6 +372,7 @@ def make_record(cfg, result, classes, plan, request, infos, n_unlabeled: int, st
             "config": cfg.to_dict(),
             "labeled_cases": [i.name for i in infos],
             "unlabeled_cases": n_unlabeled,
+            "validation_cases": len(request.validation),
             "supervised_only": result.method == "supervised",
             "starting_model": request.init,
             "starting_model_validation": plain(start_eval),
@@ -394,4 +417,4 @@ def write_run_record(out: str, request, cfg, result, plan, classes, t_start: flo
     }
     with atomic_path(run_record_path(out), note="run record") as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
+            f.write(strict_json(record, indent=1))

@@ -110,6 +110,7 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
         cache = open_cache(request)
         try:
             labeled, validation, unlabeled = preprocess_cases(request, run.classes, run.plan, run.unlabeled_paths, cache, run.say)
+            _check_validation_labels(run, validation)
             start_eval = _score_starting_model(run, validation)
 
             def make_trainer(cfg: TrainConfig, checkpoint: Optional[Callable[[Trainer, int], None]]) -> Trainer:
@@ -169,7 +170,11 @@ def compare_supervised(run: _Run, make_trainer: MakeTrainer, resume_state: Optio
     second = make_trainer(sup, None).run()
     s2 = _validation_score(run, second, sup, validation)
     comparison = {cfg.method: s1, "supervised": s2}
-    if s2 is not None and s1 is not None and s2 > s1:
+    if s1 is None or s2 is None:  # no validation Dice (e.g. a class absent from every validation case's labels)
+        run.say({"event": "warning", "message": f"--compare-supervised: no mean Dice on the validation cases ({cfg.method}: "
+                 f"{_score_text(s1)}, supervised-only: {_score_text(s2)}), so nothing could be compared; keeping the {cfg.method} model"})
+        return cfg, first, s1, comparison
+    if s2 > s1:
         run.say({"event": "warning", "message": f"the unlabeled cases did not help here: supervised-only scored {s2:.4f} "
                  f"mean Dice on the validation cases vs {s1:.4f} for {cfg.method}; keeping the supervised-only model"})
         return sup, second, s2, comparison
@@ -208,7 +213,12 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     sparse = [item.image for item, info in zip(request.labeled, infos) if info.known_fraction < 1.0]
     run = _Run(request, cfg, device, classes, infos, plan, init_record, init_state, list(request.unlabeled) + sparse, say, rank0,
                checkpoint["trainer"] if checkpoint else None, fingerprint)
-    check_memory(plan, device)
+    if cfg.method != "supervised" and not run.unlabeled_paths:  # said once, here; the trainer is given supervised-only
+        cfg = run.cfg = TrainConfig.from_dict(dict(cfg.to_dict(), method="supervised"))
+        say({"event": "warning", "message": "no unlabeled cases given: training supervised-only" + (
+            "; --compare-supervised has nothing to compare (both models would be this supervised one), so one model is trained"
+            if request.compare_supervised else "")})
+    check_memory(plan, device, cfg, len(classes))
     planned = request.spacing is None and init_record is None and checkpoint is None
     check_case_grids(request, infos, plan["spacing"], say, planned)
     if cfg.minutes is not None and checkpoint is None:
@@ -216,9 +226,7 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     if rank0:
         check_disk_space(request, cfg, classes, infos, plan["spacing"], run.unlabeled_paths)
     say(_summary(run))
-    if cfg.method != "supervised" and not run.unlabeled_paths:
-        say({"event": "warning", "message": "no unlabeled cases given: training supervised-only"})
-    elif cfg.method != "supervised" and request.validation and not request.compare_supervised:
+    if cfg.method != "supervised" and request.validation and not request.compare_supervised:
         say({"event": "info", "message": "the unlabeled cases do not improve every model (BENCHMARKS.md): add --compare-supervised "
              "to also train supervised-only and keep whichever scores better on the validation cases"})
     short = short_run_warning(cfg, bool(run.unlabeled_paths), request.compare_supervised)
@@ -264,6 +272,7 @@ def _summary(run: _Run) -> Dict[str, Any]:
         "device": str(run.device),
         "estimated_memory": format_bytes(run.plan["memory"]["total"]),
         "estimated_time_s": est_s,
+        "starting_model": (run.init_state or {}).get("summary"),
     }
 
 
@@ -299,10 +308,34 @@ def _checkpointer(run: _Run, ckpt_file: str, wrote: List[bool]) -> Callable[[Tra
 
 
 def _validation_score(run: _Run, result: TrainResult, cfg: TrainConfig, validation: Sequence[Case]) -> Optional[float]:
-    """The teacher's mean Dice on the validation cases (rank 0), or None without validation cases."""
+    """The teacher's mean Dice on the validation cases (rank 0), or None without validation cases or when no
+    validation case holds any of the segments (Dice undefined)."""
     if not validation or not run.rank0:
         return None
-    return mean_dice_over_cases(result.teacher, validation, cfg.patch_size, run.device, len(run.classes), cfg.validation_overlap)[0]
+    mean = mean_dice_over_cases(result.teacher, validation, cfg.patch_size, run.device, len(run.classes), cfg.validation_overlap)[0]
+    return mean if mean == mean else None
+
+
+def _score_text(score: Optional[float]) -> str:
+    return "undefined" if score is None else f"{score:.4f}"
+
+
+def _check_validation_labels(run: _Run, validation: Sequence[Case]) -> None:
+    """Says which validation cases hold none of the segments (Dice is undefined there: they score nothing);
+    refuses ``--compare-supervised`` when no validation case can be scored."""
+    empty = [item for item, case in zip(run.request.validation, validation)
+             if not any(len(case.locations.get(c, ())) for c in range(1, len(run.classes)))]
+    for item in empty:
+        run.say({"event": "warning", "message": f"validation case {item.image}: its segmentation {item.segmentation} holds none of "
+                 f"the segments {run.names} (it is empty), where Dice is undefined: it is not scored"})
+    if not empty or len(empty) < len(validation):
+        return
+    if run.request.compare_supervised and run.cfg.method != "supervised":
+        raise InputError(f"--compare-supervised compares the Dice on the validation cases, but every validation case's "
+                         f"segmentation is empty ({', '.join(i.segmentation for i in empty[:3])}): Dice is undefined there. "
+                         "Give validation cases whose segmentations hold the segments")
+    run.say({"event": "warning", "message": "no validation case can be scored (every one is empty): validation Dice stays "
+             "undefined and no best-on-validation weights are kept"})
 
 
 def _save(run: _Run, cfg: TrainConfig, result: TrainResult, comparison: Optional[Dict[str, Any]],

@@ -23,7 +23,8 @@ import numpy as np
 import psutil
 import torch
 
-from .errors import InputError
+from . import io as cio
+from .errors import InputError, OutOfMemory
 from .network import VNet, activation_voxels_per_input_voxel, count_parameters
 from .precision import choose_precision
 from .preparation import CANONICAL_ORIENTATION, CaseInfo, Emit, TrainRequest, plan_normalization
@@ -186,9 +187,52 @@ def plan_width(cfg: TrainConfig, device_type: str, settings_given: Optional[Sequ
     return CPU_WIDTH if device_type == "cpu" else GPU_WIDTH
 
 
-def suggest_smaller(patch: Sequence[int], depth: int) -> Tuple[int, int, int]:
+def smaller_patch(patch: Sequence[int], budget: float, labeled_batch: int, unlabeled_batch: int, width: int, depth: int,
+                  num_classes: int, method: str = "cpcl", optimizer: str = "sgd", amp: bool = False, device_type: str = "cuda",
+                  copy_paste: bool = False) -> Optional[Tuple[int, int, int]]:
+    """The largest patch (D, H, W) below ``patch`` whose ``estimate_memory`` is at most ``budget`` bytes, shrinking
+    the longest axis one multiple of ``2**depth`` at a time; None when even the smallest patch needs more."""
     m = 2**depth
-    return tuple(max(m, (p // 2 // m) * m or m) for p in patch)  # type: ignore[return-value]
+    cur = [max(m, (int(p) // m) * m) for p in patch]
+    while _shrink(cur, (1.0, 1.0, 1.0), m):
+        est = estimate_memory(cur, labeled_batch, unlabeled_batch, width, depth, num_classes, method, optimizer, amp, device_type,
+                              copy_paste)["total"]
+        if est <= budget:
+            return (int(cur[0]), int(cur[1]), int(cur[2]))
+    return None
+
+
+def oom_error(cfg: TrainConfig, device_type: str, num_classes: int, free: Optional[float] = None) -> OutOfMemory:
+    """What to reduce after running out of memory: a patch estimated to need half as much (``planning.smaller_after_oom``,
+    also the error's ``smaller_patch``), in ``--patch-size`` order (X Y Z)."""
+    smaller = smaller_after_oom(cfg, num_classes, device_type, free)
+    where = "the computer" if device_type == "cpu" else device_type.upper()
+    reduce = f"Reduce the patch size (e.g. --patch-size {xyz(smaller)}), " if smaller else "The patch is already the smallest: reduce "
+    error = OutOfMemory(
+        f"{where} ran out of memory with patch {xyz(cfg.patch_size)} (X Y Z), batch "
+        f"{cfg.labeled_batch}+{cfg.unlabeled_batch}, width {cfg.width}. {reduce}the batch sizes or the network width"
+        + ("" if device_type == "cpu" else ", or train on the CPU") + "; the last checkpoint was kept."
+    )
+    error.smaller_patch = smaller
+    return error
+
+
+def xyz(patch: Sequence[int]) -> str:
+    """A patch (D, H, W) as ``--patch-size`` takes it: ``X Y Z``."""
+    return " ".join(str(int(v)) for v in reversed(list(patch)))
+
+
+def smaller_after_oom(cfg: Any, num_classes: int, device_type: str, free: Optional[float] = None) -> Optional[Tuple[int, int, int]]:
+    """The patch to suggest after running out of memory with ``cfg.patch_size``: estimated to need at most half
+    the patch-dependent memory (halfway between this patch's estimate and the smallest patch's) and, when known,
+    at most ``free`` bytes; None when no smaller patch is estimated to fit."""
+    args = (cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth, num_classes, cfg.method, cfg.optimizer,
+            bool(cfg.amp and device_type == "cuda"), device_type, cfg.uses_copy_paste())
+    m = 2**cfg.depth
+    need = estimate_memory(cfg.patch_size, *args)["total"]
+    least = estimate_memory((m, m, m), *args)["total"]
+    budget = (need + least) / 2.0
+    return smaller_patch(cfg.patch_size, min(budget, free) if free else budget, *args)
 
 
 # ------------------------------------------------------------------------------------ a run's plan
@@ -248,6 +292,7 @@ def check_grids(spacing: Optional[Sequence[float]], cases: Sequence[Tuple[str, S
         return
     free = available_memory("cpu")
     for name, size, own, labeled in cases:
+        cio.check_not_one_slice(name, size)
         shape = shape_at_spacing(size, own, spacing)
         voxels = int(np.prod([float(v) for v in shape]))
         where = f"{name} ({'x'.join(str(int(v)) for v in size)} voxels of {[float(f'{v:.4g}') for v in own]} mm)"
@@ -274,13 +319,17 @@ def check_grids(spacing: Optional[Sequence[float]], cases: Sequence[Tuple[str, S
                   "preprocessing it takes a while"})
 
 
-def check_memory(plan: Dict[str, Any], device: torch.device) -> None:
+def check_memory(plan: Dict[str, Any], device: torch.device, cfg: Any, num_classes: int) -> None:
     """Raises InputError, with a smaller patch to try, when the plan's estimate exceeds the free memory."""
     free = available_memory(device.type, device.index)
     need = plan["memory"]["total"]
     if free is not None and need > free:
-        smaller = suggest_smaller(plan["patch_size"], 4)
+        smaller = smaller_patch(cfg.patch_size, free * 0.9, cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth,
+                                num_classes, cfg.method, cfg.optimizer, bool(cfg.amp and device.type == "cuda"), device.type,
+                                cfg.uses_copy_paste())
+        patch = (f"a smaller patch (e.g. --patch-size {xyz(smaller)}, estimated to fit)" if smaller else
+                 f"smaller batches or a narrower network (even the smallest patch, --patch-size {xyz([2**cfg.depth] * 3)}, needs more)")
         raise InputError(
-            f"training needs about {format_bytes(need)} of {device.type.upper()} memory but only {format_bytes(free)} is free; "
-            f"use a smaller patch (e.g. --patch-size {smaller[2]} {smaller[1]} {smaller[0]}), smaller batches or a narrower network"
+            f"training needs about {format_bytes(need)} of {device.type.upper()} memory with patch {xyz(cfg.patch_size)} (X Y Z) "
+            f"but only {format_bytes(free)} is free; use {patch}" + (", smaller batches or a narrower network" if smaller else "")
         )

@@ -155,6 +155,10 @@ def output_paths(images: Sequence[str], out: str, default_ext: str = ".seg.nrrd"
     if os.path.isfile(out):
         raise InputError(f"--out {out} is an existing file of no segmentation format; give a .seg.nrrd, .nii.gz, .nrrd or .mha "
                          "file, or a folder")
+    ext = os.path.splitext(os.path.basename(out.rstrip("/\\")))[1]
+    if ext and not os.path.isdir(out) and not out.endswith(("/", os.sep)):
+        raise InputError(f"--out {out}: {ext} is not a segmentation format; give a .seg.nrrd, .nii.gz, .nrrd or .mha file, or a "
+                         f"folder (a new folder's name ends in {os.sep} when it has a dot: {out}{os.sep})")
     names = [cio.strip_extension(p) for p in images]
     if len(set(names)) != len(names):
         names = [f"{n}-{i + 1}" for i, n in enumerate(names)]

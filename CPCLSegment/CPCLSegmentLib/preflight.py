@@ -220,7 +220,7 @@ class OutputLock:
             except OSError as e:
                 raise InputError(f"cannot create the lock file {self.path}: {e.strerror} (is the folder writable?)") from None
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me, f)
+                json.dump(me, f, allow_nan=False)
             self.held = True
             cleanup.register(self.path)
             return self

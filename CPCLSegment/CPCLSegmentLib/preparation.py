@@ -138,7 +138,11 @@ def annotated_mask(labels: np.ndarray, image: sitk.Image, mode: str, case_name: 
         return None
     fg = labels > 0
     if not fg.any():
-        return None
+        if mode == "auto":
+            return None  # nothing painted: a fully annotated case without the structures
+        raise InputError(f"{case_name}: annotated_slices is {mode!r}, but its segmentation has no painted {mode} slice (no voxel "
+                         "of the selected segments), so none of its slices is known to be annotated; paint at least one slice, "
+                         "or give the case as unlabeled")
     direction = np.array(image.GetDirection()).reshape(3, 3)
 
     def array_axis(patient: str) -> int:
@@ -182,7 +186,7 @@ def read_labeled(
     for key, n in seg.outside.items():
         emit({"event": "warning", "message": f"segment {key!r} has {n} voxels in {item.segmentation}, but none inside image "
               f"{item.image}: the segmentation lies outside its image ({geometry_difference(seg.layers[0], image)})"})
-    known_mask = annotated_mask(labels, image, item.annotated_slices, item.name, emit)
+    known_mask = annotated_mask(labels, image, item.annotated_slices, f"{item.image} (segmentation {item.segmentation})", emit)
     if known_mask is not None:
         labels = np.where(known_mask, labels, IGNORE_INDEX).astype(np.int16)
     class_known = np.ones(len(wanted) + 1, dtype=bool)

@@ -309,7 +309,8 @@ def kept_segments(rows: List[Dict[str, Any]], matched: List[Optional[int]], clas
 def starting_state(record: Dict[str, Any], init_path: str, classes: List[Dict[str, Any]], cfg,
                    overrides: Optional[Dict[str, Any]], emit: Emit) -> Dict[str, Any]:
     """Checks a starting model (``--init``) against the run and returns the weights to start from:
-    ``{"student", "teacher" (None: a new EMA), "iterations", "classes"}``. Its network settings are copied into
+    ``{"student", "teacher" (None: a new EMA), "iterations", "classes", "summary"}`` (``summary``: what is kept, for
+    the run's summary). Its network settings are copied into
     ``cfg``; its segments are matched to ``classes`` by name (``match_segments``): matched ones keep their output
     channel, new ones get a freshly initialised one, and with ``cfg.keep_model_segments`` its other segments are
     kept as extra classes (``classes`` in the result is then longer than the run's)."""
@@ -324,8 +325,9 @@ def starting_state(record: Dict[str, Any], init_path: str, classes: List[Dict[st
     student = record["weights"].get("student") or teacher
     same = matched == list(range(len(rows))) and len(rows) == len(all_classes)
     if same:
-        emit({"event": "info", "message": f"fine-tuning {init_path}: same segments, continuing from its weights"})
-        return {"student": student, "teacher": teacher, "classes": all_classes,
+        summary = f"{init_path}: same segments, continuing from its weights"
+        emit({"event": "info", "message": f"fine-tuning {summary}"})
+        return {"student": student, "teacher": teacher, "classes": all_classes, "summary": summary,
                 "iterations": int((record.get("training") or {}).get("iterations") or 0)}
     torch.manual_seed(cfg.seed)
     fresh = build_network(cfg.network_config(len(all_classes)))
@@ -340,11 +342,12 @@ def starting_state(record: Dict[str, Any], init_path: str, classes: List[Dict[st
         for i, row in enumerate(matched):
             if row is not None and k in student and row < student[k].shape[0]:
                 state[k][i] = student[k][row]
-    _say_segments(init_path, rows, all_classes, matched, len(classes), emit)
-    return {"student": state, "teacher": None, "classes": all_classes, "iterations": 0}
+    summary = _say_segments(init_path, rows, all_classes, matched, len(classes), emit)
+    return {"student": state, "teacher": None, "classes": all_classes, "iterations": 0, "summary": summary}
 
 
-def _say_segments(init_path: str, rows, classes, matched, n_run: int, emit: Emit) -> None:
+def _say_segments(init_path: str, rows, classes, matched, n_run: int, emit: Emit) -> str:
+    """Says which segments come from the model and which are new; returns it for the run's summary."""
     names = [c["name"] for c in classes]
     kept = [n for n, r in zip(names[1:], matched[1:]) if r is not None]
     new = [n for n, r in zip(names[1:n_run], matched[1:n_run]) if r is None]
@@ -356,6 +359,7 @@ def _say_segments(init_path: str, rows, classes, matched, n_run: int, emit: Emit
         parts.append(f"the model's other segments, not kept: {dropped[:20]}{' ...' if len(dropped) > 20 else ''} "
                      "(--keep-model-segments keeps them)")
     emit({"event": "warning" if new else "info", "message": f"fine-tuning {init_path}: " + "; ".join(parts)})
+    return f"{init_path}: " + "; ".join(parts)
 
 
 def _say_preprocessing(record: Dict[str, Any], init_path: str, emit: Emit) -> None:

@@ -69,12 +69,42 @@ def check_request(request: TrainRequest, say: Emit) -> TrainConfig:
     if not request.resume and os.path.exists(checkpoint_path(out)):
         say({"event": "warning", "message": f"{checkpoint_path(out)} (an interrupted run's checkpoint) will be replaced by this "
              "run's; to continue that run instead, give --resume"})
+    check_each_case_once(request, say)
     labeled_images = {canonical_path(i.image) for i in request.labeled}
     dup = [u for u in request.unlabeled if canonical_path(u) in labeled_images]
     if dup:
         say({"event": "warning", "message": f"{len(dup)} image(s) are given both as labeled and unlabeled (e.g. {dup[0]}); "
              "they are used in both streams"})
     return cfg
+
+
+def check_each_case_once(request: TrainRequest, say: Emit) -> None:
+    """Refuses an image given twice in one role (it would count twice) and a validation image that is also a
+    labeled case (its score would not say how the model does on new cases), naming it; a validation image
+    also given as unlabeled is held out of the unlabeled cases, with a warning. Paths are compared absolute and
+    link-resolved. An image both labeled and unlabeled is allowed (``check_request`` warns)."""
+    held_out = {canonical_path(v.image) for v in request.validation}
+    kept = [u for u in request.unlabeled if canonical_path(u) not in held_out]
+    if len(kept) < len(request.unlabeled):
+        dropped = [u for u in request.unlabeled if canonical_path(u) in held_out]
+        say({"event": "warning", "message": f"{len(dropped)} validation image(s) are also given as unlabeled (e.g. {dropped[0]}): "
+             "held out of the unlabeled cases too, so the validation Dice says how the model does on new cases"})
+        request.unlabeled = kept
+    seen: Dict[str, Tuple[str, str]] = {}
+    roles = (("labeled", [i.image for i in request.labeled]), ("validation", [v.image for v in request.validation]),
+             ("unlabeled", list(request.unlabeled)))
+    for role, paths in roles:
+        for path in paths:
+            first = seen.setdefault(canonical_path(path), (role, path))
+            if first == (role, path) and paths.count(path) == 1:
+                continue
+            if first[0] == role:
+                also = f" (also as {first[1]})" if first[1] != path else ""
+                raise InputError(f"{path} is given twice as a{'n' if role[0] in 'aeiou' else ''} {role} case{also}: it would count "
+                                 "twice; give each case once")
+            if role == "validation":
+                raise InputError(f"{path} is both a labeled and a validation case: a validation case must be held out of training "
+                                 "(its Dice would not say how the model does on new cases); give it in one role only")
 
 
 def check_case_grids(request: TrainRequest, infos: Sequence[CaseInfo], spacing: Optional[Sequence[float]], say: Emit,

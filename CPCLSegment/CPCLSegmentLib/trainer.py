@@ -26,12 +26,13 @@ from torch import nn
 
 from .data import Augmenter, Case, PatchSampler
 from .devices import describe_device, is_oom, resolve_device  # noqa: F401  (re-exported)
-from .errors import InputError, OutOfMemory, TrainingDiverged
+from .errors import InputError, TrainingDiverged
 from .loader import BatchMaker, host_batches, sampling_workers
-from .losses import LOSS_TERMS, StepInputs, read_terms, sigmoid_rampup, total_loss
+from .losses import LOSS_TERMS, StepInputs, finite_inputs, read_terms, sigmoid_rampup, total_loss
 from .metrics import dice_sums, mean_from_sums
-from .modelfile import state_dict_cpu
+from .modelfile import Snapshot, state_dict_cpu
 from .network import build_network
+from .planning import oom_error
 from .precision import autocast_context, choose_precision
 from .prototypes import as_float, feature_masks
 from .settings import TrainConfig  # noqa: F401  (TrainConfig is re-exported: ``trainer.TrainConfig``)
@@ -87,7 +88,8 @@ class Trainer:
         self.device = distributed.device if distributed else resolve_device(cfg.device)
         self.method = cfg.method
         if self.method != "supervised" and (not self.unlabeled or cfg.unlabeled_batch == 0):
-            self.warn("no unlabeled cases: training supervised-only (add unlabeled volumes for semi-supervised learning)")
+            self.warn("no unlabeled cases: training supervised-only (add unlabeled volumes for semi-supervised learning)" if not self.unlabeled
+                      else "unlabeled_batch is 0: training supervised-only")
             self.method = "supervised"
         self._build_networks(init_state)
         self.loss_terms = LOSS_TERMS[self.method]  # (student, teacher, StepInputs, cfg, sync) -> terms
@@ -113,6 +115,8 @@ class Trainer:
         self.best: Optional[Dict[str, Any]] = None
         self._t0 = None
         self._time_per_it = None
+        self._pending: Optional[Snapshot] = None  # a checkpoint waiting for the next loss to confirm its weights are sane
+        self._kept: Optional[int] = None  # the iteration of the last checkpoint written by this run
 
     def _build_networks(self, init_state: Optional[Dict[str, Any]]) -> None:
         """Student (``self.student``; ``self.model`` is what the loss calls: DDP / compiled), EMA teacher, device
@@ -171,10 +175,10 @@ class Trainer:
             "method": self.method,
             "student": state_dict_cpu(self.student),
             "teacher": state_dict_cpu(self.teacher),
-            "optimizer": self.opt.state_dict(),
+            "optimizer": copy.deepcopy(self.opt.state_dict()),  # a copy: the next steps update it in place
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "torch_rng": torch.get_rng_state(),
-            "history": self.history,
+            "history": list(self.history),
             "validations": self.validations,
             "best_state": self.best_state,
             "best": self.best,
@@ -188,6 +192,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         self.iteration = int(state["iteration"])
+        self._kept = self.iteration  # the checkpoint resumed from stays where it is
         self.history = list(state.get("history", []))
         self.validations = list(state.get("validations", []))
         self.best_state = state.get("best_state")
@@ -237,10 +242,7 @@ class Trainer:
         values, finite = read_terms(terms, loss)
         if not finite:
             bad = ", ".join(f"{k}={v}" for k, v in values.items())
-            raise TrainingDiverged(
-                f"the loss became non-finite at iteration {it + 1} ({bad}); training stopped and the last finite "
-                "checkpoint was kept. Lower the learning rate or check the input intensities."
-            )
+            raise self._diverged(f"the loss became non-finite at iteration {it + 1} ({bad})", bad_input=not finite_inputs(inputs))
         values.update(lr=lr, ramp=ramp)
         return values
 
@@ -252,7 +254,8 @@ class Trainer:
         except RuntimeError as e:
             if not is_oom(e):
                 raise
-        raise OutOfMemory(oom_message(self.cfg, self.device))
+        self._write_pending()  # running out of memory says nothing against the weights
+        raise oom_error(self.cfg, self.device.type, self.K)
 
     def _loop(self, batches: Iterator[Optional[Dict[str, Any]]], first: int, val_every: int, ckpt_every: int) -> str:
         """Steps on ``batches`` (one host batch per iteration from ``self.iteration``) until done or stopped;
@@ -269,6 +272,7 @@ class Trainer:
             it = self.iteration
             t = time.perf_counter()
             values = self._guarded_step(it, next(batches))
+            self._check_sane(values["total"], it)
             self.iteration = it + 1
             dt = time.perf_counter() - t
             self._time_per_it = dt if self._time_per_it is None else 0.9 * self._time_per_it + 0.1 * dt
@@ -285,7 +289,7 @@ class Trainer:
             if self.validation and (self.iteration % val_every == 0 or self.iteration == cfg.iterations):
                 self.validate()
             if self.checkpoint_fn and self.iteration % ckpt_every == 0 and self.iteration < cfg.iterations:
-                self.checkpoint_fn(self, self.iteration)
+                self._pending = Snapshot(self.iteration, self.state())  # written once the next loss shows it sane
         return status
 
     def run(self) -> TrainResult:
@@ -324,6 +328,45 @@ class Trainer:
             self.method, self.validations,
         )
 
+    # ------------------------------------------------------------------------------ divergence
+
+    def _check_sane(self, total: float, it: int) -> None:
+        """Writes the pending checkpoint when this loss (of its weights) is within ``SANE_FACTOR`` of the first, drops
+        it otherwise; a loss grown ``DIVERGED_FACTOR``-fold stops the run (``TrainingDiverged``) while still finite."""
+        first = max(LOSS_FLOOR, float(self.history[0]["total"]) if self.history else total)
+        sane, blown = total <= SANE_FACTOR * first, total > DIVERGED_FACTOR * first
+        if self.dist is not None:  # every rank decides alike (a rank raising alone would leave the others waiting)
+            blown = self.dist.any_rank(blown)
+            sane = not self.dist.any_rank(not sane)
+        if sane:
+            self._write_pending()
+        elif self._pending is not None:
+            self._pending = None
+        if blown:
+            raise self._diverged(f"the loss grew to {total:.4g} at iteration {it + 1}, {total / first:.0f} times its first value "
+                                 f"({first:.3g})", bad_input=False)
+
+    def _write_pending(self) -> None:
+        if self._pending is not None and self.checkpoint_fn is not None:  # rank 0 writes (the callback checks)
+            self.checkpoint_fn(self._pending, self._pending.iteration)
+            self._kept = self._pending.iteration
+        self._pending = None
+
+    def _diverged(self, what: str, bad_input: bool) -> TrainingDiverged:
+        """The error for a diverged run: which checkpoint was kept and what to do (a lower --lr, with --resume)."""
+        if bad_input:  # NaN / inf in the batch: the weights were fine up to here
+            self._write_pending()
+            return TrainingDiverged(f"{what}: the training batch holds NaN or infinite values; check the input intensities"
+                                    + (f". The checkpoint of iteration {self._kept} was kept" if self._kept else ""))
+        self._pending = None
+        lr = f"--lr {self.cfg.lr / 10:.3g}"
+        if self._kept:
+            advice = (f"the last checkpoint from before the loss grew (iteration {self._kept}) was kept: continue it with a "
+                      f"lower learning rate, e.g. {lr} --resume")
+        else:
+            advice = f"no checkpoint from before the loss grew was written: start again with a lower learning rate, e.g. {lr}"
+        return TrainingDiverged(f"{what}; training stopped: {advice}")
+
     def validate(self) -> Dict[str, Any]:
         """Teacher Dice per segment on the validation cases; keeps the best weights. With several ranks each scores
         its share of the cases and the Dice sums are all-reduced (no rank waits for another's whole validation)."""
@@ -334,8 +377,8 @@ class Trainer:
         if self.rank != 0:
             return {}
         mean, dice = mean_from_sums(sums, counts)
-        improved = self.best is None or (mean == mean and mean > self.best["mean_dice"])
-        if improved and mean == mean:
+        improved = mean == mean and (self.best is None or mean > self.best["mean_dice"])  # NaN: no case could be scored
+        if improved:
             self.best_state = state_dict_cpu(self.teacher)
             self.best = {"iteration": self.iteration, "mean_dice": mean, "dice": dict(zip(self.names, dice))}
         event = {
@@ -358,17 +401,9 @@ def _nothing_ahead() -> Iterator[None]:
         yield None
 
 
-def oom_message(cfg: TrainConfig, device: torch.device) -> str:
-    from .planning import suggest_smaller
-
-    smaller = list(suggest_smaller(cfg.patch_size, cfg.depth))
-    where = "the computer" if device.type == "cpu" else device.type.upper()
-    return (
-        f"{where} ran out of memory with patch {list(cfg.patch_size)} (D, H, W), batch "
-        f"{cfg.labeled_batch}+{cfg.unlabeled_batch}, width {cfg.width}. Reduce the patch size (e.g. {smaller}), "
-        "the batch sizes or the network width" + ("" if device.type == "cpu" else ", or train on the CPU")
-        + "; the last checkpoint was kept."
-    )
+LOSS_FLOOR = 0.5  # the first loss, at least this, is what "grown" is measured against
+SANE_FACTOR = 10.0  # a checkpoint's weights are sane when the next loss is at most this many times the first
+DIVERGED_FACTOR = 1000.0  # a loss this many times the first: the run has diverged, even while finite
 
 
 @torch.no_grad()
