@@ -95,7 +95,7 @@ def _fail_at(monkeypatch, iteration, exc):
 def test_out_of_memory_mid_run_keeps_the_last_checkpoint(tmp_path, ct_path, seg_path, monkeypatch):
     _fail_at(monkeypatch, 4, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     req = request(tmp_path, ct_path, seg_path)
-    with pytest.raises(OutOfMemory, match=r"patch 32 32 16 \(X Y Z\) .*Reduce the patch size \(e.g. --patch-size \d+ \d+ \d+\)") as e:
+    with pytest.raises(OutOfMemory, match=r"patch 32 32 16 \(X Y Z\), .*Reduce the patch size \(e.g. --patch-size \d+ \d+ \d+\)") as e:
         pipeline.train(req)
     assert np.prod(e.value.smaller_patch) < 16 * 32 * 32  # estimated to need at most half the patch-dependent memory
     ckpt = load_checkpoint(checkpoint_path(req.out))
