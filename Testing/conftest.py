@@ -120,3 +120,9 @@ def child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "CPCLSegment") + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def timing_trainer(trainer) -> bool:
+    """Whether ``trainer`` is the one ``pace.step_seconds`` builds to time steps for the estimate (not the run):
+    tests that patch ``Trainer.step`` to act at an iteration of the run leave it alone."""
+    return any(c.name == "timing" for c in trainer.labeled)

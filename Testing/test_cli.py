@@ -294,7 +294,7 @@ def test_compare_supervised_segments_by_value_colour_table_and_starting_model_sc
     out = tmp_path / "m.pt"
     held_out = tmp_path / "held-out CT.nrrd"  # a validation case must not be a training case: a copy stands in for another one
     shutil.copy(ct_path, held_out)
-    code = cli.main(["train", "--labeled", ct_path, lm, "--unlabeled", ct_path, "--validation", held_out, lm, "--segments", "7",
+    code = cli.main(["train", "--labeled", ct_path, lm, "--unlabeled", ct_path, "--validation", str(held_out), lm, "--segments", "7",
                      "--color-table", str(table), "--compare-supervised", "--out", str(out), "--progress", "none", *SMALL])
     assert code == 0, capsys.readouterr().err
     err = capsys.readouterr().err
@@ -305,7 +305,7 @@ def test_compare_supervised_segments_by_value_colour_table_and_starting_model_sc
     assert set(rec["training"]["comparison"]) == {"cpcl", "supervised"}
     # fine-tuning with validation cases scores the starting model first
     model, _, _ = trained
-    code = cli.main(["train", "--labeled", ct_path, seg_path, "--unlabeled", ct_path, "--validation", held_out, seg_path,
+    code = cli.main(["train", "--labeled", ct_path, seg_path, "--unlabeled", ct_path, "--validation", str(held_out), seg_path,
                      "--segments", *LUNGS, "--init", model, "--out", str(tmp_path / "ft.pt"), "--progress", "none", "--iterations", "2",
                      "--spacing", *map(str, COARSE_SPACING)])
     assert code == 0

@@ -62,7 +62,9 @@ def check_request(request: TrainRequest, say: Emit) -> TrainConfig:
     inputs += list(request.other_inputs)
     outputs = [("--out", out), ("its run record", run_record_path(out)), ("its resume checkpoint", checkpoint_path(out)),
                ("its lock file", out + ".lock")]
-    given_cache = [("--cache-dir" if request.cache_dir else "--work-dir", request.cache_dir or request.work_dir)]
+    folder = request.cache_dir or request.work_dir
+    by_old_name = bool(request.work_dir) and os.path.abspath(request.work_dir) == os.path.abspath(folder)
+    given_cache = [("--work-dir" if by_old_name else "--cache-dir", folder)]  # the flag the user typed
     check_outputs(outputs, inputs, given_cache if given_cache[0][1] else [])
     if request.resume and not os.path.exists(checkpoint_path(out)):
         raise InputError(f"--resume: no checkpoint {checkpoint_path(out)} to resume from (start without --resume)")
