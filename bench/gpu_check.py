@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,11 +127,14 @@ def sampling_overlap(args, device: torch.device) -> Dict[str, Any]:
 
 
 def short_training(args, device: torch.device) -> Dict[str, Any]:
-    """Part 5: the CLI's default recipe on slicerio's chest CT (labeled and unlabeled, validated on itself)."""
+    """Part 5: the CLI's default recipe on slicerio's chest CT (labeled and unlabeled; a copy of it is the validation
+    case, since a training case cannot also be one)."""
     data = slicerio_data_dir()
     ct, seg = str(data / "CTChest4.nrrd"), str(data / "Segmentation.seg.nrrd")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "CPCLSegmentLib.cli", "train", "--labeled", ct, seg, "--unlabeled", ct, "--validation", ct, seg,
+        held_out = os.path.join(tmp, "held-out CT.nrrd")
+        shutil.copy(ct, held_out)
+        cmd = [sys.executable, "-m", "CPCLSegmentLib.cli", "train", "--labeled", ct, seg, "--unlabeled", ct, "--validation", held_out, seg,
                "--segments", "right lung", "left lung", "--out", os.path.join(tmp, "m.pt"), "--iterations",
                str(args.train_iterations), "--device", "cuda" if device.type == "cuda" else "cpu", "--progress", "json"]
         cmd += ["--patch-size", "32", "32", "16", "--width", "4"] if args.smoke else []
