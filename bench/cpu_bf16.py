@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed_common import RESULTS_DIR, Clock, StepRunner, config, machine_info, make_batches, median, set_threads, write_json  # noqa: E402
 
+from CPCLSegmentLib.errors import TrainingDiverged  # noqa: E402
 from CPCLSegmentLib.planning import plan_patch_size  # noqa: E402
 from CPCLSegmentLib.precision import cpu_native_bf16  # noqa: E402
 
@@ -52,15 +53,23 @@ def main(argv=None) -> int:
     native, what = cpu_native_bf16()
     print(f"patch {patch}, width {width}, {threads} threads; bf16 runner precision: {runners['bf16'].trainer.precision.reason}",
           flush=True)
-    for r in runners.values():
-        r.step(batches[0])  # warm-up (oneDNN primitive creation)
+    nonfinite = {name: 0 for name in runners}  # steps whose loss was not finite: timed all the same, and reported
+
+    def step(name, batch):
+        try:
+            runners[name].step(batch)
+        except TrainingDiverged:
+            nonfinite[name] += 1
+
+    for name in runners:
+        step(name, batches[0])  # warm-up (oneDNN primitive creation)
     rows = {name: {"wall": [], "cpu": []} for name in runners}
     for rep in range(args.repeats):
         order = ["fp32", "bf16"] if rep % 2 == 0 else ["bf16", "fp32"]
         for name in order:
             for i in range(args.steps):
                 with Clock() as c:
-                    runners[name].step(batches[i % len(batches)])
+                    step(name, batches[i % len(batches)])
                 rows[name]["wall"].append(c.wall)
                 rows[name]["cpu"].append(c.cpu)
             print(f"repeat {rep + 1} {name}: wall {[round(v, 3) for v in rows[name]['wall'][-args.steps:]]} "
@@ -68,11 +77,11 @@ def main(argv=None) -> int:
     summary = {name: {"median_wall_s": median(v["wall"]), "median_cpu_s": median(v["cpu"])} for name, v in rows.items()}
     ratio_wall = summary["bf16"]["median_wall_s"] / summary["fp32"]["median_wall_s"]
     ratio_cpu = summary["bf16"]["median_cpu_s"] / summary["fp32"]["median_cpu_s"]
-    print(f"bf16 / fp32 step time: wall {ratio_wall:.2f}x, CPU {ratio_cpu:.2f}x", flush=True)
+    print(f"bf16 / fp32 step time: wall {ratio_wall:.2f}x, CPU {ratio_cpu:.2f}x; steps with a non-finite loss: {nonfinite}", flush=True)
     write_json(Path(args.out), {
         "machine": machine_info(), "native_bf16": native, "native_bf16_detail": what, "patch": list(patch), "width": width,
         "K": K, "threads": threads, "repeats": args.repeats, "steps": args.steps, "smoke": args.smoke, "raw": rows,
-        "summary": summary, "bf16_over_fp32_wall": ratio_wall, "bf16_over_fp32_cpu": ratio_cpu,
+        "summary": summary, "bf16_over_fp32_wall": ratio_wall, "bf16_over_fp32_cpu": ratio_cpu, "nonfinite_steps": nonfinite,
     })
     return 0
 
