@@ -86,6 +86,7 @@ class _Run:
     rank0: bool
     resume_state: Optional[Dict[str, Any]] = None  # the checkpoint's trainer state with --resume
     fingerprint: Optional[Dict[str, Any]] = None
+    planned_from_minutes: bool = False  # ``--minutes`` planned the iterations from a timed step (``_plan_minutes``)
 
     @property
     def names(self) -> List[str]:
@@ -245,6 +246,7 @@ def _plan_minutes(run: _Run, distributed: Any) -> TrainConfig:
                                        lambda c: iterations_for_minutes(c, K, run.device), bool(run.unlabeled_paths),
                                        run.request.compare_supervised)
     run.cfg = run.request.config = cfg
+    run.planned_from_minutes = True
     if switched:
         run.unlabeled_paths = []  # not read, not preprocessed: the run is supervised-only
         run.say({"event": "warning", "message": switched})
@@ -255,7 +257,10 @@ def _plan_minutes(run: _Run, distributed: Any) -> TrainConfig:
 def _summary(run: _Run) -> Dict[str, Any]:
     """The ``summary`` event: cases, voxels per segment, plan, and estimated time and memory."""
     cfg, classes = run.cfg, run.classes
-    est_s = estimate_seconds(cfg, len(classes), run.device) if run.rank0 else None
+    if run.planned_from_minutes:  # the iterations were just planned to fill the minutes: no second timing
+        est_s: Optional[float] = round(cfg.minutes * 60.0, 0)
+    else:
+        est_s = estimate_seconds(cfg, len(classes), run.device) if run.rank0 else None
     if est_s is not None and run.request.compare_supervised:
         est_s *= 1.6
     return {
