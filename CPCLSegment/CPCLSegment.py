@@ -222,6 +222,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rankButton.connect("clicked(bool)", lambda: act(self._withDependencies, c.rank, busy=True))
         self.ui.cancelRankButton.connect("clicked(bool)", lambda: act(c.cancel, "rank"))
         self.ui.labelNextButton.connect("clicked(bool)", lambda: act(c.label_next, busy=True))
+        self.ui.addLabeledCaseButton.connect("clicked(bool)", lambda: act(c.add_labeled_case))
         self.ui.labelNextTable.connect("itemSelectionChanged()", self.onRankSelection)
         self.ui.casesTable.connect("itemChanged(QTableWidgetItem*)", self.onCaseItemChanged)
         self.ui.segmentsList.connect("itemChanged(QListWidgetItem*)", self.onSegmentItemChanged)

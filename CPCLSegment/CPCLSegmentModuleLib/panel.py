@@ -26,6 +26,7 @@ from .inputcheck import CheckFailed, CheckResult, check_inputs
 from .logic import LogicCore
 from .nodes import node_name
 from .paneljobs import PanelJobs
+from .panelloop import PanelLoop
 from .panelsettings import PanelSettings
 from .panelstate import PanelState
 from .panelview import PanelView, build_view, check_text, model_text
@@ -35,7 +36,7 @@ from .scene import OUTPUT_LABELS, OUTPUT_SEGMENTATION
 KINDS = ("train", "segment", "rank", "inspect", "probe")
 
 
-class PanelController(PanelJobs, PanelState, PanelSettings):
+class PanelController(PanelJobs, PanelLoop, PanelState, PanelSettings):
     """The panel's state machine. ``core``: the ``LogicCore`` that runs the jobs (its scene is the panel's)."""
 
     def __init__(self, logic: LogicCore, observe: bool = True) -> None:
@@ -129,6 +130,7 @@ class PanelController(PanelJobs, PanelState, PanelSettings):
         self._show_check(job.check)
         self._reset_training_display()
         self.node.SetParameter("LastRunDir", job.work_dir)
+        self.start_round(job.work_dir)
         self.log.append(f"training started: {job.work_dir}")
         self._start("train", job)
         return job
@@ -217,6 +219,7 @@ class PanelController(PanelJobs, PanelState, PanelSettings):
             self.open_in_editor = volume
         else:
             segmentation = self.core.empty_segmentation_for(model, volume)
+            self.start_labeling(segmentation)
             self._effects.append(("edit", (segmentation, volume)))
 
     def show_plot(self) -> None:

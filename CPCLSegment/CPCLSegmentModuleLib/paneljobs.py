@@ -35,7 +35,7 @@ class PanelJobs:
     progress: Dict[str, Progress]
     text: Dict[str, str]
     _closing: bool
-    node: Any  # and ``set_model`` (``panelstate.PanelState``)
+    node: Any  # and ``set_model`` (``panelstate.PanelState``), ``start_labeling`` / ``finish_round`` (``panelloop``)
 
     def busy(self, kind: str) -> bool:
         return self.jobs.get(kind) is not None
@@ -127,6 +127,7 @@ class PanelJobs:
                                                  "stopped: model kept (Resume continues)" if stopped else "done")
             self.set_model(result)
             self.node.SetParameter("LastRunDir", job.work_dir or "")
+            self.finish_round(job.work_dir, job.done or {})
             self.log.append(f"model: {result.GetName()} (saved with the scene; file {result.GetAttribute('CPCLSegment.File')})")
         elif kind == "segment":
             names = ", ".join(n.GetName() for n in result)
@@ -134,6 +135,7 @@ class PanelJobs:
             if result:
                 volume = result[0].GetNodeReference(result[0].GetReferenceImageGeometryReferenceRole())
                 if self.open_in_editor is not None:
+                    self.start_labeling(result[0])
                     self._effects.append(("edit", (result[0], self.open_in_editor)))
                 else:
                     self._effects.append(("show", (volume, None)))

@@ -129,6 +129,7 @@ def build_view(c: Any) -> PanelView:
     segments = c.segment_choices()
     unlabeled = c.unlabeled()
     segment_volumes = c.segment_volumes()
+    labeling = c.labeling()
     v = PanelView()
     v.enabled = {
         "addCaseButton": True,
@@ -149,6 +150,7 @@ def build_view(c: Any) -> PanelView:
         "rankButton": has_model and not ranking and bool(unlabeled),
         "cancelRankButton": ranking,
         "labelNextButton": has_model and not segmenting and c.selected_rank_row is not None,
+        "addLabeledCaseButton": labeling is not None,
         "installButton": not c.busy("probe"),
         # the comparison needs a held-out case to score both models on
         "compareSupervisedCheckBox": bool(c.setting("hold_out_last")) and not training,
@@ -160,7 +162,8 @@ def build_view(c: Any) -> PanelView:
     minutes = c.setting("length_mode") == "minutes"
     v.visible = {"installButton": bool(c.problems) or bool((c.probe or {}).get("torch", {}).get("error")),
                  "minutesSpinBox": minutes, "iterationsSpinBox": not minutes}
-    v.text = dict(c.text, backendLabel=label, modelInfoLabel=model_text(model),
+    v.text = dict(c.text, backendLabel=label, modelInfoLabel=model_text(model), roundLabel=_h(c.round_text()),
+                  addLabeledCaseButton=f"Add '{labeling.GetName()}' as a labeled case" if labeling is not None else "Add as a labeled case",
                   lengthHintLabel=("the iteration count is planned from a timed training step" if minutes
                                    else "training steps (for experts: the time they take depends on the computer)"))
     v.progress = dict(c.progress)
