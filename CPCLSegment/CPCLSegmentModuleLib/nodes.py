@@ -121,11 +121,10 @@ def segment_masks(volume_node: Any, segmentation_node: Any, names: Sequence[str]
     segmentation are left out). The segmentation's own grid and parent transform are resampled away;
     the volume's transform is hardened (both as Slicer's labelmap export does)."""
     reference = world_copy(volume_node)
-    seg = segmentation_node.GetSegmentation()
     labelmap_name = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    seg = segmentation_node.GetSegmentation()
     if seg.GetNumberOfSegments() and not seg.ContainsRepresentation(labelmap_name):
-        # A closed-surface-only segmentation gets its labelmap representation (what every exporter does).
-        seg.CreateRepresentation(labelmap_name)
+        segmentation_node = labelmap_copy(segmentation_node)  # the user's node is never converted
     dims = reference.GetImageData().GetDimensions()
     masks = {}
     for name in names:
@@ -139,6 +138,22 @@ def segment_masks(volume_node: Any, segmentation_node: Any, names: Sequence[str]
             segmentation_node, reference, ids, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, merged)
         masks[name] = _oriented_to_mask(merged, dims)
     return masks
+
+
+def labelmap_copy(segmentation_node: Any) -> Any:
+    """An unscened copy of a segmentation whose source is not a labelmap (closed surface), its parent transform
+    hardened, with the labelmap representation made in the copy: the user's node keeps its source
+    representation and content (converting in place is what Slicer's exporters do to the node itself)."""
+    copy = slicer.vtkMRMLSegmentationNode()
+    copy.SetName(segmentation_node.GetName())
+    copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+    transform = segmentation_node.GetParentTransformNode()
+    if transform is not None:
+        to_world = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(transform, None, to_world)
+        copy.ApplyTransform(to_world)  # the surfaces and the conversion's reference geometry, in world coordinates
+    copy.GetSegmentation().CreateRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
+    return copy
 
 
 def _oriented_to_mask(image: Any, dims: Sequence[int]) -> np.ndarray:

@@ -1,0 +1,103 @@
+"""The Slicer module at a study's scale, against slicer-core: the user's nodes are never modified by an export, Label
+next reuses its nodes, a sequence's proxy volume is refused, one training at a time across console and panel, and the
+GUI thread's work per click. Skipped where slicer-core is not installed (Python >= 3.10)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core; Python >= 3.10)")
+vtk = pytest.importorskip("vtk")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "CPCLSegment"))
+
+from CPCLSegmentModuleLib.export import export_inputs, export_segmentation  # noqa: E402
+from CPCLSegmentModuleLib.nodes import ensure_converter_rules, segment_masks  # noqa: E402
+
+from slicer_scene import new_scene  # noqa: E402
+
+pytestmark = pytest.mark.slicer
+
+SURFACE = "Closed surface"
+LABELMAP = "Binary labelmap"
+
+
+def small_volume(scene, name="small", shape=(40, 48, 56), spacing=2.0):
+    """A synthetic int16 volume (numpy ``(k, j, i)`` = ``shape``) with ``spacing`` mm voxels, in ``scene``."""
+    from vtk.util import numpy_support
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(shape[2], shape[1], shape[0])
+    voxels = (np.arange(np.prod(shape)) % 97).astype(np.int16)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels, deep=True, array_type=vtk.VTK_SHORT))
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(spacing, spacing, spacing)
+    return node
+
+
+def surface_only(scene, volume):
+    """A segmentation whose source is two closed surfaces (spheres, as from a model / STL import): no labelmap."""
+    ensure_converter_rules()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    node.SetSourceRepresentationToClosedSurface()
+    for name, center in (("left", (30.0, 48.0, 40.0)), ("right", (80.0, 48.0, 40.0))):
+        sphere = vtk.vtkSphereSource()
+        sphere.SetCenter(*center)
+        sphere.SetRadius(15.0)
+        sphere.SetThetaResolution(24)
+        sphere.SetPhiResolution(24)
+        sphere.Update()
+        node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), name)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    seg = node.GetSegmentation()
+    assert not seg.ContainsRepresentation(LABELMAP) and seg.GetSourceRepresentationName() == SURFACE
+    return node
+
+
+def surface_state(node):
+    """What an export must not change: source, representations, each segment's surface points, the node's MTime."""
+    from vtk.util import numpy_support
+
+    seg = node.GetSegmentation()
+    state = [seg.GetSourceRepresentationName(), seg.ContainsRepresentation(LABELMAP)]
+    for i in range(seg.GetNumberOfSegments()):
+        poly = seg.GetNthSegment(i).GetRepresentation(SURFACE)
+        state.append(numpy_support.vtk_to_numpy(poly.GetPoints().GetData()).sum())
+    return state, node.GetMTime(), seg.GetMTime()
+
+
+def test_a_closed_surface_segmentation_is_exported_from_a_copy_the_user_s_node_unchanged(tmp_path):
+    scene = new_scene()
+    volume = small_volume(scene)
+    surfaces = surface_only(scene, volume)
+    names = ["left", "right"]
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = vtk.vtkMatrix4x4()
+    m.SetElement(0, 3, 8.0)  # 8 mm to the right: the masks must follow the surfaces' transform
+    transform.SetMatrixTransformToParent(m)
+    surfaces.SetAndObserveTransformNodeID(transform.GetID())
+    before = surface_state(surfaces)
+
+    masks = segment_masks(volume, surfaces, names)
+    export_segmentation(volume, surfaces, names, str(tmp_path / "out.seg.nrrd"))
+    check, files = export_inputs([(volume, surfaces)], names, [], False, False, False, str(tmp_path / "inputs"))
+
+    assert surface_state(surfaces) == before  # source, representations, content and the node untouched
+    assert check.ok and len(files.labeled) == 1, check.errors
+    # the reference: the user's node converted the old way (in place, on a scene copy under the same transform)
+    reference = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reference")
+    reference.GetSegmentation().DeepCopy(surfaces.GetSegmentation())
+    reference.SetAndObserveTransformNodeID(transform.GetID())
+    reference.GetSegmentation().CreateRepresentation(LABELMAP)
+    expected = segment_masks(volume, reference, names)
+    for name in names:
+        assert masks[name].sum() > 500
+        agree = (masks[name] == expected[name]).mean()
+        assert agree > 0.99, (name, agree)
+    surfaces.SetAndObserveTransformNodeID(None)
+    moved_back = segment_masks(volume, surfaces, names)  # untransformed: the masks did move
+    assert not np.array_equal(moved_back["left"], masks["left"])
