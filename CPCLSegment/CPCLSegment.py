@@ -41,7 +41,7 @@ from slicer.util import VTKObservationMixin
 
 from CPCLSegmentLib import jobs
 from CPCLSegmentLib.errors import CPCLError
-from CPCLSegmentModuleLib import environment, panel
+from CPCLSegmentModuleLib import environment, panel, panelguard
 from CPCLSegmentModuleLib.logic import LogicCore
 from CPCLSegmentModuleLib.models import is_model_node
 from CPCLSegmentModuleLib.nodes import segment_names, volume_array
@@ -354,11 +354,9 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showSetting(self, w, name: str, value) -> None:
         kind = self._kind(w)
-        index = int(w.property("cpclIndex") or 0)
-        if isinstance(value, (list, tuple)):
-            value = value[index] if index < len(value) else 0
-        elif value is None:
-            value = 0 if kind in ("QSpinBox", "QDoubleSpinBox") else ""
+        value = panelguard.widget_value(value, int(w.property("cpclIndex") or 0), kind in ("QSpinBox", "QDoubleSpinBox"))
+        if not panelguard.write_into_widget(self._editing(w), self._widgetValue(w, name), value):
+            return  # the user is typing into it, or it shows the value already
         if kind == "QCheckBox":
             w.checked = bool(value)
         elif kind in ("QSpinBox", "QDoubleSpinBox"):
@@ -368,6 +366,12 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             w.currentIndex = choices.index(value) if value in choices else 0
         else:
             w.currentPath = str(value or "")
+
+    @staticmethod
+    def _editing(w) -> bool:
+        """The user is editing ``w``: it (or its line edit) has the keyboard focus."""
+        focus = qt.QApplication.focusWidget()
+        return focus is not None and (w.hasFocus() or w.isAncestorOf(focus))
 
     # ------------------------------------------------------------------------------ view -> Qt
 

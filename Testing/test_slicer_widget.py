@@ -30,6 +30,7 @@ from slicer_scene import load_segmentation, load_volume, new_scene, one_thread_e
 pytestmark = pytest.mark.slicer
 
 CHECKED, UNCHECKED = 2, 0
+FOCUS = {}  # "widget": the fake widget with the keyboard focus
 
 
 class FakeWidget:
@@ -63,6 +64,12 @@ class FakeWidget:
 
     def property(self, name):
         return self._props.get("dynamic", {}).get(name)
+
+    def hasFocus(self):
+        return FOCUS.get("widget") is self
+
+    def isAncestorOf(self, other):
+        return False
 
     def metaObject(self):
         return types.SimpleNamespace(className=lambda: self.cls)
@@ -217,6 +224,7 @@ def fake_qt():
     qt.QColor = lambda *rgb: rgb
     qt.QIcon = lambda pixmap: pixmap
     qt.QFileDialog = types.SimpleNamespace(getSaveFileName=lambda *a: "", getOpenFileName=lambda *a: "")
+    qt.QApplication = types.SimpleNamespace(focusWidget=lambda: FOCUS.get("widget"))
     return qt
 
 
@@ -369,3 +377,21 @@ def segment_names(segmentation):
     from CPCLSegmentModuleLib.nodes import segment_names
 
     return segment_names(segmentation)
+
+
+def test_a_refresh_never_rewrites_the_setting_widget_the_user_is_typing_into(module):
+    mod, scene, volume, segmentation, ui, calls = module
+    widget = mod.CPCLSegmentWidget()
+    widget.setup()
+    c, box = widget.controller, ui["lrSpinBox"]
+    FOCUS["widget"] = box
+    try:
+        box.value = 0.15  # the user is typing 0.155 and has typed 0.15 so far
+        c.set_setting("lr", 0.002)  # meanwhile the state changes and the panel refreshes
+        widget.refresh()
+        assert box.value == 0.15
+    finally:
+        FOCUS.pop("widget")
+    widget.refresh()  # once the user has left the box, it shows the state
+    assert box.value == 0.002
+    widget.cleanup()
