@@ -192,7 +192,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for table in (self.ui.casesTable, self.ui.labelNextTable):
             table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
             table.verticalHeader().setDefaultSectionSize(22)
-        self.ui.initModelPathLineEdit.nameFilters = ["CPCLSegment model (*.pt)"]
+        self.ui.initModelPathLineEdit.nameFilters = ["PyTorch model (*.pt *.pth)", "All files (*)"]
 
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
@@ -223,6 +223,8 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelRankButton.connect("clicked(bool)", lambda: act(c.cancel, "rank"))
         self.ui.labelNextButton.connect("clicked(bool)", lambda: act(c.label_next, busy=True))
         self.ui.addLabeledCaseButton.connect("clicked(bool)", lambda: act(c.add_labeled_case))
+        self.ui.startFromComboBox.connect("currentIndexChanged(int)", self.onStartFromChanged)
+        self.ui.rescanModelsButton.connect("clicked(bool)", lambda: act(c.find_local_models, busy=True))
         self.ui.labelNextTable.connect("itemSelectionChanged()", self.onRankSelection)
         self.ui.casesTable.connect("itemChanged(QTableWidgetItem*)", self.onCaseItemChanged)
         self.ui.segmentsList.connect("itemChanged(QListWidgetItem*)", self.onSegmentItemChanged)
@@ -311,6 +313,11 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._updating:
             rows = sorted({i.row() for i in self.ui.labelNextTable.selectedIndexes()})
             self._act(self.controller.select_rank_row, rows[0] if rows else None)
+
+    def onStartFromChanged(self, index: int) -> None:
+        rows = self._shown.get("start") or []
+        if not self._updating and 0 <= index < len(rows):
+            self._act(self.controller.set_start_from, rows[index][0])
 
     def onSaveModel(self) -> None:
         target = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Save CPCLSegment model", "cpcl-model.pt",
@@ -408,6 +415,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._shown.get("rank") != view.rank_rows:
                 self._shown["rank"] = view.rank_rows
                 self._fillRanking(view.rank_rows, c.selected_rank_row)
+            self._showStart(view)
             for w in self._settingWidgets:
                 name = str(w.property("cpclSetting"))
                 self._showSetting(w, name, view.settings.get(name))
@@ -427,6 +435,18 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.start()
         elif not c.running() and self._timer.isActive():
             self._timer.stop()
+
+    def _showStart(self, view) -> None:
+        combo = self.ui.startFromComboBox
+        if self._shown.get("start") != view.start_rows:
+            self._shown["start"] = view.start_rows
+            combo.clear()
+            for _, label in view.start_rows:
+                combo.addItem(label)
+        keys = [key for key, _ in view.start_rows]
+        combo.currentIndex = keys.index(view.start_from) if view.start_from in keys else 0
+        for name, filters in view.filters.items():
+            getattr(self.ui, name).filters = filters
 
     def _fillCases(self, cases) -> None:
         table = self.ui.casesTable

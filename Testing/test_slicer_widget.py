@@ -320,6 +320,12 @@ def test_the_module_file_sets_up_and_its_widget_maps_the_controller(module):
     assert ui["trainButton"].enabled and not ui["segmentButton"].enabled and not ui["stopButton"].enabled
     assert ui["minutesSpinBox"].visible and not ui["iterationsSpinBox"].visible and ui["minutesSpinBox"].value == 10.0
     assert ui["backendLabel"].text.startswith("Compute:")
+    # "Start from": the combo lists the controller's choices; choosing one writes it, the view shows its widgets
+    assert ui["startFromComboBox"].items == [label for _, label in c.start_choices()]
+    ui["startFromComboBox"].emit("currentIndexChanged(int)", len(ui["startFromComboBox"].items) - 2)
+    assert c.start_from() == "file" and ui["initModelPathLineEdit"].visible and ui["startFromComboBox"].currentIndex > 0
+    ui["startFromComboBox"].emit("currentIndexChanged(int)", 0)
+    assert c.start_from() == "none" and not ui["initModelPathLineEdit"].visible
     run_timer(widget, "probe")
     assert ui["backendLabel"].text.startswith("Compute: CPU") or "CUDA" in ui["backendLabel"].text
 

@@ -110,7 +110,7 @@ class LogicCore:
         device = self._device_arg(module["device"])
         if device not in DEVICES:
             raise InputError(f"device must be one of {', '.join(DEVICES)}, not {module['device']!r}")
-        init = self.model_file(module["init"]) if module["init"] else None
+        init = self.starting_point(module["init"]) if module["init"] else None
         return write_training_run(self.new_run_dir("train"), cases, unlabeled, list(segments or []), module, config, out, device, init)
 
     def start_training(self, labeled: Sequence[Any], unlabeled: Sequence[Any] = (), segments: Optional[Sequence[str]] = None,
@@ -252,6 +252,12 @@ class LogicCore:
         if not os.path.isfile(path):
             raise InputError(f"model file not found: {model}")
         return path
+
+    def starting_point(self, init: ModelRef) -> str:
+        """``--init`` for a run: a model node's file, a model file, or a folder (MONAI bundle / Auto3DSeg model)."""
+        if isinstance(init, str) and os.path.isdir(init):
+            return os.path.abspath(init)
+        return self.model_file(init)
 
     def inspect_model(self, path: str) -> jobs.Job:
         """A started job whose result is what the model file holds (read by the child: no torch here)."""

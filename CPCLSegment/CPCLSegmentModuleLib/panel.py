@@ -32,11 +32,12 @@ from .panelstate import PanelState
 from .panelview import PanelView, build_view, check_text, model_text
 from .plot import TrainingPlot
 from .scene import OUTPUT_LABELS, OUTPUT_SEGMENTATION
+from .startfrom import PanelStart
 
 KINDS = ("train", "segment", "rank", "inspect", "probe")
 
 
-class PanelController(PanelJobs, PanelLoop, PanelState, PanelSettings):
+class PanelController(PanelJobs, PanelLoop, PanelStart, PanelState, PanelSettings):
     """The panel's state machine. ``core``: the ``LogicCore`` that runs the jobs (its scene is the panel's)."""
 
     def __init__(self, logic: LogicCore, observe: bool = True) -> None:
@@ -122,7 +123,8 @@ class PanelController(PanelJobs, PanelLoop, PanelState, PanelSettings):
         if self.busy("train"):
             raise InputError("training is running already")
         try:
-            job = self.core.start_training(self.cases(), self.unlabeled(), self.checked_segments(), **self.train_values())
+            job = self.core.start_training(self.cases(), self.unlabeled(), self.checked_segments(),
+                                           **dict(self.train_values(), init=self.start_init()))
         except CheckFailed as e:
             self._show_check(e.check)
             self._effects.append(("expand", "unlabeledCollapsibleButton"))

@@ -46,6 +46,9 @@ class PanelView:
     settings: Dict[str, Any] = field(default_factory=dict)
     unlabeled: List[str] = field(default_factory=list)  # checked node IDs
     segment_volumes: List[str] = field(default_factory=list)
+    start_rows: List[Tuple[str, str]] = field(default_factory=list)  # "Start from": key, label
+    start_from: str = ""
+    filters: Dict[str, int] = field(default_factory=dict)  # ctkPathLineEdit filters
 
 
 def model_text(model: Optional[Any]) -> str:
@@ -166,6 +169,13 @@ def build_view(c: Any) -> PanelView:
                   addLabeledCaseButton=f"Add '{labeling.GetName()}' as a labeled case" if labeling is not None else "Add as a labeled case",
                   lengthHintLabel=("the iteration count is planned from a timed training step" if minutes
                                    else "training steps (for experts: the time they take depends on the computer)"))
+    start = c.start_display()
+    v.visible.update(start["visible"])
+    v.enabled.update(start["enabled"])
+    v.enabled["keepModelSegmentsCheckBox"] = v.enabled["keepModelSegmentsCheckBox"] and not training
+    v.text.update({k: _h(t) for k, t in start["text"].items()})
+    v.filters = start["filters"]
+    v.start_rows, v.start_from = c.start_choices(), c.start_from()
     v.progress = dict(c.progress)
     v.cases = [(c.volume.GetName(), c.segmentation.GetName(), c.sparse) for c in cases]
     v.segments = segments
