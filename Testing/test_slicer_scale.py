@@ -14,15 +14,21 @@ vtk = pytest.importorskip("vtk")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CPCLSegment"))
 
-from CPCLSegmentModuleLib.export import export_inputs, export_segmentation  # noqa: E402
-from CPCLSegmentModuleLib.nodes import ensure_converter_rules, segment_masks  # noqa: E402
+from CPCLSegmentModuleLib import panel  # noqa: E402
+from CPCLSegmentModuleLib.export import export_inputs, export_segmentation, export_volume  # noqa: E402
+from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
+from CPCLSegmentModuleLib.nodes import ensure_converter_rules, segment_masks, segment_names, volume_array  # noqa: E402
 
-from slicer_scene import new_scene  # noqa: E402
+from slicer_scene import new_scene, one_thread_env  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 
 SURFACE = "Closed surface"
 LABELMAP = "Binary labelmap"
+
+
+def controller(scene, tmp_path):
+    return panel.PanelController(LogicCore(scene, env=one_thread_env(), work_root=str(tmp_path / "work")))
 
 
 def small_volume(scene, name="small", shape=(40, 48, 56), spacing=2.0):
@@ -101,3 +107,40 @@ def test_a_closed_surface_segmentation_is_exported_from_a_copy_the_user_s_node_u
     surfaces.SetAndObserveTransformNodeID(None)
     moved_back = segment_masks(volume, surfaces, names)  # untransformed: the masks did move
     assert not np.array_equal(moved_back["left"], masks["left"])
+
+
+def test_label_next_again_reuses_the_volume_s_uncertainty_map_and_segmentation(tmp_path, monkeypatch):
+    scene = new_scene()
+    volume, other = small_volume(scene, "CT 1"), small_volume(scene, "CT 2")
+    c = controller(scene, tmp_path)
+    monkeypatch.setattr(c, "model", lambda: "model")  # the segments a new segmentation gets, without a trained model
+    monkeypatch.setattr(c.core, "model_classes", lambda model: [{"name": "background"}, {"name": "liver", "color": [1, 0, 0]}])
+    maps = []
+    for n in range(2):
+        path = tmp_path / f"map-{n}.nrrd"
+        export_volume(small_volume(scene, f"map {n}", spacing=2.0 + n), str(path))  # told apart by their spacing
+        maps.append(str(path))
+    scene.RemoveNode(scene.GetFirstNodeByName("map 0"))
+    scene.RemoveNode(scene.GetFirstNodeByName("map 1"))
+    volumes_before = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+
+    def label_next(volume, uncertainty):
+        c.rank_rows = [{"rank": 1, "volume": volume, "score": 0.5, "uncertainty": uncertainty}]
+        c.select_rank_row(0)
+        c.label_next()
+        effects = c.take_effects()
+        return ([v for k, v in effects if k == "show"][0][1], [v for k, v in effects if k == "edit"][0][0])
+
+    heat, seg = label_next(volume, maps[0])
+    assert heat.GetSpacing() == (2.0, 2.0, 2.0)
+    seg.GetSegmentation().AddEmptySegment("mine", "my own segment")  # the user's edit
+    c.set_setting("prefill", True)  # even so: the volume's segmentation is reopened, no pre-fill replaces it
+    heat2, seg2 = label_next(volume, maps[1])  # a new ranking's map for the same volume
+    assert heat2 is heat and seg2 is seg and "my own segment" in segment_names(seg2) and not c.busy("segment")
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes_before + 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert heat.GetSpacing() == (3.0, 3.0, 3.0)  # the new map was read into the reused node
+    c.set_setting("prefill", False)
+    heat3, seg3 = label_next(other, maps[0])  # another volume: its own map and segmentation
+    assert heat3 is not heat and seg3 is not seg
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2

@@ -15,7 +15,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   (``node_name``, ``check_volume``, ``volume_array``, ``world_ijk_to_ras``, ``segment_names``, ``find_segment_id``,
   ``segment_masks``, ``labeled_arrays``). imports: none.
 - ``scene``: the user's cases and volumes in the scene and the module's own outputs (``LabeledCase``,
-  ``as_cases``, ``OUTPUT_ATTRIBUTE``, ``is_module_output``, ``new_output_node``, ``segmented_volume_pairs``,
+  ``as_cases``, ``OUTPUT_ATTRIBUTE``, ``is_module_output``, ``new_output_node``, ``output_for``, ``segmented_volume_pairs``,
   ``volumes_without_segmentation``). imports: none.
 - ``inputcheck``: the input check before training, pure: writes nothing (``check_inputs``, ``CheckResult``,
   ``CheckFailed``). imports: nodes, scene.

@@ -35,7 +35,7 @@ from .models import (
 from .nodes import check_volume, ensure_converter_rules, node_name, segment_names
 from .options import DEVICES, split_settings, train_config
 from .results import empty_segmentation, import_scalar_volume, import_segmentation
-from .scene import OUTPUT_SEGMENTATION, as_cases
+from .scene import OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, as_cases, output_for
 from .trainrun import can_resume, collect_model, keep_run_dir, read_command, write_training_run
 
 Event = Dict[str, Any]
@@ -234,10 +234,12 @@ class LogicCore:
             shutil.rmtree(run_dir, ignore_errors=True)
 
     def show_uncertainty(self, row: Dict[str, Any]) -> Any:
-        """A NEW heat-coloured volume node from a ranking row's uncertainty map (a module output)."""
+        """A heat-coloured volume node from a ranking row's uncertainty map (a module output): the volume's earlier
+        map node is reused (the new map read into it), else a NEW node."""
         if not row.get("uncertainty"):
             raise InputError(f"no uncertainty map was written for '{node_name(row['volume'])}'")
-        return import_scalar_volume(self.scene, row["uncertainty"], row["volume"], f"{node_name(row['volume'])} uncertainty")
+        return import_scalar_volume(self.scene, row["uncertainty"], row["volume"], f"{node_name(row['volume'])} uncertainty",
+                                    node=output_for(self.scene, OUTPUT_UNCERTAINTY, row["volume"]))
 
     # ------------------------------------------------------------------------------------- models
 

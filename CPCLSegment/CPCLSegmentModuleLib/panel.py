@@ -31,7 +31,7 @@ from .panelsettings import PanelSettings
 from .panelstate import PanelState
 from .panelview import PanelView, build_view, check_text, model_text
 from .plot import TrainingPlot
-from .scene import OUTPUT_LABELS, OUTPUT_SEGMENTATION
+from .scene import OUTPUT_LABELS, OUTPUT_SEGMENTATION, output_for
 from .startfrom import PanelStart
 
 KINDS = ("train", "segment", "rank", "inspect", "probe")
@@ -202,8 +202,9 @@ class PanelController(PanelJobs, PanelLoop, PanelStart, PanelState, PanelSetting
         self.selected_rank_row = row if row is not None and 0 <= row < len(self.rank_rows) else None
 
     def label_next(self) -> None:
-        """Shows the selected ranked volume with its uncertainty map and opens a new segmentation for it:
-        empty, or pre-filled by a segmentation job (refused while another segmentation runs)."""
+        """Shows the selected ranked volume with its uncertainty map and opens its segmentation: the one an earlier
+        Label next made for it (map and segmentation are reused, the user's edits kept), else a new one, empty or
+        pre-filled by a segmentation job (refused while another segmentation runs)."""
         if self.selected_rank_row is None:
             raise InputError("select a volume in the ranking first")
         if self.busy("segment"):
@@ -215,7 +216,12 @@ class PanelController(PanelJobs, PanelLoop, PanelStart, PanelState, PanelSetting
         volume = row["volume"]
         foreground = self.core.show_uncertainty(row) if row.get("uncertainty") else None
         self._effects.append(("show", (volume, foreground)))
-        if self.setting("prefill"):
+        earlier = output_for(self.scene, OUTPUT_LABELS, volume)  # reopened with the user's edits, not made again
+        if earlier is not None:
+            self.start_labeling(earlier)
+            self._effects.append(("edit", (earlier, volume)))
+            self.log.append(f"'{node_name(earlier)}' opened again (delete it to start '{node_name(volume)}' afresh)")
+        elif self.setting("prefill"):
             self.open_in_editor = None  # set only once the pre-filling job runs: a failed start leaves nothing to open
             self.segment([volume], names=[f"{node_name(volume)} labels"], kind=OUTPUT_LABELS)
             self.open_in_editor = volume

@@ -14,7 +14,7 @@ from CPCLSegmentLib.errors import InputError
 
 from .export import RAS_TO_LPS, terminology_to_string, write_segments
 from .nodes import ensure_converter_rules, node_name, volume_array
-from .scene import OUTPUT_LABELS, OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, new_output_node
+from .scene import OUTPUT_LABELS, OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, SOURCE_ROLE, new_output_node
 
 
 HEAT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeIron")
@@ -108,15 +108,20 @@ def empty_segmentation(scene: Any, volume_node: Any, classes: Sequence[Dict[str,
 
 
 def import_scalar_volume(scene: Any, path: str, reference_node: Any, name: str, heat: bool = True,
-                         kind: str = OUTPUT_UNCERTAINTY) -> Any:
+                         kind: str = OUTPUT_UNCERTAINTY, node: Any = None) -> Any:
     """A NEW scalar volume node read from ``path`` (e.g. an uncertainty map), shown with a heat colour map,
-    marked as a module output (never an unlabeled training volume by default)."""
-    node = new_output_node(scene, "vtkMRMLScalarVolumeNode", name, kind)
+    marked as a module output (never an unlabeled training volume by default) and referencing ``reference_node``
+    (``SOURCE_ROLE``). ``node``: an earlier output to read the file into instead (it is reused, not duplicated)."""
+    made = node is None
+    if made:
+        node = new_output_node(scene, "vtkMRMLScalarVolumeNode", name, kind)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
     if not storage.ReadData(node):
-        scene.RemoveNode(node)
+        if made:
+            scene.RemoveNode(node)
         raise InputError(f"cannot read {path}")
+    node.SetNodeReferenceID(SOURCE_ROLE, reference_node.GetID())
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     if display is not None and heat:

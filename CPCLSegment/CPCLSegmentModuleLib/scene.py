@@ -18,6 +18,8 @@ OUTPUT_ATTRIBUTE = "CPCLSegment.Output"
 
 
 OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, OUTPUT_LABELS, OUTPUT_MODEL = "segmentation", "uncertainty", "labels", "model"
+# An uncertainty map's reference to the volume it was computed for (a node reference: it follows ID changes).
+SOURCE_ROLE = "CPCLSegment.SourceVolume"
 
 
 @dataclass
@@ -96,3 +98,20 @@ def volumes_without_segmentation(scene: Any, exclude: Sequence[Any] = ()) -> Lis
         if ref is not None:
             referenced.add(ref.GetID())
     return [v for v in nodes_by_class(scene, "vtkMRMLScalarVolumeNode") if is_plain_volume(v) and v.GetID() not in referenced]
+
+
+def output_for(scene: Any, kind: str, volume: Any) -> Any:
+    """The module's output of ``kind`` made for ``volume`` (the latest), or None: Label next reuses the uncertainty
+    map (``SOURCE_ROLE``) and the labels segmentation (drawn on the volume) of a volume instead of adding new ones.
+    A labels segmentation added as a labeled case is no longer an output and is not found."""
+    if volume is None:
+        return None
+    class_name = "vtkMRMLScalarVolumeNode" if kind == OUTPUT_UNCERTAINTY else "vtkMRMLSegmentationNode"
+    found = None
+    for node in nodes_by_class(scene, class_name):
+        if node.GetAttribute(OUTPUT_ATTRIBUTE) != kind:
+            continue
+        role = SOURCE_ROLE if kind == OUTPUT_UNCERTAINTY else node.GetReferenceImageGeometryReferenceRole()
+        if node.GetNodeReference(role) is volume:
+            found = node
+    return found
