@@ -189,7 +189,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = CPCLSegmentLogic()
         self.controller = panel.PanelController(self.logic.core)
 
-        for table in (self.ui.casesTable, self.ui.labelNextTable):
+        for table in (self.ui.casesTable, self.ui.labelNextTable, self.ui.modelsTable, self.ui.runFoldersTable):
             table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
             table.verticalHeader().setDefaultSectionSize(22)
         self.ui.initModelPathLineEdit.nameFilters = ["PyTorch model (*.pt *.pth)", "All files (*)"]
@@ -225,6 +225,19 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addLabeledCaseButton.connect("clicked(bool)", lambda: act(c.add_labeled_case))
         self.ui.startFromComboBox.connect("currentIndexChanged(int)", self.onStartFromChanged)
         self.ui.rescanModelsButton.connect("clicked(bool)", lambda: act(c.find_local_models, busy=True))
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                                   lambda node: self._fromGUI(c.set_output_segmentation, node))
+        self.ui.modelsTable.connect("itemSelectionChanged()", lambda: self._fromGUI(c.select_model_row, (self._selectedRows(
+            self.ui.modelsTable) or [None])[0]))
+        self.ui.renameModelButton.connect("clicked(bool)", self.onRenameModel)
+        self.ui.deleteModelButton.connect("clicked(bool)", lambda: self._confirmed("Remove the selected models from the scene?")
+                                          and act(c.delete_models, self._selectedRows(self.ui.modelsTable)))
+        self.ui.keepLatestModelButton.connect("clicked(bool)", lambda: self._confirmed("Remove every model but the newest?")
+                                              and act(c.keep_latest_model))
+        self.ui.listRunFoldersButton.connect("clicked(bool)", lambda: act(c.list_run_folders, busy=True))
+        self.ui.removeRunFoldersButton.connect("clicked(bool)", lambda: self._confirmed(
+            "Remove the selected run folders? A stopped run's folder cannot be resumed afterwards.")
+            and act(c.remove_run_folders, self._selectedRows(self.ui.runFoldersTable), busy=True))
         self.ui.labelNextTable.connect("itemSelectionChanged()", self.onRankSelection)
         self.ui.casesTable.connect("itemChanged(QTableWidgetItem*)", self.onCaseItemChanged)
         self.ui.segmentsList.connect("itemChanged(QListWidgetItem*)", self.onSegmentItemChanged)
@@ -318,6 +331,22 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         rows = self._shown.get("start") or []
         if not self._updating and 0 <= index < len(rows):
             self._act(self.controller.set_start_from, rows[index][0])
+
+    @staticmethod
+    def _selectedRows(table) -> List[int]:
+        return sorted({i.row() for i in table.selectionModel().selectedRows()})
+
+    @staticmethod
+    def _confirmed(text: str) -> bool:
+        return slicer.util.confirmOkCancelDisplay(text, "CPCLSegment")
+
+    def onRenameModel(self) -> None:
+        rows = self._selectedRows(self.ui.modelsTable)
+        if rows:
+            name = qt.QInputDialog.getText(slicer.util.mainWindow(), "Rename model", "New name:", qt.QLineEdit.Normal,
+                                           self.controller.view().model_rows[rows[0]][0])
+            if name:
+                self._act(self.controller.rename_model, rows[0], name)
 
     def onSaveModel(self) -> None:
         target = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Save CPCLSegment model", "cpcl-model.pt",
@@ -416,6 +445,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._shown["rank"] = view.rank_rows
                 self._fillRanking(view.rank_rows, c.selected_rank_row)
             self._showStart(view)
+            self._showManage(view)
             for w in self._settingWidgets:
                 name = str(w.property("cpclSetting"))
                 self._showSetting(w, name, view.settings.get(name))
@@ -447,6 +477,29 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.currentIndex = keys.index(view.start_from) if view.start_from in keys else 0
         for name, filters in view.filters.items():
             getattr(self.ui, name).filters = filters
+
+    def _showManage(self, view) -> None:
+        for name, rows in (("modelsTable", view.model_rows), ("runFoldersTable", view.run_rows)):
+            if self._shown.get(name) != rows:
+                self._shown[name] = rows
+                self._fillTable(getattr(self.ui, name), rows)
+        if view.model_row is not None:
+            self.ui.modelsTable.selectRow(view.model_row)
+        selector = self.ui.outputSegmentationSelector
+        selector.baseName = view.output_base_name
+        output = slicer.mrmlScene.GetNodeByID(view.output_segmentation) if view.output_segmentation else None
+        if selector.currentNode() is not output:
+            selector.setCurrentNode(output)
+        if self._shown.get("3d") != view.shown_in_3d:
+            self._shown["3d"] = view.shown_in_3d
+            self.ui.segmentationShow3DButton.setSegmentationNode(slicer.mrmlScene.GetNodeByID(view.shown_in_3d) if view.shown_in_3d else None)
+
+    @staticmethod
+    def _fillTable(table, rows) -> None:
+        table.setRowCount(len(rows))
+        for i, row in enumerate(rows):
+            for j, text in enumerate(row):
+                table.setItem(i, j, qt.QTableWidgetItem(str(text)))
 
     def _fillCases(self, cases) -> None:
         table = self.ui.casesTable

@@ -133,6 +133,10 @@ class FakeWidget:
         elif state != CHECKED and node in self._checked_nodes:
             self._checked_nodes.remove(node)
 
+    # qMRMLSegmentationShow3DButton
+    def setSegmentationNode(self, node):
+        self.segmentation_node = node
+
     # log
     def appendPlainText(self, text):
         self.lines.append(text)

@@ -52,11 +52,13 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   the rounds' held-out Dice (``PanelLoop``, ``painted``). imports: nodes, rounds, scene.
 - ``startfrom``: the panel's "Start from" choice: nothing, a scene model, a file or folder, the MONAIAuto3DSeg
   models on this computer; it becomes the run's --init (``PanelStart``, ``choice_rows``). imports: modellist.
+- ``panelmanage``: the panel's output segmentation (new or overwritten), Show in 3D, the model list and the run
+  folders (``PanelManage``, ``size_text``). imports: modellist, nodes.
 - ``panelview``: what the panel shows (``PanelView``, ``build_view``, ``model_text``, ``check_text``,
   ``train_event_display``, ``format_seconds``). imports: environment, inputcheck, models, panelsettings, trainrun.
 - ``paneljobs``: the panel's running jobs, their events and results, scene close (``PanelJobs``).
   imports: logic, panelview, plot.
 - ``panel``: ``PanelController``, every decision the panel makes (the widget maps its ``view()`` to Qt)
-  (``PanelController``, ``error_text``). imports: environment, inputcheck, logic, nodes, paneljobs, panelloop, panelsettings,
+  (``PanelController``, ``error_text``). imports: environment, inputcheck, logic, nodes, paneljobs, panelloop, panelmanage, panelsettings,
   panelstate, panelview, plot, scene, startfrom.
 """

@@ -150,8 +150,10 @@ class LogicCore:
     # ---------------------------------------------------------------------------------- segmenting
 
     def start_segmentation(self, model: ModelRef, volumes: Sequence[Any], weights: str = "teacher", device: str = "auto",
-                           names: Optional[Sequence[str]] = None, kind: str = OUTPUT_SEGMENTATION) -> jobs.Job:
-        """Starts ``cpcl-segment predict`` on the volumes; ``result()`` is one new segmentation node per volume."""
+                           names: Optional[Sequence[str]] = None, kind: str = OUTPUT_SEGMENTATION,
+                           targets: Optional[Sequence[Any]] = None) -> jobs.Job:
+        """Starts ``cpcl-segment predict`` on the volumes; ``result()`` is one new segmentation node per volume
+        (``targets``: existing segmentation nodes to overwrite instead, one per volume)."""
         volumes = list(volumes)
         if not volumes:
             raise InputError("select at least one volume to segment")
@@ -172,7 +174,8 @@ class LogicCore:
             outputs = (job.done or {}).get("outputs") or []
             if len(outputs) != len(volumes):
                 raise jobs.JobError(f"segmentation wrote {len(outputs)} result(s) for {len(volumes)} volume(s)")
-            return [import_segmentation(self.scene, p, v, names[i] if names else None, nested, kind)
+            return [import_segmentation(self.scene, p, v, names[i] if names else None, nested, kind,
+                                        targets[i] if targets else None)
                     for i, (p, v) in enumerate(zip(outputs, volumes))]
 
         return self._job(args, "segmentation", self._device_arg(device), work_dir=run_dir, collect=collect).start()

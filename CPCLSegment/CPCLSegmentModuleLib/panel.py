@@ -27,6 +27,7 @@ from .logic import LogicCore
 from .nodes import node_name
 from .paneljobs import PanelJobs
 from .panelloop import PanelLoop
+from .panelmanage import PanelManage
 from .panelsettings import PanelSettings
 from .panelstate import PanelState
 from .panelview import PanelView, build_view, check_text, model_text
@@ -37,7 +38,7 @@ from .startfrom import PanelStart
 KINDS = ("train", "segment", "rank", "inspect", "probe")
 
 
-class PanelController(PanelJobs, PanelLoop, PanelStart, PanelState, PanelSettings):
+class PanelController(PanelJobs, PanelLoop, PanelStart, PanelManage, PanelState, PanelSettings):
     """The panel's state machine. ``core``: the ``LogicCore`` that runs the jobs (its scene is the panel's)."""
 
     def __init__(self, logic: LogicCore, observe: bool = True) -> None:
@@ -173,13 +174,15 @@ class PanelController(PanelJobs, PanelLoop, PanelStart, PanelState, PanelSetting
                 kind: str = OUTPUT_SEGMENTATION) -> Any:
         if self.busy("segment"):
             raise InputError("a segmentation is running already: wait for it or cancel it")
+        chosen = volumes is None  # the Segment button: the checked volumes, into the chosen output
         volumes = list(volumes if volumes is not None else self.segment_volumes())
         if not volumes:
             raise InputError("check at least one volume to segment")
         model = self.model()
         if model is None:
             raise InputError("no model: train one or load a model file")
-        job = self.core.start_segmentation(model, volumes, device=self.setting("device"), names=names, kind=kind)
+        targets = self.output_targets(volumes) if chosen else None
+        job = self.core.start_segmentation(model, volumes, device=self.setting("device"), names=names, kind=kind, targets=targets)
         self.progress["segmentProgressBar"] = (0, len(volumes), "starting…")
         self._start("segment", job)
         return job

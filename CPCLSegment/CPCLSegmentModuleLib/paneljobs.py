@@ -35,7 +35,8 @@ class PanelJobs:
     progress: Dict[str, Progress]
     text: Dict[str, str]
     _closing: bool
-    node: Any  # and ``set_model`` (``panelstate.PanelState``), ``start_labeling`` / ``finish_round`` (``panelloop``)
+    node: Any  # and ``set_model`` (``panelstate.PanelState``), ``start_labeling`` / ``finish_round`` (``panelloop``),
+    # ``segmentation_done`` (``panelmanage``)
 
     def busy(self, kind: str) -> bool:
         return self.jobs.get(kind) is not None
@@ -132,6 +133,7 @@ class PanelJobs:
         elif kind == "segment":
             names = ", ".join(n.GetName() for n in result)
             self.progress["segmentProgressBar"] = (len(result), max(1, len(result)), f"done: {names}")
+            self.segmentation_done(result)
             if result:
                 volume = result[0].GetNodeReference(result[0].GetReferenceImageGeometryReferenceRole())
                 if self.open_in_editor is not None:

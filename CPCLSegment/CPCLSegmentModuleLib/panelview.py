@@ -49,6 +49,12 @@ class PanelView:
     start_rows: List[Tuple[str, str]] = field(default_factory=list)  # "Start from": key, label
     start_from: str = ""
     filters: Dict[str, int] = field(default_factory=dict)  # ctkPathLineEdit filters
+    model_rows: List[Tuple[str, str, str, str]] = field(default_factory=list)  # name, size, date, segments
+    model_row: Optional[int] = None  # the panel's model
+    run_rows: List[Tuple[str, str, str, str, str]] = field(default_factory=list)  # name, kind, size, date, note
+    output_segmentation: Optional[str] = None  # node ID; None: "Create new segmentation"
+    output_base_name: str = "segmentation"
+    shown_in_3d: Optional[str] = None  # node ID
 
 
 def model_text(model: Optional[Any]) -> str:
@@ -176,6 +182,11 @@ def build_view(c: Any) -> PanelView:
     v.text.update({k: _h(t) for k, t in start["text"].items()})
     v.filters = start["filters"]
     v.start_rows, v.start_from = c.start_choices(), c.start_from()
+    manage = c.manage_display()
+    v.enabled.update(manage.pop("enabled"))
+    v.text.update({k: _h(t) for k, t in manage.pop("text").items()})
+    for name, value in manage.items():
+        setattr(v, name, value)
     v.progress = dict(c.progress)
     v.cases = [(c.volume.GetName(), c.segmentation.GetName(), c.sparse) for c in cases]
     v.segments = segments

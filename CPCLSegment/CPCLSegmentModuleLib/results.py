@@ -14,7 +14,7 @@ from CPCLSegmentLib.errors import InputError
 
 from .export import RAS_TO_LPS, terminology_to_string, write_segments
 from .nodes import ensure_converter_rules, node_name, volume_array
-from .scene import OUTPUT_LABELS, OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, SOURCE_ROLE, new_output_node
+from .scene import OUTPUT_ATTRIBUTE, OUTPUT_LABELS, OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, SOURCE_ROLE, new_output_node
 
 
 HEAT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeIron")
@@ -63,16 +63,28 @@ def nest_segments(path: str, nested: Dict[str, List[str]], out_path: str) -> str
 
 
 def import_segmentation(scene: Any, path: str, volume_node: Any, name: Optional[str] = None,
-                        nested: Optional[Dict[str, List[str]]] = None, kind: str = OUTPUT_SEGMENTATION) -> Any:
+                        nested: Optional[Dict[str, List[str]]] = None, kind: str = OUTPUT_SEGMENTATION,
+                        target: Any = None) -> Any:
     """A NEW segmentation node read from a ``.seg.nrrd`` (names, colours, terminology as in the file),
     named after the volume, referenced to its geometry, beside it in the subject hierarchy, displayed,
     marked as a module output. ``nested``: segments recorded as nested in others are restored
-    (``nest_segments``)."""
+    (``nest_segments``). ``target``: an existing segmentation node whose segments are replaced instead (its name
+    kept; marked as a module output from then on)."""
     if nested and any(nested.values()):
         path = nest_segments(path, nested, os.path.splitext(str(path))[0] + "-nested.seg.nrrd")
-    node = new_output_node(scene, "vtkMRMLSegmentationNode", name or f"{node_name(volume_node)} segmentation", kind)
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetFileName(str(path))
+    if target is not None:
+        was = target.StartModify()
+        try:
+            if not storage.ReadData(target):  # replaces the node's segments
+                raise InputError(f"cannot read the segmentation result {path}")
+            target.SetAttribute(OUTPUT_ATTRIBUTE, kind)
+            finish_segmentation_node(scene, target, volume_node)
+        finally:
+            target.EndModify(was)
+        return target
+    node = new_output_node(scene, "vtkMRMLSegmentationNode", name or f"{node_name(volume_node)} segmentation", kind)
     if not storage.ReadData(node):
         scene.RemoveNode(node)
         raise InputError(f"cannot read the segmentation result {path}")
