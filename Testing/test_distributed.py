@@ -119,3 +119,24 @@ def test_the_process_group_waits_an_hour_by_default(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     distributed.DistributedContext.from_environment("cpu")
     assert seen == {"backend": "gloo", "timeout": timedelta(minutes=90)}
+
+
+def test_the_loop_s_flags_travel_on_the_host_beside_nccl(monkeypatch):
+    """``any_rank`` (asked every iteration: stop? loss sane?) all-reduces a CPU tensor over a gloo group when the
+    training tensors go over NCCL: a GPU flag would be queued behind the step and reading it would wait for it."""
+    from CPCLSegmentLib import distributed
+
+    seen, groups = [], []
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None, group=None: seen.append((t.device.type, group)))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: groups.append(kw["backend"]))
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: groups.append(kw["backend"]) or "gloo-group")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    ctx = distributed.DistributedContext.from_environment("auto")
+    assert groups == ["nccl", "gloo"] and ctx.device == torch.device("cuda", 0) and ctx.flags_group == "gloo-group"
+    assert ctx.any_rank(True) and not ctx.any_rank(False)
+    assert seen == [("cpu", "gloo-group")] * 2

@@ -44,17 +44,20 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   (``MonaiBackbone``, ``ALLOWED``, ``make_spec``, ``check_spec``, ``adapt_state``, ``BackboneError``). imports: errors.
 - ``network``: the VNet returning ``(logits, features)``; ``build_network`` builds it or an allow-listed MONAI
   backbone (``VNet``, ``build_network``). imports: backbones.
-- ``prototypes``: masked average pooling and cosine prototype maps (``masked_average_pooling``,
-  ``prototype_logits``, ``feature_masks``, ``IGNORE_INDEX``). imports: settings.
+- ``data``: preprocessed cases, patch sampling and augmentation (``Case``, ``make_case``, ``PatchSampler``,
+  ``Augmenter``, ``cached_case``, ``sample_locations``). imports: errors, settings.
+- ``prototypes``: masked average pooling and cosine prototype maps, a network's class prototypes over labeled
+  cases (``masked_average_pooling``, ``prototype_logits``, ``feature_masks``, ``labeled_prototypes``,
+  ``IGNORE_INDEX``). imports: data, settings.
 - ``losses``: one function per loss equation and one loss-term function per method (``supervised_loss``,
   ``forward_prototype_loss``, ``backward_prototype_loss``, ``consistency_loss``, ``copy_paste_terms``,
   ``total_loss``, ``StepInputs``, ``LOSS_TERMS``). imports: prototypes, settings.
+- ``steplog``: a step's logged values kept on the device until the loop reads them one step later
+  (``StepValues``, ``progress_event``). imports: none.
 - ``teacher``: the EMA teacher (``make_teacher``, ``update_teacher``). imports: none.
 - ``devices``: where the networks run; Apple MPS only after a one-step self-test (``choose_device``,
   ``resolve_device``, ``device_self_test``, ``MPS_MISSING_OPS``, ``MIN_MPS_TORCH``, ``describe_device``, ``is_oom``).
   imports: errors, losses, network, precision, settings, teacher.
-- ``data``: preprocessed cases, patch sampling and augmentation (``Case``, ``make_case``, ``PatchSampler``,
-  ``Augmenter``, ``cached_case``, ``sample_locations``). imports: errors, settings.
 - ``loader``: patch sampling in DataLoader worker processes, deterministic and resumable (``BatchMaker``,
   ``host_batches``, ``sampling_workers``). imports: data, settings.
 - ``inference``: sliding-window probabilities of a network on an array (``predict_probabilities``,
@@ -89,7 +92,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   (``resume_checkpoint``, ``RESUME_MAY_CHANGE``, ``setting_flag``). imports: cleanup, errors, modelfile,
   preparation, settings.
 - ``trainer``: the training loop (``Trainer``, ``TrainResult``). imports: data, devices, distributed, errors, loader,
-  losses, metrics, modelfile, network, planning, precision, prototypes, settings, teacher.
+  losses, metrics, modelfile, network, planning, precision, prototypes, settings, steplog, teacher.
 - ``pace``: seconds per iteration timed on real ``Trainer`` steps with the run's settings, the iterations that fit
   ``--minutes`` (``step_seconds``, ``estimate_seconds``, ``iterations_for_minutes``). imports: data, errors, settings,
   trainer.

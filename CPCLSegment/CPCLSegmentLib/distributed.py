@@ -45,6 +45,7 @@ class DistributedContext:
     world_size: int
     local_rank: int
     device: torch.device
+    flags_group: Any = None  # a gloo group for the loop's yes/no questions when the tensors' group is NCCL
 
     @classmethod
     def from_environment(cls, device: str = "auto") -> "DistributedContext":
@@ -64,7 +65,9 @@ class DistributedContext:
             dev = torch.device("cpu")
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=process_group_timeout())
-        return cls(rank, world, local, dev)
+        # with NCCL a flag would travel as a GPU tensor, queued behind the step: reading it would wait for the step
+        flags = dist.new_group(backend="gloo", timeout=process_group_timeout()) if use_cuda else None
+        return cls(rank, world, local, dev, flags)
 
     def wrap(self, net: nn.Module) -> nn.Module:
         """DistributedDataParallel around the student (whose parameters rank 0 broadcasts)."""
@@ -96,8 +99,11 @@ class DistributedContext:
         return tuple(p.reshape(a.shape) for p, a in zip(parts, arrays))
 
     def any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        """Whether ``flag`` is true on any rank (the loop asks every iteration: stop? loss sane?). On the host, over
+        the gloo ``flags_group`` beside NCCL: the answer does not wait for the device to finish its queued step."""
+        host = self.flags_group is not None or self.device.type == "cpu"
+        t = torch.tensor([1.0 if flag else 0.0], device="cpu" if host else self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.flags_group)
         return bool(t.item() > 0)
 
     def close(self) -> None:

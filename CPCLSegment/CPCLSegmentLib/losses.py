@@ -23,7 +23,7 @@ both prototype losses constants; ``detach_features=True`` reproduces that for th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -360,16 +360,3 @@ def cpcl_terms(student: nn.Module, teacher: nn.Module, x: StepInputs, cfg: Train
 
 TermsFn = Callable[[nn.Module, nn.Module, StepInputs, TrainConfig, Sync], Dict[str, torch.Tensor]]
 LOSS_TERMS: Dict[str, TermsFn] = {"supervised": supervised_terms, "mean_teacher": mean_teacher_terms, "cpcl": cpcl_terms}
-
-
-def read_terms(terms: Dict[str, torch.Tensor], loss: torch.Tensor) -> Tuple[Dict[str, float], bool]:
-    """Every term and the total as floats with ONE device-to-host copy, and whether all are finite."""
-    names: List[str] = list(terms) + ["total"]
-    values = torch.stack([t.detach().float() for t in terms.values()] + [loss.detach().float()]).tolist()
-    out = dict(zip(names, values))
-    return out, all(v == v and abs(v) != float("inf") for v in values)
-
-
-def finite_inputs(inputs: StepInputs) -> bool:
-    """Whether the batch's images are all finite (a non-finite loss then comes from the weights)."""
-    return all(bool(torch.isfinite(t).all()) for t in (inputs.labeled, inputs.unlabeled) if t is not None)

@@ -4,7 +4,8 @@ iteration count that fits ``--minutes``.
 ``step_seconds`` builds a ``Trainer`` from the run's config (method, copy-paste, batch sizes, patch, width,
 precision, device) on two synthetic cases of the patch's size and times whole iterations, as the loop runs them:
 patch sampling and augmentation, the copy to the device, the loss terms, backward, the optimizer step and the EMA
-update, synchronised on a GPU. One warm-up iteration (oneDNN / cuDNN set-up), then the median of the next ones.
+update, waiting for the device at the end of each. One warm-up iteration (oneDNN / cuDNN set-up), then the
+median of the next ones.
 """
 
 from __future__ import annotations
@@ -39,9 +40,7 @@ def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device, steps
         times = []
         for it in range(steps + 1):
             t = time.perf_counter()
-            trainer.step(trainer.sample(it), it)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            trainer.step(trainer.sample(it), it).read()  # reading the values waits for the device
             times.append(time.perf_counter() - t)
     except Exception:  # noqa: BLE001 - no estimate rather than a failed run
         return None

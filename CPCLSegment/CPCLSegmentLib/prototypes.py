@@ -25,7 +25,9 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .data import Augmenter, Case, PatchSampler
 from .settings import COSINE_SCALE, IGNORE_INDEX
 
 NEG = -1.0e4  # logit of a class with no prototype: exp(NEG - max) underflows to exactly 0 in float32
@@ -208,3 +210,29 @@ def expand_valid(valid: torch.Tensor, batch: int) -> torch.Tensor:
         return valid.unsqueeze(0).expand(batch, -1)
     idx = torch.arange(batch, device=valid.device) % valid.shape[0]
     return valid[idx]
+
+
+@torch.no_grad()
+def labeled_prototypes(
+    net: nn.Module, cases: Sequence[Case], patch: Sequence[int], num_classes: int, device: torch.device,
+    patches_per_case: int = 2, max_patches: int = 64, seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Class prototypes ``(K, C)`` of ``net``'s features pooled over foreground-centred patches of the
+    labeled cases (stored in the model file for prototype-based uncertainty scores)."""
+    net.eval()
+    aug = Augmenter(patch, flip=False, rot90=False)
+    sampler = PatchSampler(cases, patch, num_classes, aug, seed, 3, foreground_oversample=0.66)
+    n = min(max_patches, patches_per_case * len(cases))
+    num, den = None, None
+    for i in range(n):
+        b = sampler.sample(0, [i])
+        _, feats = net(torch.from_numpy(b.images).to(device, dtype=next(net.parameters()).dtype))
+        feats = as_float(feats)
+        masks = feature_masks(torch.from_numpy(b.labels).to(device), num_classes, feats.shape[2:], dtype=feats.dtype)
+        nn_ = torch.einsum("bkdhw,bcdhw->kc", masks, feats)
+        dn = masks.sum(dim=(0, 2, 3, 4))
+        num = nn_ if num is None else num + nn_
+        den = dn if den is None else den + dn
+    valid = den > 1e-6
+    protos = (num / den.clamp_min(1e-6).unsqueeze(1)) * valid.unsqueeze(1)
+    return protos.cpu(), valid.cpu()

@@ -2,7 +2,9 @@
 
 ``train(config, labeled, unlabeled, num_classes, ...)`` returns a ``TrainResult``. The loop body is
 deliberately short (nanoGPT style): ``inputs = sample(it)`` → ``step(inputs, it)`` (the method's loss terms
-from ``losses.LOSS_TERMS``, ``total_loss``, one optimizer step, EMA teacher) → report.
+from ``losses.LOSS_TERMS``, ``total_loss``, one optimizer step, EMA teacher) → report. The step's logged values
+stay on the device until the next step has been dispatched (``steplog``): no iteration waits for the device
+just to log, except where validation or a checkpoint needs that iteration's weights.
 
 Callbacks: ``on_progress(event: dict)`` receives ``start`` / ``progress`` / ``validation`` / ``warning`` /
 ``checkpoint`` events (the CLI prints them as JSON lines); ``should_stop() -> bool`` is polled every
@@ -18,9 +20,8 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -28,14 +29,15 @@ from .data import Augmenter, Case, PatchSampler
 from .devices import describe_device, is_oom, resolve_device  # noqa: F401  (re-exported)
 from .errors import InputError, TrainingDiverged
 from .loader import BatchMaker, host_batches, sampling_workers
-from .losses import LOSS_TERMS, StepInputs, finite_inputs, read_terms, sigmoid_rampup, total_loss
+from .losses import LOSS_TERMS, StepInputs, sigmoid_rampup, total_loss
 from .metrics import dice_sums, mean_from_sums
 from .modelfile import Snapshot, state_dict_cpu
 from .network import build_network
 from .planning import oom_error
 from .precision import autocast_context, choose_precision
-from .prototypes import as_float, feature_masks
+from .prototypes import labeled_prototypes
 from .settings import TrainConfig  # noqa: F401  (TrainConfig is re-exported: ``trainer.TrainConfig``)
+from .steplog import StepValues, progress_event
 from .teacher import make_teacher, update_teacher
 
 @dataclass
@@ -113,8 +115,9 @@ class Trainer:
         self.validations: List[Dict[str, Any]] = []
         self.best_state: Optional[Dict[str, torch.Tensor]] = None
         self.best: Optional[Dict[str, Any]] = None
-        self._t0 = None
-        self._time_per_it = None
+        self._t0 = self._last_read = 0.0
+        self._first = 0  # the iteration this run() started at
+        self._time_per_it: Optional[float] = None
         self._pending: Optional[Snapshot] = None  # a checkpoint waiting for the next loss to confirm its weights are sane
         self._kept: Optional[int] = None  # the iteration of the last checkpoint written by this run
 
@@ -219,9 +222,10 @@ class Trainer:
         """This rank's slice of iteration ``it``'s global batch, on the device (sampled in this process)."""
         return self.to_device(self.maker(it))
 
-    def step(self, inputs: StepInputs, it: int) -> Dict[str, float]:
-        """One iteration on ``inputs``: loss terms, backward, optimizer step, EMA update. Returns the logged
-        values (every term, the total, lr and ramp), read from the device once."""
+    def step(self, inputs: StepInputs, it: int) -> StepValues:
+        """One iteration on ``inputs``: loss terms, backward, optimizer step, EMA update. Returns the logged values
+        (every term, the total, lr and ramp) still on the device: reading them (``read()``, or as a mapping) waits
+        for the step to finish and raises ``TrainingDiverged`` when the loss is not finite."""
         cfg = self.cfg
         lr = cfg.lr * (1.0 - it / cfg.iterations) ** cfg.poly_power
         for g in self.opt.param_groups:
@@ -239,14 +243,13 @@ class Trainer:
             loss.backward()
             self.opt.step()
         update_teacher(self.teacher, self.student, self.ema_offset + it, cfg.ema_decay)
-        values, finite = read_terms(terms, loss)
-        if not finite:
-            bad = ", ".join(f"{k}={v}" for k, v in values.items())
-            raise self._diverged(f"the loss became non-finite at iteration {it + 1} ({bad})", bad_input=not finite_inputs(inputs))
-        values.update(lr=lr, ramp=ramp)
-        return values
+        return StepValues(it, terms, loss, {"lr": lr, "ramp": ramp}, (inputs.labeled, inputs.unlabeled), self._nonfinite)
 
-    def _guarded_step(self, it: int, host: Optional[Dict[str, Any]]) -> Dict[str, float]:
+    def _nonfinite(self, it: int, values: Dict[str, float], inputs_finite: bool) -> TrainingDiverged:
+        bad = ", ".join(f"{k}={v}" for k, v in values.items())
+        return self._diverged(f"the loss became non-finite at iteration {it + 1} ({bad})", bad_input=not inputs_finite)
+
+    def _guarded_step(self, it: int, host: Optional[Dict[str, Any]], late: Optional[StepValues]) -> StepValues:
         """``step(to_device(host) or sample(it), it)``; out of memory becomes ``OutOfMemory``, raised after the
         handler so that the original error's traceback (and the activations its frames hold) is already released."""
         try:
@@ -254,14 +257,31 @@ class Trainer:
         except RuntimeError as e:
             if not is_oom(e):
                 raise
+        if late is not None:
+            self._report(late)  # the previous step's loss still judges the pending checkpoint
         self._write_pending()  # running out of memory says nothing against the weights
         raise oom_error(self.cfg, self.device.type, self.K)
 
-    def _loop(self, batches: Iterator[Optional[Dict[str, Any]]], first: int, val_every: int, ckpt_every: int) -> str:
+    def _report(self, values: StepValues) -> None:
+        """Reads a dispatched step's values (waiting for the device), checks them (``_check_sane``), and records and
+        emits them as the progress of its iteration."""
+        logged = values.read()
+        self._check_sane(logged["total"], values.iteration)
+        now = time.perf_counter()
+        dt, self._last_read = now - self._last_read, now  # between two reads: one step of the device's
+        self._time_per_it = dt if self._time_per_it is None else 0.9 * self._time_per_it + 0.1 * dt
+        done, of = values.iteration + 1, self.cfg.iterations
+        self.history.append({"iteration": done, **{k: round(v, 6) for k, v in logged.items()}})
+        eta = (of - done) * (now - self._t0) / max(1, done - self._first)
+        self.emit(progress_event(logged, done, of, self.cfg.lambda_max, self._time_per_it, eta))
+
+    def _loop(self, batches: Iterator[Optional[Dict[str, Any]]], val_every: int, ckpt_every: int) -> str:
         """Steps on ``batches`` (one host batch per iteration from ``self.iteration``) until done or stopped;
-        reports, validates and checkpoints. Returns ``completed`` or ``stopped``."""
+        reports, validates and checkpoints. Returns ``completed`` or ``stopped``. Step N's values are read after
+        step N+1 has been dispatched; where validation, a checkpoint or the end needs step N's weights they are
+        read at once (so a pending checkpoint is always judged by the loss its own weights gave)."""
         cfg = self.cfg
-        status = "completed"
+        status, late = "completed", None
         while self.iteration < cfg.iterations:
             stop = self.should_stop()
             if self.dist is not None:
@@ -270,26 +290,23 @@ class Trainer:
                 status = "stopped"
                 break
             it = self.iteration
-            t = time.perf_counter()
-            values = self._guarded_step(it, next(batches))
-            self._check_sane(values["total"], it)
-            self.iteration = it + 1
-            dt = time.perf_counter() - t
-            self._time_per_it = dt if self._time_per_it is None else 0.9 * self._time_per_it + 0.1 * dt
-            record = {"iteration": self.iteration, **{k: round(v, 6) for k, v in values.items()}}
-            self.history.append(record)
-            left = cfg.iterations - self.iteration
-            self.emit({
-                "event": "progress", "iteration": self.iteration, "of": cfg.iterations,
-                "loss": {k: round(v, 5) for k, v in values.items() if k not in ("lr", "ramp")},
-                "lr": values["lr"], "lambda": cfg.lambda_max * values["ramp"],
-                "seconds_per_iteration": round(self._time_per_it, 4),
-                "eta_s": round(left * (time.perf_counter() - self._t0) / max(1, self.iteration - first), 1),
-            })
-            if self.validation and (self.iteration % val_every == 0 or self.iteration == cfg.iterations):
+            values = self._guarded_step(it, next(batches), late)
+            if late is not None:
+                self._report(late)  # the previous step's values: the device has this step queued meanwhile
+            late, self.iteration = values, it + 1
+            validate = self.validation and (self.iteration % val_every == 0 or self.iteration == cfg.iterations)
+            snapshot = self.checkpoint_fn and self.iteration % ckpt_every == 0 and self.iteration < cfg.iterations
+            if validate or snapshot or self.iteration == cfg.iterations:
+                self._report(late)
+                late = None
+            if validate:
                 self.validate()
-            if self.checkpoint_fn and self.iteration % ckpt_every == 0 and self.iteration < cfg.iterations:
+            if snapshot:
                 self._pending = Snapshot(self.iteration, self.state())  # written once the next loss shows it sane
+            if validate or snapshot:
+                self._last_read = time.perf_counter()  # the time per iteration leaves validation and checkpoints out
+        if late is not None:  # stopped: the last step's values
+            self._report(late)
         return status
 
     def run(self) -> TrainResult:
@@ -305,13 +322,13 @@ class Trainer:
         })
         status = "completed"
         self.student.train()
-        self._t0 = time.perf_counter()
-        first = self.iteration
+        self._t0 = self._last_read = time.perf_counter()
+        self._first = first = self.iteration
         # sampling workers make the host batches ahead; without them ``sample(it)`` runs in the loop
         batches = (host_batches(self.maker, first, cfg.iterations, self.workers, pin=self.device.type == "cuda")
                    if self.workers else _nothing_ahead())
         try:
-            status = self._loop(batches, first, val_every, ckpt_every)
+            status = self._loop(batches, val_every, ckpt_every)
         finally:
             batches.close()  # a stopped or failed loop ends the sampling workers
         if status == "stopped" and self.checkpoint_fn:
@@ -404,32 +421,6 @@ def _nothing_ahead() -> Iterator[None]:
 LOSS_FLOOR = 0.5  # the first loss, at least this, is what "grown" is measured against
 SANE_FACTOR = 10.0  # a checkpoint's weights are sane when the next loss is at most this many times the first
 DIVERGED_FACTOR = 1000.0  # a loss this many times the first: the run has diverged, even while finite
-
-
-@torch.no_grad()
-def labeled_prototypes(
-    net: nn.Module, cases: Sequence[Case], patch: Sequence[int], num_classes: int, device: torch.device,
-    patches_per_case: int = 2, max_patches: int = 64, seed: int = 0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Class prototypes ``(K, C)`` of ``net``'s features pooled over foreground-centred patches of the
-    labeled cases (stored in the model file for prototype-based uncertainty scores)."""
-    net.eval()
-    aug = Augmenter(patch, flip=False, rot90=False)
-    sampler = PatchSampler(cases, patch, num_classes, aug, seed, 3, foreground_oversample=0.66)
-    n = min(max_patches, patches_per_case * len(cases))
-    num, den = None, None
-    for i in range(n):
-        b = sampler.sample(0, [i])
-        _, feats = net(torch.from_numpy(b.images).to(device, dtype=next(net.parameters()).dtype))
-        feats = as_float(feats)
-        masks = feature_masks(torch.from_numpy(b.labels).to(device), num_classes, feats.shape[2:], dtype=feats.dtype)
-        nn_ = torch.einsum("bkdhw,bcdhw->kc", masks, feats)
-        dn = masks.sum(dim=(0, 2, 3, 4))
-        num = nn_ if num is None else num + nn_
-        den = dn if den is None else den + dn
-    valid = den > 1e-6
-    protos = (num / den.clamp_min(1e-6).unsqueeze(1)) * valid.unsqueeze(1)
-    return protos.cpu(), valid.cpu()
 
 
 def train(
