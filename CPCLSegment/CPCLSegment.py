@@ -41,7 +41,7 @@ from slicer.util import VTKObservationMixin
 
 from CPCLSegmentLib import jobs
 from CPCLSegmentLib.errors import CPCLError
-from CPCLSegmentModuleLib import environment, panel, panelguard
+from CPCLSegmentModuleLib import environment, panel, panelguard, sampledata
 from CPCLSegmentModuleLib.logic import LogicCore
 from CPCLSegmentModuleLib.models import is_model_node
 from CPCLSegmentModuleLib.nodes import segment_names, volume_array
@@ -69,6 +69,15 @@ See the <a href="https://github.com/cpclsegment/SlicerCPCLSegment#readme">docume
 CPCL: cyclic prototype consistency learning for semi-supervised medical image segmentation.
 Background-process pattern after SlicerMONAIAuto3DSeg (A. Lasso).
 """
+        # Sample Data: the chest CT + segmentation (from the slicerio package, nothing downloaded), once Slicer has started
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Offers the chest CT + its segmentation in the Sample Data module (category "CPCLSegment")."""
+    import SampleData
+
+    sampledata.register(SampleData.SampleDataLogic, os.path.join(os.path.dirname(__file__), "Resources", "Icons", "CPCLSegment.png"))
 
 
 #
@@ -189,7 +198,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = CPCLSegmentLogic()
         self.controller = panel.PanelController(self.logic.core)
 
-        for table in (self.ui.casesTable, self.ui.labelNextTable, self.ui.modelsTable, self.ui.runFoldersTable):
+        for table in (self.ui.casesTable, self.ui.labelNextTable, self.ui.modelsTable, self.ui.runFoldersTable, self.ui.packagesTable):
             table.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
             table.verticalHeader().setDefaultSectionSize(22)
         self.ui.initModelPathLineEdit.nameFilters = ["PyTorch model (*.pt *.pth)", "All files (*)"]
@@ -201,6 +210,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         c = self.controller
         act = self._act
         self.ui.installButton.connect("clicked(bool)", self.onInstall)
+        self.ui.packagesButton.connect("clicked(bool)", lambda: act(c.toggle_packages))
         self.ui.addCaseButton.connect("clicked(bool)", lambda: act(c.add_case, self.ui.labeledVolumeSelector.currentNode(),
                                                                    self.ui.labeledSegmentationSelector.currentNode(),
                                                                    self.ui.sparseCheckBox.checked))
@@ -301,6 +311,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onInstall(self) -> None:
         if self._act(self.logic.ensureDependencies, True, busy=True):
             self._act(self.controller.start_probe)
+            self._act(registerSampleData)  # slicerio (the sample's files) may have just been installed
 
     def _withDependencies(self, fn) -> None:
         self.logic.ensureDependencies()
@@ -479,7 +490,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(self.ui, name).filters = filters
 
     def _showManage(self, view) -> None:
-        for name, rows in (("modelsTable", view.model_rows), ("runFoldersTable", view.run_rows)):
+        for name, rows in (("modelsTable", view.model_rows), ("runFoldersTable", view.run_rows), ("packagesTable", view.package_rows)):
             if self._shown.get(name) != rows:
                 self._shown[name] = rows
                 self._fillTable(getattr(self.ui, name), rows)

@@ -19,6 +19,26 @@ def test_the_sample_loads_as_a_paired_labeled_case():
     assert ref is volume  # what pairs a segmentation with its volume in the panel
 
 
+def test_registering_once_and_clicking_the_sample_loads_it_into_the_scene(monkeypatch):
+    monkeypatch.setattr(sampledata, "_registered", False)
+    registered = []
+
+    class SampleDataLogic:  # SampleData.SampleDataLogic's one static method the module calls
+        @staticmethod
+        def registerCustomSampleDataSource(**kwargs):
+            registered.append(kwargs)
+
+    assert sampledata.register(SampleDataLogic, "icon.png")
+    assert not sampledata.register(SampleDataLogic)  # after an install the module registers again: no duplicate
+    assert len(registered) == 1 and registered[0]["sampleName"] == sampledata.SAMPLE_NAME
+    scene = new_scene()  # the scene the Sample Data module's click loads into (slicer.mrmlScene)
+    volume, segmentation = registered[0]["customDownloader"](object())  # SampleData calls customDownloader(source)
+    assert scene.GetNodeByID(volume.GetID()) is volume and scene.GetNodeByID(segmentation.GetID()) is segmentation
+    monkeypatch.setattr(sampledata, "_registered", False)
+    monkeypatch.setattr(sampledata, "sample_files", lambda: None)
+    assert not sampledata.register(SampleDataLogic) and len(registered) == 1  # slicerio not installed: not offered
+
+
 def test_the_registration_arguments_fit_slicers_sample_data_source(monkeypatch):
     calls = []
     kwargs = sampledata.registration(calls.append, "icon.png")

@@ -270,14 +270,15 @@ def module(monkeypatch, tmp_path, ct_path, seg_path):
     scene = new_scene()
     volume = load_volume(scene, ct_path)
     segmentation = load_segmentation(scene, seg_path, volume=volume)
-    calls = {"errors": [], "layers": [], "modules": []}
+    calls = {"errors": [], "layers": [], "modules": [], "connected": []}
     widgets = load_ui(UI)
     root = FakeWidget("CPCLSegment", "qMRMLWidget", {"dynamic": {}})
     monkeypatch.setitem(sys.modules, "qt", fake_qt())
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", fake_scripted_module(tmp_path))
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
         temporaryPath=str(tmp_path / "Slicer temp"), processEvents=lambda: None, testingEnabled=lambda: True,
-        setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None), raising=False)
+        setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None,
+        connect=lambda signal, slot: calls["connected"].append((signal, slot))), raising=False)
     util = slicer.util
     monkeypatch.setattr(util, "loadUI", lambda path: root, raising=False)
     monkeypatch.setattr(util, "childWidgetVariables", lambda w: types.SimpleNamespace(**widgets), raising=False)
@@ -314,6 +315,7 @@ def test_the_module_file_sets_up_and_its_widget_maps_the_controller(module):
     parent = types.SimpleNamespace()
     mod.CPCLSegment(parent)
     assert parent.title == "CPCL Segment" and parent.categories == ["Segmentation"]
+    assert calls["connected"] == [("startupCompleted()", mod.registerSampleData)]  # the chest CT in Sample Data
     widget = mod.CPCLSegmentWidget()
     widget.setup()
     widget.enter()  # starts the environment probe in a child process

@@ -35,7 +35,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``rounds``: the label -> train loop's rounds: the held-out Dice change, where an added case goes
   (``round_record``, ``dice_change``, ``order_cases``). imports: none.
 - ``sampledata``: the chest CT and its segmentation as Slicer Sample Data (``sample_files``, ``load_sample``,
-  ``registration``). imports: none.
+  ``registration``, ``register``). imports: none.
 - ``trainrun``: a training run's folder, command line and what stays of it (``write_training_run``,
   ``train_command``, ``read_command``, ``can_resume``, ``collect_model``, ``keep_run_dir``).
   imports: export, inputcheck, models, options, scene.
@@ -54,11 +54,13 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   models on this computer; it becomes the run's --init (``PanelStart``, ``choice_rows``). imports: modellist.
 - ``panelmanage``: the panel's output segmentation (new or overwritten), Show in 3D, the model list and the run
   folders (``PanelManage``, ``size_text``). imports: modellist, nodes.
+- ``packageinfo``: the package view beside the Install button: installed versions against the ones needed, the
+  training process's Python and PyTorch build (``PanelPackages``, ``package_rows``). imports: environment.
 - ``panelview``: what the panel shows (``PanelView``, ``build_view``, ``model_text``, ``check_text``,
   ``train_event_display``, ``format_seconds``). imports: environment, inputcheck, models, panelsettings, trainrun.
 - ``paneljobs``: the panel's running jobs, their events and results, scene close (``PanelJobs``).
   imports: logic, panelview, plot.
 - ``panel``: ``PanelController``, every decision the panel makes (the widget maps its ``view()`` to Qt)
-  (``PanelController``, ``error_text``). imports: environment, inputcheck, logic, nodes, paneljobs, panelloop, panelmanage, panelsettings,
-  panelstate, panelview, plot, scene, startfrom.
+  (``PanelController``, ``error_text``). imports: environment, inputcheck, logic, nodes, packageinfo, paneljobs,
+  panelloop, panelmanage, panelsettings, panelstate, panelview, plot, scene, startfrom.
 """

@@ -26,6 +26,7 @@ from .inputcheck import CheckFailed, CheckResult, check_inputs
 from .logic import LogicCore
 from .nodes import node_name
 from .paneljobs import PanelJobs
+from .packageinfo import PanelPackages
 from .panelloop import PanelLoop
 from .panelmanage import PanelManage
 from .panelsettings import PanelSettings
@@ -38,7 +39,7 @@ from .startfrom import PanelStart
 KINDS = ("train", "segment", "rank", "inspect", "probe")
 
 
-class PanelController(PanelJobs, PanelLoop, PanelStart, PanelManage, PanelState, PanelSettings):
+class PanelController(PanelJobs, PanelLoop, PanelStart, PanelManage, PanelPackages, PanelState, PanelSettings):
     """The panel's state machine. ``core``: the ``LogicCore`` that runs the jobs (its scene is the panel's)."""
 
     def __init__(self, logic: LogicCore, observe: bool = True) -> None:

@@ -55,6 +55,7 @@ class PanelView:
     output_segmentation: Optional[str] = None  # node ID; None: "Create new segmentation"
     output_base_name: str = "segmentation"
     shown_in_3d: Optional[str] = None  # node ID
+    package_rows: List[Tuple[str, str, str, str]] = field(default_factory=list)  # package, installed, needs, status
 
 
 def model_text(model: Optional[Any]) -> str:
@@ -129,6 +130,18 @@ def format_seconds(seconds: Optional[float]) -> str:
     return f"{seconds // 3600} h {(seconds % 3600) // 60:02d} min"
 
 
+def _add_parts(v: PanelView, *parts: Dict[str, Any]) -> None:
+    """Adds what a part of the panel shows: ``visible``, ``enabled``, ``text`` (plain text) by widget name; any other
+    key is a ``PanelView`` field."""
+    for part in parts:
+        part = dict(part)
+        v.visible.update(part.pop("visible", {}))
+        v.enabled.update(part.pop("enabled", {}))
+        v.text.update({k: _h(t) for k, t in part.pop("text", {}).items()})
+        for name, value in part.items():
+            setattr(v, name, value)
+
+
 def build_view(c: Any) -> PanelView:
     """The view of a ``panel.PanelController``."""
     training, segmenting, ranking = c.busy("train"), c.busy("segment"), c.busy("rank")
@@ -175,18 +188,8 @@ def build_view(c: Any) -> PanelView:
                   addLabeledCaseButton=f"Add '{labeling.GetName()}' as a labeled case" if labeling is not None else "Add as a labeled case",
                   lengthHintLabel=("the iteration count is planned from a timed training step" if minutes
                                    else "training steps (for experts: the time they take depends on the computer)"))
-    start = c.start_display()
-    v.visible.update(start["visible"])
-    v.enabled.update(start["enabled"])
+    _add_parts(v, c.start_display(), c.packages_display(), c.manage_display())
     v.enabled["keepModelSegmentsCheckBox"] = v.enabled["keepModelSegmentsCheckBox"] and not training
-    v.text.update({k: _h(t) for k, t in start["text"].items()})
-    v.filters = start["filters"]
-    v.start_rows, v.start_from = c.start_choices(), c.start_from()
-    manage = c.manage_display()
-    v.enabled.update(manage.pop("enabled"))
-    v.text.update({k: _h(t) for k, t in manage.pop("text").items()})
-    for name, value in manage.items():
-        setattr(v, name, value)
     v.progress = dict(c.progress)
     v.cases = [(c.volume.GetName(), c.segmentation.GetName(), c.sparse) for c in cases]
     v.segments = segments

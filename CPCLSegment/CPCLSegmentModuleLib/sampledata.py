@@ -66,6 +66,22 @@ def load_sample(scene: Any) -> Tuple[Any, Any]:
     return volume, segmentation
 
 
+_registered = False
+
+
+def register(sample_data_logic: Any, thumbnail: Optional[str] = None) -> bool:
+    """Registers the sample once with ``sample_data_logic`` (``SampleData.SampleDataLogic``); clicking it loads the
+    files into ``slicer.mrmlScene``. False while slicerio is not installed (the module registers again after an
+    install) or when it is registered already."""
+    global _registered
+    kwargs = registration(lambda source: load_sample(slicer.mrmlScene), thumbnail)
+    if kwargs is None or _registered:
+        return False
+    sample_data_logic.registerCustomSampleDataSource(**kwargs)
+    _registered = True
+    return True
+
+
 def registration(loader: Callable[[Any], Any], thumbnail: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Keyword arguments for ``SampleDataLogic.registerCustomSampleDataSource``, or None when the files are not
     there (slicerio not installed). ``loader(source)`` is called when the user clicks the sample."""

@@ -120,4 +120,5 @@ class PanelStart:
         return {"visible": {"initModelPathLineEdit": kind in (FILE, FOLDER)},
                 "enabled": {"keepModelSegmentsCheckBox": kind != NONE},
                 "text": {"startFromInfoLabel": info},
-                "filters": {"initModelPathLineEdit": PATH_FILTERS.get(kind, PATH_FILTERS[FILE])}}
+                "filters": {"initModelPathLineEdit": PATH_FILTERS.get(kind, PATH_FILTERS[FILE])},
+                "start_rows": self.start_choices(), "start_from": key}
