@@ -70,6 +70,12 @@ def test_add_as_labeled_case_adds_the_corrected_segmentation_before_the_held_out
     assert not painted(seg)
     paint_from(seg, s1)
     assert painted(seg)
+    surface_only = empty_segmentation(scene, v3, CLASSES, "surface only")  # a closed surface, no labelmap
+    surface_only.GetSegmentation().CopySegmentFromSegmentation(s1.GetSegmentation(), find_segment_id(s1, "right lung"))
+    surface_only.GetSegmentation().CreateRepresentation("Closed surface")
+    surface_only.GetSegmentation().SetSourceRepresentationName("Closed surface")
+    surface_only.GetSegmentation().RemoveRepresentation("Binary labelmap")
+    assert painted(surface_only)
     case = c.add_labeled_case()
     assert case.volume is v3 and case.segmentation is seg
     assert names(c) == [("V1", "S1"), ("V3", "V3 labels"), ("V2", "S2")]  # V2 stays the held-out case

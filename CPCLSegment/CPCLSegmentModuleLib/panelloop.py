@@ -27,12 +27,13 @@ from .scene import OUTPUT_ATTRIBUTE, OUTPUT_LABELS, LabeledCase
 LABELING_ROLE = "LabelingSegmentation"
 ROUNDS_KEY, PENDING_KEY = "Rounds", "RoundPending"
 MAX_ROUNDS = 50
-LABELMAP = "Binary labelmap"  # vtkSegmentationConverter::GetSegmentationBinaryLabelmapRepresentationName()
+# vtkSegmentationConverter::GetSegmentationBinaryLabelmapRepresentationName() / ...ClosedSurfaceRepresentationName()
+LABELMAP, SURFACE = "Binary labelmap", "Closed surface"
 
 
 def painted(segmentation: Any) -> bool:
-    """Whether any segment of ``segmentation`` has a voxel (its binary labelmap holds its label value), or any
-    non-labelmap representation has points: an untouched Label next segmentation is not a labeled case."""
+    """Whether any segment of ``segmentation`` has a voxel (its binary labelmap holds its label value), or, without
+    a labelmap, a closed surface with points: an untouched Label next segmentation is not a labeled case."""
     seg = segmentation.GetSegmentation()
     for sid in segment_ids(segmentation):
         segment = seg.GetSegment(sid)
@@ -42,10 +43,9 @@ def painted(segmentation: Any) -> bool:
             if scalars is not None and np.any(numpy_support.vtk_to_numpy(scalars) == segment.GetLabelValue()):
                 return True
             continue
-        for i in range(segment.GetNumberOfRepresentations()):
-            other = segment.GetRepresentation(segment.GetNthRepresentationName(i))
-            if other is not None and other.GetNumberOfPoints() > 0:  # e.g. a closed surface
-                return True
+        surface = segment.GetRepresentation(SURFACE)
+        if surface is not None and surface.GetNumberOfPoints() > 0:
+            return True
     return False
 
 

@@ -58,6 +58,9 @@ SLICER_API = (
     # the model node and its hidden data node (modelnode.py), the chest CT sample (sampledata.py)
     "vtkMRMLTextNode.SetHideFromEditors", "vtkMRMLTextNode.StartModify", "vtkMRMLTextNode.EndModify",
     "vtkMRMLTextNode.SetNodeReferenceID", "vtkMRMLTextNode.GetNodeReference", "vtkMRMLTextNode.SetName",
+    # the label -> train loop (panelloop.py), an output segmentation overwritten (results.py)
+    "vtkSegment.GetLabelValue", "vtkSegment.GetRepresentation", "vtkMRMLSegmentationNode.RemoveAttribute",
+    "vtkMRMLSegmentationNode.SetAttribute", "vtkMRMLSegmentationNode.StartModify", "vtkMRMLSegmentationNode.EndModify",
     # a closed-surface segmentation is converted in a copy (nodes.labelmap_copy)
     "vtkMRMLSegmentationNode.ApplyTransform", "vtkMRMLTransformNode.GetTransformBetweenNodes", "vtkSegmentation.DeepCopy",
 )
