@@ -75,8 +75,10 @@ Background-process pattern after SlicerMONAIAuto3DSeg (A. Lasso).
 
 def registerSampleData() -> None:
     """Offers the chest CT + its segmentation in the Sample Data module (category "CPCLSegment")."""
-    import SampleData
-
+    try:
+        import SampleData
+    except ImportError:  # a Slicer built without the Sample Data module
+        return
     sampledata.register(SampleData.SampleDataLogic, os.path.join(os.path.dirname(__file__), "Resources", "Icons", "CPCLSegment.png"))
 
 
@@ -237,8 +239,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rescanModelsButton.connect("clicked(bool)", lambda: act(c.find_local_models, busy=True))
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
                                                    lambda node: self._fromGUI(c.set_output_segmentation, node))
-        self.ui.modelsTable.connect("itemSelectionChanged()", lambda: self._fromGUI(c.select_model_row, (self._selectedRows(
-            self.ui.modelsTable) or [None])[0]))
+        self.ui.modelsTable.connect("itemSelectionChanged()", self.onModelSelection)
         self.ui.renameModelButton.connect("clicked(bool)", self.onRenameModel)
         self.ui.deleteModelButton.connect("clicked(bool)", lambda: self._confirmed("Remove the selected models from the scene?")
                                           and act(c.delete_models, self._selectedRows(self.ui.modelsTable)))
@@ -350,6 +351,11 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     @staticmethod
     def _confirmed(text: str) -> bool:
         return slicer.util.confirmOkCancelDisplay(text, "CPCLSegment")
+
+    def onModelSelection(self) -> None:
+        rows = self._selectedRows(self.ui.modelsTable)
+        if len(rows) == 1:  # one model selected: it becomes the panel's model (several: to delete them)
+            self._fromGUI(self.controller.select_model_row, rows[0])
 
     def onRenameModel(self) -> None:
         rows = self._selectedRows(self.ui.modelsTable)
@@ -494,7 +500,8 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._shown.get(name) != rows:
                 self._shown[name] = rows
                 self._fillTable(getattr(self.ui, name), rows)
-        if view.model_row is not None:
+        if view.model_row is not None and self._shown.get("model_row") != (view.model_row, view.model_rows):
+            self._shown["model_row"] = (view.model_row, view.model_rows)  # only when it changed: a selection of several stays
             self.ui.modelsTable.selectRow(view.model_row)
         selector = self.ui.outputSegmentationSelector
         selector.baseName = view.output_base_name

@@ -376,6 +376,13 @@ def test_the_module_file_sets_up_and_its_widget_maps_the_controller(module):
     run_timer(widget, "segment")
     assert calls["layers"] and calls["layers"][-1]["background"] is volume
     assert ui["segmentProgressBar"].format.startswith("done: CTChest segmentation")
+    # the result is what Show 3D shows; the model list has the trained model; the package view opens on request
+    assert ui["segmentationShow3DButton"].segmentation_node.GetName().startswith("CTChest segmentation")
+    assert ui["modelsTable"].row_count == 1 and ui["modelsTable"].rows[(0, 0)].text() == c.model().GetName()
+    assert ui["outputSegmentationSelector"].baseName == "CTChest segmentation"
+    assert not ui["packagesTable"].visible
+    ui["packagesButton"].click()
+    assert ui["packagesTable"].visible and ui["packagesTable"].rows[(0, 0)].text() == "torch"
 
     # deleting the segmentation empties the cases table (the pair is dropped, with a line in the log)
     scene.RemoveNode(segmentation)

@@ -74,7 +74,8 @@ def register(sample_data_logic: Any, thumbnail: Optional[str] = None) -> bool:
     files into ``slicer.mrmlScene``. False while slicerio is not installed (the module registers again after an
     install) or when it is registered already."""
     global _registered
-    kwargs = registration(lambda source: load_sample(slicer.mrmlScene), thumbnail)
+    # SampleData calls customDownloader(source) (5.8-5.12; older releases called it without arguments)
+    kwargs = registration(lambda source=None: load_sample(slicer.mrmlScene), thumbnail)
     if kwargs is None or _registered:
         return False
     sample_data_logic.registerCustomSampleDataSource(**kwargs)
