@@ -14,6 +14,7 @@ vtk = pytest.importorskip("vtk")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CPCLSegment"))
 
+from CPCLSegmentLib.errors import Cancelled, InputError  # noqa: E402
 from CPCLSegmentModuleLib import panel  # noqa: E402
 from CPCLSegmentModuleLib.export import export_inputs, export_segmentation, export_volume  # noqa: E402
 from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
@@ -43,6 +44,28 @@ def small_volume(scene, name="small", shape=(40, 48, 56), spacing=2.0):
     node.SetAndObserveImageData(image)
     node.SetSpacing(spacing, spacing, spacing)
     return node
+
+
+def small_case(scene, name="small", shape=(40, 48, 56)):
+    """A synthetic volume with a segmentation of one box segment ("box") drawn on it."""
+    from vtk.util import numpy_support
+
+    volume = small_volume(scene, name, shape)
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[10:30, 12:36, 14:42] = 1
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{name} labels")
+    image = vtk.vtkImageData()
+    image.SetDimensions(shape[2], shape[1], shape[0])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(labels.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+    labelmap.SetAndObserveImageData(image)
+    labelmap.SetSpacing(*volume.GetSpacing())
+    ensure_converter_rules()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} segmentation")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    scene.RemoveNode(labelmap)
+    segmentation.GetSegmentation().GetNthSegment(0).SetName("box")
+    return volume, segmentation
 
 
 def surface_only(scene, volume):
@@ -144,3 +167,35 @@ def test_label_next_again_reuses_the_volume_s_uncertainty_map_and_segmentation(t
     heat3, seg3 = label_next(other, maps[0])  # another volume: its own map and segmentation
     assert heat3 is not heat and seg3 is not seg
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+
+
+def test_one_training_at_a_time_a_blocking_console_train_refuses_the_panel_s(tmp_path):
+    """A blocking console ``train()`` keeps Slicer's window alive (its tick runs the event loop), so the panel's
+    Train can be clicked meanwhile: it is refused, whichever ``LogicCore`` (panel, console, a script's) started the
+    first one."""
+    from CPCLSegmentModuleLib.trainrun import refuse_second_training
+
+    scene = new_scene()
+    volume, segmentation = small_case(scene)
+    c = controller(scene, tmp_path)  # the panel, with its own LogicCore
+    seen = {}
+
+    def tick():  # while the console's train() blocks: the user clicks the panel's Train
+        if "error" in seen:
+            return
+        try:
+            c.train()
+            seen["error"] = None
+        except InputError as e:
+            seen["error"] = str(e)
+        for job in (c.jobs["train"], LogicCore.training):
+            if job is not None:
+                job.cancel(block=False)
+
+    console = LogicCore(scene, env=one_thread_env(), work_root=str(tmp_path / "console"), tick=tick)
+    with pytest.raises(Cancelled):
+        console.train([(volume, segmentation)], [], ["box"], iterations=500, width=4, patch_size=[32, 32, 16], device="cpu")
+    assert seen["error"] is not None and "training is running already" in seen["error"], seen
+    assert c.jobs["train"] is None
+    refuse_second_training(LogicCore.training)  # ended: the next one may start
+

@@ -37,11 +37,14 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``sampledata``: the chest CT and its segmentation as Slicer Sample Data (``sample_files``, ``load_sample``,
   ``registration``, ``register``). imports: none.
 - ``trainrun``: a training run's folder, command line and what stays of it (``write_training_run``,
-  ``train_command``, ``read_command``, ``can_resume``, ``collect_model``, ``keep_run_dir``).
+  ``train_command``, ``read_command``, ``can_resume``, ``collect_model``, ``keep_run_dir``,
+  ``refuse_second_training``).
   imports: export, inputcheck, models, options, scene.
 - ``plot``: the training plot in MRML table and plot nodes (``TrainingPlot``). imports: none.
+- ``logicmodels``: the train / segment / rank API's models: model files for the child, model nodes from files and back, a model's
+  classes (``ModelAPI``, ``ModelRef``). imports: models, results.
 - ``logic``: the one train / segment / rank API the console and the panel call (``LogicCore``).
-  imports: export, models, nodes, options, results, scene, trainrun.
+  imports: export, logicmodels, models, nodes, options, results, scene, trainrun.
 - ``panelguard``: what the panel holds back or asks first: typing is never overwritten by a refresh
   (``write_into_widget``, ``widget_value``, ``same_value``). imports: none.
 - ``panelsettings``: the panel's settings in the parameter node (``PanelSettings``, ``PANEL_SETTINGS``).

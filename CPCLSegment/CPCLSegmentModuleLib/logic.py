@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import slicer
 from CPCLSegmentLib import jobs
@@ -23,27 +23,19 @@ from CPCLSegmentLib.errors import InputError
 from CPCLSegmentLib.settings import WEIGHTS
 
 from .export import export_volume
-from .models import (
-    is_model_node,
-    model_classes_of,
-    model_file_of,
-    model_nested,
-    model_node_from_file,
-    save_model_file,
-    set_model_classes,
-)
+from .logicmodels import ModelAPI, ModelRef
+from .models import model_nested
 from .nodes import check_volume, ensure_converter_rules, node_name, segment_names
 from .options import DEVICES, split_settings, train_config
-from .results import empty_segmentation, import_scalar_volume, import_segmentation
+from .results import import_scalar_volume, import_segmentation
 from .scene import OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, as_cases, output_for
-from .trainrun import can_resume, collect_model, keep_run_dir, read_command, write_training_run
+from .trainrun import can_resume, collect_model, keep_run_dir, read_command, refuse_second_training, write_training_run
 
 Event = Dict[str, Any]
 OnEvent = Optional[Callable[[Event], None]]
-ModelRef = Union[str, Any]  # a model node (the scene's) or a model file path
 
 
-class LogicCore:
+class LogicCore(ModelAPI):
     """Train / segment / rank from nodes: the one API the console logic and the panel call.
     ``scene`` defaults to ``slicer.mrmlScene``.
 
@@ -55,6 +47,10 @@ class LogicCore:
             installed (the Slicer module asks the user and installs there).
         tick: called while a blocking call waits (Slicer keeps its window painted with ``processEvents``).
     """
+
+    # The training this process started last, shared by every LogicCore (the panel's, the console's, a script's
+    # ``CPCLSegmentLogic()``): one training at a time (``trainrun.refuse_second_training``).
+    training: Optional[jobs.Job] = None
 
     def __init__(self, scene: Any = None, python: Optional[str] = None, env: Optional[Dict[str, str]] = None,
                  work_root: Optional[str] = None, ensure_dependencies: Optional[Callable[[], None]] = None,
@@ -116,20 +112,24 @@ class LogicCore:
     def start_training(self, labeled: Sequence[Any], unlabeled: Sequence[Any] = (), segments: Optional[Sequence[str]] = None,
                        out: Optional[str] = None, **values: Any) -> jobs.Job:
         """Checks and exports the inputs, then starts ``cpcl-segment train`` in the background. The job's
-        ``result()`` is the model node (a NEW ``vtkMRMLTextNode`` saved with the scene)."""
+        ``result()`` is the model node (a NEW ``vtkMRMLTextNode`` saved with the scene). One training at a time."""
+        refuse_second_training(self.training)
         self.ensure_dependencies()
         plan = self.prepare_training(labeled, unlabeled, segments, out, **values)
         job = self._train_job(plan["args"], plan["run_dir"], plan["record"])
         job.check = plan["check"]  # what the one rasterisation pass found (warnings, counts), for the panel
-        return job.start()
+        LogicCore.training = job.start()
+        return job
 
     def resume_training(self, run_dir: str) -> jobs.Job:
         """Continues a stopped or interrupted run from its checkpoint (same inputs, ``--resume``); the
         job's result updates the model node of that run (or makes one)."""
+        refuse_second_training(self.training)
         saved = read_command(run_dir)
         self.ensure_dependencies()
         args = [a for a in saved["args"] if a != "--resume"] + ["--resume"]
-        return self._train_job(args, run_dir, saved).start()
+        LogicCore.training = self._train_job(args, run_dir, saved).start()
+        return LogicCore.training
 
     can_resume = staticmethod(can_resume)
 
@@ -243,54 +243,3 @@ class LogicCore:
             raise InputError(f"no uncertainty map was written for '{node_name(row['volume'])}'")
         return import_scalar_volume(self.scene, row["uncertainty"], row["volume"], f"{node_name(row['volume'])} uncertainty",
                                     node=output_for(self.scene, OUTPUT_UNCERTAINTY, row["volume"]))
-
-    # ------------------------------------------------------------------------------------- models
-
-    def model_file(self, model: ModelRef) -> str:
-        """A model file path for the child: a path as given (checked), or the model node's cached file,
-        written again from the node when the temporary folder lost it."""
-        if model is None or model == "":
-            raise InputError("no model: train one or load a model file")
-        if not isinstance(model, str) and hasattr(model, "GetAttribute"):
-            return model_file_of(model, self.work_root)
-        path = os.path.abspath(str(model))
-        if not os.path.isfile(path):
-            raise InputError(f"model file not found: {model}")
-        return path
-
-    def starting_point(self, init: ModelRef) -> str:
-        """``--init`` for a run: a model node's file, a model file, or a folder (MONAI bundle / Auto3DSeg model)."""
-        if isinstance(init, str) and os.path.isdir(init):
-            return os.path.abspath(init)
-        return self.model_file(init)
-
-    def inspect_model(self, path: str) -> jobs.Job:
-        """A started job whose result is what the model file holds (read by the child: no torch here)."""
-        return jobs.model_info_job(os.path.abspath(str(path)), python=self.python, env=self.env).start()
-
-    def load_model(self, path: str, info: Optional[Dict[str, Any]] = None, name: Optional[str] = None) -> Any:
-        """A NEW model node from a model file. ``info``: what ``inspect_model`` found (read now, blocking,
-        when not given), so a bad file is refused before a node is made."""
-        path = self.model_file(str(path))
-        if info is None:
-            info = self._wait(self.inspect_model(path), None)
-        return model_node_from_file(self.scene, path, info, name)
-
-    def save_model(self, model: Any, target: str) -> str:
-        """Writes the model node's file to ``target`` (atomically) with its run record beside it; the run
-        record also keeps the overlap nesting (``slicer.nested``) for ``load_model``."""
-        return save_model_file(model, self.model_file(model), target)
-
-    def model_classes(self, model: ModelRef) -> List[Dict[str, Any]]:
-        """The model's classes (background first): from the node, else read by a child process."""
-        classes = model_classes_of(model) if is_model_node(model) else None
-        if classes:
-            return classes
-        info = self._wait(self.inspect_model(self.model_file(model)), None)
-        if is_model_node(model):
-            set_model_classes(model, info["classes"])
-        return info["classes"]
-
-    def empty_segmentation_for(self, model: ModelRef, volume: Any, name: Optional[str] = None) -> Any:
-        """A NEW empty segmentation with the model's segment names / colours / terminology on ``volume``."""
-        return empty_segmentation(self.scene, volume, self.model_classes(model), name)

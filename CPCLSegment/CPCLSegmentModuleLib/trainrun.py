@@ -127,3 +127,11 @@ def keep_run_dir(job: jobs.Job, run_dir: str, out: str) -> bool:
         if os.path.exists(ckpt) and os.path.getmtime(ckpt) >= (job.started_at or 0) - 1:
             os.remove(ckpt)
     return False
+
+
+def refuse_second_training(job: Optional[jobs.Job]) -> None:
+    """InputError while ``job`` (the training this process started last, from the console or the panel) runs: a
+    blocking console ``train()`` keeps the panel clickable, and two trainings would share the CPU / GPU."""
+    if job is not None and job.status == "running" and job.proc is not None and job.proc.poll() is None:
+        raise InputError("a training is running already (started from the panel or the Python console): wait for it, "
+                         "or stop or cancel it, then start another")
