@@ -199,3 +199,39 @@ def test_one_training_at_a_time_a_blocking_console_train_refuses_the_panel_s(tmp
     assert c.jobs["train"] is None
     refuse_second_training(LogicCore.training)  # ended: the next one may start
 
+
+def sequence_with_proxy(scene, frame_volume):
+    """A two-frame sequence of ``frame_volume`` and a browser showing it: the browser adds a proxy *copy* to the scene
+    (NodeAdded first, the browser's reference to it after), as loading a 4-D volume does."""
+    for cls in (slicer.vtkMRMLSequenceNode, slicer.vtkMRMLSequenceBrowserNode):
+        scene.RegisterNodeClass(cls())
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "cine")
+    for t in ("0", "1"):
+        sequence.SetDataNodeAtValue(frame_volume, t)
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "cine browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    proxy = browser.AddProxyNode(frame_volume, sequence, True)
+    assert proxy is not None and browser.IsProxyNodeID(proxy.GetID())
+    return browser, proxy
+
+
+def test_a_sequence_s_shown_frame_is_not_ticked_and_is_refused_with_a_message_naming_it(tmp_path):
+    scene = new_scene()
+    volume, segmentation = small_case(scene, "CT")
+    c = controller(scene, tmp_path)
+    assert [case.volume for case in c.cases()] == [volume]  # the panel has looked at the scene: new volumes get ticked
+    frame = small_volume(new_scene(), "frame")  # a volume outside this scene: the sequence's data
+    slicer.mrmlScene = scene
+    browser, proxy = sequence_with_proxy(scene, frame)
+    plain = small_volume(scene, "another CT")
+    assert c.unlabeled() == [plain]  # the plain volume is ticked, the sequence's proxy is not
+    assert all(v.GetID() != proxy.GetID() for v in c.unlabeled())
+    assert proxy.GetID() not in c.view().unlabeled
+
+    c.set_unlabeled([plain, proxy])  # ticked by hand: refused, with the node and the sequence named
+    check = c.check()
+    assert not check.ok
+    message = " ".join(check.errors)
+    assert proxy.GetName() in message and "cine browser" in message and "frame" in message
+    with pytest.raises(InputError, match="sequence"):
+        c.core.start_segmentation("a model", [proxy])

@@ -13,10 +13,10 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   (``check_requirements``, ``describe_backend``). imports: none.
 - ``nodes``: reading the scene's nodes: voxels, geometry, segments and their masks on a volume's grid
   (``node_name``, ``check_volume``, ``volume_array``, ``world_ijk_to_ras``, ``segment_names``, ``find_segment_id``,
-  ``segment_masks``, ``labeled_arrays``). imports: none.
+  ``segment_masks``, ``labeled_arrays``, ``sequence_browser_of``). imports: none.
 - ``scene``: the user's cases and volumes in the scene and the module's own outputs (``LabeledCase``,
   ``as_cases``, ``OUTPUT_ATTRIBUTE``, ``is_module_output``, ``new_output_node``, ``output_for``, ``segmented_volume_pairs``,
-  ``volumes_without_segmentation``). imports: none.
+  ``volumes_without_segmentation``). imports: nodes.
 - ``inputcheck``: the input check before training, pure: writes nothing (``check_inputs``, ``CheckResult``,
   ``CheckFailed``). imports: nodes, scene.
 - ``export``: scene -> files: volumes, segments, a run's inputs checked and written in one pass

@@ -29,6 +29,11 @@ def check_volume(node: Any, role: str = "volume") -> None:
         raise InputError(f"no {role} selected")
     if not node.IsA("vtkMRMLScalarVolumeNode"):
         raise InputError(f"{role} '{node_name(node)}' is a {node.GetClassName()}, not a scalar volume")
+    browser = sequence_browser_of(node)
+    if browser is not None:
+        raise InputError(f"{role} '{node_name(node)}' is the shown frame of the sequence '{node_name(browser)}': only that one "
+                         "frame would be used. To use this frame, clone it first (Data module: right-click the volume, "
+                         "'Clone'); to use several frames, clone each")
     image = node.GetImageData()
     if image is None or image.GetNumberOfPoints() == 0:
         raise InputError(f"{role} '{node_name(node)}' has no voxels")
@@ -41,6 +46,20 @@ def check_volume(node: Any, role: str = "volume") -> None:
     if transform is not None and not transform.IsTransformToWorldLinear():
         raise InputError(f"{role} '{node_name(node)}' is under the non-linear transform '{node_name(transform)}': harden it "
                          "first (Data module: right-click the volume, 'Harden transform') or remove the transform")
+
+
+def sequence_browser_of(node: Any) -> Optional[Any]:
+    """The sequence browser whose proxy node ``node`` is (the frame a sequence shows now), or None
+    (``vtkMRMLSequenceBrowserNode::IsProxyNodeID``, as ``vtkSlicerSequencesLogic::GetBrowserNodesForProxyNode`` finds it)."""
+    scene = node.GetScene() if node is not None else None
+    if scene is None or node.GetID() is None:
+        return None
+    browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
+    for i in range(browsers.GetNumberOfItems()):
+        browser = browsers.GetItemAsObject(i)
+        if browser is not None and browser.IsProxyNodeID(node.GetID()):
+            return browser
+    return None
 
 
 def ensure_converter_rules() -> None:

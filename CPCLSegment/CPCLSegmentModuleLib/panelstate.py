@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from CPCLSegmentLib.errors import InputError
 
 from .models import is_model_node
-from .nodes import find_segment_id, node_name, segment_names
+from .nodes import find_segment_id, node_name, segment_names, sequence_browser_of
 from .scene import LabeledCase, is_plain_volume, segmented_volume_pairs, volumes_without_segmentation
 
 MODULE_NAME = "CPCLSegment"
@@ -231,10 +231,14 @@ class PanelState:
     # ----------------------------------------------------------------------- volumes
 
     def unlabeled(self) -> List[Any]:
-        return self._refs("UnlabeledVolume")
+        """The checked unlabeled volumes; a volume ticked automatically that turned out to be a sequence's shown frame
+        (Slicer adds the proxy node before the browser references it) is not among them."""
+        auto = set(self._json("AutoUnlabeled", []))
+        return [v for v in self._refs("UnlabeledVolume") if v.GetID() not in auto or sequence_browser_of(v) is None]
 
     def set_unlabeled(self, nodes: Sequence[Any]) -> None:
         self._set_refs("UnlabeledVolume", nodes)
+        self._set_json("AutoUnlabeled", [])  # the user's choice: a sequence frame ticked by hand is refused with a message
 
     def segment_volumes(self) -> List[Any]:
         return self._refs("SegmentVolume")
@@ -254,6 +258,7 @@ class PanelState:
             return False
         if node.GetID() not in {v.GetID() for v in self.unlabeled()}:
             pnode.AddNodeReferenceID("UnlabeledVolume", node.GetID())
+            self._set_json("AutoUnlabeled", self._json("AutoUnlabeled", [], pnode) + [node.GetID()], pnode)
         return True
 
     # ------------------------------------------------------------------------- model

@@ -11,6 +11,8 @@ from typing import Any, List, Sequence
 
 from CPCLSegmentLib.errors import InputError
 
+from .nodes import sequence_browser_of
+
 
 # Nodes the module creates carry this attribute (value: what they are); they are never selected as training
 # inputs automatically (``is_module_output``).
@@ -71,9 +73,10 @@ def nodes_by_class(scene: Any, class_name: str) -> List[Any]:
 
 
 def is_plain_volume(node: Any) -> bool:
-    """A scalar volume the user brought (not a label map, not something this module made)."""
+    """A scalar volume the user brought (not a label map, not something this module made, not the frame a sequence
+    shows now: only that frame would be used)."""
     return (node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
-            and not is_module_output(node))
+            and not is_module_output(node) and sequence_browser_of(node) is None)
 
 
 def segmented_volume_pairs(scene: Any) -> List[LabeledCase]:

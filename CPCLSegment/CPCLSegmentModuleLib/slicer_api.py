@@ -63,6 +63,8 @@ SLICER_API = (
     "vtkMRMLSegmentationNode.SetAttribute", "vtkMRMLSegmentationNode.StartModify", "vtkMRMLSegmentationNode.EndModify",
     # a closed-surface segmentation is converted in a copy (nodes.labelmap_copy)
     "vtkMRMLSegmentationNode.ApplyTransform", "vtkMRMLTransformNode.GetTransformBetweenNodes", "vtkSegmentation.DeepCopy",
+    # a sequence's shown frame (nodes.sequence_browser_of)
+    "vtkMRMLSequenceBrowserNode.IsProxyNodeID",
 )
 
 
