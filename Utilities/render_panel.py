@@ -5,7 +5,8 @@ The Slicer application cannot be installed here, so the .ui file is loaded with 
 (PySide6, ``pip install PySide6-Essentials``) after swapping Slicer's custom widgets for the Qt classes
 they look like: ``ctkCollapsibleButton`` -> a group box (expanded) or a flat header button (collapsed),
 ``qMRMLNodeComboBox`` / ``qMRMLCheckableNodeComboBox`` -> ``QComboBox`` showing a node name,
-``ctkPathLineEdit`` -> ``QLineEdit``, ``qMRMLWidget`` -> ``QWidget``. Every other widget, layout and property
+``ctkPathLineEdit`` -> ``QLineEdit``, ``qMRMLWidget`` -> ``QWidget``, ``qMRMLSegmentationShow3DButton`` ->
+``QPushButton``. Every other widget, layout and property
 comes from the file as it is, so a broken .ui file fails here. The widgets are then filled with a
 realistic mid-training state (two labeled cases, loss, validation Dice) and grabbed.
 
@@ -29,7 +30,8 @@ OUT = ROOT / "Resources" / "Screenshots" / "panel.png"
 
 # Properties that only Slicer's classes have (dropped when the class is swapped for a Qt one).
 SLICER_ONLY_PROPERTIES = {"nodeTypes", "showChildNodeTypes", "noneEnabled", "addEnabled", "removeEnabled", "collapsed",
-                          "renameEnabled", "editEnabled", "baseName", "selectNodeUponCreation", "filters", "nameFilters"}
+                          "renameEnabled", "editEnabled", "baseName", "selectNodeUponCreation", "filters", "nameFilters",
+                          "noneDisplay"}
 NODE_NAMES = {
     "labeledVolumeSelector": "CT 03",
     "labeledSegmentationSelector": "CT 03 segmentation",
@@ -68,6 +70,8 @@ def qt_only_ui(path: Path) -> bytes:
                 w.set("class", "QComboBox")
                 item = ET.SubElement(w, "item")
                 item.append(_string_property("text", NODE_NAMES.get(name, "")))
+            elif cls == "qMRMLSegmentationShow3DButton":
+                w.set("class", "QPushButton")
             elif cls == "ctkPathLineEdit":
                 w.set("class", "QLineEdit")
                 w.append(_string_property("placeholderText", "(none: start from scratch)"))
@@ -113,6 +117,7 @@ def fill_demo_state(w) -> None:
     if iterations is not None:
         iterations.hide()  # "Train for N minutes" is the default; iterations are for experts
     find(QPushButton, "installButton").hide()
+    find(QTableWidget, "packagesTable").hide()  # shown on request (Packages…)
     cases = find(QTableWidget, "casesTable")
     cases.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
     rows = [("CT 01", "CT 01 segmentation", False), ("CT 02", "CT 02 segmentation", False), ("CT 03", "CT 03 segmentation", True)]
