@@ -174,6 +174,21 @@ class CPCLSegmentLogic(ScriptedLoadableModuleLogic):
 #
 
 
+class ExitGuard(qt.QObject):
+    """Filters the main window's close event: while jobs run, Slicer's exit asks first (``CPCLSegmentWidget.mayLeave``);
+    a "No" ignores the event, so Slicer stays open and the jobs keep running."""
+
+    def __init__(self, widget) -> None:
+        super().__init__()
+        self.widget = widget
+
+    def eventFilter(self, obj, event) -> bool:
+        if event.type() == qt.QEvent.Close and not self.widget.mayLeave("exit"):
+            event.ignore()
+            return True
+        return False
+
+
 class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel: Qt signals call ``PanelController`` actions; ``refresh()`` shows ``controller.view()``."""
 
@@ -264,10 +279,15 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             w.connect(signal, lambda *args, name=str(w.property("cpclSetting")): self._fromGUI(self._settingFromWidgets, name))
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, lambda caller, event: self.refresh())
+        self._exitGuard = ExitGuard(self)  # Slicer's exit asks first while jobs run
+        if slicer.util.mainWindow() is not None:
+            slicer.util.mainWindow().installEventFilter(self._exitGuard)
         self.refresh()
 
     def cleanup(self) -> None:
         self._timer.stop()
+        if slicer.util.mainWindow() is not None:
+            slicer.util.mainWindow().removeEventFilter(self._exitGuard)
         self.removeObservers()
         if self.controller is not None:
             self.controller.close()
@@ -281,7 +301,15 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def exit(self) -> None:
         pass  # background jobs keep running (and being polled) while other modules are used
 
+    def mayLeave(self, action: str) -> bool:
+        """Whether to go on with ``action`` ("reload", "exit"): asks first while jobs run (panelguard.leave_question)."""
+        c = self.controller
+        question = panelguard.leave_question([k for k, j in c.jobs.items() if j is not None], action) if c else None
+        return question is None or slicer.util.confirmYesNoDisplay(question.text, "CPCLSegment")
+
     def onReload(self) -> None:
+        if not self.mayLeave("reload"):
+            return  # the jobs keep running, the module stays as it is
         # Make "Reload" pick up edits in the helper packages too (importlib, not the removed imp module).
         for name in [n for n in list(sys.modules) if n.startswith(("CPCLSegmentModuleLib", "CPCLSegmentLib"))]:
             del sys.modules[name]

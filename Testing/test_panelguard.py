@@ -76,3 +76,20 @@ def test_a_widget_shows_its_axis_of_a_per_axis_setting_and_zero_or_empty_when_un
     assert panelguard.widget_value([64, 32], 2, True) == 0
     assert panelguard.widget_value(None, 0, True) == 0 and panelguard.widget_value(None, 0, False) == ""
     assert panelguard.widget_value(0.155, 0, True) == 0.155
+
+
+def test_reload_and_exit_ask_only_while_a_job_the_user_would_lose_runs():
+    assert panelguard.leave_question([], "reload") is None
+    assert panelguard.leave_question(["probe", "inspect"], "exit") is None  # short, restart by themselves
+    q = panelguard.leave_question(["train"], "reload")
+    assert q is not None and q.text.startswith("A training is running. Reloading the module cancels it")
+    assert "Stop keeps it" in q.text and "reload now?" in q.text
+    assert q.yes == "cancel the jobs and reload" and q.no == "keep the jobs running, do not reload"
+    q = panelguard.leave_question(["segment", "train", "rank"], "exit")
+    assert q.text.startswith("A training, a segmentation and a ranking are running. Exiting Slicer cancels them")
+    q = panelguard.leave_question(["segment"], "exit")
+    assert "its results are lost" in q.text and "model" not in q.text
+    import pytest
+
+    with pytest.raises(ValueError):
+        panelguard.leave_question(["train"], "close")

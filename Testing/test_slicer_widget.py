@@ -229,6 +229,8 @@ def fake_qt():
     qt.QIcon = lambda pixmap: pixmap
     qt.QFileDialog = types.SimpleNamespace(getSaveFileName=lambda *a: "", getOpenFileName=lambda *a: "")
     qt.QApplication = types.SimpleNamespace(focusWidget=lambda: FOCUS.get("widget"))
+    qt.QObject = type("QObject", (), {"__init__": lambda self, *a: None})
+    qt.QEvent = types.SimpleNamespace(Close=19)
     return qt
 
 
@@ -286,6 +288,7 @@ def module(monkeypatch, tmp_path, ct_path, seg_path):
     monkeypatch.setattr(util, "errorDisplay", lambda text, title=None, **kw: calls["errors"].append(text), raising=False)
     monkeypatch.setattr(util, "setSliceViewerLayers", lambda **kw: calls["layers"].append(kw), raising=False)
     monkeypatch.setattr(util, "selectModule", lambda name: calls["modules"].append(name), raising=False)
+    monkeypatch.setattr(util, "mainWindow", lambda: None, raising=False)  # no main window: no exit guard installed
     sys.modules.pop("CPCLSegment", None)
     mod = importlib.import_module("CPCLSegment")
     # the child processes get this checkout's engine and one torch thread (as the other slicer-core tests)
@@ -414,3 +417,35 @@ def test_a_refresh_never_rewrites_the_setting_widget_the_user_is_typing_into(mod
     widget.refresh()  # once the user has left the box, it shows the state
     assert box.value == 0.002
     widget.cleanup()
+
+
+def test_reload_and_exit_ask_first_while_training_runs_and_no_keeps_it(module, monkeypatch):
+    mod, scene, volume, segmentation, ui, calls = module
+    window = types.SimpleNamespace(filters=[])
+    window.installEventFilter = window.filters.append
+    window.removeEventFilter = window.filters.remove
+    asked = []
+    monkeypatch.setattr(slicer.util, "mainWindow", lambda: window, raising=False)
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, title=None, **kw: asked.append(text) or False,
+                        raising=False)
+    reloads = []
+    monkeypatch.setattr(mod.ScriptedLoadableModuleWidget, "onReload", lambda self: reloads.append(1))
+    widget = mod.CPCLSegmentWidget()
+    widget.setup()
+    assert window.filters == [widget._exitGuard]
+    close = types.SimpleNamespace(type=lambda: 19, ignored=[])
+    close.ignore = lambda: close.ignored.append(1)
+    widget.onReload()  # nothing runs: no question
+    assert reloads == [1] and asked == [] and widget._exitGuard.eventFilter(window, close) is False
+
+    running = types.SimpleNamespace(finished=False, poll=lambda: [], cancel=lambda **kw: None)
+    widget.controller.jobs["train"] = running
+    widget.onReload()  # "No": the module is not reloaded, training keeps running
+    assert reloads == [1] and len(asked) == 1 and "training is running" in asked[0]
+    assert widget._exitGuard.eventFilter(window, close) is True and close.ignored == [1]  # exit: "No" keeps Slicer open
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, title=None, **kw: True, raising=False)
+    widget.onReload()
+    assert reloads == [1, 1] and widget._exitGuard.eventFilter(window, close) is False
+    widget.controller.jobs["train"] = None
+    widget.cleanup()
+    assert window.filters == []

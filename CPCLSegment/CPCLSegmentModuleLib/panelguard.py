@@ -3,12 +3,19 @@
 - **Typing is never overwritten** (``write_into_widget``): a refresh writes a setting into a widget only when the
   user is not editing it (it has no keyboard focus) and it does not show that value already, so typing 0.155 into a
   spin box or a path into the path field is never rewritten under the cursor.
+- **Leaving with jobs running** (``leave_question``): Reload and application exit cancel the running training,
+  segmentation or ranking; the panel asks first, and a "No" keeps the jobs and Slicer as they are.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+# Jobs that Reload / exit would end and that the user may want to keep (the device probe and a model-file check
+# are short and restart by themselves).
+LEAVE_KINDS = {"train": "a training", "segment": "a segmentation", "rank": "a ranking"}
 
 
 def same_value(shown: Any, wanted: Any) -> bool:
@@ -34,3 +41,30 @@ def widget_value(value: Any, index: int, numeric: bool) -> Any:
     elif value is None:
         value = 0 if numeric else ""
     return value
+
+
+@dataclass(frozen=True)
+class LeaveQuestion:
+    """A Yes / No question: ``yes`` goes on (the module's cleanup cancels the jobs), ``no`` keeps them and stays."""
+
+    text: str
+    yes: str
+    no: str
+
+
+def leave_question(running: Iterable[str], action: str) -> Optional[LeaveQuestion]:
+    """The question to ask before ``action`` ("reload" or "exit") with the jobs of kinds ``running`` (e.g. from
+    ``PanelController.jobs``), or None when nothing the user would lose runs."""
+    kinds = [k for k in LEAVE_KINDS if k in set(running)]
+    if not kinds:
+        return None
+    if action not in ("reload", "exit"):
+        raise ValueError(f"action must be 'reload' or 'exit', not {action!r}")
+    names = [LEAVE_KINDS[k] for k in kinds]
+    what = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    lost = ("the model trained so far is lost (Stop keeps it)" if "train" in kinds
+            else "its results are lost" if len(kinds) == 1 else "their results are lost")
+    go = "Reloading the module" if action == "reload" else "Exiting Slicer"
+    text = (f"{what[0].upper()}{what[1:]} {'is' if len(kinds) == 1 else 'are'} running. {go} cancels "
+            f"{'it' if len(kinds) == 1 else 'them'}: {lost}.\n\nCancel and {action} now?")
+    return LeaveQuestion(text, yes=f"cancel the jobs and {action}", no=f"keep the jobs running, do not {action}")
