@@ -6,8 +6,9 @@ Qt), the console API (``CPCLSegmentLogic``, which calls ``LogicCore``: the same 
 panel runs) and the in-Slicer self-test. Every decision lives in the Qt-free ``CPCLSegmentModuleLib``
 package (tested with pytest against slicer-core); training, segmentation and ranking run in a child process
 (``PythonSlicer -m CPCLSegmentLib.cli``, see ``CPCLSegmentLib/jobs.py``) that the panel polls from a
-``qt.QTimer``, so Slicer never freezes and Cancel ends the process tree within seconds. This process never
-imports torch: the child reports the devices, package metadata the versions.
+``qt.QTimer``, so Slicer never freezes and Cancel ends the process tree within seconds. The module imports no
+torch into this process (the child reports the devices, package metadata the versions); only installing PyTorch
+does: the PyTorch extension's ``installTorch`` imports it here once it is installed.
 
 Console::
 
@@ -110,7 +111,10 @@ class SlicerInstaller(environment.Installer):
             packaging = None
         if packaging is not None and hasattr(packaging, "pip_ensure"):
             # raises RuntimeError when the user declines (environment.ensure_dependencies reports it)
-            packaging.pip_ensure(requirements, skip_packages=environment.SKIP_PACKAGES, prompt_install=ask, requester="CPCLSegment")
+            # skip_in_testing=False: pip_ensure skips every install in testing mode by default, where the module's own
+            # self-test (CPCLSegmentTest, run with --testing) needs the packages it is about to import
+            packaging.pip_ensure(requirements, skip_packages=environment.SKIP_PACKAGES, prompt_install=ask, requester="CPCLSegment",
+                                 skip_in_testing=False)
             return
         if ask and not self.confirm("CPCLSegment needs these Python packages: " + ", ".join(requirements) + ".\n\nInstall them now?"):
             raise environment.DependencyError("the Python packages " + ", ".join(requirements) + " were not installed (declined)")
@@ -295,7 +299,7 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         if not self._probed:
             self._probed = True
-            self._act(self.controller.start_probe)  # the child reports devices; this process imports no torch
+            self._act(self.controller.start_probe)  # the child reports devices: the module imports no torch here
         self.refresh()
 
     def exit(self) -> None:
@@ -624,6 +628,8 @@ class CPCLSegmentTest(ScriptedLoadableModuleTest):
     TINY = {"width": 4, "spacing": [6.1, 6.1, 10.0], "iterations": 20, "patch_size": [64, 64, 16], "device": "cpu"}
 
     def setUp(self):
+        # Install what is missing first (a fresh Slicer has no slicerio / MONAI): nothing below imports them before.
+        CPCLSegmentLogic().ensureDependencies(ask=False)
         slicer.mrmlScene.Clear()
 
     def runTest(self):

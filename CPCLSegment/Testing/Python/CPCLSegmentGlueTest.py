@@ -15,6 +15,8 @@ import slicer
 
 class CPCLSegmentGlueTest(unittest.TestCase):
     def setUp(self):
+        # Install what is missing first (slicerio, MONAI): the tests below import them.
+        slicer.util.getModuleLogic("CPCLSegment").ensureDependencies(ask=False)
         slicer.mrmlScene.Clear()
 
     def test_slicer_has_every_api_the_core_uses(self):
