@@ -397,15 +397,26 @@ class CPCLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if name:
                 self._act(self.controller.rename_model, rows[0], name)
 
+    MODEL_FOLDER_KEY = "CPCLSegment/ModelFolder"
+
+    def _modelPath(self) -> str:
+        """Where the model dialogs open: the last model folder, Slicer's default scene folder, the documents folder."""
+        model = self.controller.model()
+        documents = qt.QStandardPaths.writableLocation(qt.QStandardPaths.DocumentsLocation)
+        return panelguard.model_save_path(model.GetName() if model is not None else "",
+                                          [str(qt.QSettings().value(self.MODEL_FOLDER_KEY) or ""), slicer.app.defaultScenePath, documents])
+
     def onSaveModel(self) -> None:
-        target = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Save CPCLSegment model", "cpcl-model.pt",
+        target = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Save CPCLSegment model", self._modelPath(),
                                                 "CPCLSegment model (*.pt)")
-        if target:
-            self._act(self.controller.save_model, target, busy=True)
+        if target and self._act(self.controller.save_model, target, busy=True):
+            qt.QSettings().setValue(self.MODEL_FOLDER_KEY, os.path.dirname(target))
 
     def onLoadModel(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Load CPCLSegment model", "", "CPCLSegment model (*.pt)")
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Load CPCLSegment model", os.path.dirname(self._modelPath()),
+                                              "CPCLSegment model (*.pt)")
         if path:
+            qt.QSettings().setValue(self.MODEL_FOLDER_KEY, os.path.dirname(path))
             self._act(self.controller.load_model, path)  # checked in a child process; becomes the model when usable
 
     def onTimer(self) -> None:

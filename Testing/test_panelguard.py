@@ -93,3 +93,18 @@ def test_reload_and_exit_ask_only_while_a_job_the_user_would_lose_runs():
 
     with pytest.raises(ValueError):
         panelguard.leave_question(["train"], "close")
+
+
+def test_save_model_opens_in_the_last_model_folder_then_slicer_s_scene_folder_then_documents_never_the_working_directory(
+        tmp_path, monkeypatch):
+    last, scenes, documents = tmp_path / "models", tmp_path / "scenes", tmp_path / "Documents"
+    for folder in (scenes, documents):
+        folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert panelguard.model_save_path("CTChest model", [str(last), str(scenes), str(documents)]) == str(scenes / "CTChest-model.pt")
+    last.mkdir()
+    assert panelguard.model_save_path("CTChest model", [str(last), str(scenes), str(documents)]) == str(last / "CTChest-model.pt")
+    assert panelguard.model_save_path("", ["", None, str(documents)]) == str(documents / "cpcl-model.pt")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = panelguard.model_save_path("a/b:c", [str(tmp_path / "gone"), ""])
+    assert home == str(tmp_path / "home" / "a-b-c.pt") and not home.startswith(str(tmp_path / "cpcl"))

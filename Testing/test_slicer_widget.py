@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slicer
 
 CHECKED, UNCHECKED = 2, 0
 FOCUS = {}  # "widget": the fake widget with the keyboard focus
+DIALOGS, SETTINGS, DOCUMENTS = [], {}, {}  # file dialogs opened (their arguments), QSettings, the documents folder
 
 
 class FakeWidget:
@@ -227,7 +228,11 @@ def fake_qt():
     qt.QPixmap = lambda w, h: types.SimpleNamespace(fill=lambda color: None)
     qt.QColor = lambda *rgb: rgb
     qt.QIcon = lambda pixmap: pixmap
-    qt.QFileDialog = types.SimpleNamespace(getSaveFileName=lambda *a: "", getOpenFileName=lambda *a: "")
+    qt.QFileDialog = types.SimpleNamespace(getSaveFileName=lambda *a: DIALOGS.append(a) or "",
+                                           getOpenFileName=lambda *a: DIALOGS.append(a) or "")
+    qt.QSettings = lambda: types.SimpleNamespace(value=lambda key, default=None: SETTINGS.get(key, default),
+                                                 setValue=SETTINGS.__setitem__)
+    qt.QStandardPaths = types.SimpleNamespace(DocumentsLocation=1, writableLocation=lambda where: DOCUMENTS.get("path", ""))
     qt.QApplication = types.SimpleNamespace(focusWidget=lambda: FOCUS.get("widget"))
     qt.QObject = type("QObject", (), {"__init__": lambda self, *a: None})
     qt.QEvent = types.SimpleNamespace(Close=19)
@@ -279,6 +284,7 @@ def module(monkeypatch, tmp_path, ct_path, seg_path):
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", fake_scripted_module(tmp_path))
     monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
         temporaryPath=str(tmp_path / "Slicer temp"), processEvents=lambda: None, testingEnabled=lambda: True,
+        defaultScenePath=str(tmp_path / "Slicer scenes"),
         setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None,
         connect=lambda signal, slot: calls["connected"].append((signal, slot))), raising=False)
     util = slicer.util
@@ -449,3 +455,21 @@ def test_reload_and_exit_ask_first_while_training_runs_and_no_keeps_it(module, m
     widget.controller.jobs["train"] = None
     widget.cleanup()
     assert window.filters == []
+
+
+def test_the_model_dialogs_open_in_slicer_s_scene_folder_then_in_the_last_model_folder(module, tmp_path, monkeypatch):
+    mod, scene, volume, segmentation, ui, calls = module
+    (tmp_path / "Slicer scenes").mkdir()
+    monkeypatch.chdir(tmp_path)
+    SETTINGS.clear()
+    DIALOGS.clear()
+    widget = mod.CPCLSegmentWidget()
+    widget.setup()
+    widget.onSaveModel()
+    assert DIALOGS[-1][2] == str(tmp_path / "Slicer scenes" / "cpcl-model.pt")  # not "cpcl-model.pt" in the working directory
+    (tmp_path / "models").mkdir()
+    SETTINGS[mod.CPCLSegmentWidget.MODEL_FOLDER_KEY] = str(tmp_path / "models")
+    widget.onLoadModel()
+    widget.onSaveModel()
+    assert DIALOGS[-2][2] == str(tmp_path / "models") and DIALOGS[-1][2] == str(tmp_path / "models" / "cpcl-model.pt")
+    widget.cleanup()

@@ -47,7 +47,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   imports: export, logicmodels, models, nodes, options, results, scene, trainrun.
 - ``panelguard``: what the panel holds back or asks first: typing is never overwritten by a refresh
   (``write_into_widget``, ``widget_value``, ``same_value``), Reload / exit ask while jobs run (``leave_question``,
-  ``LeaveQuestion``). imports: none.
+  ``LeaveQuestion``), where "Save model..." opens (``model_save_path``). imports: none.
 - ``panelsettings``: the panel's settings in the parameter node (``PanelSettings``, ``PANEL_SETTINGS``).
   imports: options.
 - ``panelstate``: the panel's cases, segments, volumes and model in the parameter node (``PanelState``,

@@ -5,13 +5,17 @@
   spin box or a path into the path field is never rewritten under the cursor.
 - **Leaving with jobs running** (``leave_question``): Reload and application exit cancel the running training,
   segmentation or ranking; the panel asks first, and a "No" keeps the jobs and Slicer as they are.
+- **Where "Save model..." opens** (``model_save_path``): the folder a model was last saved to or loaded from, else
+  Slicer's default scene folder, else the user's documents, else the home folder; never the working directory.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 # Jobs that Reload / exit would end and that the user may want to keep (the device probe and a model-file check
 # are short and restart by themselves).
@@ -68,3 +72,13 @@ def leave_question(running: Iterable[str], action: str) -> Optional[LeaveQuestio
     text = (f"{what[0].upper()}{what[1:]} {'is' if len(kinds) == 1 else 'are'} running. {go} cancels "
             f"{'it' if len(kinds) == 1 else 'them'}: {lost}.\n\nCancel and {action} now?")
     return LeaveQuestion(text, yes=f"cancel the jobs and {action}", no=f"keep the jobs running, do not {action}")
+
+
+def model_save_path(model_name: str, folders: Sequence[Optional[str]]) -> str:
+    """The path "Save model..." proposes: ``<model name>.pt`` in the first existing folder of ``folders`` (the last
+    model folder, Slicer's default scene folder, the documents folder, in that order), else the home folder."""
+    stem = re.sub(r"[^\w.+-]+", "-", model_name or "").strip("-.") or "cpcl-model"
+    for folder in folders:
+        if folder and os.path.isdir(os.path.expanduser(folder)):
+            return os.path.join(os.path.abspath(os.path.expanduser(folder)), f"{stem}.pt")
+    return os.path.join(os.path.expanduser("~"), f"{stem}.pt")
