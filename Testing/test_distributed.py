@@ -98,8 +98,8 @@ def test_validation_is_sharded_so_no_rank_waits_past_the_timeout(tmp_path):
     cfg = dist_worker.config(1, 1)
     net = VNet(**cfg.network_config(3))
     net.load_state_dict(saved["teacher"])
-    labeled, _ = dist_worker.small_real_cases()
-    mean, _ = mean_dice_over_cases(net, labeled, cfg.patch_size, torch.device("cpu"), 3, cfg.validation_overlap)
+    validation = dist_worker.small_validation_cases(dist_worker.small_real_cases()[0])
+    mean, _ = mean_dice_over_cases(net, validation, cfg.patch_size, torch.device("cpu"), 3, cfg.validation_overlap)
     assert event["mean_dice"] == pytest.approx(round(mean, 4), abs=1e-4)
 
 
@@ -140,3 +140,16 @@ def test_the_loop_s_flags_travel_on_the_host_beside_nccl(monkeypatch):
     assert groups == ["nccl", "gloo"] and ctx.device == torch.device("cuda", 0) and ctx.flags_group == "gloo-group"
     assert ctx.any_rank(True) and not ctx.any_rank(False)
     assert seen == [("cpu", "gloo-group")] * 2
+
+
+@pytest.mark.slow  # two spawned processes, rank 0 slowed down: about a minute on a busy 2-core machine
+def test_the_first_process_preprocesses_while_the_others_wait_then_all_read_the_cache(tmp_path, ct_path, seg_path):
+    """Under torchrun local rank 0 preprocesses the cases (slowly here) and rank 1 waits, then finds them all in the
+    cache: one preprocessing per machine, not one per process. When rank 0 fails, rank 1 stops at once."""
+    mp.spawn(dist_worker.run_rank_preprocess, args=(2, str(tmp_path / "init-prep"), str(tmp_path), ct_path, seg_path),
+             nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
+    assert ranks[0]["cache"]["built"] == ["ct"] and ranks[1]["cache"]["built"] == []
+    assert ranks[0]["cache"]["shape"] == ranks[1]["cache"]["shape"] and ranks[1]["cache"]["labeled"] == 1
+    assert "unreadable (test)" in ranks[0]["failing"]["error"]
+    assert "local rank 0" in ranks[1]["failing"]["error"] and ranks[1]["failing"]["seconds"] < 30

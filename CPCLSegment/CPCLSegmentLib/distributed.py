@@ -20,6 +20,8 @@ Semantics (also in docs/command-line.md, "Training on many GPUs"):
 - Seeds: weights are initialised from ``seed`` on every rank; dropout streams use ``seed + rank``.
 - Validation is sharded: each rank scores its share of the validation cases and the Dice sums are all-reduced.
 - Only rank 0 prints progress and writes checkpoints and the model file.
+- The first process on each machine (local rank 0) preprocesses the cases into the cache while the others wait;
+  then every process reads them from there.
 - Collectives wait ``process_group_timeout()`` (60 min; ``CPCL_DDP_TIMEOUT_MINUTES``) for a slow rank.
 """
 
@@ -116,7 +118,8 @@ DEFAULT_TIMEOUT_MINUTES = 60.0  # a collective waits this long for a slow rank (
 
 def process_group_timeout() -> timedelta:
     """How long a collective waits for the other ranks: ``CPCL_DDP_TIMEOUT_MINUTES`` or ``DEFAULT_TIMEOUT_MINUTES``
-    (rank 0 alone scores a starting model and writes the model file; each rank preprocesses its cases)."""
+    (rank 0 alone scores a starting model and writes the model file; the first process on each machine
+    preprocesses the cases while the others wait)."""
     text = os.environ.get("CPCL_DDP_TIMEOUT_MINUTES", "")
     try:
         minutes = float(text) if text.strip() else DEFAULT_TIMEOUT_MINUTES

@@ -110,7 +110,8 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
         run = _prepare(request, emit, distributed)
         cache = open_cache(request)
         try:
-            labeled, validation, unlabeled = preprocess_cases(request, run.classes, run.plan, run.unlabeled_paths, cache, run.say)
+            labeled, validation, unlabeled = preprocess_cases(request, run.classes, run.plan, run.unlabeled_paths, cache, run.say,
+                                                             distributed)
             _check_validation_labels(run, validation)
             start_eval = _score_starting_model(run, validation)
 

@@ -12,6 +12,8 @@ the cache. The run then reads every case memory-mapped from there. A second run 
 - Results are the same whatever the number of workers (each case is preprocessed by the same function).
 - A cancel stops at the next finished case; what was finished stays in the cache (complete entries only).
 - After preprocessing the cache is trimmed to its size limit, least recently used first, never this run's cases.
+- Under torchrun the first process on each machine (local rank 0) preprocesses while the others wait; then they
+  all read the cases from the cache (``preprocess_cases``'s ``distributed``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from . import cleanup
 from . import io as cio
 from .data import Case, cached_case
-from .errors import Cancelled, OutputError
+from .errors import Cancelled, InputError, OutputError
 from .prepcache import PreprocessCache, canonical_path, case_key, default_cache_dir
 from .preparation import Emit, LabeledInput, TrainRequest, labels_to_grid, model_input, read_labeled
 from .writers import format_bytes, no_space_message
@@ -184,11 +186,33 @@ def open_cache(request: TrainRequest) -> PreprocessCache:
 
 
 def preprocess_cases(request: TrainRequest, classes: List[Dict[str, Any]], plan: Dict[str, Any], unlabeled_paths: Sequence[str],
-                     cache: PreprocessCache, emit: Emit) -> Tuple[List[Case], List[Case], List[Case]]:
+                     cache: PreprocessCache, emit: Emit, distributed: Any = None) -> Tuple[List[Case], List[Case], List[Case]]:
     """The labeled, validation and unlabeled cases on the model grid, memory-mapped from the cache: found there,
     or preprocessed into it (in parallel). The run's keys stay held (``PreprocessCache.hold``) until
     ``cache.release()``; afterwards the cache is trimmed to its limit. A full disk is an ``OutputError`` naming
-    the disk and what to do."""
+    the disk and what to do.
+
+    With ``distributed`` (torchrun) the process of local rank 0 preprocesses and the others wait for it in one
+    collective (``any_rank``, a barrier that also says whether it failed); then they find every case in the
+    cache. Each machine's cache is filled once, not once per process."""
+    if distributed is None:
+        return _checked(request, classes, plan, unlabeled_paths, cache, emit)
+    if distributed.local_rank != 0:
+        if distributed.any_rank(False):
+            raise InputError("preprocessing failed in the first process on a machine (local rank 0): its error says why")
+        return _checked(request, classes, plan, unlabeled_paths, cache, emit)
+    try:
+        cases = _checked(request, classes, plan, unlabeled_paths, cache, emit)
+    except BaseException:
+        distributed.any_rank(True)  # the waiting processes stop too, instead of waiting out the timeout
+        raise
+    distributed.any_rank(False)
+    return cases
+
+
+def _checked(request: TrainRequest, classes: List[Dict[str, Any]], plan: Dict[str, Any], unlabeled_paths: Sequence[str],
+             cache: PreprocessCache, emit: Emit) -> Tuple[List[Case], List[Case], List[Case]]:
+    """``_preprocess_cases`` with a full disk or an unwritable cache as an ``OutputError`` that says what to do."""
     try:
         return _preprocess_cases(request, classes, plan, unlabeled_paths, cache, emit)
     except OSError as e:
