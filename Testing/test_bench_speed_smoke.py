@@ -131,3 +131,10 @@ def test_gpu_check_smoke(tmp_path):
 def test_cpu_bf16_smoke(tmp_path):
     res, _ = run_script("cpu_bf16.py", tmp_path)
     assert set(res["summary"]) == {"fp32", "bf16"} and res["bf16_over_fp32_wall"] > 0
+
+
+def test_sampling_overlap_smoke(tmp_path):
+    res, _ = run_script("sampling_overlap.py", tmp_path)
+    assert set(res["summary"]) == {"in_process", "worker"} and res["worker_over_in_process_wall"] > 0
+    assert all(len(v["wall"]) == res["steps"] * res["repeats"] for v in res["raw"].values())
+    assert res["median_sampling_alone_s"] > 0

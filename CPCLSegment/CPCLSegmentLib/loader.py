@@ -9,7 +9,8 @@ made in ``torch.utils.data.DataLoader`` worker processes while the device runs t
   ``workers`` 0 makes them in this process; more run ``workers`` DataLoader processes, each a couple of
   iterations ahead, with pinned memory for non-blocking copies to a GPU when ``pin``.
 - ``sampling_workers(setting, device)``: how many workers a run uses (``sampling_workers`` setting; ``None``, the
-  default: none, until the gain is measured on a GPU; on the CPU at most the cores but one).
+  default: none: on the CPU sampling is under 1 % of an iteration's CPU time, measured; on a GPU until the gain is
+  measured there; on the CPU at most the cores but one).
 """
 
 from __future__ import annotations
@@ -82,9 +83,11 @@ def host_batches(maker: BatchMaker, start: int, end: int, workers: int = 0, pin:
 
 
 def sampling_workers(setting: Optional[int], device: torch.device) -> int:
-    """Worker processes for patch sampling: the setting when given, else none (sampling in the training process)
-    until the prepared GPU check (``bench/gpu_check.py``, sampling overlap) has measured the gain on a GPU; at most
-    the cores but one."""
+    """Worker processes for patch sampling: the setting when given, else none (sampling in the training process).
+    On the CPU that is the measured choice: sampling an iteration's batch of the default recipe took 0.8 % of the
+    iteration's CPU time (``bench/sampling_overlap.py``), all a worker could save, while it competes with the
+    step's threads for the cores. On a GPU, none until the prepared GPU check (``bench/gpu_check.py``, sampling
+    overlap) has measured the gain there. On the CPU at most the cores but one."""
     if setting is None:
         return 0
     return max(0, min(int(setting), (os.cpu_count() or 1) - 1)) if device.type == "cpu" else int(setting)
