@@ -154,7 +154,7 @@ class CPCLSegmentLogic(ScriptedLoadableModuleLogic):
         ``unlabeled`` = [volumeNode, ...]; returns the model node (saved with the scene). Settings: any
         TrainConfig field by name (``minutes``, ``iterations``, ``patch_size=[X, Y, Z]``, ``lr``, ...) and
         ``device``, ``init``, ``spacing``, ``partial_segments``, ``hold_out_last``, ``compare_supervised`` (with a
-        held-out case: also train supervised-only, keep the better; on by default), ``later_wins``."""
+        held-out case: also train supervised-only, keep the better; off unless asked), ``later_wins``."""
         return self.core.train(labeled, unlabeled, segments, wait=wait, on_event=on_event, out=out, **settings)
 
     def segment(self, model, volume, wait: bool = True, on_event=None, weights: str = "teacher", device: str = "auto",

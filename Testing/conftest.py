@@ -72,6 +72,7 @@ def trained(tmp_path_factory, ct_path, seg_path):
     """(model path, events, result) of one short CPCL run on the chest CT, lungs only."""
     from CPCLSegmentLib import pipeline
     from CPCLSegmentLib.preparation import LabeledInput, TrainRequest
+    from CPCLSegmentLib.settings import RunOptions
 
     out = tmp_path_factory.mktemp("shared-model") / "lungs.pt"
     events = []
@@ -80,8 +81,8 @@ def trained(tmp_path_factory, ct_path, seg_path):
         unlabeled=[ct_path],
         out=str(out),
         segments=list(LUNGS),
-        spacing=list(COARSE_SPACING),
         config=small_config(),
+        options=RunOptions(spacing=list(COARSE_SPACING)),
     )
     result = pipeline.train(request, events.append)
     return str(out), events, result

@@ -17,6 +17,7 @@ from CPCLSegmentLib import cli, pipeline
 from CPCLSegmentLib import io as cio
 from CPCLSegmentLib.labels import build_label_array
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest
+from CPCLSegmentLib.settings import RunOptions
 
 from conftest import COARSE_SPACING, LUNGS, sha256, small_config, user_folder
 
@@ -87,7 +88,7 @@ def world(tmp_path, ct_path, seg_path):
     (inputs / "settings.json").write_text('{"iterations": 1, "width": 4}')
     model = inputs / "model.pt"
     pipeline.train(TrainRequest(labeled=[LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=str(model), segments=LUNGS,
-                                spacing=list(COARSE_SPACING), config=small_config(iterations=1, width=4, depth=3, patch_size=(16, 32, 32))))
+                                config=small_config(iterations=1, width=4, depth=3, patch_size=(16, 32, 32)), options=RunOptions(spacing=list(COARSE_SPACING))))
     os.symlink(inputs / "ct.nrrd", inputs / "link to ct.nrrd")
     (inputs / "sub").mkdir()
     out = tmp_path / "out"

@@ -26,7 +26,7 @@ from CPCLSegmentLib.prediction import Predictor
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest, normalize
 from CPCLSegmentLib.localmodels import find_auto3dseg_models
 from CPCLSegmentLib.pretrained import read_starting_point, starting_state
-from CPCLSegmentLib.settings import TrainConfig
+from CPCLSegmentLib.settings import RunOptions, TrainConfig
 
 from conftest import COARSE_SPACING, LUNGS, child_env
 
@@ -94,7 +94,7 @@ def default_recipe(**over):
 def fine_tune(tmp_path, ct_path, seg_path, init, name, segments=LUNGS, **over):
     events = []
     req = TrainRequest(labeled=[LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=str(tmp_path / name),
-                       segments=list(segments), init=str(init), config=default_recipe(**over))
+                       segments=list(segments), config=default_recipe(**over), options=RunOptions(init=str(init)))
     pipeline.train(req, events.append)
     return req.out, [e.get("message", "") for e in events]
 
@@ -293,11 +293,11 @@ def test_a_stopped_fine_tuning_of_a_bundle_resumes_with_its_own_settings(tmp_pat
     out = str(tmp_path / "r.pt")
     seen = []
     first = TrainRequest(labeled=[LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=out, segments=list(LUNGS),
-                         init=str(bundle), config=default_recipe(iterations=4, checkpoint_every=1))
+                         config=default_recipe(iterations=4, checkpoint_every=1), options=RunOptions(init=str(bundle)))
     pipeline.train(first, seen.append, lambda: sum(e["event"] == "progress" for e in seen) >= 2)
     events = []
     again = TrainRequest(labeled=[LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=out, segments=list(LUNGS),
-                         init=str(bundle), config=TrainConfig(device="cpu"), resume=True, settings_given=[])
+                         config=TrainConfig(device="cpu"), settings_given=[], options=RunOptions(init=str(bundle), resume=True))
     assert pipeline.train(again, events.append)["status"] == "completed"
     assert [e["iteration"] for e in events if e["event"] == "progress"] == [3, 4]
     record = load_model(out)

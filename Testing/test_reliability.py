@@ -1,5 +1,6 @@
 """What happens when… (docs/what-happens-when.md): each failure mode behaves as the documentation says."""
 
+import dataclasses
 import os
 import re
 
@@ -14,6 +15,7 @@ from CPCLSegmentLib.errors import InputError, OutOfMemory, OutputError, Training
 from CPCLSegmentLib.modelfile import checkpoint_path, load_checkpoint, load_model
 from CPCLSegmentLib.prediction import Predictor
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest
+from CPCLSegmentLib.settings import RunOptions
 from CPCLSegmentLib.trainer import Trainer
 
 from conftest import COARSE_SPACING, LUNGS, small_config, timing_trainer
@@ -29,7 +31,8 @@ def request(tmp_path, ct_path, seg_path, name="m.pt", **over):
     kw = dict(labeled=[LabeledInput(ct_path, seg_path)], unlabeled=[ct_path], out=str(tmp_path / name),
               segments=list(LUNGS), spacing=list(COARSE_SPACING), config=tiny())
     kw.update(over)
-    return TrainRequest(**kw)
+    options = {k: kw.pop(k) for k in list(kw) if k in {f.name for f in dataclasses.fields(RunOptions)}}
+    return TrainRequest(options=RunOptions(**options), **kw)
 
 
 def write_slab(tmp_path, ct_path, k0, k1, name):
@@ -179,7 +182,7 @@ def test_stop_then_resume_continues_from_the_checkpoint(tmp_path, ct_path, seg_p
     assert load_model(req.out)["training"]["status"] == "stopped"  # Stop keeps the model trained so far
     assert load_checkpoint(checkpoint_path(req.out))["trainer"]["iteration"] == 3
     events = []
-    req.resume = True
+    req.options.resume = True
     second = pipeline.train(req, events.append)
     progress = [e["iteration"] for e in events if e["event"] == "progress"]
     assert progress == [4, 5, 6, 7, 8] and second["status"] == "completed"
@@ -190,7 +193,7 @@ def test_stop_then_resume_continues_from_the_checkpoint(tmp_path, ct_path, seg_p
     steps = []
     pipeline.train(req2, lambda e: steps.append(e["event"]), lambda: steps.count("progress") >= 1)
     req2.unlabeled = [ct_path]
-    req2.resume = True
+    req2.options.resume = True
     with pytest.raises(InputError, match=r"belongs to a run with other cases or segments \(unlabeled cases: 0 not given now, 1 new"):
         pipeline.train(req2)
 

@@ -25,6 +25,7 @@ from CPCLSegmentLib.errors import Cancelled, InputError, OutputError
 from CPCLSegmentLib.modelfile import checkpoint_path, load_model
 from CPCLSegmentLib.prediction import compatibility_warnings
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest, inspect_cases, resolve_classes
+from CPCLSegmentLib.settings import RunOptions
 
 from conftest import COARSE_SPACING, LUNGS, sha256, small_config, timing_trainer, user_folder
 
@@ -339,7 +340,7 @@ def test_a_stale_stop_file_or_a_folder_is_refused_and_nothing_is_replaced(data, 
     refused(capsys, *args, "--stop-file", data, words=["--stop-file", "is a folder"])
     # a stop that comes before the first iteration never replaces a trained model with random weights
     req = TrainRequest(labeled=[LabeledInput(str(data / "ct.nrrd"), str(data / "ct.seg.nrrd"))], out=str(out), segments=LUNGS,
-                       spacing=list(COARSE_SPACING), config=small_config(iterations=4, width=4, patch_size=(16, 32, 32)))
+                       config=small_config(iterations=4, width=4, patch_size=(16, 32, 32)), options=RunOptions(spacing=list(COARSE_SPACING)))
     with pytest.raises(Cancelled, match="stopped before the first training iteration: no model was written"):
         pipeline.train(req, None, lambda: True)
     assert sha256(out) == before and not os.path.exists(checkpoint_path(out))

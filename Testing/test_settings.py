@@ -4,6 +4,7 @@ flags derived from ``TrainConfig``, and ``--minutes``."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -24,7 +25,10 @@ from CPCLSegmentLib.settings import PRESETS, TrainConfig
     ({"patch_size": [16, 16, 15]}, "patch_size must be three multiples of 16"),
     ({"patch_size": [16, 16, 16]}, "single voxel at the network's deepest level.*at least one side 32"),
     ({"method": "cpl"}, "method must be one of cpcl, mean_teacher, supervised"),
-    ({"minutes": 0}, "minutes must be a number > 0"),
+    ({"minutes": 0}, r"minutes must be in \(0, 1000000\)"),
+    ({"seed": -1}, "seed must be a whole number from 0 to 4294967295"),
+    ({"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\)"),
+    ({"depth": 3, "feature_level": 3}, r"feature_level must be in \[0, depth - 1 = 2\]"),
     ({"lr": float("nan")}, "lr must be a finite number"),
     ({"device": "gpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
 ])
@@ -87,6 +91,67 @@ def test_adding_a_setting_to_train_config_is_all_it_takes(monkeypatch, tmp_path)
     cfg = cli.build_train_request(args).config
     assert cfg.warmup_fraction == 0.25 and cfg.to_dict()["warmup_fraction"] == 0.25
     assert "warmup_fraction" in settings.setting_names() and settings.default_settings()["warmup_fraction"] == 0.0
+
+
+def test_ranges_the_resume_set_and_the_network_keys_are_field_metadata(monkeypatch):
+    """A new setting's valid range, whether ``--resume`` may change it and whether a model file records it as its
+    network are declared on the field: ``validate``, ``resume`` and ``--init`` read them from there."""
+    extended = dataclasses.make_dataclass("TrainConfig", [("warmup_fraction", float, dataclasses.field(
+        default=0.0, metadata={"min": 0, "max": 1, "max_open": True, "resume_may_change": True, "network": "fixed"}))],
+        bases=(TrainConfig,))
+    monkeypatch.setattr(settings, "TrainConfig", extended)
+    with pytest.raises(InputError, match=r"warmup_fraction must be in \[0, 1\), not 1.5"):
+        extended(warmup_fraction=1.5).validate()
+    assert extended(warmup_fraction=0.5).validate().warmup_fraction == 0.5
+    assert "warmup_fraction" in settings.resume_may_change() and "seed" not in settings.resume_may_change()
+    assert settings.network_keys("fixed")[-1] == "warmup_fraction" and "dropout" in settings.network_keys()
+    from CPCLSegmentLib.resume import setting_flag
+
+    assert setting_flag("warmup_fraction") == "warmup_fraction (network)" and setting_flag("lr") == "--lr"
+
+
+def test_a_new_run_option_is_a_field_of_run_options_and_nothing_else(monkeypatch, tmp_path):
+    """The places a new run option touches: its ``RunOptions`` field in ``settings.py`` (and, if the panel shows
+    it, a widget in the ``.ui`` file whose ``cpclSetting`` names it). From the field alone, the ``train`` command
+    line gets its flag, the ``TrainRequest`` carries it, the module's ``train(...)`` takes it as a keyword and
+    gives it to the child by its flag, and the panel stores it and passes it on."""
+    from CPCLSegmentModuleLib import options, panelsettings
+
+    extended = dataclasses.make_dataclass("RunOptions", [("keep_inputs", bool, dataclasses.field(
+        default=False, metadata={"applies": ("cli", "module", "panel"), "flag": "--keep-inputs", "help": "x"}))],
+        bases=(settings.RunOptions,))
+    monkeypatch.setattr(settings, "RunOptions", extended)
+    args = cli.build_parser().parse_args(["train", "--labeled", "a.nrrd", "a.seg.nrrd", "--out", str(tmp_path / "m.pt"),
+                                          "--keep-inputs"])
+    assert cli.build_train_request(args).options.keep_inputs is True  # the command line -> the request
+    module, config = options.split_settings({"keep_inputs": True, "lr": 1e-3})  # the console's keyword
+    assert module["keep_inputs"] is True and config == {"lr": 1e-3}
+    assert options.option_args(module) == ["--keep-inputs"]  # the module -> the child's command line
+    assert options.option_args(options.module_settings()) == []  # defaults are not spelled out
+
+    class Node:  # the parameter node's two calls the panel's settings use
+        def __init__(self):
+            self.values = {}
+
+        def GetParameter(self, key):
+            return self.values.get(key, "")
+
+        def SetParameter(self, key, value):
+            self.values[key] = value
+
+    class Panel(panelsettings.PanelSettings):
+        node = Node()
+
+        def _json(self, key, default):
+            return json.loads(self.node.GetParameter(key)) if self.node.GetParameter(key) else default
+
+        def _set_json(self, key, value):
+            self.node.SetParameter(key, json.dumps(value))
+
+    panel = Panel()
+    assert panel.is_setting("keep_inputs") and panel.default("keep_inputs") is False and not panel.train_values()["keep_inputs"]
+    panel.set_setting("keep_inputs", True)  # what the widget bound to it does
+    assert panel.train_values()["keep_inputs"] is True and "keep_inputs" in panelsettings.setting_names()
 
 
 def test_settings_module_does_not_import_torch():

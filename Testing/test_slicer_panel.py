@@ -33,7 +33,7 @@ from CPCLSegmentModuleLib.inputcheck import check_inputs, CheckFailed  # noqa: E
 from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
 from CPCLSegmentModuleLib.models import model_nested, model_summary  # noqa: E402
 from CPCLSegmentModuleLib.nodes import ensure_converter_rules, find_segment_id, labeled_arrays, segment_masks, segment_names  # noqa: E402
-from CPCLSegmentModuleLib.options import compares_supervised, DEFAULT_MINUTES, MODULE_SETTINGS, train_config  # noqa: E402
+from CPCLSegmentModuleLib.options import compares_supervised, DEFAULT_MINUTES, module_settings, train_config  # noqa: E402
 from CPCLSegmentModuleLib.panelsettings import PANEL_DEFAULTS  # noqa: E402
 from CPCLSegmentModuleLib.results import import_segmentation  # noqa: E402
 from CPCLSegmentModuleLib.scene import is_module_output, nodes_by_class, OUTPUT_ATTRIBUTE, OUTPUT_LABELS  # noqa: E402
@@ -566,7 +566,7 @@ def test_the_module_can_point_the_child_at_a_preprocessing_cache_and_its_exports
     plans = [c.core.prepare_training([(volume, segmentation)], [], LUNGS, cache_dir=str(tmp_path / "cache")) for _ in range(2)]
     try:
         request = cli.build_train_request(cli.build_parser().parse_args(plans[0]["args"]))
-        assert request.cache_dir == str(tmp_path / "cache")
+        assert request.options.cache_dir == str(tmp_path / "cache")
         for offset in (1, 2):  # the image, the segmentation
             files = [p["args"][p["args"].index("--labeled") + offset] for p in plans]
             assert files[0] != files[1] and content_digest(files[0]) == content_digest(files[1])
@@ -578,12 +578,12 @@ def test_the_module_can_point_the_child_at_a_preprocessing_cache_and_its_exports
 # ------------------------------------------------------------------------------------------ issue 12 (safety net)
 
 
-def test_with_a_held_out_case_the_panel_checks_the_unlabeled_volumes_help(two_cases, tmp_path):
-    """A clinician's run never silently keeps a semi-supervised model that scores worse than supervised-only on
-    the held-out case: with a held-out case and unlabeled volumes the child gets ``--compare-supervised``."""
+def test_with_a_held_out_case_the_panel_checks_the_unlabeled_volumes_help_when_asked(two_cases, tmp_path):
+    """The comparison with supervised-only is off until asked on every surface (one default, ``RunOptions``); asked, with a held-out case and unlabeled volumes the child gets
+    ``--compare-supervised``, so the run keeps whichever model scores better on the held-out case."""
     scene, v1, s1, v2, s2 = two_cases
     c = controller(scene, tmp_path)
-    assert c.setting("compare_supervised") is True and not c.view().enabled["compareSupervisedCheckBox"]  # no held-out case
+    assert c.setting("compare_supervised") is False and not c.view().enabled["compareSupervisedCheckBox"]  # no held-out case
     c.set_unlabeled([v2])
 
     def child_request(**extra):
@@ -593,18 +593,20 @@ def test_with_a_held_out_case_the_panel_checks_the_unlabeled_volumes_help(two_ca
         finally:
             shutil.rmtree(plan["run_dir"])
 
-    assert not child_request().compare_supervised  # nothing to compare on
+    c.set_setting("compare_supervised", True)
+    assert not child_request().options.compare_supervised  # nothing to compare on
     c.set_setting("hold_out_last", True)
     assert c.view().enabled["compareSupervisedCheckBox"]
     request = child_request()
-    assert request.compare_supervised and len(request.validation) == 1 and request.unlabeled
-    assert not child_request(method="supervised").compare_supervised  # nothing to compare against
+    assert request.options.compare_supervised and len(request.validation) == 1 and request.unlabeled
+    assert not child_request(method="supervised").options.compare_supervised  # nothing to compare against
     c.set_setting("compare_supervised", False)
-    assert not child_request().compare_supervised  # the user turned it off
+    assert not child_request().options.compare_supervised  # the user turned it off
     c.set_setting("compare_supervised", True)
     c.set_unlabeled([])
-    assert not child_request().compare_supervised  # no unlabeled volumes: supervised-only is what trains
-    assert compares_supervised(dict(MODULE_SETTINGS, hold_out_last=True), {}, ["a volume"])  # the console's default
+    assert not child_request().options.compare_supervised  # no unlabeled volumes: supervised-only is what trains
+    assert not compares_supervised(dict(module_settings(), hold_out_last=True), {}, ["a volume"])  # the console's default
+    assert compares_supervised(dict(module_settings(), hold_out_last=True, compare_supervised=True), {}, ["a volume"])
 
 
 def test_segment_names_are_the_union_of_every_case_and_each_case_says_what_it_lacks(two_cases, tmp_path):

@@ -11,6 +11,7 @@ from CPCLSegmentLib.labels import build_label_array
 from CPCLSegmentLib import pipeline, preparation
 from CPCLSegmentLib.prediction import Predictor
 from CPCLSegmentLib.preparation import foreground_intensity_sample, normalize, plan_normalization
+from CPCLSegmentLib.settings import RunOptions
 from CPCLSegmentLib.losses import backward_prototype_loss, supervised_loss
 from CPCLSegmentLib.metrics import dice_per_class
 from CPCLSegmentLib.network import VNet
@@ -83,7 +84,7 @@ def test_auto_detects_painted_axial_slices_and_the_image_joins_the_unlabeled_str
     path, labels, painted = _every_fifth_slice_labelmap(tmp_path, ct_path, seg_path)
     events = []
     req = preparation.TrainRequest(labeled=[preparation.LabeledInput(ct_path, path, "auto")], out=str(tmp_path / "m.pt"),
-                                   spacing=list(COARSE_SPACING), config=small_config(iterations=2, width=4, depth=3, patch_size=(16, 32, 32)))
+                                   config=small_config(iterations=2, width=4, depth=3, patch_size=(16, 32, 32)), options=RunOptions(spacing=list(COARSE_SPACING)))
     image, lab, known = preparation.read_labeled(req.labeled[0], ["Label 1", "Label 2"], None, False, events.append)
     assert any("every few axial slices" in e["message"] for e in events)
     has_labels = painted.reshape(painted.shape[0], -1).max(axis=1) > 0
@@ -123,8 +124,8 @@ def test_every_fifth_slice_training_is_close_to_full_labels(tmp_path, ct_path, s
     dice = {}
     for name, seg, mode in (("full", str(full_path), "all"), ("sparse", path, "axial")):
         req = preparation.TrainRequest(labeled=[preparation.LabeledInput(ct_path, seg, mode)], unlabeled=[ct_path],
-                                       out=str(tmp_path / f"{name}.pt"), spacing=list(COARSE_SPACING),
-                                       config=small_config(iterations=150))
+                                       out=str(tmp_path / f"{name}.pt"),
+                                       config=small_config(iterations=150), options=RunOptions(spacing=list(COARSE_SPACING)))
         pipeline.train(req)
         pred = Predictor(req.out).segment(cio.read_image(ct_path))
         dice[name] = np.mean(dice_per_class(pred, labels, 3))

@@ -13,6 +13,7 @@ from CPCLSegmentLib.errors import ModelFileError
 from CPCLSegmentLib.metrics import dice_per_class
 from CPCLSegmentLib.modelfile import build_from_record, load_model, save_model
 from CPCLSegmentLib.prediction import Predictor
+from CPCLSegmentLib.settings import RunOptions
 from CPCLSegmentLib.trainer import TrainConfig, Trainer
 
 from conftest import LUNGS
@@ -98,7 +99,7 @@ def test_default_width_model_file_is_small_and_keeps_only_the_teacher(tmp_path):
                              prototype_valid=torch.ones(3, dtype=torch.bool), best={"iteration": 2, "mean_dice": 0.5, "dice": {}},
                              method="cpcl", status="completed", iterations_done=2)
     plan = {"spacing": [1.0, 1.0, 1.0], "orientation": "LPS", "normalization": {"scheme": "zscore"}}
-    record = make_record(cfg, result, classes, plan, SimpleNamespace(init=None, validation=[]), [SimpleNamespace(name="ct")], 1)
+    record = make_record(cfg, result, classes, plan, SimpleNamespace(options=RunOptions(), validation=[]), [SimpleNamespace(name="ct")], 1)
     out = tmp_path / "default.pt"
     save_model(str(out), record)
     assert os.path.getsize(out) <= 25 * 2**20, os.path.getsize(out)
@@ -114,7 +115,7 @@ def test_default_width_model_file_is_small_and_keeps_only_the_teacher(tmp_path):
         build_from_record(rec, "student")
     # best weights that differ from the last teacher's are kept (fp16)
     result.best_state = {k: v + 1.0 if v.is_floating_point() else v for k, v in teacher_state.items()}
-    save_model(str(out), make_record(cfg, result, classes, plan, SimpleNamespace(init=None, validation=[]), [SimpleNamespace(name="ct")], 1))
+    save_model(str(out), make_record(cfg, result, classes, plan, SimpleNamespace(options=RunOptions(), validation=[]), [SimpleNamespace(name="ct")], 1))
     rec = load_model(str(out))
     assert rec["weights"]["best"] is not None and os.path.getsize(out) <= 2 * 25 * 2**20
 

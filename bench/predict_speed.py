@@ -148,13 +148,13 @@ def cli_time(model: str, image_path: str, out_path: str, threads: int) -> Dict[s
 def train_model(model: Path, image: Dict[str, Any], spacing: Optional[Sequence[float]], width: int, iterations: int) -> Dict[str, Any]:
     """A real model file from ``pipeline.train`` (supervised, the demo's segments, engine defaults otherwise)."""
     from CPCLSegmentLib.demo import DEMO_SEGMENTS
+    from CPCLSegmentLib.settings import RunOptions
     from CPCLSegmentLib.trainer import TrainConfig
 
     cfg = TrainConfig(method="supervised", iterations=iterations, width=width, device="cpu", seed=0)
     request = preparation.TrainRequest(
         labeled=[preparation.LabeledInput(image["path"], str(slicerio_data_dir() / "Segmentation.seg.nrrd"))],
-        out=str(model), segments=list(DEMO_SEGMENTS), spacing=list(spacing) if spacing else None, config=cfg,
-    )
+        out=str(model), segments=list(DEMO_SEGMENTS), config=cfg, options=RunOptions(spacing=list(spacing) if spacing else None))
     with Clock() as c:
         summary = pipeline.train(request)
     rec = load_model(str(model))

@@ -36,7 +36,7 @@ if str(ROOT / "CPCLSegment") not in sys.path:
 from CPCLSegmentLib import pipeline  # noqa: E402
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest  # noqa: E402
 from CPCLSegmentLib.preprocessing import WORKERS_ENV  # noqa: E402
-from CPCLSegmentLib.settings import TrainConfig  # noqa: E402
+from CPCLSegmentLib.settings import RunOptions, TrainConfig  # noqa: E402
 
 HIPPO = ROOT.parent / "shared" / "data" / "msd-hippocampus"
 RESULTS = ROOT / "bench" / "results"
@@ -49,7 +49,7 @@ def hippocampus_request(out: str, cache: str) -> TrainRequest:
     label = [str(HIPPO / "labelsTr" / os.path.basename(p)) for p in image]
     cfg = TrainConfig(iterations=1, patch_size=(32, 32, 32), width=8, device="cpu", copy_paste=False, validation_every=0)
     return TrainRequest(labeled=[LabeledInput(i, s) for i, s in zip(image[:4], label[:4])], unlabeled=image[4:], out=out,
-                        config=cfg, cache_dir=cache)
+                        config=cfg, options=RunOptions(cache_dir=cache))
 
 
 def chest_request(out: str, cache: str) -> TrainRequest:
@@ -58,7 +58,7 @@ def chest_request(out: str, cache: str) -> TrainRequest:
     data = Path(slicerio.__file__).parent / "data"
     cfg = TrainConfig(iterations=1, patch_size=(16, 64, 64), width=8, device="cpu", copy_paste=False, validation_every=0)
     return TrainRequest(labeled=[LabeledInput(str(data / "CTChest4.nrrd"), str(data / "Segmentation.seg.nrrd"))], out=out,
-                        segments=["right lung", "left lung"], config=cfg, cache_dir=cache)
+                        segments=["right lung", "left lung"], config=cfg, options=RunOptions(cache_dir=cache))
 
 
 def timed_run(request: TrainRequest) -> Dict[str, Any]:

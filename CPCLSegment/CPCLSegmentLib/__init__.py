@@ -14,8 +14,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   removed on cancel, outputs committed (never after a cancel) and named in the cancel message, and the sweep of
   dead runs' leftovers (``register``, ``remove_all``, ``commit``, ``remove_on_cancel``, ``cancel_report``,
   ``request_cancel``, ``sweep``). imports: errors.
-- ``settings``: every training setting and shared choice, torch-free (``TrainConfig``, ``PRESETS``, ``METHODS``,
-  ``ANNOTATED_SLICES``, ``cli_settings``). imports: errors.
+- ``settings``: every training setting, every run option and shared choice, torch-free (``TrainConfig``,
+  ``RunOptions``, ``PRESETS``, ``METHODS``, ``ANNOTATED_SLICES``, ``cli_settings``, ``run_options``). imports: errors.
 - ``budget``: what a run's length can afford: the recipe for a time budget (too short for the semi-supervised
   recipe to pay off: supervised-only) and the warning for a short run (``recipe_for_minutes``,
   ``short_run_warning``, ``minutes_to_pay_off``). imports: settings.
@@ -89,7 +89,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   spacing, the disk space the run needs (``check_request``, ``check_case_grids``, ``check_disk_space``).
   imports: errors, io, modelfile, planning, preflight, prepcache, preparation, preprocessing, settings.
 - ``resume``: ``--resume``: the interrupted run a request continues and what it may change in it
-  (``resume_checkpoint``, ``RESUME_MAY_CHANGE``, ``setting_flag``). imports: cleanup, errors, modelfile,
+  (``resume_checkpoint``, ``setting_flag``). imports: cleanup, errors, modelfile,
   preparation, settings.
 - ``trainer``: the training loop (``Trainer``, ``TrainResult``). imports: data, devices, distributed, errors, loader,
   losses, metrics, modelfile, network, planning, precision, prototypes, settings, steplog, teacher.

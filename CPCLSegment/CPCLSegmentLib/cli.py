@@ -71,7 +71,7 @@ def train_with_retry(train: Callable[..., Dict[str, Any]], request: Any, retry: 
     report({"event": "warning", "message": f"out of memory: retrying once with --patch-size {xyz(smaller)} "
             f"(was {xyz(request.config.patch_size)})"})
     request.config.patch_size = smaller
-    request.resume = False
+    request.options.resume = False
     return train(request, report, should_stop, distributed=dist)
 
 

@@ -13,7 +13,8 @@ from . import __version__, settings
 from .errors import InputError
 from .inputfiles import decathlon_cases, load_config_file, parse_segment_names, read_case_list
 from .prepcache import CACHE_DIR_ENV, CACHE_LIMIT_ENV, DEFAULT_LIMIT, parse_size
-from .settings import ANNOTATED_SLICES, MODALITIES, OUTPUT_FORMATS, PRESETS, PROGRESS_MODES, WEIGHTS, cli_settings, field_type
+from .settings import (ANNOTATED_SLICES, OUTPUT_FORMATS, PRESETS, PROGRESS_MODES, WEIGHTS, cli_settings, field_type, network_keys,
+                       run_option_defaults, run_option_type, run_options)
 
 if TYPE_CHECKING:
     from .preparation import TrainRequest
@@ -38,7 +39,9 @@ class _AnnotatedAction(argparse.Action):
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps")
+    for name, meta in run_options("cli"):  # --device: every command has it (and it takes cuda:N, so no choices)
+        if meta.get("every_command"):
+            p.add_argument(meta["flag"], dest=name, default=run_option_defaults("cli")[name], help=meta["help"])
     p.add_argument("--progress", choices=PROGRESS_MODES, default="bar", help="bar (terminal), json (JSON lines on stdout), none")
     p.add_argument("--stop-file", help="when this file appears, stop early and keep what was done so far")
     p.add_argument("--cancel-file", help="when this file appears, cancel: nothing more is written (what Slicer's Cancel uses)")
@@ -71,28 +74,28 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--segments", nargs="+", help="segments to learn, by name (.seg.nrrd) or label value (label maps); default: all")
     t.add_argument("--segment-names", nargs="+", metavar="VALUE=NAME", help="names for label-map values, e.g. 1=anterior 2=posterior")
     t.add_argument("--color-table", help="Slicer colour table (.ctbl / .txt: 'value name r g b a') naming label-map values")
-    t.add_argument("--partial-segments", action="store_true", help="a segment missing from a case means 'not annotated there', not 'absent'")
-    t.add_argument("--init", help="model to fine-tune from: a CPCLSegment model file, a MONAI Auto3DSeg segresnet checkpoint "
-                   "(model.pt, or its MONAIAuto3DSeg model folder) or a MONAI bundle folder; its spacing and intensity "
-                   "normalisation are adopted, its segments matched to yours by name (new ones get new outputs)")
     t.add_argument("--config", help="JSON or YAML file of training settings (TrainConfig in CPCLSegmentLib/settings.py), or a "
                                     f"named recipe: {', '.join(PRESETS)}; flags override it")
     _add_settings_flags(t)
-    t.add_argument("--modality", choices=MODALITIES, default="auto", help="intensity normalisation (auto: CT if it has air at -1000)")
-    t.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"), help="target spacing in mm (default: median of the labeled cases)")
-    t.add_argument("--compare-supervised", action="store_true", help="also train supervised-only; keep the better on the validation cases")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.checkpoint.pt")
-    t.add_argument("--retry-smaller-on-oom", action="store_true", help="on out-of-memory, retry once with half the patch size")
-    _add_cache_flags(t)
-    t.add_argument("--work-dir", help="the same as --cache-dir (older name)")
+    _add_run_option_flags(t)
     _add_common(t)
 
 
-def _add_cache_flags(t: argparse.ArgumentParser) -> None:
-    t.add_argument("--cache-dir", help=f"preprocessing cache folder, kept and reused across runs (default: ${CACHE_DIR_ENV}, else "
-                                       "the per-user cache folder, e.g. ~/.cache/cpcl-segment; `cpcl-segment cache` lists it)")
-    t.add_argument("--cache-limit", metavar="SIZE", help=f"size limit of the preprocessing cache, e.g. 50GB (default: "
-                                                          f"${CACHE_LIMIT_ENV}, else {DEFAULT_LIMIT}); least recently used cases go first")
+def _add_run_option_flags(t: argparse.ArgumentParser) -> None:
+    """One flag per ``RunOptions`` field that applies to the command line (``settings.run_options("cli")``)."""
+    defaults = run_option_defaults("cli")
+    help_values = {"CACHE_DIR_ENV": CACHE_DIR_ENV, "CACHE_LIMIT_ENV": CACHE_LIMIT_ENV, "DEFAULT_LIMIT": DEFAULT_LIMIT}
+    for name, meta in run_options("cli"):
+        if meta.get("every_command"):
+            continue
+        kw: Dict[str, Any] = {"dest": name, "default": defaults[name], "help": meta["help"].format(**help_values)}
+        kind = run_option_type(name)
+        if kind is bool:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = kind
+            kw.update({k: meta[k] for k in ("choices", "nargs", "metavar") if k in meta})
+        t.add_argument(meta["flag"], **kw)
 
 
 def _add_settings_flags(t: argparse.ArgumentParser) -> None:
@@ -186,7 +189,7 @@ def build_train_request(args: argparse.Namespace) -> TrainRequest:
         if args.device != "auto":
             given.add("device")
         cfg_dict["device"] = args.device
-    network_overrides = {k: cfg_dict[k] for k in ("width", "depth", "norm", "feature_level") if k in cfg_dict}
+    network_overrides = {k: cfg_dict[k] for k in network_keys("fixed") if k in cfg_dict}
     cfg = settings.TrainConfig.from_dict(cfg_dict).validate()  # every setting checked before any work
     default_sparse = args.annotated_slices or "all"
     labeled = [dict(c) for c in args.labeled]
@@ -196,6 +199,7 @@ def build_train_request(args: argparse.Namespace) -> TrainRequest:
         labeled += source["labeled"]
         unlabeled += [u["image"] for u in source["unlabeled"]]
         validation += source["validation"]
+    cache_settings(args)  # --work-dir and --cache-dir agree, --cache-limit is a size: checked before any work
     if not labeled:
         raise InputError("no labeled cases: give --labeled IMAGE SEGMENTATION (repeatable), --cases or --dataset")
     return TrainRequest(
@@ -205,17 +209,9 @@ def build_train_request(args: argparse.Namespace) -> TrainRequest:
         validation=[LabeledInput(c["image"], c["segmentation"]) for c in validation],
         segments=args.segments,
         segment_names=parse_segment_names(args.segment_names, args.color_table),
-        partial_segments=args.partial_segments,
         config=cfg,
-        modality=args.modality,
-        spacing=args.spacing,
-        init=args.init,
+        options=settings.RunOptions(**{name: getattr(args, name) for name, _ in run_options("cli")}),
         network_overrides=network_overrides if args.init else None,
-        resume=args.resume,
-        compare_supervised=args.compare_supervised,
-        work_dir=args.work_dir,
-        cache_dir=cache_settings(args)[0],
-        cache_limit=cache_settings(args)[1],
         settings_given=sorted(given),
         other_inputs=[(flag, path) for flag, path in (("--config file", args.config if args.config not in PRESETS else None),
                                                      ("--cases list", args.cases), ("--color-table", args.color_table)) if path],

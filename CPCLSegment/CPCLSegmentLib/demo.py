@@ -31,7 +31,7 @@ from .pipeline import train
 from .prediction import Predictor
 from .preflight import check_outputs
 from .preparation import LabeledInput, TrainRequest
-from .settings import TrainConfig
+from .settings import RunOptions, TrainConfig
 from .writers import write_image, write_prediction
 
 DEMO_SEGMENTS = ["right lung", "left lung", "thoracic vertebral column"]
@@ -99,8 +99,8 @@ def run_demo(args: Any, emit: Callable[[Dict[str, Any]], None], should_stop: Cal
             unlabeled=[ct_path],
             out=os.path.join(out, "model.pt"),
             segments=list(DEMO_SEGMENTS),
-            spacing=list(DEMO_SPACING),
             config=demo_config(args.iterations, args.seed, args.device),
+            options=RunOptions(spacing=list(DEMO_SPACING)),
         )
         _say(emit, f"demo: training on the top and bottom slabs of {ct_path} (labeled) and the whole CT (unlabeled); "
                    f"the middle slab (slices {MIDDLE[0]}-{MIDDLE[1] - 1}) is held out")

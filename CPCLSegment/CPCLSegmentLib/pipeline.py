@@ -106,7 +106,7 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
     wrote_ckpt: List[bool] = []
     try:
         if rank0:
-            sweep_leftovers([os.path.dirname(os.path.abspath(request.out)), request.work_dir], say)
+            sweep_leftovers([os.path.dirname(os.path.abspath(request.out)), request.options.work_dir], say)
         run = _prepare(request, emit, distributed)
         cache = open_cache(request)
         try:
@@ -122,7 +122,7 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
 
             save_ckpt = _checkpointer(run, ckpt_file, wrote_ckpt)
             comparison = None
-            if request.compare_supervised and run.cfg.method != "supervised":
+            if request.options.compare_supervised and run.cfg.method != "supervised":
                 cfg, result, score, comparison = compare_supervised(run, make_trainer, run.resume_state, save_ckpt, validation)
             else:
                 cfg, trainer = run.cfg, make_trainer(run.cfg, save_ckpt)
@@ -137,7 +137,7 @@ def train(request: TrainRequest, emit: Optional[Emit] = None, should_stop: Optio
         finally:
             cache.release()
     except Cancelled:
-        if rank0 and wrote_ckpt and not request.resume and os.path.exists(ckpt_file):
+        if rank0 and wrote_ckpt and not request.options.resume and os.path.exists(ckpt_file):
             os.remove(ckpt_file)  # a cancelled run leaves nothing; a resumed one keeps its checkpoint resumable
             cleanup.keep_on_cancel(ckpt_file)
         raise
@@ -196,14 +196,14 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     device, note = (distributed.device, None) if distributed else choose_device(request.config.device)
     if note:  # e.g. Apple MPS passed over: too old a torch, or its self-test step failed
         say({"event": "warning", "message": note})
-    init_record = read_starting_point(request.init) if request.init else None
+    init_record = read_starting_point(request.options.init) if request.options.init else None
     classes = resolve_classes(request)
     cfg = request.config
-    init_state = starting_state(init_record, request.init, classes, cfg, request.network_overrides, say) if init_record else None
+    init_state = starting_state(init_record, request.options.init, classes, cfg, request.network_overrides, say) if init_record else None
     # with keep_model_segments, the starting model's other segments too (no labeled case need have them)
     all_classes = init_state["classes"] if init_state is not None else classes
     fingerprint = run_fingerprint(request, all_classes)
-    checkpoint = resume_checkpoint(request, fingerprint, say) if request.resume else None
+    checkpoint = resume_checkpoint(request, fingerprint, say) if request.options.resume else None
     cfg = request.config  # with --resume, the interrupted run's
     infos, fg_samples, is_ct = inspect_cases(request, classes, say)
     for info in infos:
@@ -219,19 +219,19 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
         cfg = run.cfg = TrainConfig.from_dict(dict(cfg.to_dict(), method="supervised"))
         say({"event": "warning", "message": "no unlabeled cases given: training supervised-only" + (
             "; --compare-supervised has nothing to compare (both models would be this supervised one), so one model is trained"
-            if request.compare_supervised else "")})
+            if request.options.compare_supervised else "")})
     check_memory(plan, device, cfg, len(classes))
-    planned = request.spacing is None and init_record is None and checkpoint is None
+    planned = request.options.spacing is None and init_record is None and checkpoint is None
     check_case_grids(request, infos, plan["spacing"], say, planned)
     if cfg.minutes is not None and checkpoint is None:
         cfg = _plan_minutes(run, distributed)
     if rank0:
         check_disk_space(request, cfg, classes, infos, plan["spacing"], run.unlabeled_paths)
     say(_summary(run))
-    if cfg.method != "supervised" and request.validation and not request.compare_supervised:
+    if cfg.method != "supervised" and request.validation and not request.options.compare_supervised:
         say({"event": "info", "message": "the unlabeled cases do not improve every model (BENCHMARKS.md): add --compare-supervised "
              "to also train supervised-only and keep whichever scores better on the validation cases"})
-    short = short_run_warning(cfg, bool(run.unlabeled_paths), request.compare_supervised)
+    short = short_run_warning(cfg, bool(run.unlabeled_paths), request.options.compare_supervised)
     if short:
         say({"event": "warning", "message": short})
     return run
@@ -245,7 +245,7 @@ def _plan_minutes(run: _Run, distributed: Any) -> TrainConfig:
     K = len(run.classes)
     cfg, switched = recipe_for_minutes(run.cfg, iterations_for_minutes(run.cfg, K, run.device),
                                        lambda c: iterations_for_minutes(c, K, run.device), bool(run.unlabeled_paths),
-                                       run.request.compare_supervised)
+                                       run.request.options.compare_supervised)
     run.cfg = run.request.config = cfg
     run.planned_from_minutes = True
     if switched:
@@ -262,7 +262,7 @@ def _summary(run: _Run) -> Dict[str, Any]:
         est_s: Optional[float] = round(cfg.minutes * 60.0, 0)
     else:
         est_s = estimate_seconds(cfg, len(classes), run.device) if run.rank0 else None
-    if est_s is not None and run.request.compare_supervised:
+    if est_s is not None and run.request.options.compare_supervised:
         est_s *= 1.6
     return {
         "event": "summary",
@@ -306,7 +306,7 @@ def _checkpointer(run: _Run, ckpt_file: str, wrote: List[bool]) -> Callable[[Tra
             save_checkpoint(ckpt_file, {"fingerprint": run.fingerprint, "trainer": trainer.state(), "plan": plain(run.plan)})
             if not wrote:
                 wrote.append(True)
-                if not run.request.resume:
+                if not run.request.options.resume:
                     cleanup.remove_on_cancel(ckpt_file)
             run.say({"event": "checkpoint", "iteration": iteration, "path": ckpt_file})
 
@@ -336,7 +336,7 @@ def _check_validation_labels(run: _Run, validation: Sequence[Case]) -> None:
                  f"the segments {run.names} (it is empty), where Dice is undefined: it is not scored"})
     if not empty or len(empty) < len(validation):
         return
-    if run.request.compare_supervised and run.cfg.method != "supervised":
+    if run.request.options.compare_supervised and run.cfg.method != "supervised":
         raise InputError(f"--compare-supervised compares the Dice on the validation cases, but every validation case's "
                          f"segmentation is empty ({', '.join(i.segmentation for i in empty[:3])}): Dice is undefined there. "
                          "Give validation cases whose segmentations hold the segments")

@@ -248,17 +248,17 @@ def plan_run(request: TrainRequest, classes: List[Dict[str, Any]], infos: Sequen
         normalization = dict(init_record["normalization"])
         emit({"event": "info", "message": "fine-tuning: spacing and intensity normalisation come from the starting model"})
     else:
-        spacing = request.spacing or median_spacing([i.spacing for i in infos])
-        modality = request.modality
+        spacing = request.options.spacing or median_spacing([i.spacing for i in infos])
+        modality = request.options.modality
         if modality == "auto":
             modality = "ct" if looks_ct else "mr"
         normalization = plan_normalization(modality, fg_samples)
         normalization["modality"] = modality
-    if request.spacing:
-        spacing = list(request.spacing)
+    if request.options.spacing:
+        spacing = list(request.options.spacing)
     shapes = [shape_at_spacing(i.size, i.spacing, spacing or i.spacing) for i in infos]
     median_shape = [int(np.median([s[a] for s in shapes])) for a in range(3)]
-    cfg.width = plan_width(cfg, device.type, request.settings_given, init_record is not None or bool(request.resume))
+    cfg.width = plan_width(cfg, device.type, request.settings_given, init_record is not None or bool(request.options.resume))
     est = None
     if cfg.patch_size is None:
         budget = request.memory_budget or (memory_budget(device) if device.type != "cpu" else None)

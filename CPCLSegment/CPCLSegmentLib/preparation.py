@@ -32,7 +32,7 @@ from .errors import InputError
 from .intensity import foreground_intensity_sample, looks_like_ct, normalize, plan_normalization  # noqa: F401 (re-exported)
 from .labels import build_label_array, find_segment, geometry_difference, same_grid
 from .prepcache import canonical_path
-from .settings import ANNOTATED_SLICES, IGNORE_INDEX, TrainConfig
+from .settings import ANNOTATED_SLICES, IGNORE_INDEX, RunOptions, TrainConfig
 
 Emit = Callable[[Dict[str, Any]], None]
 CANONICAL_ORIENTATION = "LPS"  # identity direction matrix for axis-aligned images
@@ -65,17 +65,10 @@ class TrainRequest:
     validation: List[LabeledInput] = field(default_factory=list)
     segments: Optional[List[str]] = None  # names or label values; None: all segments of the first case
     segment_names: Optional[Dict[int, str]] = None  # label value -> name for label maps
-    partial_segments: bool = False  # a missing segment means "not annotated" instead of "absent"
     config: TrainConfig = field(default_factory=TrainConfig)
-    modality: str = "auto"  # auto | ct | mr | other
-    spacing: Optional[List[float]] = None  # override target spacing (x, y, z) mm
-    init: Optional[str] = None  # model file to fine-tune from
+    # how the run is run: partial segments, starting model, spacing, resume, the comparison, the cache (``settings``)
+    options: RunOptions = field(default_factory=RunOptions)
     network_overrides: Optional[Dict[str, Any]] = None  # network settings the user set explicitly
-    resume: bool = False
-    compare_supervised: bool = False
-    work_dir: Optional[str] = None  # older name of cache_dir
-    cache_dir: Optional[str] = None  # the preprocessing cache folder (None: prepcache.default_cache_dir())
-    cache_limit: Optional[int] = None  # its size limit in bytes (None: prepcache.default_limit())
     memory_budget: Optional[float] = None  # bytes; GPU planning budget
     # the settings the user gave explicitly (config file keys, flags): what ``--resume`` compares with the
     # interrupted run; None: every field of ``config`` counts as given (the Python API)
@@ -285,12 +278,12 @@ def inspect_cases(request: TrainRequest, classes: List[Dict[str, Any]], emit: Em
 
     for n, item in enumerate(request.labeled):
         emit({"event": "phase", "phase": "checking labeled cases", "index": n + 1, "of": len(request.labeled), "case": item.image})
-        image, labels, class_known = read_labeled(item, wanted, request.segment_names, request.partial_segments, watch)
+        image, labels, class_known = read_labeled(item, wanted, request.segment_names, request.options.partial_segments, watch)
         arr = sitk.GetArrayViewFromImage(image)
         counts = {c: int((labels == c).sum()) for c in range(1, len(classes))}
         missing = [c for c, n in counts.items() if n == 0]
         for c in missing:
-            what = "not annotated (--partial-segments)" if request.partial_segments else "absent anatomy (background)"
+            what = "not annotated (--partial-segments)" if request.options.partial_segments else "absent anatomy (background)"
             emit({"event": "warning", "message": f"segment {classes[c]['name']!r} is missing or empty in {item.segmentation}: treated as {what}"})
         infos.append(CaseInfo(item.name, list(image.GetSpacing()), list(image.GetSize()), counts, missing,
                               float((labels != IGNORE_INDEX).mean()), looks_like_ct(arr)))

@@ -31,7 +31,7 @@ from . import cleanup
 from . import io as cio
 from .data import Case, cached_case
 from .errors import Cancelled, InputError, OutputError
-from .prepcache import PreprocessCache, canonical_path, case_key, default_cache_dir
+from .prepcache import PreprocessCache, canonical_path, case_key, default_cache_dir, parse_size
 from .preparation import Emit, LabeledInput, TrainRequest, labels_to_grid, model_input, read_labeled
 from .writers import format_bytes, no_space_message
 
@@ -160,7 +160,7 @@ def labeled_key(item: LabeledInput, wanted: Sequence[str], request: TrainRequest
     names = {str(k): v for k, v in (request.segment_names or {}).items()}
     return case_key({"kind": "labeled", "image": identity(item.image), "segmentation": identity(item.segmentation),
                      "annotated_slices": item.annotated_slices, "segments": list(wanted), "segment_names": names,
-                     "partial": bool(request.partial_segments), **_plan_parts(plan)})
+                     "partial": bool(request.options.partial_segments), **_plan_parts(plan)})
 
 
 def unlabeled_key(path: str, plan: Dict[str, Any], identity: Callable[[str], str]) -> str:
@@ -177,12 +177,13 @@ def _identities(paths: Sequence[str], cache: PreprocessCache) -> Dict[str, str]:
 
 def cache_folder(request: TrainRequest) -> str:
     """The run's preprocessing cache folder: ``--cache-dir``, its older name ``--work-dir``, else the default."""
-    return os.path.abspath(request.cache_dir or request.work_dir or default_cache_dir())
+    return os.path.abspath(request.options.cache_dir or request.options.work_dir or default_cache_dir())
 
 
 def open_cache(request: TrainRequest) -> PreprocessCache:
     """The run's preprocessing cache, created if needed (an ``OutputError`` naming the folder if it cannot be)."""
-    return PreprocessCache(cache_folder(request), request.cache_limit).prepare()
+    limit = request.options.cache_limit  # the --cache-limit text, e.g. "50GB"
+    return PreprocessCache(cache_folder(request), parse_size(limit) if limit is not None else None).prepare()
 
 
 def preprocess_cases(request: TrainRequest, classes: List[Dict[str, Any]], plan: Dict[str, Any], unlabeled_paths: Sequence[str],
@@ -231,7 +232,7 @@ def _preprocess_cases(request: TrainRequest, classes: List[Dict[str, Any]], plan
 
     def labeled_tasks(items: Sequence[LabeledInput], stage: str) -> List[Task]:
         return [Task(labeled_key(it, wanted, request, plan, ids.__getitem__), it.name, it.image, plan, it, wanted,
-                     request.segment_names, request.partial_segments, stage) for it in items]
+                     request.segment_names, request.options.partial_segments, stage) for it in items]
 
     labeled, validation = labeled_tasks(request.labeled, "labeled"), labeled_tasks(request.validation, "validation")
     by_image = {canonical_path(t.image): t for t in labeled + validation}  # a labeled image is read once

@@ -1,7 +1,7 @@
 """``--resume``: which interrupted run a request continues, and what it may change in it.
 
-The checkpoint must belong to the same cases and segments; the settings in ``RESUME_MAY_CHANGE`` (its length,
-learning rate, how often it reports, where it runs) are applied, any other changed setting is refused, naming
+The checkpoint must belong to the same cases and segments; the settings marked ``resume_may_change`` in
+``settings.TrainConfig`` (its length, learning rate, how often it reports, where it runs) are applied, any other changed setting is refused, naming
 its flag.
 """
 
@@ -15,16 +15,12 @@ from . import cleanup
 from .errors import InputError
 from .modelfile import checkpoint_path, load_checkpoint
 from .preparation import Emit, TrainRequest, fingerprint_difference
-from .settings import NETWORK_KEYS, TrainConfig, cli_settings
-
-# what ``--resume`` may change in an interrupted run: its length and learning rate, how often it reports, where it runs
-RESUME_MAY_CHANGE = ("iterations", "lr", "validation_every", "checkpoint_every", "validation_overlap", "device", "amp",
-                     "cpu_bf16", "channels_last", "compile", "sampling_workers")
+from .settings import TrainConfig, cli_settings, network_keys, resume_may_change
 
 
 def resume_checkpoint(request: TrainRequest, fingerprint: Dict[str, Any], say: Emit) -> Dict[str, Any]:
     """The checkpoint ``--resume`` continues: same cases and segments (paths compared absolute and
-    link-resolved), its config with the settings that may change applied (``RESUME_MAY_CHANGE``) and the ones
+    link-resolved), its config with the settings that may change applied (``settings.resume_may_change``) and the ones
     that may not refused, naming them. ``request.config`` becomes that config."""
     ckpt_file = checkpoint_path(request.out)
     ck = load_checkpoint(ckpt_file)
@@ -40,7 +36,7 @@ def resume_checkpoint(request: TrainRequest, fingerprint: Dict[str, Any], say: E
     new = request.config
     given = request.settings_given if request.settings_given is not None else [
         f for f in new.to_dict() if not (f == "iterations" and new.minutes is not None and new.minutes == old.minutes)]
-    changed, refused = [], []
+    changed, refused, may_change = [], [], resume_may_change()
     for name in given:
         a, b = getattr(new, name), getattr(old, name)
         if name == "patch_size":
@@ -49,17 +45,17 @@ def resume_checkpoint(request: TrainRequest, fingerprint: Dict[str, Any], say: E
             a, b = list(a), list(b) if b is not None else None
         if a == b:
             continue
-        if name in RESUME_MAY_CHANGE:
+        if name in may_change:
             setattr(old, name, getattr(new, name))
             changed.append(f"{name} {b} -> {a}")
         else:
             refused.append(f"{setting_flag(name)} {a} (the interrupted run: {b})")
     plan = ck.get("plan") or {}
-    if request.spacing is not None and plan.get("spacing") is not None and not np.allclose(request.spacing, plan["spacing"]):
-        refused.append(f"--spacing {list(request.spacing)} (the interrupted run: {plan['spacing']})")
+    if request.options.spacing is not None and plan.get("spacing") is not None and not np.allclose(request.options.spacing, plan["spacing"]):
+        refused.append(f"--spacing {list(request.options.spacing)} (the interrupted run: {plan['spacing']})")
     modality = (plan.get("normalization") or {}).get("modality")
-    if request.modality not in ("auto", None) and modality and request.modality != modality:
-        refused.append(f"--modality {request.modality} (the interrupted run: {modality})")
+    if request.options.modality not in ("auto", None) and modality and request.options.modality != modality:
+        refused.append(f"--modality {request.options.modality} (the interrupted run: {modality})")
     if refused:
         raise InputError("--resume continues the interrupted run, whose settings cannot change mid-run: " + "; ".join(refused)
                          + ". Drop these to resume, or start a new run without --resume")
@@ -74,4 +70,4 @@ def resume_checkpoint(request: TrainRequest, fingerprint: Dict[str, Any], say: E
 
 def setting_flag(name: str) -> str:
     flags = dict((n, m.get("flag")) for n, m in cli_settings())
-    return flags.get(name) or (f"{name} (network)" if name in NETWORK_KEYS else f"{name} (setting)")
+    return flags.get(name) or (f"{name} (network)" if name in network_keys() else f"{name} (setting)")

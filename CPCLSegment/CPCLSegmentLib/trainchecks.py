@@ -39,11 +39,11 @@ def check_request(request: TrainRequest, say: Emit) -> TrainConfig:
         raise InputError(f"--out {out} is a folder; give the model file to write, e.g. --out {os.path.join(out, 'model.pt')}")
     if not out.lower().endswith(".pt"):
         raise InputError(f"--out {out}: a model file name ends in .pt (e.g. --out {cio.strip_extension(out) or 'model'}.pt)")
-    if cfg.freeze_encoder and not request.init:
+    if cfg.freeze_encoder and not request.options.init:
         raise InputError("--freeze-encoder keeps the encoder of a starting model fixed: it needs --init MODEL "
                          "(without one it would freeze randomly initialised weights)")
-    request.spacing = check_spacing(request.spacing)
-    if request.compare_supervised and not request.validation:
+    request.options.spacing = check_spacing(request.options.spacing)
+    if request.options.compare_supervised and not request.validation:
         raise InputError("--compare-supervised needs --validation cases to compare on")
     inputs: List[Tuple[str, str]] = []
     for role, items in (("labeled", request.labeled), ("validation", request.validation)):
@@ -57,18 +57,18 @@ def check_request(request: TrainRequest, say: Emit) -> TrainConfig:
     for u in request.unlabeled:
         cio.check_exists(u, "unlabeled image", folder_ok=True)
         inputs.append(("unlabeled image", u))
-    if request.init:
-        inputs.append(("--init model", request.init))
+    if request.options.init:
+        inputs.append(("--init model", request.options.init))
     inputs += list(request.other_inputs)
     outputs = [("--out", out), ("its run record", run_record_path(out)), ("its resume checkpoint", checkpoint_path(out)),
                ("its lock file", out + ".lock")]
-    folder = request.cache_dir or request.work_dir
-    by_old_name = bool(request.work_dir) and os.path.abspath(request.work_dir) == os.path.abspath(folder)
+    folder = request.options.cache_dir or request.options.work_dir
+    by_old_name = bool(request.options.work_dir) and os.path.abspath(request.options.work_dir) == os.path.abspath(folder)
     given_cache = [("--work-dir" if by_old_name else "--cache-dir", folder)]  # the flag the user typed
     check_outputs(outputs, inputs, given_cache if given_cache[0][1] else [])
-    if request.resume and not os.path.exists(checkpoint_path(out)):
+    if request.options.resume and not os.path.exists(checkpoint_path(out)):
         raise InputError(f"--resume: no checkpoint {checkpoint_path(out)} to resume from (start without --resume)")
-    if not request.resume and os.path.exists(checkpoint_path(out)):
+    if not request.options.resume and os.path.exists(checkpoint_path(out)):
         say({"event": "warning", "message": f"{checkpoint_path(out)} (an interrupted run's checkpoint) will be replaced by this "
              "run's; to continue that run instead, give --resume"})
     check_each_case_once(request, say)

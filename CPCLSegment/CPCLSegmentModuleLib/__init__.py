@@ -7,8 +7,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 
 - ``slicer_api``: every ``slicer.*`` name the package calls, and which of them this Slicer lacks (``SLICER_API``,
   ``missing_slicer_api``). imports: none.
-- ``options``: the module's run options and the ``--config`` mapping for the engine (``MODULE_SETTINGS``,
-  ``DEVICES``, ``DEFAULT_MINUTES``, ``split_settings``, ``train_config``, ``compares_supervised``). imports: none.
+- ``options``: the module's run options and the ``--config`` mapping for the engine (``module_settings``,
+  ``DEFAULT_MINUTES``, ``split_settings``, ``option_args``, ``train_config``, ``compares_supervised``). imports: none.
 - ``environment``: package versions from metadata, the child's device report, installing dependencies
   (``check_requirements``, ``describe_backend``). imports: none.
 - ``nodes``: reading the scene's nodes: voxels, geometry, segments and their masks on a volume's grid
@@ -48,7 +48,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``panelguard``: what the panel holds back or asks first: typing is never overwritten by a refresh
   (``write_into_widget``, ``widget_value``, ``same_value``), Reload / exit ask while jobs run (``leave_question``,
   ``LeaveQuestion``), where "Save model..." opens (``model_save_path``). imports: none.
-- ``panelsettings``: the panel's settings in the parameter node (``PanelSettings``, ``PANEL_SETTINGS``).
+- ``panelsettings``: the panel's settings in the parameter node (``PanelSettings``, ``panel_options``,
+  ``setting_names``).
   imports: options.
 - ``panelstate``: the panel's cases, segments, volumes and model in the parameter node (``PanelState``,
   ``parameter_node``). imports: models, nodes, scene.

@@ -20,13 +20,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import slicer
 from CPCLSegmentLib import jobs
 from CPCLSegmentLib.errors import InputError
-from CPCLSegmentLib.settings import WEIGHTS
+from CPCLSegmentLib.settings import DEVICES, WEIGHTS
 
 from .export import export_volume
 from .logicmodels import ModelAPI, ModelRef
 from .models import model_nested
 from .nodes import check_volume, ensure_converter_rules, node_name, segment_names
-from .options import DEVICES, split_settings, train_config
+from .options import split_settings, train_config
 from .results import import_scalar_volume, import_segmentation
 from .scene import OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, as_cases, output_for
 from .trainrun import can_resume, collect_model, keep_run_dir, read_command, refuse_second_training, write_training_run
@@ -106,8 +106,9 @@ class LogicCore(ModelAPI):
         device = self._device_arg(module["device"])
         if device not in DEVICES:
             raise InputError(f"device must be one of {', '.join(DEVICES)}, not {module['device']!r}")
-        init = self.starting_point(module["init"]) if module["init"] else None
-        return write_training_run(self.new_run_dir("train"), cases, unlabeled, list(segments or []), module, config, out, device, init)
+        module.update(device=device, init=self.starting_point(module["init"]) if module["init"] else None,
+                      cache_dir=os.path.abspath(os.path.expanduser(str(module["cache_dir"]))) if module["cache_dir"] else None)
+        return write_training_run(self.new_run_dir("train"), cases, unlabeled, list(segments or []), module, config, out)
 
     def start_training(self, labeled: Sequence[Any], unlabeled: Sequence[Any] = (), segments: Optional[Sequence[str]] = None,
                        out: Optional[str] = None, **values: Any) -> jobs.Job:
@@ -141,7 +142,7 @@ class LogicCore(ModelAPI):
     def train(self, labeled: Sequence[Any], unlabeled: Sequence[Any] = (), segments: Optional[Sequence[str]] = None,
               wait: bool = True, on_event: OnEvent = None, out: Optional[str] = None, **values: Any) -> Any:
         """Trains a model; returns the model node (``wait=True``) or the running job. ``values``: module
-        settings (``MODULE_SETTINGS``) and any TrainConfig setting by name (``iterations=300``,
+        settings (``options.module_settings``) and any TrainConfig setting by name (``iterations=300``,
         ``minutes=10``, ``lr=1e-3``, ``patch_size=[X, Y, Z]``, ...); without either length, about
         ``DEFAULT_MINUTES`` minutes."""
         job = self.start_training(labeled, unlabeled, segments, out, **values)

@@ -1,29 +1,22 @@
 """The module's run options and the ``--config`` mapping it gives the engine.
 
-Run options the module owns (not TrainConfig fields) are ``MODULE_SETTINGS``; everything else a caller passes
-must be a TrainConfig field (``CPCLSegmentLib/settings.py``) and goes to the engine as ``--config``."""
+The module's run options are the ``settings.RunOptions`` fields that apply to ``"module"`` (``module_settings``);
+everything else a caller passes must be a TrainConfig field (``CPCLSegmentLib/settings.py``) and goes to the
+engine as ``--config``. The child gets each run option the command line also has by its flag (``option_args``)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 from CPCLSegmentLib import settings
 from CPCLSegmentLib.errors import InputError
 
 
-# Settings the module owns (not TrainConfig fields): which device, which starting model, the target spacing,
-# the meaning of a missing segment, hold-out validation, the supervised-only comparison, the overlap order and
-# the preprocessing cache folder (``cache_dir``; default: the engine's per-user folder or $CPCL_SEGMENT_CACHE_DIR).
-# Everything else a caller passes must be a TrainConfig field (``CPCLSegmentLib/settings.py``) and goes to the
-# engine as ``--config``. ``compare_supervised`` (on unless turned off) acts only with a held-out case and
-# unlabeled volumes: the engine then also trains supervised-only and keeps the model that scores better on the
-# held-out case, saying which, so a run where the unlabeled volumes do not help never silently keeps the worse
-# model (BENCHMARKS.md: they do not help at every budget).
-MODULE_SETTINGS: Dict[str, Any] = {"device": "auto", "init": None, "spacing": None, "partial_segments": False,
-                                   "hold_out_last": False, "compare_supervised": True, "later_wins": False, "cache_dir": None}
-
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
+def module_settings() -> Dict[str, Any]:
+    """The module's run options and their defaults (``settings.RunOptions`` fields that apply to ``"module"``):
+    the device, the starting model, the target spacing, the meaning of a missing segment, hold-out validation,
+    the supervised-only comparison, the overlap order and the preprocessing cache folder."""
+    return settings.run_option_defaults("module")
 
 
 # "Train for N minutes" is what the panel and the console do unless iterations are asked for.
@@ -33,19 +26,38 @@ DEFAULT_MINUTES = 10.0
 def split_settings(values: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``(module settings, TrainConfig settings)`` of a caller's keyword settings; any other name is an
     ``InputError`` listing the known ones. Module settings win where a name is both (``device``)."""
-    names = set(settings.setting_names())
-    unknown = sorted(k for k in values if k not in MODULE_SETTINGS and k not in names)
+    names, module = set(settings.setting_names()), module_settings()
+    unknown = sorted(k for k in values if k not in module and k not in names)
     if unknown:
-        raise InputError(f"unknown training setting(s): {', '.join(unknown)} (module settings: {', '.join(MODULE_SETTINGS)}; "
+        raise InputError(f"unknown training setting(s): {', '.join(unknown)} (module settings: {', '.join(module)}; "
                          f"engine settings: {', '.join(settings.setting_names())})")
-    module = dict(MODULE_SETTINGS)
-    module.update({k: v for k, v in values.items() if k in MODULE_SETTINGS})
-    return module, {k: v for k, v in values.items() if k not in MODULE_SETTINGS}
+    config = {k: v for k, v in values.items() if k not in module}
+    module.update({k: v for k, v in values.items() if k in module})
+    return module, config
+
+
+def option_args(module: Dict[str, Any]) -> List[str]:
+    """The ``cpcl-segment train`` flags of the module's run options that the command line has too: a true option
+    gives its flag, a value its flag and value(s) (floats exact); False, None and the default are left out."""
+    defaults = settings.run_option_defaults("module")
+    args: List[str] = []
+    for name, meta in settings.run_options("module"):
+        value = module.get(name)
+        if "cli" not in meta["applies"] or value is None or value is False or value == defaults[name]:
+            continue
+        args.append(meta["flag"])
+        if value is not True:
+            args += [_arg_text(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return args
+
+
+def _arg_text(value: Any) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
 
 
 def compares_supervised(module: Dict[str, Any], config: Dict[str, Any], unlabeled: Sequence[Any]) -> bool:
     """Whether a training run also trains supervised-only and keeps the better model (``--compare-supervised``):
-    asked for (the default), a case held out to compare on, unlabeled volumes, and a semi-supervised method."""
+    asked for, a case held out to compare on, unlabeled volumes, and a semi-supervised method."""
     method = config.get("method", settings.default_settings().get("method"))
     return bool(module.get("compare_supervised") and module.get("hold_out_last") and list(unlabeled) and method != "supervised")
 

@@ -1,30 +1,28 @@
-"""The panel's settings, stored in the parameter node by name: TrainConfig fields (``CPCLSegmentLib/settings.py``)
-plus the panel's own (``PANEL_SETTINGS``). The widget binds any widget whose ``cpclSetting`` property names one,
-so a new TrainConfig field reaches the engine by adding a widget, with no code here."""
+"""The panel's settings, stored in the parameter node by name: TrainConfig fields and the run options that apply
+to the panel (both in ``CPCLSegmentLib/settings.py``). The widget binds any widget whose ``cpclSetting`` property
+names one, so a new TrainConfig field or panel run option reaches the engine by adding a widget, with no code here."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from CPCLSegmentLib import settings
 from CPCLSegmentLib.errors import InputError
 
-from .options import DEFAULT_MINUTES, DEVICES
+from .options import DEFAULT_MINUTES
 
-LENGTH_MODES = ("minutes", "iterations")
-# The panel's own settings (not TrainConfig fields): name -> (default, choices or None).
-PANEL_SETTINGS: Dict[str, Tuple[Any, Optional[Sequence[str]]]] = {
-    "device": ("auto", DEVICES),
-    "init": ("", None),
-    "length_mode": ("minutes", LENGTH_MODES),
-    "partial_segments": (False, None),
-    "hold_out_last": (False, None),
-    "compare_supervised": (True, None),
-    "later_wins": (False, None),
-    "prefill": (False, None),
-}
 # Where the panel's default differs from the engine's (the engine's minutes is None: iterations decide).
 PANEL_DEFAULTS = {"minutes": DEFAULT_MINUTES}
+
+
+def panel_options() -> Dict[str, Dict[str, Any]]:
+    """The run options the panel has (``settings.RunOptions`` fields that apply to ``"panel"``): name -> metadata."""
+    return dict(settings.run_options("panel"))
+
+
+def setting_names() -> List[str]:
+    """Every setting the panel stores: its run options, then the TrainConfig fields."""
+    return list(panel_options()) + settings.setting_names()
 
 
 class PanelSettings:
@@ -34,12 +32,12 @@ class PanelSettings:
 
     @staticmethod
     def is_setting(name: str) -> bool:
-        return name in PANEL_SETTINGS or name in settings.setting_names()
+        return name in panel_options() or name in settings.setting_names()
 
     @staticmethod
     def default(name: str) -> Any:
-        if name in PANEL_SETTINGS:
-            return PANEL_SETTINGS[name][0]
+        if name in panel_options():
+            return settings.run_option_defaults("panel")[name]
         if name in PANEL_DEFAULTS:
             return PANEL_DEFAULTS[name]
         value = settings.default_settings()[name]
@@ -49,9 +47,8 @@ class PanelSettings:
 
     @staticmethod
     def choices(name: str) -> Optional[Sequence[str]]:
-        if name in PANEL_SETTINGS:
-            return PANEL_SETTINGS[name][1]
-        meta = settings.TrainConfig.__dataclass_fields__[name].metadata
+        options = panel_options()
+        meta = options[name] if name in options else settings.TrainConfig.__dataclass_fields__[name].metadata
         return meta.get("choices")
 
     def setting(self, name: str) -> Any:
@@ -69,17 +66,17 @@ class PanelSettings:
 
     def stored_settings(self) -> Dict[str, Any]:
         node = self.node
-        names = list(PANEL_SETTINGS) + settings.setting_names()
-        return {n: self.setting(n) for n in names if node.GetParameter(f"Setting.{n}")}
+        return {n: self.setting(n) for n in setting_names() if node.GetParameter(f"Setting.{n}")}
 
     def train_values(self) -> Dict[str, Any]:
-        """The keyword settings ``LogicCore.train`` gets from the panel: module settings, the training length
-        (minutes or iterations) and every TrainConfig setting the user changed."""
+        """The keyword settings ``LogicCore.train`` gets from the panel: the run options the module has too (an
+        empty text: None), the training length (minutes or iterations) and every TrainConfig setting the user changed."""
         stored = self.stored_settings()
         values: Dict[str, Any] = {k: v for k, v in stored.items() if k in settings.setting_names() and k not in ("minutes", "iterations")}
-        for name in ("device", "partial_segments", "hold_out_last", "compare_supervised", "later_wins"):
-            values[name] = self.setting(name)
-        values["init"] = self.setting("init") or None
+        for name, meta in panel_options().items():
+            if "module" in meta["applies"]:
+                value = self.setting(name)
+                values[name] = None if value == "" else value
         if self.setting("length_mode") == "iterations":
             values["iterations"] = int(self.setting("iterations"))
         else:

@@ -12,12 +12,10 @@ import html
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from CPCLSegmentLib import settings
-
 from . import environment
 from .inputcheck import CheckResult
 from .models import model_nested, model_summary
-from .panelsettings import PANEL_SETTINGS
+from .panelsettings import setting_names
 from .trainrun import can_resume
 
 RED, ORANGE, GREY, GREEN = "#c62828", "#e65100", "#555555", "#2e7d32"
@@ -194,8 +192,7 @@ def build_view(c: Any) -> PanelView:
     v.cases = [(c.volume.GetName(), c.segmentation.GetName(), c.sparse) for c in cases]
     v.segments = segments
     v.rank_rows = [(int(r["rank"]), r["volume"].GetName(), float(r["score"])) for r in c.rank_rows]
-    names = list(PANEL_SETTINGS) + settings.setting_names()
-    v.settings = {n: c.setting(n) for n in names}
+    v.settings = {n: c.setting(n) for n in setting_names()}
     v.unlabeled = [n.GetID() for n in unlabeled]
     v.segment_volumes = [n.GetID() for n in segment_volumes]
     return v

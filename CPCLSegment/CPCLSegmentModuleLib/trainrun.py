@@ -15,13 +15,12 @@ from CPCLSegmentLib.errors import InputError
 from .export import ExportedInputs, export_inputs
 from .inputcheck import CheckFailed, CheckResult
 from .models import MODEL_NODE_CLASS, is_model_node, store_model
-from .options import compares_supervised
+from .options import compares_supervised, option_args
 from .scene import LabeledCase, nodes_by_class
 
 
 def write_training_run(run_dir: str, cases: Sequence[LabeledCase], unlabeled: Sequence[Any], segments: List[str],
-                       module: Dict[str, Any], config: Dict[str, Any], out: Optional[str], device: str,
-                       init: Optional[str]) -> Dict[str, Any]:
+                       module: Dict[str, Any], config: Dict[str, Any], out: Optional[str]) -> Dict[str, Any]:
     """Checks and exports the inputs into ``run_dir/inputs``, writes ``config.json`` and ``command.json``; returns
     the run (``{"args", "run_dir", "out", "check", "module", "config", "record"}``). ``CheckFailed`` when the
     check finds errors; the folder is removed on any failure."""
@@ -36,11 +35,11 @@ def write_training_run(run_dir: str, cases: Sequence[LabeledCase], unlabeled: Se
         config_path = os.path.join(run_dir, "config.json")
         with open(config_path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=1)
-        args = train_command(check, files, len(cases), unlabeled, segments, module, config, config_path, out, device, init)
+        args = train_command(check, files, len(cases), unlabeled, segments, module, config, config_path, out)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    record = {"args": args, "out": out, "segments": segments, "device": device, "classes": check.classes(),
+    record = {"args": args, "out": out, "segments": segments, "device": module["device"], "classes": check.classes(),
               "nested": check.nested() if module["later_wins"] else {}, "config": config}
     with open(os.path.join(run_dir, "command.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1, default=str)
@@ -48,9 +47,9 @@ def write_training_run(run_dir: str, cases: Sequence[LabeledCase], unlabeled: Se
 
 
 def train_command(check: CheckResult, files: ExportedInputs, n_cases: int, unlabeled: Sequence[Any], segments: List[str],
-                  module: Dict[str, Any], config: Dict[str, Any], config_path: str, out: str, device: str,
-                  init: Optional[str]) -> List[str]:
-    """The ``cpcl-segment train`` arguments for the exported inputs (the last case held out with ``hold_out_last``)."""
+                  module: Dict[str, Any], config: Dict[str, Any], config_path: str, out: str) -> List[str]:
+    """The ``cpcl-segment train`` arguments for the exported inputs (the last case held out with ``hold_out_last``)
+    and the module's run options (``options.option_args``; the comparison only where ``compares_supervised``)."""
     args: List[str] = ["train"]
     n_train = n_cases - 1 if module["hold_out_last"] and n_cases > 1 else n_cases
     for n, (image, seg, sparse) in enumerate(files.labeled):
@@ -60,18 +59,8 @@ def train_command(check: CheckResult, files: ExportedInputs, n_cases: int, unlab
             args += ["--validation", image, seg]
     if unlabeled:
         args += ["--unlabeled", *[files.volume_files[v.GetID()] for v in unlabeled]]
-    args += ["--segments", *segments, "--out", out, "--device", device, "--config", config_path]
-    if module["partial_segments"]:
-        args.append("--partial-segments")
-    if compares_supervised(module, config, unlabeled):
-        args.append("--compare-supervised")
-    if init:
-        args += ["--init", init]
-    if module["spacing"]:
-        args += ["--spacing", *[repr(float(v)) for v in module["spacing"]]]
-    if module["cache_dir"]:  # the preprocessing cache (default: the engine's per-user folder)
-        args += ["--cache-dir", os.path.abspath(os.path.expanduser(str(module["cache_dir"])))]
-    return args
+    args += ["--segments", *segments, "--out", out, "--config", config_path]
+    return args + option_args(dict(module, compare_supervised=compares_supervised(module, config, unlabeled)))
 
 
 def read_command(run_dir: Optional[str]) -> Dict[str, Any]:
