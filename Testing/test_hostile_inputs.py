@@ -18,7 +18,8 @@ import SimpleITK as sitk
 import torch
 
 from CPCLSegmentLib import cli, planning
-from CPCLSegmentLib.modelfile import checkpoint_path, load_checkpoint, load_model, run_record_path
+from CPCLSegmentLib.companions import checkpoint_path, run_record_path
+from CPCLSegmentLib.modelfile import load_checkpoint, load_model
 from CPCLSegmentLib.trainer import Trainer
 
 from conftest import child_env

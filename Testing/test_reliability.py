@@ -12,7 +12,8 @@ import torch
 from CPCLSegmentLib import cli, pipeline, planning
 from CPCLSegmentLib import io as cio
 from CPCLSegmentLib.errors import InputError, OutOfMemory, OutputError, TrainingDiverged
-from CPCLSegmentLib.modelfile import checkpoint_path, load_checkpoint, load_model
+from CPCLSegmentLib.companions import checkpoint_path
+from CPCLSegmentLib.modelfile import load_checkpoint, load_model
 from CPCLSegmentLib.prediction import Predictor
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest
 from CPCLSegmentLib.settings import RunOptions

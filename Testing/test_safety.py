@@ -22,7 +22,8 @@ from CPCLSegmentLib import io as cio
 from CPCLSegmentLib.labels import build_label_array
 from CPCLSegmentLib.console import Reporter
 from CPCLSegmentLib.errors import Cancelled, InputError, OutputError
-from CPCLSegmentLib.modelfile import checkpoint_path, load_model
+from CPCLSegmentLib.companions import checkpoint_path
+from CPCLSegmentLib.modelfile import load_model
 from CPCLSegmentLib.prediction import compatibility_warnings
 from CPCLSegmentLib.preparation import LabeledInput, TrainRequest, inspect_cases, resolve_classes
 from CPCLSegmentLib.settings import RunOptions

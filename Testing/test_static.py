@@ -86,7 +86,7 @@ def test_the_slicer_gui_side_never_imports_torch():
 
 
 # Engine modules the Slicer GUI process may import (no torch at import time).
-TORCH_FREE_ENGINE_MODULES = {"jobs", "childinfo", "errors", "settings", "localmodels"}  # childinfo imports torch only inside
+TORCH_FREE_ENGINE_MODULES = {"childinfo", "companions", "errors", "jobs", "localmodels", "settings"}  # childinfo imports torch only inside
 # its child-side functions; localmodels reads checkpoints as pickle opcodes (test_pretrained checks it imports no torch)
 
 
@@ -103,3 +103,18 @@ def test_every_module_python_file_is_listed_in_cmake():
         assert path.name != "CPCLSegmentLogicCore.py"
         rel = path.relative_to(ROOT / "CPCLSegment").as_posix()
         assert rel in cmake, f"{rel} is not listed in CPCLSegment/CMakeLists.txt"
+
+
+def test_the_files_beside_a_model_are_named_in_companions_only():
+    """The resume checkpoint, the run record and the output lock are named by ``CPCLSegmentLib/companions.py``;
+    no other engine or Slicer-side file spells their suffixes out."""
+    from CPCLSegmentLib import companions
+
+    suffixes = {companions.CHECKPOINT_SUFFIX, companions.RUN_RECORD_SUFFIX, companions.LOCK_SUFFIX}
+    for path in sorted(ENGINE.glob("*.py")) + MODULE_FILES:
+        if path.name == "companions.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not any(node.value == s or node.value.endswith(s) and "/" not in node.value and " " not in node.value
+                               for s in suffixes), f"{path.name}:{node.lineno} spells out {node.value!r}: use companions"

@@ -8,6 +8,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 
 - ``errors``: error types and their exit codes (``CPCLError``, ``InputError``, ``ModelFileError``,
   ``OutOfMemory``, ``TrainingDiverged``, ``Cancelled``). imports: none.
+- ``companions``: the files written beside a model file: resume checkpoint, run record, output lock
+  (``checkpoint_path``, ``run_record_path``, ``lock_path``, ``is_checkpoint``, ``companion_paths``). imports: none.
 - ``jsonout``: strict JSON for every line and file the tool writes: non-finite numbers become null
   (``strict_json``, ``finite_or_none``). imports: none.
 - ``cleanup``: what a run leaves on disk: temporary files removed at exit or on cancel, this run's checkpoint
@@ -36,7 +38,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``write_label_image``, ``write_image``). imports: cleanup, errors, integrity, io.
 - ``preflight``: checks before any work: outputs against inputs, writable folders, free space, the output lock,
   stale stop files, spacing values, dead runs' leftovers (``check_outputs``, ``same_file``, ``check_free_space``,
-  ``OutputLock``, ``check_stop_file``, ``check_spacing``, ``sweep_leftovers``). imports: cleanup, errors, writers.
+  ``OutputLock``, ``check_stop_file``, ``check_spacing``, ``sweep_leftovers``). imports: cleanup, companions, errors,
+  writers.
 - ``precision``: compute precision per device: bf16 / fp16 + loss scaling / fp32 by CUDA compute capability,
   bf16 on CPUs with native bf16, never an autocast object for fp32 (``choose_precision``, ``Precision``,
   ``cuda_precision``, ``cpu_native_bf16``, ``autocast_context``). imports: none.
@@ -67,8 +70,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``mean_dice_over_cases``). imports: inference.
 - ``distributed``: torchrun / DDP (``DistributedContext``). imports: errors.
 - ``modelfile``: the model file and what lies beside it (``save_model``, ``load_model``, ``build_from_record``,
-  ``make_record``, ``write_run_record``, ``checkpoint_path``, ``plain``).
-  imports: backbones, errors, jsonout, network, writers.
+  ``make_record``, ``write_run_record``, ``plain``).
+  imports: backbones, companions, errors, jsonout, network, writers.
 - ``pretrained``: starting points for ``--init`` (our model files, Auto3DSeg checkpoints, MONAI bundles), segment
   matching and the weights to start from, the MONAIAuto3DSeg models on this computer (``read_starting_point``,
   ``starting_state``, ``match_segments``). imports: backbones, errors, localmodels, modelfile, network.
@@ -87,9 +90,9 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   imports: errors, io, network, precision, preparation, settings, writers.
 - ``trainchecks``: a training request checked before any work: paths and values, every case's grid at the target
   spacing, the disk space the run needs (``check_request``, ``check_case_grids``, ``check_disk_space``).
-  imports: errors, io, modelfile, planning, preflight, prepcache, preparation, preprocessing, settings.
+  imports: companions, errors, io, planning, preflight, prepcache, preparation, preprocessing, settings.
 - ``resume``: ``--resume``: the interrupted run a request continues and what it may change in it
-  (``resume_checkpoint``, ``setting_flag``). imports: cleanup, errors, modelfile,
+  (``resume_checkpoint``, ``setting_flag``). imports: cleanup, companions, errors, modelfile,
   preparation, settings.
 - ``trainer``: the training loop (``Trainer``, ``TrainResult``). imports: data, devices, distributed, errors, loader,
   losses, metrics, modelfile, network, planning, precision, prototypes, settings, steplog, teacher.
@@ -100,14 +103,14 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``back_to_image_grid``, ``predict``, ``compatibility_warnings``). imports: devices, errors, inference, io, labels,
   modelfile, preflight, preparation, writers.
 - ``pipeline``: training orchestration, request in, model file out (``train``, ``compare_supervised``).
-  imports: budget, cleanup, data, devices, errors, metrics, modelfile, pace, planning, preflight, preparation,
-  preprocessing, pretrained, resume, trainchecks, trainer.
+  imports: budget, cleanup, companions, data, devices, errors, metrics, modelfile, pace, planning, preflight,
+  preparation, preprocessing, pretrained, resume, trainchecks, trainer.
 - ``uncertainty``: "label this next" scores and ranking (``UncertaintyModel``, ``rank_files``).
   imports: errors, inference, io, modelfile, prediction, preflight, preparation, prototypes, settings, writers.
 - ``inputfiles``: the CLI's other input files: case lists, Decathlon folders, colour tables, ``--config``
   (``read_case_list``, ``decathlon_cases``, ``load_config_file``). imports: errors, io, settings.
-- ``demo``: ``cpcl-segment demo`` (``run_demo``). imports: errors, inputfiles, io, labels, metrics, pipeline,
-  prediction, preflight, preparation, settings, writers.
+- ``demo``: ``cpcl-segment demo`` (``run_demo``). imports: companions, errors, inputfiles, io, labels, metrics,
+  pipeline, prediction, preflight, preparation, settings, writers.
 - ``cli_args``: the command line's parser and the training request it stands for (``build_parser``,
   ``build_train_request``, ``cache_settings``). imports: errors, inputfiles, prepcache, preparation, settings.
 - ``console``: what the CLI prints and how it stops (``Reporter``, ``print_summary``, ``StopControl``).

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 
 from . import io as cio
+from .companions import run_record_path
 from .errors import InputError
 from .inputfiles import decathlon_cases
 from .labels import build_label_array
@@ -86,7 +87,7 @@ def run_demo(args: Any, emit: Callable[[Dict[str, Any]], None], should_stop: Cal
     data = slicerio_data_dir()
     ct_path = os.path.join(data, "CTChest4.nrrd")
     seg_path = os.path.join(data, "Segmentation.seg.nrrd")
-    out = check_demo_args(args, ["model.pt", "model.run.json", "CTChest4.seg.nrrd"], [ct_path, seg_path])
+    out = check_demo_args(args, ["model.pt", run_record_path("model.pt"), "CTChest4.seg.nrrd"], [ct_path, seg_path])
     t0 = time.time()
     ct = cio.read_image(ct_path)
     with tempfile.TemporaryDirectory(prefix="cpcl-demo-") as tmp:
@@ -157,7 +158,7 @@ def run_dataset_demo(args: Any, emit, should_stop) -> Dict[str, Any]:
     check_demo_args(args, [], [])
     labeled, unlabeled, test = _dataset_split(args.data, args.labeled, args.unlabeled, args.seed)
     inputs = [c["image"] for c in labeled + unlabeled + test] + [c["segmentation"] for c in labeled + test]
-    out = check_demo_args(args, [f"model-{m}{ext}" for m in ("cpcl", "supervised") for ext in (".pt", ".run.json")], inputs)
+    out = check_demo_args(args, [name for m in ("cpcl", "supervised") for name in (f"model-{m}.pt", run_record_path(f"model-{m}.pt"))], inputs)
     _say(emit, f"demo on {args.data}: {len(labeled)} labeled, {len(unlabeled)} unlabeled, {len(test)} held-out test cases")
     cfg = TrainConfig(iterations=args.iterations or 400, width=8, optimizer="adamw", lr=2e-3, seed=args.seed, device=args.device)
     results = {}

@@ -27,7 +27,8 @@ student or optimizer state: those live in the resume checkpoint. The default net
 model file of about 18 MB. Older model files (student and teacher in float32) are still read.
 
 Beside the model file: ``<model>.run.json``, the run record (versions, seed, config, plan, cases, losses,
-validations: ``write_run_record``), and while training ``<model>.pt.checkpoint.pt`` for ``--resume``.
+validations: ``write_run_record``), and while training ``<model>.pt.checkpoint.pt`` for ``--resume`` (their names:
+``companions``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch
 from . import MODEL_FORMAT, MODEL_FORMAT_VERSION, __version__
 from .errors import ModelFileError
 from .backbones import BackboneError, check_spec
+from .companions import run_record_path
 from .jsonout import strict_json
 from .network import build_network
 from .writers import atomic_path
@@ -310,17 +312,6 @@ def save_checkpoint(path: str, ckpt: Dict[str, Any]) -> None:
     ckpt["engine_version"] = __version__
     with atomic_path(path, tensor_bytes(ckpt), note="resume checkpoint: --resume continues from it") as tmp:
         torch.save(ckpt, tmp)
-
-
-def checkpoint_path(out: str) -> str:
-    """The resume checkpoint of model file ``out``."""
-    return str(out) + ".checkpoint.pt"
-
-
-def run_record_path(out: str) -> str:
-    """The run record (JSON) of model file ``out``: ``model.pt`` → ``model.run.json``."""
-    base = str(out)
-    return (base[:-3] if base.endswith(".pt") else base) + ".run.json"
 
 
 # ------------------------------------------------------------------------------------------- records

@@ -37,13 +37,13 @@ import torch
 
 from . import cleanup
 from .budget import recipe_for_minutes, short_run_warning
+from .companions import checkpoint_path
 from .data import Case
 from .devices import choose_device
 from .errors import Cancelled, InputError
 from .metrics import mean_dice_over_cases
 from .modelfile import (
     build_from_record,
-    checkpoint_path,
     make_record,
     plain,
     save_checkpoint,

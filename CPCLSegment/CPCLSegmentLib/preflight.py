@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import cleanup
+from .companions import lock_path
 from .errors import InputError, OutputError
 from .writers import check_free_space as _check_disk
 from .writers import mount_point
@@ -169,7 +170,7 @@ class OutputLock:
 
     def __init__(self, path: str) -> None:
         self.target = os.path.abspath(str(path))
-        self.path = self.target + ".lock"
+        self.path = lock_path(self.target)
         self.held = False
 
     def _read(self) -> Dict[str, Any]:

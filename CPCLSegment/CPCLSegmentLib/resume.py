@@ -13,7 +13,8 @@ import numpy as np
 
 from . import cleanup
 from .errors import InputError
-from .modelfile import checkpoint_path, load_checkpoint
+from .companions import checkpoint_path
+from .modelfile import load_checkpoint
 from .preparation import Emit, TrainRequest, fingerprint_difference
 from .settings import TrainConfig, cli_settings, network_keys, resume_may_change
 

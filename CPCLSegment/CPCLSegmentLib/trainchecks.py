@@ -17,7 +17,7 @@ import numpy as np
 
 from . import io as cio
 from .errors import InputError
-from .modelfile import checkpoint_path, run_record_path
+from .companions import checkpoint_path, companion_paths
 from .planning import check_grids, count_params, shape_at_spacing
 from .preflight import check_free_space, check_outputs, check_spacing, same_file
 from .prepcache import canonical_path
@@ -60,8 +60,7 @@ def check_request(request: TrainRequest, say: Emit) -> TrainConfig:
     if request.options.init:
         inputs.append(("--init model", request.options.init))
     inputs += list(request.other_inputs)
-    outputs = [("--out", out), ("its run record", run_record_path(out)), ("its resume checkpoint", checkpoint_path(out)),
-               ("its lock file", out + ".lock")]
+    outputs = [("--out", out)] + [(f"its {what}", path) for what, path in companion_paths(out).items()]
     folder = request.options.cache_dir or request.options.work_dir
     by_old_name = bool(request.options.work_dir) and os.path.abspath(request.options.work_dir) == os.path.abspath(folder)
     given_cache = [("--work-dir" if by_old_name else "--cache-dir", folder)]  # the flag the user typed

@@ -12,6 +12,8 @@ import shutil
 import time
 from typing import Any, Dict, List, Sequence
 
+from CPCLSegmentLib.companions import is_checkpoint
+
 from . import modelnode
 
 RUN_KINDS = ("train", "segment", "rank")
@@ -84,7 +86,7 @@ def run_folders(work_root: str, in_use: Sequence[str] = ()) -> List[Dict[str, An
         path = os.path.join(work_root, name)
         if not os.path.isdir(path) or name.split("-")[0] not in RUN_KINDS:
             continue
-        resumable = any(f.endswith(".checkpoint.pt") for f in os.listdir(path))
+        resumable = any(is_checkpoint(f) for f in os.listdir(path))
         rows.append({"path": path, "name": name, "kind": name.split("-")[0], "bytes": _folder_bytes(path),
                      "modified": time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path))),
                      "in_use": os.path.realpath(path) in busy, "resumable": resumable})

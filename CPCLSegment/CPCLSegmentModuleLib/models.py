@@ -10,6 +10,7 @@ import os
 import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
+from CPCLSegmentLib.companions import run_record_path
 from CPCLSegmentLib.errors import InputError
 
 from . import modelnode
@@ -89,7 +90,7 @@ def model_node_from_file(scene: Any, path: str, info: Dict[str, Any], name: Opti
     summary = {"segments": [c["name"] for c in info["classes"][1:]], "status": info.get("status"),
                "iterations": info.get("iterations"), "method": info.get("method"), "file": path}
     nested = {}
-    sidecar = os.path.splitext(path)[0] + ".run.json"
+    sidecar = run_record_path(path)
     if os.path.isfile(sidecar):
         try:
             with open(sidecar, encoding="utf-8") as f:
@@ -106,7 +107,7 @@ def save_model_file(model: Any, source: str, target: str) -> str:
     shutil.copyfile(source, target + ".tmp")
     os.replace(target + ".tmp", target)
     record: Dict[str, Any] = {}
-    run = os.path.splitext(source)[0] + ".run.json"
+    run = run_record_path(source)
     if os.path.isfile(run):
         try:
             with open(run, encoding="utf-8") as f:
@@ -116,6 +117,6 @@ def save_model_file(model: Any, source: str, target: str) -> str:
     if is_model_node(model):
         record["slicer"] = {"nested": model_nested(model), "summary": model_summary(model)}
     if record:
-        with open(os.path.splitext(target)[0] + ".run.json", "w", encoding="utf-8") as f:
+        with open(run_record_path(target), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
     return target

@@ -10,6 +10,7 @@ import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 from CPCLSegmentLib import jobs
+from CPCLSegmentLib.companions import checkpoint_path
 from CPCLSegmentLib.errors import InputError
 
 from .export import ExportedInputs, export_inputs
@@ -70,8 +71,8 @@ def read_command(run_dir: Optional[str]) -> Dict[str, Any]:
         raise InputError(f"{run_dir} is not a CPCLSegment training folder (no command.json)")
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    if not os.path.exists(saved["out"] + ".checkpoint.pt"):
-        raise InputError(f"nothing to resume: no checkpoint {saved['out']}.checkpoint.pt (the run completed or was cancelled)")
+    if not os.path.exists(checkpoint_path(saved["out"])):
+        raise InputError(f"nothing to resume: no checkpoint {checkpoint_path(saved['out'])} (the run completed or was cancelled)")
     return saved
 
 
@@ -83,7 +84,7 @@ def can_resume(run_dir: Optional[str]) -> bool:
             out = json.load(f).get("out", "")
     except (OSError, ValueError):
         return False
-    return os.path.exists(out + ".checkpoint.pt")
+    return os.path.exists(checkpoint_path(out))
 
 
 def collect_model(scene: Any, job: jobs.Job, run_dir: str, record: Dict[str, Any]) -> Any:
@@ -91,7 +92,7 @@ def collect_model(scene: Any, job: jobs.Job, run_dir: str, record: Dict[str, Any
     out = record["out"]
     if not os.path.isfile(out):
         raise jobs.JobError(f"training ended but wrote no model file {out}")
-    if not os.path.exists(out + ".checkpoint.pt"):  # completed: the exported inputs are not needed any more
+    if not os.path.exists(checkpoint_path(out)):  # completed: the exported inputs are not needed any more
         shutil.rmtree(os.path.join(run_dir, "inputs"), ignore_errors=True)
     done = job.done or {}
     summary = {"segments": record.get("segments"), "status": done.get("status"), "iterations": done.get("iterations"),
@@ -107,12 +108,12 @@ def keep_run_dir(job: jobs.Job, run_dir: str, out: str) -> bool:
     inputs for resume) live there; a cancelled run's checkpoint beside an outside model goes."""
     if job.status in ("done", "stopped"):
         return True
-    if job.status == "failed" and os.path.exists(out + ".checkpoint.pt"):
+    if job.status == "failed" and os.path.exists(checkpoint_path(out)):
         return True  # interrupted: resumable
     if job.status == "cancelled" and not out.startswith(run_dir):
         # The CLI never writes the model when cancelled (an older file at `out` stays as it was);
         # a checkpoint this run wrote beside it goes.
-        ckpt = out + ".checkpoint.pt"
+        ckpt = checkpoint_path(out)
         if os.path.exists(ckpt) and os.path.getmtime(ckpt) >= (job.started_at or 0) - 1:
             os.remove(ckpt)
     return False
