@@ -347,3 +347,17 @@ def test_demo_on_the_hippocampus_folder(tmp_path):
     done = events[-1]
     assert set(done["dice"]) == {"cpcl", "supervised"} and "Label 1" in done["dice"]["cpcl"]
     assert any("held-out Dice" in e.get("message", "") for e in events if e["event"] == "info")  # JSON mode: on stdout
+
+
+def test_one_duration_format_for_the_command_line_summary_and_the_panel(capsys):
+    """The CLI's summary and the panel's ETA both format durations with ``durations.format_seconds``."""
+    from CPCLSegmentLib.console import print_summary
+    from CPCLSegmentLib.durations import format_seconds
+
+    assert [format_seconds(s) for s in (5, 59.6, 125, 3725, -3, None, float("nan"))] == [
+        "5 s", "1 min 00 s", "2 min 05 s", "1 h 02 min", "0 s", "unknown", "unknown"]
+    summary = {"method": "cpcl", "labeled": ["a"], "unlabeled": 0, "validation": 0, "voxels_per_segment": {"a": 9},
+               "patch_size": [16, 16, 16], "spacing": [1.0, 1.0, 1.0], "normalization": "ct", "iterations": 10, "device": "cpu",
+               "estimated_time_s": 125, "estimated_memory": "1 GiB"}
+    print_summary(summary)
+    assert "about 2 min 05 s" in capsys.readouterr().err

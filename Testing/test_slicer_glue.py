@@ -27,7 +27,6 @@ from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
 from CPCLSegmentModuleLib.models import is_model_node, model_classes_of, model_summary  # noqa: E402
 from CPCLSegmentModuleLib.nodes import ensure_converter_rules, find_segment_id, labeled_arrays, matrix_to_array, segment_ids, segment_names, segment_tag, volume_array, world_ijk_to_ras  # noqa: E402
 from CPCLSegmentModuleLib.options import DEFAULT_MINUTES, split_settings, train_config  # noqa: E402
-from CPCLSegmentModuleLib.panelview import format_seconds  # noqa: E402
 from CPCLSegmentModuleLib.plot import TrainingPlot  # noqa: E402
 from CPCLSegmentModuleLib.slicer_api import missing_slicer_api  # noqa: E402
 from CPCLSegmentLib import io as cio  # noqa: E402
@@ -379,4 +378,3 @@ def test_keyword_settings_are_module_settings_or_train_config_fields():
     assert train_config({"iterations": 20, "patch_size": [64, 64, 16]}) == {"iterations": 20, "patch_size": [16, 64, 64]}
     with pytest.raises(InputError, match="lr must be a finite number"):
         train_config({"lr": -1.0})
-    assert format_seconds(5) == "5 s" and format_seconds(125) == "2 min 05 s" and format_seconds(None) == "?"

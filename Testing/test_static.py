@@ -86,7 +86,7 @@ def test_the_slicer_gui_side_never_imports_torch():
 
 
 # Engine modules the Slicer GUI process may import (no torch at import time).
-TORCH_FREE_ENGINE_MODULES = {"childinfo", "companions", "errors", "jobs", "localmodels", "settings"}  # childinfo imports torch only inside
+TORCH_FREE_ENGINE_MODULES = {"childinfo", "companions", "durations", "errors", "jobs", "localmodels", "settings"}  # childinfo imports torch only inside
 # its child-side functions; localmodels reads checkpoints as pickle opcodes (test_pretrained checks it imports no torch)
 
 

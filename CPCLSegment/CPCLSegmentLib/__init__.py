@@ -10,6 +10,8 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``OutOfMemory``, ``TrainingDiverged``, ``Cancelled``). imports: none.
 - ``companions``: the files written beside a model file: resume checkpoint, run record, output lock
   (``checkpoint_path``, ``run_record_path``, ``lock_path``, ``is_checkpoint``, ``companion_paths``). imports: none.
+- ``durations``: durations for people, one format for the command line and the panel (``format_seconds``).
+  imports: none.
 - ``jsonout``: strict JSON for every line and file the tool writes: non-finite numbers become null
   (``strict_json``, ``finite_or_none``). imports: none.
 - ``cleanup``: what a run leaves on disk: temporary files removed at exit or on cancel, this run's checkpoint
@@ -114,7 +116,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``cli_args``: the command line's parser and the training request it stands for (``build_parser``,
   ``build_train_request``, ``cache_settings``). imports: errors, inputfiles, prepcache, preparation, settings.
 - ``console``: what the CLI prints and how it stops (``Reporter``, ``print_summary``, ``StopControl``).
-  imports: cleanup, errors, jsonout.
+  imports: cleanup, durations, errors, jsonout.
 - ``childinfo``: what the Slicer module asks a child process, so its own never imports torch (``probe_environment``,
   ``model_info``, ``installed_versions``, ``nvidia_gpus``). imports: errors, jsonout, modelfile.
 - ``jobs``: background child-process runs for the Slicer module (``Job``, ``probe_job``, ``model_info_job``).

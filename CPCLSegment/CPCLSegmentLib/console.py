@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional
 import psutil
 
 from . import __version__, cleanup
+from .durations import format_seconds
 from .jsonout import strict_json
 from .errors import Cancelled
 
@@ -33,17 +34,6 @@ def print_summary(s: Dict[str, Any], out=None) -> None:
     if s.get("starting_model"):
         lines.insert(1, f"  starting from {s['starting_model']}")
     print("\n".join(lines), file=out or sys.stderr, flush=True)
-
-
-def format_seconds(sec: Optional[float]) -> str:
-    """A duration for people: "40 s", "12 min", "2.5 h" ("unknown time" for None)."""
-    if sec is None:
-        return "unknown time"
-    if sec < 90:
-        return f"{sec:.0f} s"
-    if sec < 5400:
-        return f"{sec / 60:.0f} min"
-    return f"{sec / 3600:.1f} h"
 
 
 class Reporter:

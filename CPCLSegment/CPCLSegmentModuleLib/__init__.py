@@ -62,7 +62,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``packageinfo``: the package view beside the Install button: installed versions against the ones needed, the
   training process's Python and PyTorch build (``PanelPackages``, ``package_rows``). imports: environment.
 - ``panelview``: what the panel shows (``PanelView``, ``build_view``, ``model_text``, ``check_text``,
-  ``train_event_display``, ``format_seconds``). imports: environment, inputcheck, models, panelsettings, trainrun.
+  ``train_event_display``). imports: environment, inputcheck, models, panelsettings, trainrun.
 - ``paneljobs``: the panel's running jobs, their events and results, scene close (``PanelJobs``).
   imports: logic, panelview, plot.
 - ``panel``: ``PanelController``, every decision the panel makes (the widget maps its ``view()`` to Qt)

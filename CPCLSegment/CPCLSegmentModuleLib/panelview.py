@@ -12,6 +12,8 @@ import html
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from CPCLSegmentLib.durations import format_seconds
+
 from . import environment
 from .inputcheck import CheckResult
 from .models import model_nested, model_summary
@@ -115,17 +117,6 @@ def _dice_text(event: Dict[str, Any]) -> str:
         out += "<br>" + _span(RED, "warning: " + _h(", ".join(zero)) + " still at Dice 0: check that segment's labels in every "
                               "case (name, non-empty) before a long run")
     return out
-
-
-def format_seconds(seconds: Optional[float]) -> str:
-    if seconds is None or seconds != seconds:
-        return "?"
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {(seconds % 3600) // 60:02d} min"
 
 
 def _add_parts(v: PanelView, *parts: Dict[str, Any]) -> None:
