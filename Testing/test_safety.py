@@ -212,6 +212,25 @@ def test_outputs_get_normal_permissions_from_the_umask(tmp_path, ct_path):
     assert os.stat(tmp_path / "a.nii.gz").st_mode & 0o777 == 0o640
 
 
+def test_json_and_copies_the_slicer_side_writes_are_strict_atomic_and_checked(tmp_path):
+    """``write_json`` refuses what strict JSON cannot hold (NaN, a non-JSON type) and leaves the previous file as
+    it was; ``copy_file`` and ``write_bytes`` replace a file whole or not at all (a damaged model is refused)."""
+    target = tmp_path / "command.json"
+    writers.write_json(str(target), {"out": "m.pt", "seg": ["a"]})
+    before = target.read_bytes()
+    assert json.loads(before) == {"out": "m.pt", "seg": ["a"]}
+    with pytest.raises(ValueError, match="cannot write .*command.json"):
+        writers.write_json(str(target), {"lr": float("nan")})
+    with pytest.raises(TypeError, match="cannot write .*command.json"):
+        writers.write_json(str(target), {"when": object()})
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["command.json"]
+    writers.copy_file(str(target), str(tmp_path / "copy.json"))
+    assert (tmp_path / "copy.json").read_bytes() == before
+    with pytest.raises(OutputError, match="failed its check"):
+        writers.write_bytes(str(tmp_path / "model.pt"), b"not a zip")
+    assert not (tmp_path / "model.pt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["command.json", "copy.json"]
+
+
 # ------------------------------------------------------------------------------- values and files
 
 

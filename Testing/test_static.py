@@ -86,7 +86,7 @@ def test_the_slicer_gui_side_never_imports_torch():
 
 
 # Engine modules the Slicer GUI process may import (no torch at import time).
-TORCH_FREE_ENGINE_MODULES = {"childinfo", "companions", "durations", "errors", "jobs", "localmodels", "settings"}  # childinfo imports torch only inside
+TORCH_FREE_ENGINE_MODULES = {"childinfo", "companions", "durations", "errors", "jobs", "localmodels", "settings", "writers"}  # childinfo imports torch only inside
 # its child-side functions; localmodels reads checkpoints as pickle opcodes (test_pretrained checks it imports no torch)
 
 
@@ -118,3 +118,16 @@ def test_the_files_beside_a_model_are_named_in_companions_only():
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 assert not any(node.value == s or node.value.endswith(s) and "/" not in node.value and " " not in node.value
                                for s in suffixes), f"{path.name}:{node.lineno} spells out {node.value!r}: use companions"
+
+
+def test_the_engine_modules_the_slicer_side_imports_are_torch_free():
+    """What ``TORCH_FREE_ENGINE_MODULES`` names really imports no torch (nor MONAI) when imported on its own."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import importlib\n"
+            "for m in sys.argv[2:]: importlib.import_module('CPCLSegmentLib.' + m)\n"
+            "print(sorted(k for k in ('torch', 'monai') if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "CPCLSegment"), *sorted(TORCH_FREE_ENGINE_MODULES)],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -196,6 +196,29 @@ def atomic_path(path: str, expected_bytes: int = 0, note: str = "") -> Iterator[
         cleanup.unregister(tmp)
 
 
+def write_bytes(path: str, data: bytes, note: str = "") -> None:
+    """``data`` into ``path`` through ``atomic_path`` (flushed, verified by its extension, then moved into place)."""
+    with atomic_path(path, len(data), note) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def write_json(path: str, data: Any, note: str = "") -> None:
+    """``data`` as strict JSON (``allow_nan=False``, JSON types only: no NaN, no ``default=str``) through
+    ``atomic_path``; a value JSON cannot hold is a ``ValueError`` / ``TypeError`` naming ``path``, nothing written."""
+    try:
+        text = json.dumps(data, indent=1, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"cannot write {path}: {e}") from None
+    write_bytes(path, text.encode("utf-8"), note)
+
+
+def copy_file(source: str, target: str, note: str = "") -> None:
+    """A copy of ``source`` at ``target`` through ``atomic_path`` (a previous ``target`` stays intact on failure)."""
+    with atomic_path(target, os.path.getsize(source), note) as tmp:
+        shutil.copyfile(source, tmp)
+
+
 def _image_bytes(path: str, voxels: int, itemsize: int) -> int:
     """Free space to ask for before writing an image: its raw size when written uncompressed (``.nii``)."""
     return voxels * itemsize if str(path).lower().endswith(".nii") else 0

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 from CPCLSegmentLib.companions import run_record_path
 from CPCLSegmentLib.errors import InputError
+from CPCLSegmentLib.writers import copy_file, write_bytes, write_json
 
 from . import modelnode
 from .nodes import node_name
@@ -77,9 +77,7 @@ def model_file_of(model: Any, work_root: str) -> str:
     folder = os.path.join(work_root, "models")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{model.GetAttribute('CPCLSegment.SHA256')[:16]}.pt")
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
+    write_bytes(path, data)
     model.SetAttribute("CPCLSegment.File", path)
     return path
 
@@ -104,8 +102,7 @@ def model_node_from_file(scene: Any, path: str, info: Dict[str, Any], name: Opti
 def save_model_file(model: Any, source: str, target: str) -> str:
     """Writes the model file ``source`` to ``target`` (atomically) with its run record beside it; the run record
     also keeps the model node's overlap nesting (``slicer.nested``) for ``model_node_from_file``."""
-    shutil.copyfile(source, target + ".tmp")
-    os.replace(target + ".tmp", target)
+    copy_file(source, target)
     record: Dict[str, Any] = {}
     run = run_record_path(source)
     if os.path.isfile(run):
@@ -117,6 +114,5 @@ def save_model_file(model: Any, source: str, target: str) -> str:
     if is_model_node(model):
         record["slicer"] = {"nested": model_nested(model), "summary": model_summary(model)}
     if record:
-        with open(run_record_path(target), "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
+        write_json(run_record_path(target), record)
     return target

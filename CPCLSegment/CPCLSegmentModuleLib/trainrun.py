@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from CPCLSegmentLib import jobs
 from CPCLSegmentLib.companions import checkpoint_path
 from CPCLSegmentLib.errors import InputError
+from CPCLSegmentLib.writers import write_json
 
 from .export import ExportedInputs, export_inputs
 from .inputcheck import CheckFailed, CheckResult
@@ -34,16 +35,14 @@ def write_training_run(run_dir: str, cases: Sequence[LabeledCase], unlabeled: Se
             raise CheckFailed(check)
         out = os.path.abspath(out) if out else os.path.join(run_dir, "model.pt")
         config_path = os.path.join(run_dir, "config.json")
-        with open(config_path, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=1)
+        write_json(config_path, config)
         args = train_command(check, files, len(cases), unlabeled, segments, module, config, config_path, out)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     record = {"args": args, "out": out, "segments": segments, "device": module["device"], "classes": check.classes(),
               "nested": check.nested() if module["later_wins"] else {}, "config": config}
-    with open(os.path.join(run_dir, "command.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, default=str)
+    write_json(os.path.join(run_dir, "command.json"), record)
     return {"args": args, "run_dir": run_dir, "out": out, "check": check, "module": module, "config": config, "record": record}
 
 
