@@ -86,8 +86,9 @@ def test_the_slicer_gui_side_never_imports_torch():
 
 
 # Engine modules the Slicer GUI process may import (no torch at import time).
-TORCH_FREE_ENGINE_MODULES = {"childinfo", "companions", "durations", "errors", "jobs", "localmodels", "settings", "writers"}  # childinfo imports torch only inside
-# its child-side functions; localmodels reads checkpoints as pickle opcodes (test_pretrained checks it imports no torch)
+# childinfo imports torch only inside its child-side functions; localmodels reads checkpoints as pickle opcodes
+# (test_pretrained checks it imports no torch); test_the_engine_modules_the_slicer_side_imports_are_torch_free checks all
+TORCH_FREE_ENGINE_MODULES = {"childinfo", "companions", "durations", "errors", "jobs", "localmodels", "settings", "writers"}
 
 
 def test_module_actions_do_not_use_try_with_error_display():
