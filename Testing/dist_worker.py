@@ -149,7 +149,7 @@ def run_rank_preprocess(rank, world, init_file, out_dir, ct, seg):
     plan = {"spacing": [12.2, 12.2, 20.0], "normalization": {"scheme": "zscore"}}
     result = {"rank": rank}
     for folder in ("cache", "failing"):
-        request.cache_dir = os.path.join(out_dir, folder)
+        request.options.cache_dir = os.path.join(out_dir, folder)
         cache = preprocessing.open_cache(request)
         t = time.perf_counter()
         try:
