@@ -18,7 +18,8 @@ from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
 from CPCLSegmentModuleLib.nodes import find_segment_id, segment_names  # noqa: E402
 from CPCLSegmentModuleLib.panelloop import painted  # noqa: E402
 from CPCLSegmentModuleLib.results import empty_segmentation  # noqa: E402
-from CPCLSegmentModuleLib.scene import OUTPUT_ATTRIBUTE, is_module_output, segmented_volume_pairs  # noqa: E402
+from CPCLSegmentModuleLib import attributes  # noqa: E402
+from CPCLSegmentModuleLib.scene import is_module_output, segmented_volume_pairs  # noqa: E402
 
 from conftest import LUNGS  # noqa: E402
 from slicer_scene import TINY, load_segmentation, load_volume, new_scene, one_thread_env  # noqa: E402
@@ -79,7 +80,7 @@ def test_add_as_labeled_case_adds_the_corrected_segmentation_before_the_held_out
     case = c.add_labeled_case()
     assert case.volume is v3 and case.segmentation is seg
     assert names(c) == [("V1", "S1"), ("V3", "V3 labels"), ("V2", "S2")]  # V2 stays the held-out case
-    assert c.unlabeled() == [] and not is_module_output(seg) and seg.GetAttribute(OUTPUT_ATTRIBUTE) is None
+    assert c.unlabeled() == [] and not is_module_output(seg) and seg.GetAttribute(attributes.OUTPUT) is None
     assert c.labeling() is None and not c.view().enabled["addLabeledCaseButton"]
     assert any("added to the labeled cases" in line for line in c.take_log())
     # without a held-out case the new case goes last

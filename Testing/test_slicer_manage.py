@@ -19,7 +19,8 @@ from CPCLSegmentModuleLib import modelnode, panel  # noqa: E402
 from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
 from CPCLSegmentModuleLib.nodes import segment_names  # noqa: E402
 from CPCLSegmentModuleLib.results import import_segmentation  # noqa: E402
-from CPCLSegmentModuleLib.scene import OUTPUT_ATTRIBUTE, OUTPUT_SEGMENTATION  # noqa: E402
+from CPCLSegmentModuleLib import attributes  # noqa: E402
+from CPCLSegmentModuleLib.scene import OUTPUT_SEGMENTATION  # noqa: E402
 
 from conftest import LUNGS  # noqa: E402
 from slicer_scene import load_segmentation, load_volume, new_scene  # noqa: E402
@@ -40,7 +41,7 @@ def add_model(scene, tmp_path, name, created, size=1000):
     path = tmp_path / f"{name}.pt"
     path.write_bytes(b"x" * size)
     node = modelnode.store_model(scene, str(path), name, classes=[{"name": "background"}] + [{"name": n} for n in LUNGS])
-    node.SetAttribute("CPCLSegment.Created", created)
+    node.SetAttribute(attributes.CREATED, created)
     return node
 
 
@@ -71,7 +72,7 @@ def test_the_output_is_new_or_an_existing_node_overwritten_never_a_labeled_case(
     # the result replaces the target's segments (its name kept), referenced to the volume, marked as an output
     out = import_segmentation(scene, seg_path, volume, target=target)
     assert out is target and target.GetName() == "my result" and "right lung" in segment_names(target)
-    assert target.GetAttribute(OUTPUT_ATTRIBUTE) == OUTPUT_SEGMENTATION
+    assert target.GetAttribute(attributes.OUTPUT) == OUTPUT_SEGMENTATION
     assert target.GetNodeReference(target.GetReferenceImageGeometryReferenceRole()) is volume
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2  # no new node
 

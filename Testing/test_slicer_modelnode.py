@@ -11,7 +11,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core; Python >= 3.10)")
 vtk = pytest.importorskip("vtk")
 
-from CPCLSegmentModuleLib import modelnode  # noqa: E402
+from CPCLSegmentModuleLib import attributes, modelnode  # noqa: E402
 
 from slicer_scene import new_scene  # noqa: E402
 
@@ -100,9 +100,9 @@ def test_an_older_scene_s_model_node_is_upgraded_and_removal_takes_the_data(tmp_
     scene = new_scene()
     old = scene.AddNewNodeByClass("vtkMRMLTextNode", "old model")
     data = Path(model_file).read_bytes()
-    old.SetAttribute(modelnode.OUTPUT_ATTRIBUTE, modelnode.OUTPUT_MODEL)
-    old.SetAttribute("CPCLSegment.SHA256", hashlib.sha256(data).hexdigest())
-    old.SetAttribute("CPCLSegment.Bytes", str(len(data)))
+    old.SetAttribute(attributes.OUTPUT, modelnode.OUTPUT_MODEL)
+    old.SetAttribute(attributes.SHA256, hashlib.sha256(data).hexdigest())
+    old.SetAttribute(attributes.BYTES, str(len(data)))
     old.SetText(base64.b64encode(data).decode("ascii"))  # how the module stored models before
     assert modelnode.model_bytes(old) == data
     modelnode.upgrade_model_node(scene, old)
@@ -120,7 +120,7 @@ def test_model_list_rename_and_keep_only_the_latest(tmp_path, model_file):
 
     scene = new_scene()
     first = modelnode.store_model(scene, model_file, "round 1", classes=CLASSES)
-    first.SetAttribute("CPCLSegment.Created", "2026-01-01 10:00:00")
+    first.SetAttribute(attributes.CREATED, "2026-01-01 10:00:00")
     second = modelnode.store_model(scene, model_file, "round 2", classes=CLASSES)
     rows = modellist.model_rows(scene)
     assert [r["name"] for r in rows] == ["round 1", "round 2"] and rows[1]["segments"] == ["right lung"]

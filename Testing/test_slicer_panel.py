@@ -36,7 +36,8 @@ from CPCLSegmentModuleLib.nodes import ensure_converter_rules, find_segment_id, 
 from CPCLSegmentModuleLib.options import compares_supervised, DEFAULT_MINUTES, module_settings, train_config  # noqa: E402
 from CPCLSegmentModuleLib.panelsettings import PANEL_DEFAULTS  # noqa: E402
 from CPCLSegmentModuleLib.results import import_segmentation  # noqa: E402
-from CPCLSegmentModuleLib.scene import is_module_output, nodes_by_class, OUTPUT_ATTRIBUTE, OUTPUT_LABELS  # noqa: E402
+from CPCLSegmentModuleLib import attributes  # noqa: E402
+from CPCLSegmentModuleLib.scene import is_module_output, nodes_by_class, OUTPUT_LABELS  # noqa: E402
 
 from conftest import LUNGS  # noqa: E402
 from slicer_scene import TINY, load_segmentation, load_volume, new_scene, one_thread_env  # noqa: E402
@@ -195,7 +196,7 @@ def test_label_next_opens_a_segmentation_empty_or_prefilled(chest, tmp_path, tin
     effects = c.take_effects()
     edit = [value for kind, value in effects if kind == "edit"]
     assert len(edit) == 1 and edit[0][1] is volume and segment_names(edit[0][0]) == LUNGS
-    assert edit[0][0].GetAttribute(OUTPUT_ATTRIBUTE) == OUTPUT_LABELS
+    assert edit[0][0].GetAttribute(attributes.OUTPUT) == OUTPUT_LABELS
     scene.RemoveNode(edit[0][0])  # deleted: the next Label next makes a new one (else it reopens this one)
     c.set_setting("prefill", True)
     c.label_next()
@@ -203,7 +204,7 @@ def test_label_next_opens_a_segmentation_empty_or_prefilled(chest, tmp_path, tin
     wait_for(c, "segment")
     edit = [value for kind, value in c.take_effects() if kind == "edit"]
     assert len(edit) == 1 and edit[0][1] is volume and edit[0][0].GetName() == "CTChest labels"
-    assert edit[0][0].GetAttribute(OUTPUT_ATTRIBUTE) == OUTPUT_LABELS
+    assert edit[0][0].GetAttribute(attributes.OUTPUT) == OUTPUT_LABELS
 
 
 def test_closing_the_scene_while_jobs_run_keeps_the_model_and_drops_stale_results(chest, tmp_path, tiny_model):
@@ -317,7 +318,7 @@ def test_a_corrupted_model_node_is_refused(chest, tmp_path, tiny_model):
     scene, volume, segmentation = chest
     logic = LogicCore(scene, work_root=str(tmp_path / "work"))
     model = logic.load_model(tiny_model)
-    model.SetAttribute("CPCLSegment.File", "")  # no cached file: the data node's text is decoded
+    model.SetAttribute(attributes.FILE, "")  # no cached file: the data node's text is decoded
     data = modelnode.payload_node(model)
     data.SetText(data.GetText()[:-8] + "AAAAAAAA")
     with pytest.raises(InputError, match="no intact model"):
@@ -348,7 +349,7 @@ def test_save_and_load_model_files_keep_the_nesting(chest, tmp_path, tiny_model)
     scene, volume, segmentation = chest
     logic = LogicCore(scene, work_root=str(tmp_path / "work"))
     model = logic.load_model(tiny_model)
-    model.SetAttribute("CPCLSegment.Nested", json.dumps({"right lung": ["left lung"]}))
+    model.SetAttribute(attributes.NESTED, json.dumps({"right lung": ["left lung"]}))
     target = logic.save_model(model, str(tmp_path / "exported model.pt"))
     again = logic.load_model(target)
     assert model_nested(again) == {"right lung": ["left lung"]} and again is not model

@@ -132,3 +132,17 @@ def test_the_engine_modules_the_slicer_side_imports_are_torch_free():
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "CPCLSegment"), *sorted(TORCH_FREE_ENGINE_MODULES)],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_node_attributes_are_named_in_one_place():
+    """The ``CPCLSegment.*`` node attributes (and reference role) are constants of ``CPCLSegmentModuleLib/attributes.py``;
+    no other file of the module spells one out."""
+    import re
+
+    for path in MODULE_FILES:
+        if path.name == "attributes.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not re.fullmatch(r"CPCLSegment\.[A-Z]\w*", node.value), \
+                    f"{path.name}:{node.lineno} spells out {node.value!r}: use attributes"

@@ -5,6 +5,9 @@
 Modules, bottom-up: each imports only modules listed above it (``Testing/test_layout.py`` checks that the
 ``imports:`` lists below are exactly what each module imports from this package).
 
+- ``attributes``: the node attributes the module sets (``CPCLSegment.*``) and its node reference role, named once
+  (``OUTPUT``, ``FILE``, ``SHA256``, ``BYTES``, ``CREATED``, ``CLASSES``, ``NESTED``, ``SUMMARY``, ``RUN_DIR``,
+  ``SOURCE_VOLUME_ROLE``). imports: none.
 - ``slicer_api``: every ``slicer.*`` name the package calls, and which of them this Slicer lacks (``SLICER_API``,
   ``missing_slicer_api``). imports: none.
 - ``options``: the module's run options and the ``--config`` mapping for the engine (``module_settings``,
@@ -15,31 +18,31 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   (``node_name``, ``check_volume``, ``volume_array``, ``world_ijk_to_ras``, ``segment_names``, ``find_segment_id``,
   ``segment_masks``, ``labeled_arrays``, ``sequence_browser_of``). imports: none.
 - ``scene``: the user's cases and volumes in the scene and the module's own outputs (``LabeledCase``,
-  ``as_cases``, ``OUTPUT_ATTRIBUTE``, ``is_module_output``, ``new_output_node``, ``output_for``, ``segmented_volume_pairs``,
-  ``volumes_without_segmentation``). imports: nodes.
+  ``as_cases``, ``is_module_output``, ``new_output_node``, ``output_for``, ``segmented_volume_pairs``,
+  ``volumes_without_segmentation``). imports: attributes, nodes.
 - ``inputcheck``: the input check before training, pure: writes nothing (``check_inputs``, ``CheckResult``,
   ``CheckFailed``). imports: nodes, scene.
 - ``export``: scene -> files: volumes, segments, a run's inputs checked and written in one pass
   (``export_volume``, ``write_segments``, ``export_segmentation``, ``export_inputs``, ``ExportedInputs``).
   imports: inputcheck, nodes, scene.
 - ``results``: files -> NEW nodes (``import_segmentation``, ``import_scalar_volume``, ``empty_segmentation``,
-  ``nest_segments``). imports: export, nodes, scene.
+  ``nest_segments``). imports: attributes, export, nodes, scene.
 - ``modelnode``: a model as a node with a short text plus a hidden data node holding the file, so no view renders
   the payload (``payload_node``, ``model_bytes``, ``file_matches``, ``upgrade_model_node``, ``remove_model``,
-  ``describe``). imports: scene.
+  ``describe``). imports: attributes, scene.
 - ``models``: models kept in the scene (``store_model``, ``is_model_node``, ``model_file_of``,
-  ``model_node_from_file``, ``save_model_file``, ``model_summary``, ``model_nested``). imports: modelnode, nodes, scene.
+  ``model_node_from_file``, ``save_model_file``, ``model_summary``, ``model_nested``).
+  imports: attributes, modelnode, nodes, scene.
 - ``modellist``: the models as a list (rename, delete, keep only the latest) and the run folders, listed and
   removable (``model_rows``, ``rename_model``, ``keep_latest``, ``run_folders``, ``remove_run_folders``).
-  imports: modelnode.
+  imports: attributes, modelnode.
 - ``rounds``: the label -> train loop's rounds: the held-out Dice change, where an added case goes
   (``round_record``, ``dice_change``, ``order_cases``). imports: none.
 - ``sampledata``: the chest CT and its segmentation as Slicer Sample Data (``sample_files``, ``load_sample``,
   ``registration``, ``register``). imports: none.
 - ``trainrun``: a training run's folder, command line and what stays of it (``write_training_run``,
   ``train_command``, ``read_command``, ``can_resume``, ``collect_model``, ``keep_run_dir``,
-  ``refuse_second_training``).
-  imports: export, inputcheck, models, options, scene.
+  ``refuse_second_training``). imports: attributes, export, inputcheck, models, options, scene.
 - ``plot``: the training plot in MRML table and plot nodes (``TrainingPlot``). imports: none.
 - ``logicmodels``: the train / segment / rank API's models: model files for the child, model nodes from files and back, a model's
   classes (``ModelAPI``, ``ModelRef``). imports: models, results.
@@ -54,7 +57,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``panelstate``: the panel's cases, segments, volumes and model in the parameter node (``PanelState``,
   ``parameter_node``). imports: models, nodes, scene.
 - ``panelloop``: the label -> train loop in the panel: the segmentation Label next opened, "Add as labeled case",
-  the rounds' held-out Dice (``PanelLoop``, ``painted``). imports: nodes, rounds, scene.
+  the rounds' held-out Dice (``PanelLoop``, ``painted``). imports: attributes, nodes, rounds, scene.
 - ``startfrom``: the panel's "Start from" choice: nothing, a scene model, a file or folder, the MONAIAuto3DSeg
   models on this computer; it becomes the run's --init (``PanelStart``, ``choice_rows``). imports: modellist.
 - ``panelmanage``: the panel's output segmentation (new or overwritten), Show in 3D, the model list and the run
@@ -64,7 +67,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``panelview``: what the panel shows (``PanelView``, ``build_view``, ``model_text``, ``check_text``,
   ``train_event_display``). imports: environment, inputcheck, models, panelsettings, trainrun.
 - ``paneljobs``: the panel's running jobs, their events and results, scene close (``PanelJobs``).
-  imports: logic, panelview, plot.
+  imports: attributes, logic, panelview, plot.
 - ``panel``: ``PanelController``, every decision the panel makes (the widget maps its ``view()`` to Qt)
   (``PanelController``, ``error_text``). imports: environment, inputcheck, logic, nodes, packageinfo, paneljobs,
   panelloop, panelmanage, panelsettings, panelstate, panelview, plot, scene, startfrom.

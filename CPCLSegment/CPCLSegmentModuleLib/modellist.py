@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Sequence
 
 from CPCLSegmentLib.companions import is_checkpoint
 
-from . import modelnode
+from . import attributes, modelnode
 
 RUN_KINDS = ("train", "segment", "rank")
 
@@ -30,11 +30,11 @@ def model_rows(scene: Any) -> List[Dict[str, Any]]:
     rows = []
     for node in _nodes(scene):
         try:
-            classes = json.loads(node.GetAttribute("CPCLSegment.Classes") or "[]")
+            classes = json.loads(node.GetAttribute(attributes.CLASSES) or "[]")
         except ValueError:
             classes = []
-        rows.append({"node": node, "name": node.GetName(), "megabytes": round(int(node.GetAttribute("CPCLSegment.Bytes") or 0) / 2**20, 1),
-                     "created": node.GetAttribute("CPCLSegment.Created") or "", "segments": [c.get("name") for c in classes[1:]]})
+        rows.append({"node": node, "name": node.GetName(), "megabytes": round(int(node.GetAttribute(attributes.BYTES) or 0) / 2**20, 1),
+                     "created": node.GetAttribute(attributes.CREATED) or "", "segments": [c.get("name") for c in classes[1:]]})
     return sorted(rows, key=lambda r: r["created"])
 
 
@@ -109,5 +109,5 @@ def remove_run_folders(rows: Sequence[Dict[str, Any]], work_root: str) -> List[s
 
 def model_run_dirs(scene: Any) -> List[str]:
     """The run folders the scene's models still come from (their cached files live there)."""
-    return [d for d in (n.GetAttribute("CPCLSegment.RunDir") for n in _nodes(scene)) if d]
+    return [d for d in (n.GetAttribute(attributes.RUN_DIR) for n in _nodes(scene)) if d]
 

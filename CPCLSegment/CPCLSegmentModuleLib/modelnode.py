@@ -32,7 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import slicer
 
-from .scene import OUTPUT_ATTRIBUTE, OUTPUT_MODEL
+from . import attributes
+from .scene import OUTPUT_MODEL
 
 OUTPUT_MODEL_DATA = "model data"
 MODEL_NODE_CLASS = "vtkMRMLTextNode"
@@ -47,11 +48,11 @@ def private_nodes_saved(scene: Any) -> bool:
 
 
 def is_model_node(node: Any) -> bool:
-    return node is not None and node.IsA(MODEL_NODE_CLASS) and node.GetAttribute(OUTPUT_ATTRIBUTE) == OUTPUT_MODEL
+    return node is not None and node.IsA(MODEL_NODE_CLASS) and node.GetAttribute(attributes.OUTPUT) == OUTPUT_MODEL
 
 
 def is_model_data_node(node: Any) -> bool:
-    return node is not None and node.IsA(MODEL_NODE_CLASS) and node.GetAttribute(OUTPUT_ATTRIBUTE) == OUTPUT_MODEL_DATA
+    return node is not None and node.IsA(MODEL_NODE_CLASS) and node.GetAttribute(attributes.OUTPUT) == OUTPUT_MODEL_DATA
 
 
 def plain_classes(classes: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -78,7 +79,7 @@ def describe(name: str, size: int, sha256: str, classes: Optional[Sequence[Dict[
 def _new_node(scene: Any, name: str, kind: str, hidden: bool = False) -> Any:
     node = scene.CreateNodeByClass(MODEL_NODE_CLASS)
     node.UnRegister(None)  # owned by the Python variable (as ScriptedLoadableModuleLogic.createParameterNode does)
-    node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
+    node.SetAttribute(attributes.OUTPUT, kind)
     node.SetName(scene.GenerateUniqueName(name))
     node.SetHideFromEditors(bool(hidden))
     return node
@@ -115,22 +116,22 @@ def store_model(scene: Any, path: str, name: str = "CPCLSegment model", classes:
     new = node is None
     if new:
         node = _new_node(scene, name, OUTPUT_MODEL)
-        node.SetAttribute("CPCLSegment.Created", time.strftime("%Y-%m-%d %H:%M:%S"))
+        node.SetAttribute(attributes.CREATED, time.strftime("%Y-%m-%d %H:%M:%S"))
         shown_name = node.GetName()
-    about = dict(summary if summary is not None else _json(node, "CPCLSegment.Summary") or {},
-                 created=node.GetAttribute("CPCLSegment.Created"))
+    about = dict(summary if summary is not None else _json(node, attributes.SUMMARY) or {},
+                 created=node.GetAttribute(attributes.CREATED))
     was = node.StartModify()
-    node.SetText(describe(shown_name, len(data), sha, classes if classes is not None else _json(node, "CPCLSegment.Classes"), about))
-    node.SetAttribute("CPCLSegment.SHA256", sha)
-    node.SetAttribute("CPCLSegment.Bytes", str(len(data)))
-    node.SetAttribute("CPCLSegment.File", os.path.abspath(path))
+    node.SetText(describe(shown_name, len(data), sha, classes if classes is not None else _json(node, attributes.CLASSES), about))
+    node.SetAttribute(attributes.SHA256, sha)
+    node.SetAttribute(attributes.BYTES, str(len(data)))
+    node.SetAttribute(attributes.FILE, os.path.abspath(path))
     if classes is not None:
-        node.SetAttribute("CPCLSegment.Classes", json.dumps(plain_classes(classes)))
-    node.SetAttribute("CPCLSegment.Nested", json.dumps(nested or {}))
+        node.SetAttribute(attributes.CLASSES, json.dumps(plain_classes(classes)))
+    node.SetAttribute(attributes.NESTED, json.dumps(nested or {}))
     if summary is not None:
-        node.SetAttribute("CPCLSegment.Summary", json.dumps(summary, default=str))
+        node.SetAttribute(attributes.SUMMARY, json.dumps(summary, default=str))
     if run_dir:
-        node.SetAttribute("CPCLSegment.RunDir", run_dir)
+        node.SetAttribute(attributes.RUN_DIR, run_dir)
     node.SetNodeReferenceID(PAYLOAD_ROLE, payload.GetID())
     node.EndModify(was)
     if new:
@@ -157,25 +158,25 @@ def model_bytes(model: Any) -> bytes:
         data = base64.b64decode(text.encode("ascii"), validate=True) if text else b""
     except ValueError:
         data = b""
-    size = int(model.GetAttribute("CPCLSegment.Bytes") or -1)
+    size = int(model.GetAttribute(attributes.BYTES) or -1)
     if not data:
         why = "its data node is missing or empty" if holder is not None or not text else "its data is not a model file"
         raise ValueError(f"model node '{model.GetName()}' holds no model ({why}; a scene saved by Slicer before 5.12 keeps "
                          "a model's data only when saved as a .mrb bundle)")
-    if len(data) != size or hashlib.sha256(data).hexdigest() != model.GetAttribute("CPCLSegment.SHA256"):
+    if len(data) != size or hashlib.sha256(data).hexdigest() != model.GetAttribute(attributes.SHA256):
         raise ValueError(f"model node '{model.GetName()}' holds a damaged model (its size or SHA-256 differ from the stored ones)")
     return data
 
 
 def file_matches(path: str, model: Any) -> bool:
     """Whether ``path`` is exactly the model file the node holds (SHA-256, not only the size)."""
-    if not path or not os.path.isfile(path) or os.path.getsize(path) != int(model.GetAttribute("CPCLSegment.Bytes") or -1):
+    if not path or not os.path.isfile(path) or os.path.getsize(path) != int(model.GetAttribute(attributes.BYTES) or -1):
         return False
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest() == model.GetAttribute("CPCLSegment.SHA256")
+    return digest.hexdigest() == model.GetAttribute(attributes.SHA256)
 
 
 def upgrade_model_node(scene: Any, model: Any) -> Any:
@@ -184,10 +185,10 @@ def upgrade_model_node(scene: Any, model: Any) -> Any:
     if not is_model_node(model) or payload_node(model) is not None or len(model.GetText() or "") <= DESCRIPTION_LIMIT:
         return model
     data = model_bytes(model)
-    sha = model.GetAttribute("CPCLSegment.SHA256")
+    sha = model.GetAttribute(attributes.SHA256)
     payload = _payload_node(scene, model.GetName(), model.GetText())
     was = model.StartModify()
-    model.SetText(describe(model.GetName(), len(data), sha, _json(model, "CPCLSegment.Classes"), _json(model, "CPCLSegment.Summary")))
+    model.SetText(describe(model.GetName(), len(data), sha, _json(model, attributes.CLASSES), _json(model, attributes.SUMMARY)))
     model.SetNodeReferenceID(PAYLOAD_ROLE, payload.GetID())
     model.EndModify(was)
     return model

@@ -13,16 +13,16 @@ from CPCLSegmentLib.companions import run_record_path
 from CPCLSegmentLib.errors import InputError
 from CPCLSegmentLib.writers import copy_file, write_bytes, write_json
 
-from . import modelnode
+from . import attributes, modelnode
 from .nodes import node_name
-from .scene import OUTPUT_ATTRIBUTE, OUTPUT_MODEL
+from .scene import OUTPUT_MODEL
 
 
 MODEL_NODE_CLASS = modelnode.MODEL_NODE_CLASS
 
 
 def is_model_node(node: Any) -> bool:
-    return node is not None and node.IsA(MODEL_NODE_CLASS) and node.GetAttribute(OUTPUT_ATTRIBUTE) == OUTPUT_MODEL
+    return node is not None and node.IsA(MODEL_NODE_CLASS) and node.GetAttribute(attributes.OUTPUT) == OUTPUT_MODEL
 
 
 def _json_attribute(node: Any, name: str, default: Any) -> Any:
@@ -34,15 +34,15 @@ def _json_attribute(node: Any, name: str, default: Any) -> Any:
 
 
 def model_classes_of(node: Any) -> Optional[List[Dict[str, Any]]]:
-    return _json_attribute(node, "CPCLSegment.Classes", None)
+    return _json_attribute(node, attributes.CLASSES, None)
 
 
 def model_nested(node: Any) -> Dict[str, List[str]]:
-    return _json_attribute(node, "CPCLSegment.Nested", {}) if is_model_node(node) else {}
+    return _json_attribute(node, attributes.NESTED, {}) if is_model_node(node) else {}
 
 
 def model_summary(node: Any) -> Dict[str, Any]:
-    return _json_attribute(node, "CPCLSegment.Summary", {}) if is_model_node(node) else {}
+    return _json_attribute(node, attributes.SUMMARY, {}) if is_model_node(node) else {}
 
 
 def store_model(scene: Any, path: str, name: str = "CPCLSegment model", classes: Optional[Sequence[Dict[str, Any]]] = None,
@@ -57,7 +57,7 @@ def store_model(scene: Any, path: str, name: str = "CPCLSegment model", classes:
 def set_model_classes(node: Any, classes: Sequence[Dict[str, Any]]) -> None:
     """Keeps the model's classes (name, colour, label value, segment ID, terminology) on its node."""
     plain = [{k: v for k, v in c.items() if k in ("name", "color", "label_value", "segment_id", "terminology")} for c in classes]
-    node.SetAttribute("CPCLSegment.Classes", json.dumps(plain))
+    node.SetAttribute(attributes.CLASSES, json.dumps(plain))
 
 
 def model_file_of(model: Any, work_root: str) -> str:
@@ -66,7 +66,7 @@ def model_file_of(model: Any, work_root: str) -> str:
     to a short text + data node first."""
     if not is_model_node(model):
         raise InputError(f"'{node_name(model)}' is not a CPCLSegment model node")
-    cached = model.GetAttribute("CPCLSegment.File") or ""
+    cached = model.GetAttribute(attributes.FILE) or ""
     if modelnode.file_matches(cached, model):
         return cached
     try:
@@ -76,9 +76,9 @@ def model_file_of(model: Any, work_root: str) -> str:
         raise InputError(f"{e}: no intact model") from None
     folder = os.path.join(work_root, "models")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{model.GetAttribute('CPCLSegment.SHA256')[:16]}.pt")
+    path = os.path.join(folder, f"{model.GetAttribute(attributes.SHA256)[:16]}.pt")
     write_bytes(path, data)
-    model.SetAttribute("CPCLSegment.File", path)
+    model.SetAttribute(attributes.FILE, path)
     return path
 
 

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from CPCLSegmentLib.errors import Cancelled
 
+from . import attributes
 from .logic import LogicCore
 from .panelview import Progress, train_event_display
 from .plot import TrainingPlot
@@ -129,7 +130,7 @@ class PanelJobs:
             self.set_model(result)
             self.node.SetParameter("LastRunDir", job.work_dir or "")
             self.finish_round(job.work_dir, job.done or {})
-            self.log.append(f"model: {result.GetName()} (saved with the scene; file {result.GetAttribute('CPCLSegment.File')})")
+            self.log.append(f"model: {result.GetName()} (saved with the scene; file {result.GetAttribute(attributes.FILE)})")
         elif kind == "segment":
             names = ", ".join(n.GetName() for n in result)
             self.progress["segmentProgressBar"] = (len(result), max(1, len(result)), f"done: {names}")

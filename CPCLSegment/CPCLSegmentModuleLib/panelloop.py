@@ -20,9 +20,9 @@ from vtk.util import numpy_support
 
 from CPCLSegmentLib.errors import InputError
 
-from . import rounds
+from . import attributes, rounds
 from .nodes import node_name, segment_ids
-from .scene import OUTPUT_ATTRIBUTE, OUTPUT_LABELS, LabeledCase
+from .scene import OUTPUT_LABELS, LabeledCase
 
 LABELING_ROLE = "LabelingSegmentation"
 ROUNDS_KEY, PENDING_KEY = "Rounds", "RoundPending"
@@ -86,8 +86,8 @@ class PanelLoop:
             raise InputError(f"'{node_name(seg)}' is empty: paint (or correct) its segments in the Segment Editor first")
         node = self.node
         was = node.StartModify()
-        if seg.GetAttribute(OUTPUT_ATTRIBUTE) == OUTPUT_LABELS:
-            seg.RemoveAttribute(OUTPUT_ATTRIBUTE)  # reviewed by the user: an input from now on ("Add all" finds it too)
+        if seg.GetAttribute(attributes.OUTPUT) == OUTPUT_LABELS:
+            seg.RemoveAttribute(attributes.OUTPUT)  # reviewed by the user: an input from now on ("Add all" finds it too)
         self.add_case(volume, seg, False)  # type: ignore[attr-defined]
         entries = self._entries(node)  # type: ignore[attr-defined]
         key = next(e["key"] for e in entries if node.GetNodeReferenceID(f"CaseSegmentation.{e['key']}") == seg.GetID())

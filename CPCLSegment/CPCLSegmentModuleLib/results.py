@@ -12,9 +12,10 @@ import numpy as np
 import slicer
 from CPCLSegmentLib.errors import InputError
 
+from . import attributes
 from .export import RAS_TO_LPS, terminology_to_string, write_segments
 from .nodes import ensure_converter_rules, node_name, volume_array
-from .scene import OUTPUT_ATTRIBUTE, OUTPUT_LABELS, OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, SOURCE_ROLE, new_output_node
+from .scene import OUTPUT_LABELS, OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, new_output_node
 
 
 HEAT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeIron")
@@ -79,7 +80,7 @@ def import_segmentation(scene: Any, path: str, volume_node: Any, name: Optional[
         try:
             if not storage.ReadData(target):  # replaces the node's segments
                 raise InputError(f"cannot read the segmentation result {path}")
-            target.SetAttribute(OUTPUT_ATTRIBUTE, kind)
+            target.SetAttribute(attributes.OUTPUT, kind)
             finish_segmentation_node(scene, target, volume_node)
         finally:
             target.EndModify(was)
@@ -123,7 +124,7 @@ def import_scalar_volume(scene: Any, path: str, reference_node: Any, name: str, 
                          kind: str = OUTPUT_UNCERTAINTY, node: Any = None) -> Any:
     """A NEW scalar volume node read from ``path`` (e.g. an uncertainty map), shown with a heat colour map,
     marked as a module output (never an unlabeled training volume by default) and referencing ``reference_node``
-    (``SOURCE_ROLE``). ``node``: an earlier output to read the file into instead (it is reused, not duplicated)."""
+    (``attributes.SOURCE_VOLUME_ROLE``). ``node``: an earlier output to read the file into instead (it is reused, not duplicated)."""
     made = node is None
     if made:
         node = new_output_node(scene, "vtkMRMLScalarVolumeNode", name, kind)
@@ -133,7 +134,7 @@ def import_scalar_volume(scene: Any, path: str, reference_node: Any, name: str, 
         if made:
             scene.RemoveNode(node)
         raise InputError(f"cannot read {path}")
-    node.SetNodeReferenceID(SOURCE_ROLE, reference_node.GetID())
+    node.SetNodeReferenceID(attributes.SOURCE_VOLUME_ROLE, reference_node.GetID())
     node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     if display is not None and heat:

@@ -1,6 +1,6 @@
 """The user's cases and volumes in the scene, and the module's own outputs.
 
-Nodes the module creates carry ``OUTPUT_ATTRIBUTE`` (value: what they are) so the panel never picks them as
+Nodes the module creates carry ``attributes.OUTPUT`` (value: what they are) so the panel never picks them as
 training inputs by itself (``is_module_output``): predictions and label-next segmentations are not "segmented
 volumes", uncertainty maps are not unlabeled volumes."""
 
@@ -11,17 +11,13 @@ from typing import Any, List, Sequence
 
 from CPCLSegmentLib.errors import InputError
 
+from . import attributes
 from .nodes import sequence_browser_of
 
 
-# Nodes the module creates carry this attribute (value: what they are); they are never selected as training
-# inputs automatically (``is_module_output``).
-OUTPUT_ATTRIBUTE = "CPCLSegment.Output"
-
-
+# What a node the module created is (the value of its ``attributes.OUTPUT``); such nodes are never selected as
+# training inputs automatically (``is_module_output``).
 OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, OUTPUT_LABELS, OUTPUT_MODEL = "segmentation", "uncertainty", "labels", "model"
-# An uncertainty map's reference to the volume it was computed for (a node reference: it follows ID changes).
-SOURCE_ROLE = "CPCLSegment.SourceVolume"
 
 
 @dataclass
@@ -48,7 +44,7 @@ def as_cases(labeled: Sequence[Any]) -> List[LabeledCase]:
 
 def is_module_output(node: Any) -> bool:
     """True for nodes this module created (predictions, uncertainty maps, label-next segmentations, models)."""
-    return node is not None and bool(node.GetAttribute(OUTPUT_ATTRIBUTE))
+    return node is not None and bool(node.GetAttribute(attributes.OUTPUT))
 
 
 def unique_name(scene: Any, base: str) -> str:
@@ -60,7 +56,7 @@ def new_output_node(scene: Any, class_name: str, name: str, kind: str) -> Any:
     of NodeAddedEvent already see the mark), with a unique name."""
     node = scene.CreateNodeByClass(class_name)
     node.UnRegister(None)  # owned by the Python variable (as ScriptedLoadableModuleLogic.createParameterNode does)
-    node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
+    node.SetAttribute(attributes.OUTPUT, kind)
     node.SetName(unique_name(scene, name))
     scene.AddNode(node)
     return node
@@ -105,16 +101,16 @@ def volumes_without_segmentation(scene: Any, exclude: Sequence[Any] = ()) -> Lis
 
 def output_for(scene: Any, kind: str, volume: Any) -> Any:
     """The module's output of ``kind`` made for ``volume`` (the latest), or None: Label next reuses the uncertainty
-    map (``SOURCE_ROLE``) and the labels segmentation (drawn on the volume) of a volume instead of adding new ones.
+    map (``attributes.SOURCE_VOLUME_ROLE``) and the labels segmentation (drawn on the volume) of a volume instead of adding new ones.
     A labels segmentation added as a labeled case is no longer an output and is not found."""
     if volume is None:
         return None
     class_name = "vtkMRMLScalarVolumeNode" if kind == OUTPUT_UNCERTAINTY else "vtkMRMLSegmentationNode"
     found = None
     for node in nodes_by_class(scene, class_name):
-        if node.GetAttribute(OUTPUT_ATTRIBUTE) != kind:
+        if node.GetAttribute(attributes.OUTPUT) != kind:
             continue
-        role = SOURCE_ROLE if kind == OUTPUT_UNCERTAINTY else node.GetReferenceImageGeometryReferenceRole()
+        role = attributes.SOURCE_VOLUME_ROLE if kind == OUTPUT_UNCERTAINTY else node.GetReferenceImageGeometryReferenceRole()
         if node.GetNodeReference(role) is volume:
             found = node
     return found

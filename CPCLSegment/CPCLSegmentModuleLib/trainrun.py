@@ -14,6 +14,7 @@ from CPCLSegmentLib.companions import checkpoint_path
 from CPCLSegmentLib.errors import InputError
 from CPCLSegmentLib.writers import write_json
 
+from . import attributes
 from .export import ExportedInputs, export_inputs
 from .inputcheck import CheckFailed, CheckResult
 from .models import MODEL_NODE_CLASS, is_model_node, store_model
@@ -97,7 +98,7 @@ def collect_model(scene: Any, job: jobs.Job, run_dir: str, record: Dict[str, Any
     summary = {"segments": record.get("segments"), "status": done.get("status"), "iterations": done.get("iterations"),
                "method": (record.get("config") or {}).get("method", "cpcl"), "seconds": done.get("seconds")}
     existing = next((n for n in nodes_by_class(scene, MODEL_NODE_CLASS)
-                     if is_model_node(n) and n.GetAttribute("CPCLSegment.RunDir") == run_dir), None)
+                     if is_model_node(n) and n.GetAttribute(attributes.RUN_DIR) == run_dir), None)
     return store_model(scene, out, classes=record.get("classes"), nested=record.get("nested"), summary=summary,
                        run_dir=run_dir, node=existing)
 
