@@ -419,6 +419,8 @@ def test_gui_thread_time_from_train_to_the_child_starting(tmp_path):
     job = c.train()
     seconds = time.perf_counter() - t0
     try:
+        while job.proc is None and not job.finished:  # the files are written from a worker thread, then the child starts
+            time.sleep(0.02)
         assert job.proc is not None and job.status == "running"
         assert job.check.rasterised == 1
     finally:

@@ -3,6 +3,7 @@ next reuses its nodes, a sequence's proxy volume is refused, one training at a t
 GUI thread's work per click. Skipped where slicer-core is not installed (Python >= 3.10)."""
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,158 @@ def test_a_sequence_s_shown_frame_is_not_ticked_and_is_refused_with_a_message_na
     assert proxy.GetName() in message and "cine browser" in message and "frame" in message
     with pytest.raises(InputError, match="sequence"):
         c.core.start_segmentation("a model", [proxy])
+
+
+# ------------------------------------------------------------------------------------ the GUI thread's work per click
+
+
+def loaded(scene, path, name):
+    """A volume read from ``path`` through a storage node of its own (as File > Add data leaves it)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(node)
+    return node
+
+
+def test_a_volume_unchanged_since_loading_is_handed_over_as_its_file_any_other_is_written_later(tmp_path):
+    from CPCLSegmentLib import io as cio
+    from CPCLSegmentModuleLib.handoff import Handoff, original_file
+
+    scene = new_scene()
+    made = small_volume(scene, "made")
+    export_volume(made, str(tmp_path / "ct.nrrd"))
+    volume = loaded(scene, tmp_path / "ct.nrrd", "CT")
+    assert original_file(volume) == str(tmp_path / "ct.nrrd") and original_file(made) is None
+    handoff = Handoff(str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    assert handoff.volume(volume, "v0") == str(tmp_path / "ct.nrrd") and handoff.writes == []
+    path = handoff.volume(made, "v1")
+    assert path == str(tmp_path / "run" / "v1.nrrd") and len(handoff.writes) == 1 and not (tmp_path / "run" / "v1.nrrd").exists()
+    handoff.write_all()
+    expected = cio.read_image(str(tmp_path / "ct.nrrd"))  # what Slicer's own writer made of the same node
+    written = cio.read_image(path)
+    import SimpleITK as sitk
+
+    assert np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(expected))
+    assert np.allclose(written.GetDirection(), expected.GetDirection()) and np.allclose(written.GetOrigin(), expected.GetOrigin())
+    assert np.allclose(written.GetSpacing(), expected.GetSpacing())
+    first = Path(path).read_bytes()
+    again = Handoff(str(tmp_path / "run"))
+    again.volume(made, "v1")
+    again.write_all()
+    assert Path(path).read_bytes() == first  # the same node twice: the same bytes (the preprocessing cache's identity)
+
+    volume.SetSpacing(3.0, 3.0, 3.0)  # changed since loading: written like any other
+    assert original_file(volume) is None
+    other = loaded(scene, tmp_path / "ct.nrrd", "CT again")
+    volume_array(other)  # reading leaves it unchanged
+    assert original_file(other) is not None
+    other.GetImageData().Modified()  # what slicer.util.arrayFromVolumeModified does after an edit
+    assert original_file(other) is None
+    third = loaded(scene, tmp_path / "ct.nrrd", "CT under a transform")
+    third.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
+    assert original_file(third) is None
+
+
+def test_the_train_click_writes_no_volume_on_the_gui_thread_and_the_child_starts_once_the_files_are_written(tmp_path):
+    scene = new_scene()
+    made = small_volume(scene, "made")
+    export_volume(made, str(tmp_path / "ct.nrrd"))
+    scene.RemoveNode(made)
+    c = controller(scene, tmp_path)
+    volume = loaded(scene, tmp_path / "ct.nrrd", "CT")
+    in_memory, segmentation = small_case(scene, "drawn")
+    c.add_case(in_memory, segmentation)
+    c.set_unlabeled([volume, in_memory])
+    for name, value in (("length_mode", "iterations"), ("iterations", 500), ("width", 4), ("patch_size", [32, 32, 16]),
+                        ("device", "cpu")):
+        c.set_setting(name, value)
+    job = c.train()
+    inputs = Path(job.work_dir) / "inputs"
+    assert job.args[job.args.index("--unlabeled") + 1] == str(tmp_path / "ct.nrrd")  # handed over as it is
+    labeled_image = job.args[job.args.index("--labeled") + 1]
+    assert Path(labeled_image).parent == inputs and labeled_image.endswith("labeled-000.nrrd")
+    deadline = time.time() + 120
+    while job.proc is None and not job.finished:  # written from a worker thread, then the child starts
+        assert time.time() < deadline
+        time.sleep(0.02)
+    assert job.proc is not None and sorted(p.name for p in inputs.iterdir()) == ["labeled-000.nrrd", "labeled-000.seg.nrrd"]
+    assert not list(inputs.glob("*.partial"))
+    job.cancel()
+    while c.busy("train"):
+        c.poll()
+        time.sleep(0.05)
+    assert (tmp_path / "ct.nrrd").exists()  # the user's file is never removed with the run folder
+
+
+def test_a_job_cancelled_while_its_files_are_written_never_starts_its_child_and_a_failed_write_fails_it(tmp_path):
+    from CPCLSegmentModuleLib.handoff import PreparedJob
+
+    gate = []
+
+    def slow(cancelled):
+        while not cancelled():
+            time.sleep(0.01)
+        gate.append("saw cancel")
+
+    job = PreparedJob(["probe"], module="CPCLSegmentLib.childinfo", env=one_thread_env(), prepare=slow).start()
+    assert job.status == "running" and job.proc is None
+    job.cancel(block=False)
+    with pytest.raises(Cancelled):
+        job.wait(timeout=30)
+    assert job.proc is None and gate == ["saw cancel"]
+
+    def broken(cancelled):
+        raise InputError("cannot write volume 'CT' to /nowhere: disk full")
+
+    job = PreparedJob(["probe"], module="CPCLSegmentLib.childinfo", env=one_thread_env(), prepare=broken).start()
+    from CPCLSegmentLib.jobs import JobError
+
+    with pytest.raises(JobError, match="disk full"):
+        job.wait(timeout=30)
+    assert job.proc is None and job.status == "failed"
+
+
+def test_each_segmentation_result_becomes_a_node_as_the_child_reports_it_and_a_cancel_removes_them(tmp_path):
+    scene = new_scene()
+    volumes = [small_volume(scene, f"CT {n}") for n in range(2)]
+    c = controller(scene, tmp_path)
+    model = tmp_path / "placeholder.pt"
+    model.write_bytes(b"not read by the click")
+    c.model = lambda: str(model)
+    job = c.segment(volumes)
+    _, seg = small_case(scene, "result source")
+    result = tmp_path / "result-0.seg.nrrd"
+    export_segmentation(volumes[0], seg, ["box"], str(result))
+    before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    job._queue.put({"event": "predict", "index": 1, "of": 2, "image": "CT 0", "output": str(result)})  # the child's event
+    c.poll()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before + 1 and c.busy("segment")
+    c.cancel("segment")
+    deadline = time.time() + 60
+    while c.busy("segment"):
+        c.poll()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before  # cancelled: no result left behind
+
+
+@pytest.mark.slow
+def test_the_gui_thread_benchmark_runs_small(tmp_path):
+    """``bench/gui_thread.py --small``: every click timed, every job cancelled, the results written."""
+    import json
+    import subprocess
+
+    from conftest import child_env
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gui_thread.py"), "--small", "--out", str(tmp_path)],
+                          env=child_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run = json.loads((tmp_path / "gui_thread_small.json").read_text())["after"]
+    assert [(r["volumes"], r["source"]) for r in run["rows"]] == [(1, "loaded from files"), (2, "loaded from files"), (1, "in memory")]
+    for row in run["rows"]:
+        for key in ("train_click_s", "train_until_child_s", "segment_click_s", "segment_until_child_s"):
+            assert 0 <= row[key] < 60, (key, row)
+    assert run["import_one_result_s"] > 0 and "| 2 | loaded from files |" in (tmp_path / "gui_thread_small.md").read_text()

@@ -20,6 +20,7 @@ loading torch.
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -370,7 +371,14 @@ def field_type(name: str) -> Any:
 
 
 def _field_types() -> Dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+    return _type_hints(TrainConfig)
+
+
+@functools.lru_cache(maxsize=8)
+def _type_hints(cls: type) -> Dict[str, Any]:
+    """A class's field types, evaluated once per class: ``get_type_hints`` evaluates every annotation each call, and a
+    check calls this per field (a second per Train click on Slicer's GUI thread before it was cached). Read only."""
+    return typing.get_type_hints(cls)
 
 
 def _type_errors(name: str, value: Any, t: Any) -> List[str]:

@@ -20,11 +20,14 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``scene``: the user's cases and volumes in the scene and the module's own outputs (``LabeledCase``,
   ``as_cases``, ``is_module_output``, ``new_output_node``, ``output_for``, ``segmented_volume_pairs``,
   ``volumes_without_segmentation``). imports: attributes, nodes.
+- ``handoff``: volumes handed to the child: the original file of a volume unchanged since it was read, else a
+  snapshot written from a worker thread; a job that starts once its files are written (``original_file``,
+  ``snapshot``, ``write_snapshot``, ``Handoff``, ``PreparedJob``). imports: nodes.
 - ``inputcheck``: the input check before training, pure: writes nothing (``check_inputs``, ``CheckResult``,
   ``CheckFailed``). imports: nodes, scene.
-- ``export``: scene -> files: volumes, segments, a run's inputs checked and written in one pass
-  (``export_volume``, ``write_segments``, ``export_segmentation``, ``export_inputs``, ``ExportedInputs``).
-  imports: inputcheck, nodes, scene.
+- ``export``: scene -> files: volumes, segments, a run's inputs checked in one pass and handed over (originals or
+  files written later) (``export_volume``, ``write_segments``, ``export_segmentation``, ``export_inputs``,
+  ``ExportedInputs``). imports: handoff, inputcheck, nodes, scene.
 - ``results``: files -> NEW nodes (``import_segmentation``, ``import_scalar_volume``, ``empty_segmentation``,
   ``nest_segments``). imports: attributes, export, nodes, scene.
 - ``modelnode``: a model as a node with a short text plus a hidden data node holding the file, so no view renders
@@ -47,7 +50,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``logicmodels``: the train / segment / rank API's models: model files for the child, model nodes from files and back, a model's
   classes (``ModelAPI``, ``ModelRef``). imports: models, results.
 - ``logic``: the one train / segment / rank API the console and the panel call (``LogicCore``).
-  imports: export, logicmodels, models, nodes, options, results, scene, trainrun.
+  imports: handoff, logicmodels, models, nodes, options, results, scene, trainrun.
 - ``panelguard``: what the panel holds back or asks first: typing is never overwritten by a refresh
   (``write_into_widget``, ``widget_value``, ``same_value``), Reload / exit ask while jobs run (``leave_question``,
   ``LeaveQuestion``), where "Save model..." opens (``model_save_path``). imports: none.

@@ -13,6 +13,7 @@ import numpy as np
 import slicer
 from CPCLSegmentLib.errors import InputError
 
+from .handoff import Handoff
 from .inputcheck import CheckResult, check_inputs
 from .nodes import (
     check_volume,
@@ -129,37 +130,42 @@ def export_segmentation(volume_node: Any, segmentation_node: Any, names: Sequenc
 
 @dataclass
 class ExportedInputs:
-    """The engine's input files of a training run: ``labeled`` (image, segmentation, sparse) per case in order,
-    ``volume_files`` (volume ID -> .nrrd, each volume written once)."""
+    """The engine's input files of a training run: ``labeled`` (image, segmentation, sparse) per case in order, and
+    ``handoff``: each volume's file (its original file, or one still to write) and the writes still to do."""
 
+    handoff: Handoff
     labeled: List[Tuple[str, str, bool]] = field(default_factory=list)
-    volume_files: Dict[str, str] = field(default_factory=dict)
 
-    def volume(self, volume: Any, path: str) -> str:
-        if volume.GetID() not in self.volume_files:
-            self.volume_files[volume.GetID()] = export_volume(volume, path)
-        return self.volume_files[volume.GetID()]
+    @property
+    def volume_files(self) -> Dict[str, str]:
+        """Volume ID -> the file the child reads it from."""
+        return self.handoff.files
+
+    def volume(self, volume: Any, stem: str) -> str:
+        return self.handoff.volume(volume, stem)
 
 
 def export_inputs(labeled: Sequence[Any], segments: Sequence[str], unlabeled: Sequence[Any], partial_segments: bool,
                   hold_out_last: bool, later_wins: bool, export_dir: str) -> Tuple[CheckResult, ExportedInputs]:
     """Checks the inputs (``inputcheck.check_inputs``) and, in the same pass (each case's segments rasterised
-    once), writes the engine's input files to ``export_dir``: each volume as .nrrd, each case's segments as a
-    one-layer .seg.nrrd (a later segment wins overlaps). Files stop being written at the first error."""
-    files = ExportedInputs()
+    once, on the calling thread: it reads the nodes), decides the engine's input files in ``export_dir``: each volume's
+    original file or a snapshot, each case's segments as a one-layer .seg.nrrd (a later segment wins overlaps). The
+    files are written by ``files.handoff.write_all()`` (from a worker thread); nothing is planned after an error."""
+    files = ExportedInputs(Handoff(export_dir))
 
     def on_case(index: int, case: LabeledCase, masks: Dict[str, np.ndarray], records: List[Dict[str, Any]]) -> None:
-        image = files.volume(case.volume, os.path.join(export_dir, f"labeled-{index:03d}.nrrd"))
+        image = files.volume(case.volume, f"labeled-{index:03d}")
         seg_path = os.path.join(export_dir, f"labeled-{index:03d}.seg.nrrd")
         ijk_to_ras = matrix_to_array(world_ijk_to_ras(case.volume))
         if masks:
-            write_segments(seg_path, masks, records, ijk_to_ras, later_wins=True)
+            files.handoff.later(lambda: write_segments(seg_path, masks, records, ijk_to_ras, later_wins=True))
         else:
-            write_segments(seg_path, {"": np.zeros(tuple(case.volume.GetImageData().GetDimensions()[::-1]), dtype=bool)}, [], ijk_to_ras)
+            shape = tuple(case.volume.GetImageData().GetDimensions()[::-1])
+            files.handoff.later(lambda: write_segments(seg_path, {"": np.zeros(shape, dtype=bool)}, [], ijk_to_ras))
         files.labeled.append((image, seg_path, case.sparse))
 
     def on_unlabeled(index: int, volume: Any) -> None:
-        files.volume(volume, os.path.join(export_dir, f"unlabeled-{index:03d}.nrrd"))
+        files.volume(volume, f"unlabeled-{index:03d}")
 
     check = check_inputs(labeled, segments, unlabeled, partial_segments, hold_out_last, later_wins, on_case, on_unlabeled)
     return check, files

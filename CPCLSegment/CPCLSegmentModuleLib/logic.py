@@ -22,7 +22,7 @@ from CPCLSegmentLib import jobs
 from CPCLSegmentLib.errors import InputError
 from CPCLSegmentLib.settings import DEVICES, WEIGHTS
 
-from .export import export_volume
+from .handoff import Handoff, PreparedJob
 from .logicmodels import ModelAPI, ModelRef
 from .models import model_nested
 from .nodes import check_volume, ensure_converter_rules, node_name, segment_names
@@ -69,18 +69,21 @@ class LogicCore(ModelAPI):
         os.makedirs(self.work_root, exist_ok=True)
         return tempfile.mkdtemp(prefix=f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=self.work_root)
 
-    def _export_volumes(self, kind: str, volumes: Sequence[Any]) -> Tuple[str, List[str]]:
-        """A new run folder with ``volumes`` exported into it (``volume-000.nrrd``, ...); nothing left on failure."""
+    def _export_volumes(self, kind: str, volumes: Sequence[Any]) -> Tuple[str, Handoff, List[str]]:
+        """A new run folder and the file the child reads each volume from (``volume-000.nrrd``, ... still to write
+        by ``handoff.write_all``, or the volume's original file); nothing left on failure."""
         run_dir = self.new_run_dir(kind)
         try:
-            return run_dir, [export_volume(v, os.path.join(run_dir, f"volume-{n:03d}.nrrd")) for n, v in enumerate(volumes)]
+            handoff = Handoff(run_dir)
+            return run_dir, handoff, [handoff.volume(v, f"volume-{n:03d}") for n, v in enumerate(volumes)]
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
 
     def _job(self, args: Sequence[Any], name: str, device: str = "auto", **kwargs: Any) -> jobs.Job:
+        """A job whose child starts once ``prepare`` (a keyword: writing its input files) has run on a worker thread."""
         extra = {"CUDA_VISIBLE_DEVICES": "-1"} if device == "cpu" else None
-        return jobs.Job(args, python=self.python, env=self.env, extra_env=extra, name=name, **kwargs)
+        return PreparedJob(args, python=self.python, env=self.env, extra_env=extra, name=name, **kwargs)
 
     @staticmethod
     def _device_arg(device: Optional[str]) -> str:
@@ -95,8 +98,19 @@ class LogicCore(ModelAPI):
     def prepare_training(self, labeled: Sequence[Any], unlabeled: Sequence[Any] = (), segments: Optional[Sequence[str]] = None,
                          out: Optional[str] = None, **values: Any) -> Dict[str, Any]:
         """Checks the inputs and exports them in one pass (each case's segments rasterised once), writes the
-        ``--config`` file, and returns the run: ``{"args", "run_dir", "out", "check", "module", "config"}``.
-        Raises ``InputError`` (nothing left behind) when the check finds errors."""
+        ``--config`` file and the input files, and returns the run: ``{"args", "run_dir", "out", "check", "module",
+        "config", "record", "handoff"}``. Raises ``InputError`` (nothing left behind) when the check finds errors."""
+        plan = self._plan_training(labeled, unlabeled, segments, out, values)
+        try:
+            plan["handoff"].write_all()
+        except BaseException:
+            shutil.rmtree(plan["run_dir"], ignore_errors=True)
+            raise
+        return plan
+
+    def _plan_training(self, labeled: Sequence[Any], unlabeled: Sequence[Any], segments: Optional[Sequence[str]],
+                       out: Optional[str], values: Dict[str, Any]) -> Dict[str, Any]:
+        """``prepare_training`` without writing the input files (``plan["handoff"].write_all()`` does)."""
         module, engine = split_settings(values)
         config = train_config(engine)
         cases = as_cases(labeled)
@@ -116,8 +130,8 @@ class LogicCore(ModelAPI):
         ``result()`` is the model node (a NEW ``vtkMRMLTextNode`` saved with the scene). One training at a time."""
         refuse_second_training(self.training)
         self.ensure_dependencies()
-        plan = self.prepare_training(labeled, unlabeled, segments, out, **values)
-        job = self._train_job(plan["args"], plan["run_dir"], plan["record"])
+        plan = self._plan_training(labeled, unlabeled, segments, out, values)  # the files are written by the job's worker
+        job = self._train_job(plan["args"], plan["run_dir"], plan["record"], plan["handoff"].write_all)
         job.check = plan["check"]  # what the one rasterisation pass found (warnings, counts), for the panel
         LogicCore.training = job.start()
         return job
@@ -134,8 +148,8 @@ class LogicCore(ModelAPI):
 
     can_resume = staticmethod(can_resume)
 
-    def _train_job(self, args: List[str], run_dir: str, record: Dict[str, Any]) -> jobs.Job:
-        return self._job(args, "training", record.get("device", "auto"), work_dir=run_dir,
+    def _train_job(self, args: List[str], run_dir: str, record: Dict[str, Any], prepare: Any = None) -> jobs.Job:
+        return self._job(args, "training", record.get("device", "auto"), work_dir=run_dir, prepare=prepare,
                          collect=lambda job: collect_model(self.scene, job, run_dir, record),
                          keep_work_dir=lambda job: keep_run_dir(job, run_dir, record["out"]))
 
@@ -165,21 +179,33 @@ class LogicCore(ModelAPI):
         self.ensure_dependencies()
         path = self.model_file(model)
         nested = model_nested(model)
-        run_dir, files = self._export_volumes("segment", volumes)
+        run_dir, handoff, files = self._export_volumes("segment", volumes)
         out_dir = os.path.join(run_dir, "out")
         os.makedirs(out_dir, exist_ok=True)
         args = ["predict", "--model", path, "--image", *files, "--out", out_dir + os.sep, "--format", ".seg.nrrd",
                 "--weights", weights, "--device", self._device_arg(device)]
 
+        imported: Dict[int, Any] = {}
+
+        def one(i: int, path: str) -> Any:
+            return import_segmentation(self.scene, path, volumes[i], names[i] if names else None, nested, kind,
+                                       targets[i] if targets else None)
+
+        def take_output(event: Dict[str, Any]) -> None:  # the panel imports each result as the child reports it
+            i, path = int(event.get("index") or 0) - 1, str(event.get("output") or "")
+            if 0 <= i < len(volumes) and i not in imported and os.path.isfile(path):
+                imported[i] = one(i, path)
+
         def collect(job: jobs.Job) -> List[Any]:
             outputs = (job.done or {}).get("outputs") or []
             if len(outputs) != len(volumes):
                 raise jobs.JobError(f"segmentation wrote {len(outputs)} result(s) for {len(volumes)} volume(s)")
-            return [import_segmentation(self.scene, p, v, names[i] if names else None, nested, kind,
-                                        targets[i] if targets else None)
-                    for i, (p, v) in enumerate(zip(outputs, volumes))]
+            return [imported.pop(i) if i in imported else one(i, p) for i, p in enumerate(outputs)]
 
-        return self._job(args, "segmentation", self._device_arg(device), work_dir=run_dir, collect=collect).start()
+        job = self._job(args, "segmentation", self._device_arg(device), work_dir=run_dir, collect=collect, prepare=handoff.write_all)
+        job.take_output = take_output
+        job.imported = imported  # what an ended job that returns no result leaves (the panel removes it)
+        return job.start()
 
     def segment(self, model: ModelRef, volume: Any, wait: bool = True, on_event: OnEvent = None, weights: str = "teacher",
                 device: str = "auto", name: Optional[str] = None) -> Any:
@@ -203,7 +229,7 @@ class LogicCore(ModelAPI):
             raise InputError("select at least one unlabeled volume to rank")
         self.ensure_dependencies()
         path = self.model_file(model)
-        run_dir, files = self._export_volumes("rank", volumes)
+        run_dir, handoff, files = self._export_volumes("rank", volumes)
         unc_dir = os.path.join(run_dir, "uncertainty")
         args = ["rank", "--model", path, "--images", *files, "--out", os.path.join(run_dir, "ranking.csv"),
                 "--score", score, "--uncertainty-dir", unc_dir, "--device", self._device_arg(device)]
@@ -223,7 +249,7 @@ class LogicCore(ModelAPI):
             return rows
 
         return self._job(args, "ranking", self._device_arg(device), work_dir=run_dir, collect=collect,
-                         keep_work_dir=lambda job: job.status == "done").start()
+                         keep_work_dir=lambda job: job.status == "done", prepare=handoff.write_all).start()
 
     def rank(self, model: ModelRef, volumes: Sequence[Any], wait: bool = True, on_event: OnEvent = None, score: str = "auto",
              device: str = "auto") -> Any:

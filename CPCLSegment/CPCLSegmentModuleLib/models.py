@@ -22,7 +22,8 @@ MODEL_NODE_CLASS = modelnode.MODEL_NODE_CLASS
 
 
 def is_model_node(node: Any) -> bool:
-    return node is not None and node.IsA(MODEL_NODE_CLASS) and node.GetAttribute(attributes.OUTPUT) == OUTPUT_MODEL
+    """A model node of this module (a model file path, as the console API also takes, is not one)."""
+    return hasattr(node, "IsA") and node.IsA(MODEL_NODE_CLASS) and node.GetAttribute(attributes.OUTPUT) == OUTPUT_MODEL
 
 
 def _json_attribute(node: Any, name: str, default: Any) -> Any:

@@ -23,6 +23,7 @@ class PanelJobs:
     """Job bookkeeping for ``panel.PanelController`` (which sets the attributes below in ``__init__``)."""
 
     core: LogicCore
+    scene: Any
     jobs: Dict[str, Optional[Any]]
     _discarded: List[Any]
     plot: Optional[TrainingPlot]
@@ -59,9 +60,14 @@ class PanelJobs:
                 continue
             for event in job.poll():
                 changed = True
+                if event.get("event") == "predict" and hasattr(job, "take_output"):
+                    self._take_output(job, event)
                 self._on_event(kind, event)
             if job.finished:
                 self.jobs[kind] = None
+                if job.status not in ("done", "stopped"):  # a cancelled / failed segmentation leaves no result behind
+                    for node in getattr(job, "imported", {}).values():
+                        self.scene.RemoveNode(node)
                 self._finish(kind, job)
                 changed = True
         for job in list(self._discarded):
@@ -74,6 +80,13 @@ class PanelJobs:
             self._plot_updated = time.time()
             self.plot.update()
         return changed
+
+    def _take_output(self, job: Any, event: Dict[str, Any]) -> None:
+        """One volume's result becomes a node as soon as the child wrote it (one import per poll, not all at the end)."""
+        try:
+            job.take_output(event)
+        except Exception as e:  # the job's result (collect) reads it again and reports the error
+            self.log.append(f"segmentation result {event.get('output')}: {e}")
 
     def running(self) -> bool:
         return any(self.jobs.values()) or bool(self._discarded)

@@ -44,7 +44,8 @@ def write_training_run(run_dir: str, cases: Sequence[LabeledCase], unlabeled: Se
     record = {"args": args, "out": out, "segments": segments, "device": module["device"], "classes": check.classes(),
               "nested": check.nested() if module["later_wins"] else {}, "config": config}
     write_json(os.path.join(run_dir, "command.json"), record)
-    return {"args": args, "run_dir": run_dir, "out": out, "check": check, "module": module, "config": config, "record": record}
+    return {"args": args, "run_dir": run_dir, "out": out, "check": check, "module": module, "config": config, "record": record,
+            "handoff": files.handoff}
 
 
 def train_command(check: CheckResult, files: ExportedInputs, n_cases: int, unlabeled: Sequence[Any], segments: List[str],
@@ -122,6 +123,6 @@ def keep_run_dir(job: jobs.Job, run_dir: str, out: str) -> bool:
 def refuse_second_training(job: Optional[jobs.Job]) -> None:
     """InputError while ``job`` (the training this process started last, from the console or the panel) runs: a
     blocking console ``train()`` keeps the panel clickable, and two trainings would share the CPU / GPU."""
-    if job is not None and job.status == "running" and job.proc is not None and job.proc.poll() is None:
+    if job is not None and job.status == "running" and (job.proc is None or job.proc.poll() is None):  # writing or training
         raise InputError("a training is running already (started from the panel or the Python console): wait for it, "
                          "or stop or cancel it, then start another")

@@ -1,0 +1,174 @@
+"""Volumes handed to the child process with little work on the GUI thread.
+
+- A volume **unchanged since it was read** (its storage node's file exists and is a format the engine reads,
+  ``vtkMRMLVolumeNode::GetModifiedSinceRead`` is false: neither voxels nor geometry changed, no parent transform, not
+  centred on load) is handed over as that file: nothing is copied or written (``original_file``).
+- Any other volume is read on the GUI thread only as far as a node must be read: its voxels are copied and its
+  (hardened) geometry taken (``snapshot``); the file is written later, from a worker thread (``Handoff.write_all``).
+- A labeled case's segments are rasterised on the GUI thread (``nodes.segment_masks`` reads the segmentation node);
+  the masks are written from the worker too.
+
+``Handoff`` collects the paths (known at once, so the command line can be built) and the writes still to do;
+``PreparedJob`` is a job whose child starts once they are done, on a worker thread, so the click returns at once.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from CPCLSegmentLib import jobs
+from CPCLSegmentLib.errors import CPCLError, InputError
+
+from .nodes import check_volume, matrix_to_array, node_name, volume_array, world_ijk_to_ras
+
+# What the engine reads (SimpleITK) the way Slicer read it; DICOM series and other multi-file formats are written.
+READABLE = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def original_file(node: Any) -> Optional[str]:
+    """The file ``node`` was read from, when the child can read it as the node is now; else None."""
+    storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
+    if storage is None or node.GetParentTransformNode() is not None:
+        return None
+    path = storage.GetFileName()
+    if not path or not str(path).lower().endswith(READABLE) or storage.GetNumberOfFileNames() > 1:
+        return None
+    if (hasattr(storage, "GetCenterImage") and storage.GetCenterImage()) or node.GetModifiedSinceRead():
+        return None
+    return os.path.abspath(path) if os.path.isfile(path) else None
+
+
+@dataclass
+class VolumeSnapshot:
+    """A volume's voxels (a copy, numpy ``(k, j, i)``) and hardened IJK-to-RAS, to be written to ``path``."""
+
+    path: str
+    voxels: np.ndarray
+    ijk_to_ras: np.ndarray
+    name: str
+
+
+def snapshot(node: Any, path: str) -> VolumeSnapshot:
+    """What writing ``node`` to ``path`` needs, read on the GUI thread (the voxels are copied)."""
+    check_volume(node)
+    return VolumeSnapshot(str(path), volume_array(node), matrix_to_array(world_ijk_to_ras(node)), node_name(node))
+
+
+NRRD_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16", "int32": "int32", "uint32": "uint32",
+              "int64": "int64", "uint64": "uint64", "float32": "float", "float64": "double"}
+
+
+def nrrd_header(snap: VolumeSnapshot) -> bytes:
+    """A detached-free, uncompressed NRRD header for the snapshot (LPS space, as Slicer writes volumes). Written here
+    rather than by pynrrd, which stamps the time into every header: the same volume written twice must be the same
+    bytes, so the engine's preprocessing cache (keyed by content) recognises it."""
+    ijk_to_lps = RAS_TO_LPS @ snap.ijk_to_ras
+    vector = lambda v: "(" + ",".join(repr(float(x)) for x in v) + ")"  # noqa: E731
+    sizes = " ".join(str(n) for n in snap.voxels.shape[::-1])
+    lines = ["NRRD0004", f"type: {NRRD_TYPES[snap.voxels.dtype.name]}", "dimension: 3", "space: left-posterior-superior",
+             f"sizes: {sizes}", "space directions: " + " ".join(vector(ijk_to_lps[:3, c]) for c in range(3)),
+             "kinds: domain domain domain", "endian: little", "encoding: raw", f"space origin: {vector(ijk_to_lps[:3, 3])}"]
+    return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+def write_snapshot(snap: VolumeSnapshot) -> str:
+    """Writes a snapshot as an uncompressed ``.nrrd`` from any thread (the voxels go to the file without another
+    copy), atomically: a partial file never has the final name."""
+    if snap.voxels.dtype.name not in NRRD_TYPES:
+        raise InputError(f"volume '{snap.name}' has voxels of type {snap.voxels.dtype}, which CPCLSegment cannot pass on")
+    voxels = np.ascontiguousarray(snap.voxels, dtype=snap.voxels.dtype.newbyteorder("<"))
+    partial = snap.path + ".partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(nrrd_header(snap))
+            f.write(memoryview(voxels).cast("B"))
+        os.replace(partial, snap.path)
+    except OSError as e:
+        raise InputError(f"cannot write volume '{snap.name}' to {snap.path}: {e}") from None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return snap.path
+
+
+@dataclass
+class Handoff:
+    """The files a job's child reads: each volume's path (its original file, or one to write), and the writes still
+    to do (``write_all``, from a worker thread)."""
+
+    folder: str
+    files: Dict[str, str] = field(default_factory=dict)  # volume ID -> path
+    writes: List[Callable[[], Any]] = field(default_factory=list)
+    originals: int = 0
+    _names: set = field(default_factory=set)  # file names handed over: the child names its outputs after them
+
+    def volume(self, node: Any, stem: str) -> str:
+        """The path the child reads ``node`` from: its original file (unless another volume's file has that name),
+        else a snapshot written later."""
+        if node.GetID() not in self.files:
+            check_volume(node)
+            path = original_file(node)
+            if path is not None and os.path.basename(path).lower() not in self._names:
+                self.originals += 1
+            else:
+                snap = snapshot(node, os.path.join(self.folder, f"{stem}.nrrd"))
+                path = snap.path
+                self.writes.append(lambda snap=snap: write_snapshot(snap))
+            self.files[node.GetID()] = path
+            self._names.add(os.path.basename(path).lower())
+        return self.files[node.GetID()]
+
+    def later(self, write: Callable[[], Any]) -> None:
+        self.writes.append(write)
+
+    def write_all(self, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Writes what is still to write, in order (each snapshot is dropped once written, so memory goes down), until
+        ``cancelled()``."""
+        while self.writes and not cancelled():
+            self.writes.pop(0)()
+
+
+class PreparedJob(jobs.Job):
+    """A job whose child starts once ``prepare(cancelled)`` (writing its input files) has run on a worker thread. It is
+    running from ``start()`` on: Cancel ends it before the child starts (the child never runs), Stop reaches the
+    child; a failing ``prepare`` ends the job as failed with that message."""
+
+    def __init__(self, *args: Any, prepare: Optional[Callable[[Callable[[], bool]], Any]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prepare = prepare
+
+    def start(self) -> "PreparedJob":
+        if self.prepare is None:
+            super().start()
+            return self
+        if self.status != "created":
+            raise RuntimeError("job already started")
+        self.status, self.started_at = "running", time.time()
+        threading.Thread(target=self._prepare_then_start, daemon=True, name="cpcl-job-prepare").start()
+        return self
+
+    def _prepare_then_start(self) -> None:
+        prepare, self.prepare = self.prepare, None
+        try:
+            prepare(lambda: self._cancel_requested)
+        except Exception as e:  # noqa: BLE001 - ends the job with the message instead of a lost thread
+            self._end_unstarted("failed", str(e) if isinstance(e, CPCLError) else f"{type(e).__name__}: {e}")
+            return
+        if self._cancel_requested:
+            self._end_unstarted("cancelled", None)
+            return
+        jobs.Job.start(self)  # status stays "running": wait() never starts it a second time
+        if self._cancel_requested:  # cancelled while the child was being started
+            self.cancel(block=False)
+
+    def _end_unstarted(self, status: str, error: Optional[str]) -> None:
+        self.status, self.exit_code, self.error, self.ended_at = status, 1, error, time.time()
+        self._remove_temp()
+        self._queue.put({"event": "finished", "status": status, "exit_code": 1, "error": error})

@@ -1,0 +1,240 @@
+"""GUI-thread time per click in the Slicer module, on slicer-core's scene (no Qt): what one **Train** click and one
+**Segment** click keep the GUI thread busy for, with 1, 5 and 20 volumes of 512 x 512 x 300 int16.
+
+Each click is the panel's own action (``PanelController.train`` / ``.segment``, the code the buttons run, the
+dependency check left out), timed from the call until it returns: what runs after it (files written from a worker
+thread, the child process) is timed separately, as the time until the child process runs. Then the job is cancelled.
+
+- Train: volume 0 is the labeled case (a segmentation with 3 box segments drawn on it); every volume is unlabeled.
+- Segment: every volume is segmented. The model file is a placeholder: the click does not read it (the child
+  would), so the job is cancelled before it matters.
+- Volumes are synthetic; "loaded" volumes were written to ``.nrrd`` files and read back through Slicer's storage
+  node (unchanged since loading: the child is handed the files themselves); "in memory" volumes exist only in the
+  scene (their voxels are copied on the GUI thread and written from a worker).
+- Result import: one 512 x 512 x 300 ``.seg.nrrd`` with 3 segments read into a new segmentation node, the GUI-thread
+  work each finished volume costs (imported as the child reports it, one per poll).
+
+    python bench/gui_thread.py [--small] [--code DIR] [--label NAME]
+
+``--code DIR``: import the module from another checkout's ``CPCLSegment/`` (the code before a change), ``--label``
+names that run in ``bench/results/gui_thread.json`` (runs with other labels are kept) and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+FULL = (300, 512, 512)  # numpy (k, j, i)
+SMALL = (24, 48, 40)
+
+
+def setup_path(code: str) -> None:
+    sys.path.insert(0, str(Path(code).resolve()))
+    sys.path.insert(0, str(ROOT / "Testing"))
+
+
+def new_volume(scene: Any, name: str, shape: Any, seed: int) -> Any:
+    import vtk
+    from vtk.util import numpy_support
+
+    rng = np.random.default_rng(seed)
+    voxels = np.full(shape, -1000, dtype=np.int16)
+    k, j, i = shape
+    voxels[k // 8:7 * k // 8, j // 6:5 * j // 6, i // 6:5 * i // 6] = rng.integers(-100, 200, dtype=np.int16)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(i, j, k)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels.ravel(), deep=True, array_type=vtk.VTK_SHORT))
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(0.8, 0.8, 1.5)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def loaded_volume(scene: Any, name: str, shape: Any, seed: int, folder: str) -> Any:
+    """A volume written to a file and read back through a storage node of its own, as File > Add data does."""
+    import slicer
+
+    made = new_volume(scene, f"{name} (to file)", shape, seed)
+    path = os.path.join(folder, f"{name}.nrrd")
+    writer = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    writer.SetFileName(path)
+    writer.UseCompressionOff()
+    assert writer.WriteData(made)
+    scene.RemoveNode(made)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(path)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    assert storage.ReadData(node)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def box_segmentation(scene: Any, volume: Any, shape: Any) -> Any:
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    from CPCLSegmentModuleLib.nodes import ensure_converter_rules
+
+    labels = np.zeros(shape, dtype=np.uint8)
+    k, j, i = shape
+    for s in range(3):
+        lo = s * k // 10
+        labels[k // 6 + lo:k // 2 + lo, j // 4 + lo:3 * j // 4, i // 4 + lo:3 * i // 4] = s + 1
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    image = vtk.vtkImageData()
+    image.SetDimensions(i, j, k)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(labels.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
+    labelmap.SetAndObserveImageData(image)
+    labelmap.SetSpacing(*volume.GetSpacing())
+    ensure_converter_rules()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    scene.RemoveNode(labelmap)
+    return segmentation
+
+
+def settle(c: Any, kind: str, job: Any, timeout: float = 600.0) -> float:
+    """Seconds from now until the job's child process runs (or the job ended); then cancels it and waits for the end."""
+    t0 = time.perf_counter()
+    while job.proc is None and not job.finished and time.perf_counter() - t0 < timeout:
+        c.poll()
+        time.sleep(0.02)
+    until_child = time.perf_counter() - t0
+    job.cancel(block=True)
+    while c.busy(kind) or c._discarded:
+        c.poll()
+        time.sleep(0.05)
+    return until_child
+
+
+def clicks(n: int, shape: Any, loaded: bool, folder: str) -> Dict[str, Any]:
+    import slicer
+
+    from CPCLSegmentModuleLib import panel
+    from CPCLSegmentModuleLib.logic import LogicCore
+    from slicer_scene import new_scene
+
+    scene = new_scene()
+    volumes = [loaded_volume(scene, f"CT {v}", shape, v, folder) if loaded else new_volume(scene, f"CT {v}", shape, v)
+               for v in range(n)]
+    segmentation = box_segmentation(scene, volumes[0], shape)
+    work = os.path.join(folder, "work")
+    c = panel.PanelController(LogicCore(scene, work_root=work))
+    c.set_unlabeled(volumes)
+    c.set_setting("device", "cpu")
+    assert [case.volume for case in c.cases()] == [volumes[0]] and len(c.checked_segments()) == 3
+    t0 = time.perf_counter()
+    job = c.train()
+    train_s = time.perf_counter() - t0
+    train_child_s = settle(c, "train", job)
+    model = os.path.join(folder, "placeholder-model.pt")
+    Path(model).write_bytes(b"placeholder")
+    c.model = lambda: model  # the click reads no model: the child would
+    from CPCLSegmentModuleLib import logic as logic_module
+
+    nested = logic_module.model_nested  # the code before this change took a model node only here (a path raised)
+    logic_module.model_nested = lambda m: {} if isinstance(m, str) else nested(m)
+    c.set_segment_volumes(volumes)
+    t0 = time.perf_counter()
+    job = c.segment()
+    segment_s = time.perf_counter() - t0
+    segment_child_s = settle(c, "segment", job)
+    c.close()
+    del c, volumes, segmentation
+    scene.Clear(1)
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    return {"train_click_s": round(train_s, 3), "train_until_child_s": round(train_child_s, 3),
+            "segment_click_s": round(segment_s, 3), "segment_until_child_s": round(segment_child_s, 3)}
+
+
+def result_import(shape: Any, folder: str) -> float:
+    """GUI-thread seconds to turn one finished volume's ``.seg.nrrd`` into a segmentation node."""
+    from CPCLSegmentModuleLib.export import export_segmentation
+    from CPCLSegmentModuleLib.nodes import segment_names
+    from CPCLSegmentModuleLib.results import import_segmentation
+    from slicer_scene import new_scene
+
+    scene = new_scene()
+    volume = new_volume(scene, "CT", shape, 0)
+    segmentation = box_segmentation(scene, volume, shape)
+    path = os.path.join(folder, "result.seg.nrrd")
+    export_segmentation(volume, segmentation, segment_names(segmentation), path, later_wins=True)
+    t0 = time.perf_counter()
+    import_segmentation(scene, path, volume)
+    return round(time.perf_counter() - t0, 3)
+
+
+def markdown(runs: Dict[str, Any]) -> str:
+    lines = ["# GUI-thread time per click", "",
+             "`python bench/gui_thread.py` on slicer-core (no Qt). Each row: one Train click (volume 0 labeled with 3 "
+             "segments, every volume unlabeled) and one Segment click (every volume), timed until the panel's action "
+             "returns; 'until the child runs' is the time after that (files written from a worker thread, then the "
+             "process start). Volumes are 512 x 512 x 300 int16 unless the run says otherwise.", ""]
+    for label, run in runs.items():
+        lines += [f"## {label}", "", f"{run['machine']}; load average {run['load'][0]:.1f} at the start, "
+                  f"{run['load'][1]:.1f} at the end; volume shape (k, j, i) {run['shape']}.", "",
+                  "| volumes | where they come from | Train click (s) | until the child runs (s) | Segment click (s) | "
+                  "until the child runs (s) |", "|---|---|---|---|---|---|"]
+        for row in run["rows"]:
+            lines.append(f"| {row['volumes']} | {row['source']} | {row['train_click_s']} | {row['train_until_child_s']} | "
+                         f"{row['segment_click_s']} | {row['segment_until_child_s']} |")
+        lines += ["", f"Importing one finished volume's result (3 segments) into a new segmentation node: "
+                  f"{run['import_one_result_s']} s on the GUI thread.", ""]
+    lines.append("Raw numbers: [gui_thread.json](gui_thread.json).")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny volumes, 1 and 2 of them (a smoke test)")
+    parser.add_argument("--code", default=str(ROOT / "CPCLSegment"), help="the CPCLSegment/ folder to import")
+    parser.add_argument("--label", default="after", help="the run's name in the results")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    args = parser.parse_args()
+    setup_path(args.code)
+    shape = SMALL if args.small else FULL
+    plan = [(1, True), (2, True), (1, False)] if args.small else [(1, True), (5, True), (20, True), (1, False), (5, False)]
+    load0 = os.getloadavg()[0]
+    rows: List[Dict[str, Any]] = []
+    folder = tempfile.mkdtemp(prefix="cpcl-gui-bench-")
+    try:
+        for n, loaded in plan:
+            row = {"volumes": n, "source": "loaded from files" if loaded else "in memory"}
+            row.update(clicks(n, shape, loaded, folder))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        imported = result_import(shape, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    run = {"shape": list(shape), "rows": rows, "import_one_result_s": imported, "code": str(args.code),
+           "machine": f"{platform.machine()} {platform.system()} ({os.cpu_count()} CPUs, shared)",
+           "load": [load0, os.getloadavg()[0]], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("gui_thread_small.json" if args.small else "gui_thread.json")
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    runs[args.label] = run
+    path.write_text(json.dumps(runs, indent=1, allow_nan=False) + "\n")
+    path.with_suffix(".md").write_text(markdown(runs))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
