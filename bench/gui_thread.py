@@ -197,6 +197,13 @@ def markdown(runs: Dict[str, Any]) -> str:
                          f"{row['segment_click_s']} | {row['segment_until_child_s']} |")
         lines += ["", f"Importing one finished volume's result (3 segments) into a new segmentation node: "
                   f"{run['import_one_result_s']} s on the GUI thread.", ""]
+    if "before" in runs:
+        lines += ['Reading the numbers: "before" is the code before volumes were handed over as their files and written from a '
+                  "worker thread (this script with `--code` pointing at that checkout), run right after \"after\" on the same "
+                  "machine. Both ran on a shared 2-core machine at load average 5-13 (the first \"after\" rows beside a test "
+                  "run), so the Train click, which is almost all Slicer's rasterisation of the labeled case's 3 segments on "
+                  "the GUI thread, moves with the load more than with the code. The Segment click shows the change: it no "
+                  "longer writes the volumes.", ""]
     lines.append("Raw numbers: [gui_thread.json](gui_thread.json).")
     return "\n".join(lines) + "\n"
 
@@ -223,7 +230,7 @@ def main() -> None:
         imported = result_import(shape, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    run = {"shape": list(shape), "rows": rows, "import_one_result_s": imported, "code": str(args.code),
+    run = {"shape": list(shape), "rows": rows, "import_one_result_s": imported, "code": "this checkout" if Path(args.code).resolve() == (ROOT / "CPCLSegment").resolve() else "another checkout (--code)",
            "machine": f"{platform.machine()} {platform.system()} ({os.cpu_count()} CPUs, shared)",
            "load": [load0, os.getloadavg()[0]], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
