@@ -146,7 +146,7 @@ class ExportedInputs:
 
 
 def export_inputs(labeled: Sequence[Any], segments: Sequence[str], unlabeled: Sequence[Any], partial_segments: bool,
-                  hold_out_last: bool, later_wins: bool, export_dir: str) -> Tuple[CheckResult, ExportedInputs]:
+                  hold_out_last: bool, later_wins: bool, export_dir: str, write: bool = True) -> Tuple[CheckResult, ExportedInputs]:
     """Checks the inputs (``inputcheck.check_inputs``) and, in the same pass (each case's segments rasterised
     once, on the calling thread: it reads the nodes), decides the engine's input files in ``export_dir``: each volume's
     original file or a snapshot, each case's segments as a one-layer .seg.nrrd (a later segment wins overlaps). The
@@ -168,4 +168,6 @@ def export_inputs(labeled: Sequence[Any], segments: Sequence[str], unlabeled: Se
         files.volume(volume, f"unlabeled-{index:03d}")
 
     check = check_inputs(labeled, segments, unlabeled, partial_segments, hold_out_last, later_wins, on_case, on_unlabeled)
+    if write and check.ok:  # else the caller has ``files.handoff.write_all()`` run later (from a worker thread)
+        files.handoff.write_all()
     return check, files

@@ -131,6 +131,8 @@ class Handoff:
     def write_all(self, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Writes what is still to write, in order (each snapshot is dropped once written, so memory goes down), until
         ``cancelled()``."""
+        if self.writes:
+            os.makedirs(self.folder, exist_ok=True)
         while self.writes and not cancelled():
             self.writes.pop(0)()
 

@@ -31,7 +31,7 @@ def write_training_run(run_dir: str, cases: Sequence[LabeledCase], unlabeled: Se
     os.makedirs(inputs, exist_ok=True)
     try:
         check, files = export_inputs(cases, segments, unlabeled, bool(module["partial_segments"]), bool(module["hold_out_last"]),
-                                     bool(module["later_wins"]), inputs)
+                                     bool(module["later_wins"]), inputs, write=False)
         if not check.ok:
             raise CheckFailed(check)
         out = os.path.abspath(out) if out else os.path.join(run_dir, "model.pt")
