@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _rec(experiment, seed, test, val, curve, minutes=5, recipe="supervised_small"):
-    return {"key": f"{experiment}{seed}", "experiment": experiment, "dataset": "hippocampus", "budget": 4, "minutes": minutes,
+    return {"key": f"{experiment}|{recipe}@{minutes}|s{seed}", "experiment": experiment, "dataset": "hippocampus", "budget": 4, "minutes": minutes,
             "variant": recipe, "seed": seed, "config": {"iterations": 2400}, "validation_curve": curve,
             "test_last": {"mean_dice": test}, "validation_last": {"mean_dice": val}}
 

@@ -165,9 +165,10 @@ def jobs_for(data: A.Data, pace: Dict[str, Any], recipes: Sequence[str], budgets
     return jobs
 
 
-def summarize(records: Sequence[Dict[str, Any]]) -> Dict[tuple, Dict[str, Any]]:
-    """(dataset, labeled, minutes, recipe) -> per-seed test / validation Dice."""
-    latest = {r["key"]: r for r in records if r.get("experiment") == "equal_time"}
+def summarize(records: Sequence[Dict[str, Any]], experiment: str = "equal_time") -> Dict[tuple, Dict[str, Any]]:
+    """(dataset, labeled, minutes, recipe) -> per-seed test / validation Dice and validation curves of
+    ``experiment``'s records."""
+    latest = {r["key"]: r for r in records if r.get("experiment") == experiment}
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in latest.values():
         groups.setdefault((r["dataset"], r["budget"], r["minutes"], r["variant"]), []).append(r)
@@ -175,7 +176,8 @@ def summarize(records: Sequence[Dict[str, Any]]) -> Dict[tuple, Dict[str, Any]]:
     for k, rs in groups.items():
         rs.sort(key=lambda r: r["seed"])
         out[k] = {"seeds": [r["seed"] for r in rs], "iterations": rs[0]["config"]["iterations"],
-                  "test": [r["test_last"]["mean_dice"] for r in rs], "val": [r["validation_last"]["mean_dice"] for r in rs]}
+                  "test": [r["test_last"]["mean_dice"] for r in rs], "val": [r["validation_last"]["mean_dice"] for r in rs],
+                  "curves": [r.get("validation_curve") or [] for r in rs]}
     return out
 
 

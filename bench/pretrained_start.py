@@ -99,42 +99,28 @@ def jobs(data: A.Data, source: str, trunk_iterations: int, recipes, minutes, see
     return out
 
 
-def _by_cell(records, experiment: str) -> Dict[tuple, Dict[int, Dict[str, Any]]]:
-    cells: Dict[tuple, Dict[int, Dict[str, Any]]] = {}
-    for r in records:
-        if r.get("experiment") == experiment:
-            cells.setdefault((r["dataset"], r["budget"], r["variant"], r.get("minutes")), {})[r["seed"]] = r
-    return cells
-
-
-def _deltas(mine: Dict[int, Dict[str, Any]], ref: Dict[int, Dict[str, Any]], which: str) -> str:
-    return ", ".join(f"{(mine[s][which]['mean_dice'] - ref[s][which]['mean_dice']) * 100:+.1f}" for s in sorted(mine) if s in ref) or "–"
-
-
 def tables(pre: Sequence[Dict[str, Any]], scratch: Sequence[Dict[str, Any]]) -> str:
     """Pretrained start vs from scratch (the equal-time study's runs of the same recipe, minutes and seeds): test
     and validation Dice of the last weights, per-seed deltas, and the validation Dice along the run (Dice against
     minutes: validation every fifth of the iterations, mean over the seeds both have)."""
-    mine, ref = _by_cell(pre, "pretrained_start"), _by_cell(scratch, "equal_time")
+    mine, ref = E.summarize(pre, "pretrained_start"), E.summarize(scratch)
     rows = ["| target | labeled | recipe | minutes | seeds | test, scratch | test, pretrained start | Δ test per seed | "
             "Δ validation per seed |", "|---|---|---|---|---|---|---|---|---|"]
     curves = ["| target | recipe | minutes of the budget | validation, scratch | validation, pretrained start |", "|---|---|---|---|---|"]
-    for cell, by_seed in sorted(mine.items(), key=str):
-        base = ref.get(cell, {})
-        seeds = sorted(by_seed)
-        rows.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | {cell[3]:g} | {', '.join(map(str, seeds))} | "
-                    f"{E._cell([base[s]['test_last']['mean_dice'] for s in seeds if s in base])} | "
-                    f"{E._cell([by_seed[s]['test_last']['mean_dice'] for s in seeds])} | {_deltas(by_seed, base, 'test_last')} | "
-                    f"{_deltas(by_seed, base, 'validation_last')} |")
-        both = [s for s in seeds if s in base]
+    for cell, a in sorted(mine.items(), key=str):
+        base = ref.get(cell)
+        both = [s for s in a["seeds"] if base and s in base["seeds"]]
+        rows.append(f"| {cell[0]} | {cell[1]} | {cell[3]} | {cell[2]:g} | {', '.join(map(str, a['seeds']))} | "
+                    f"{E._cell([t for s, t in zip(base['seeds'], base['test']) if s in both] if base else [])} | "
+                    f"{E._cell(a['test'])} | {E._deltas(a, base, 'test')} | {E._deltas(a, base, 'val')} |")
         if not both:
             continue
-        points = [p[0] for p in by_seed[both[0]]["validation_curve"]]
-        iters = by_seed[both[0]]["config"]["iterations"]
-        for k, it in enumerate(points):
-            a = [base[s]["validation_curve"][k][1] for s in both if len(base[s]["validation_curve"]) > k]
-            b = [by_seed[s]["validation_curve"][k][1] for s in both if len(by_seed[s]["validation_curve"]) > k]
-            curves.append(f"| {cell[0]} | {cell[2]} | {cell[3] * it / iters:.1f} | {E._cell(a)} | {E._cell(b)} |")
+        own = dict(zip(a["seeds"], a["curves"]))
+        other = dict(zip(base["seeds"], base["curves"]))
+        for k, (it, _) in enumerate(own[both[0]]):
+            x = [other[s][k][1] for s in both if len(other[s]) > k]
+            y = [own[s][k][1] for s in both if len(own[s]) > k]
+            curves.append(f"| {cell[0]} | {cell[3]} | {cell[2] * it / a['iterations']:.1f} | {E._cell(x)} | {E._cell(y)} |")
     return ("# Pretrained start vs from scratch at equal minutes\n\n" + "\n".join(rows)
             + "\n\n## Validation Dice along the runs (mean over seeds)\n\n" + "\n".join(curves) + "\n")
 
