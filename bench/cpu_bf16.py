@@ -11,6 +11,7 @@ recorded (the machine is shared: CPU time is the steadier figure).
 Usage::
 
     python bench/cpu_bf16.py --threads 2 --repeats 3 --steps 3     # results/cpu_bf16.json
+    python bench/cpu_bf16.py --width 8 --patch 32 48 32 --out results/cpu_bf16_quiet_w8.json   # the CPU plan
     python bench/cpu_bf16.py --smoke                                # CI: tiny sizes
 """
 
@@ -38,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per precision and repeat")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--quiet", action="store_true", help="accepted for the smoke tests (the per-repeat lines are short)")
+    p.add_argument("--width", type=int, default=16, help="network width (the CPU plan trains 8)")
+    p.add_argument("--patch", type=int, nargs=3, help="patch (D H W); default: the planner's CPU patch rounded up")
     p.add_argument("--out", default=str(RESULTS_DIR / "cpu_bf16.json"))
     args = p.parse_args(argv)
     threads = set_threads(args.threads)
@@ -45,7 +48,8 @@ def main(argv=None) -> int:
         patch, width, K = (16, 32, 32), 4, 3
         args.repeats, args.steps = 1, 1
     else:
-        patch, width, K = plan_patch_size(HIPPOCAMPUS_MEDIAN_SHAPE, (1.0, 1.0, 1.0), 4, "cpu", 16, 3)[0], 16, 3
+        patch = tuple(args.patch) if args.patch else plan_patch_size(HIPPOCAMPUS_MEDIAN_SHAPE, (1.0, 1.0, 1.0), 4, "cpu", 16, 3)[0]
+        width, K = args.width, 3
     runners = {"fp32": StepRunner(config("cpcl", patch, width, copy_paste=True, cpu_bf16="off"), K)}
     runners["bf16"] = StepRunner(config("cpcl", patch, width, copy_paste=True, cpu_bf16="on"), K,
                                  init_state=runners["fp32"].student.state_dict())
