@@ -288,6 +288,34 @@ def test_the_same_data_exported_again_under_another_name_is_reused_and_unchanged
 # --------------------------------------------------------------------------------- cpcl-segment cache
 
 
+def test_a_nrrd_written_again_at_another_time_has_the_same_identity_and_other_voxels_another(tmp_path):
+    """NRRD writers stamp the header's comment lines with the time (pynrrd, hence every ``.seg.nrrd`` slicerio
+    writes): the same voxels and fields written a second later are the same input; a changed voxel or field is not."""
+    import nrrd
+
+    from CPCLSegmentLib.prepcache import content_digest
+
+    data = np.arange(60, dtype=np.uint8).reshape(3, 4, 5)
+    paths = [str(tmp_path / f"{n}.nrrd") for n in "abcd"]
+    for p in paths[:2]:
+        nrrd.write(p, data, {"space": "left-posterior-superior"})
+    with open(paths[1], "rb") as f:
+        text = f.read()
+    stamped = text.replace(b"\n# on ", b"\n# on 1999-01-01 00:00:00 and not ", 1)
+    assert stamped != text  # pynrrd's time stamp is a comment line
+    with open(paths[1], "wb") as f:
+        f.write(stamped)
+    nrrd.write(paths[2], data + 1, {"space": "left-posterior-superior"})
+    nrrd.write(paths[3], data, {"space": "right-anterior-superior"})
+    digests = [content_digest(p) for p in paths]
+    assert digests[0] == digests[1] and len(set(digests)) == 3
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"# not a nrrd\n\nbytes")
+    import hashlib
+
+    assert content_digest(str(plain)) == hashlib.sha256(plain.read_bytes()).hexdigest()
+
+
 def test_the_cache_command_lists_and_clears(tmp_path, capsys):
     from CPCLSegmentLib.cli import main
 

@@ -2,7 +2,7 @@
 
 A preprocessed case is named by its inputs' **content**, never by their file names: two files
 ``a/img.nii.gz`` and ``b/img.nii.gz`` are two cases unless they hold the same bytes. An input's identity is
-the SHA-256 of its bytes (a DICOM folder: of its files' names and bytes), memoised per file by its absolute,
+the SHA-256 of its bytes (NRRD header comments left out; a DICOM folder: of its files' names and bytes), memoised per file by its absolute,
 link-resolved path, size and modification time in nanoseconds (``file_identity``): an unchanged file is never
 read again to be identified, a rewritten one is hashed anew, and the same data exported again under a new
 name (the Slicer module exports its nodes for every run) is recognised. A key over path, size and mtime alone
@@ -58,8 +58,22 @@ def file_identity(path: str) -> List[Any]:
     return [path, "folder", hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()]
 
 
+def _nrrd_header_end(fh) -> Optional[int]:
+    """The offset just past an attached NRRD header (its first blank line), or None when ``fh`` is not a NRRD
+    file or its header is not within the first megabyte."""
+    head = fh.read(1 << 20)
+    fh.seek(0)
+    if not head.startswith(b"NRRD"):
+        return None
+    end = head.find(b"\n\n")
+    return None if end < 0 else end + 2
+
+
 def content_digest(path: str) -> str:
-    """SHA-256 of a file's bytes; of a folder (a DICOM series): of the names and bytes of the files directly in it."""
+    """SHA-256 of a file's bytes; of a folder (a DICOM series): of the names and bytes of the files directly in it.
+
+    The comment lines (``#``) of a NRRD header are left out: writers stamp them with the time of writing (pynrrd,
+    hence slicerio's ``.seg.nrrd``), so the same segmentation exported twice would otherwise be two inputs."""
     digest = hashlib.sha256()
     if os.path.isdir(path):
         names = sorted(e.name for e in os.scandir(path) if e.is_file())
@@ -70,6 +84,10 @@ def content_digest(path: str) -> str:
         files = [path]
     for f in files:
         with open(f, "rb") as fh:
+            end = _nrrd_header_end(fh)
+            if end is not None:
+                header = fh.read(end).split(b"\n")
+                digest.update(b"\n".join(line for line in header if not line.startswith(b"#")))
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
@@ -271,7 +289,7 @@ class PreprocessCache:
         """The content identity of an input (``content_digest``), memoised in ``identities/`` by the file's path,
         size and mtime: an unchanged file is not read again."""
         ident = file_identity(path)
-        memo = os.path.join(self.root, _IDENTITIES, case_key({"file": ident}) + ".json")
+        memo = os.path.join(self.root, _IDENTITIES, case_key({"file": ident, "digest": "nrrd comments skipped"}) + ".json")
         with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
             with open(memo, encoding="utf-8") as f:
                 known = _strict_json(f.read())
