@@ -33,19 +33,25 @@ def new_scene(cache_dir=None):
     return scene
 
 
-def load_volume(scene, path, name="CTChest"):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+def _storage(scene, class_name, path, as_slicer_loads):
+    """A storage node for ``path``: in the scene, as File > Add data makes it (then the node knows its file and whether
+    it changed since: ``GetModifiedSinceRead``), or outside it (the node keeps no storage node)."""
+    storage = scene.AddNewNodeByClass(class_name) if as_slicer_loads else getattr(slicer, class_name)()
     storage.SetFileName(str(path))
+    return storage
+
+
+def load_volume(scene, path, name="CTChest", as_slicer_loads=False):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = _storage(scene, "vtkMRMLVolumeArchetypeStorageNode", path, as_slicer_loads)
     assert storage.ReadData(node)
     node.CreateDefaultDisplayNodes()
     return node
 
 
-def load_segmentation(scene, path, name="Segmentation", volume=None):
+def load_segmentation(scene, path, name="Segmentation", volume=None, as_slicer_loads=False):
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
+    storage = _storage(scene, "vtkMRMLSegmentationStorageNode", path, as_slicer_loads)
     assert storage.ReadData(node)
     node.CreateDefaultDisplayNodes()
     if volume is not None:

@@ -20,11 +20,11 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``scene``: the user's cases and volumes in the scene and the module's own outputs (``LabeledCase``,
   ``as_cases``, ``is_module_output``, ``new_output_node``, ``output_for``, ``segmented_volume_pairs``,
   ``volumes_without_segmentation``). imports: attributes, nodes.
-- ``handoff``: volumes handed to the child: the original file of a volume unchanged since it was read, else a
-  snapshot written from a worker thread; a job that starts once its files are written (``original_file``,
-  ``snapshot``, ``write_snapshot``, ``Handoff``, ``PreparedJob``). imports: nodes.
+- ``handoff``: volumes and segmentations handed to the child: the original file of a node unchanged since it was
+  read, else a snapshot written from a worker thread; a job that starts once its files are written (``original_file``,
+  ``original_segmentation``, ``snapshot``, ``write_snapshot``, ``Handoff``, ``PreparedJob``). imports: nodes.
 - ``inputcheck``: the input check before training, pure: writes nothing (``check_inputs``, ``CheckResult``,
-  ``CheckFailed``). imports: nodes, scene.
+  ``CheckFailed``). imports: handoff, nodes, scene.
 - ``export``: scene -> files: volumes, segments, a run's inputs checked in one pass and handed over (originals or
   files written later) (``export_volume``, ``write_segments``, ``export_segmentation``, ``export_inputs``,
   ``ExportedInputs``). imports: handoff, inputcheck, nodes, scene.

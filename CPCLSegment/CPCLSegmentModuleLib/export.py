@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -153,11 +153,14 @@ def export_inputs(labeled: Sequence[Any], segments: Sequence[str], unlabeled: Se
     files are written by ``files.handoff.write_all()`` (from a worker thread); nothing is planned after an error."""
     files = ExportedInputs(Handoff(export_dir))
 
-    def on_case(index: int, case: LabeledCase, masks: Dict[str, np.ndarray], records: List[Dict[str, Any]]) -> None:
+    def on_case(index: int, case: LabeledCase, masks: Optional[Dict[str, np.ndarray]], records: List[Dict[str, Any]],
+                source: Optional[str]) -> None:
         image = files.volume(case.volume, f"labeled-{index:03d}")
         seg_path = os.path.join(export_dir, f"labeled-{index:03d}.seg.nrrd")
         ijk_to_ras = matrix_to_array(world_ijk_to_ras(case.volume))
-        if masks:
+        if source is not None:  # unchanged since read from this .seg.nrrd: the child reads it
+            seg_path = source
+        elif masks:
             files.handoff.later(lambda: write_segments(seg_path, masks, records, ijk_to_ras, later_wins=True))
         else:
             shape = tuple(case.volume.GetImageData().GetDimensions()[::-1])
@@ -167,7 +170,8 @@ def export_inputs(labeled: Sequence[Any], segments: Sequence[str], unlabeled: Se
     def on_unlabeled(index: int, volume: Any) -> None:
         files.volume(volume, f"unlabeled-{index:03d}")
 
-    check = check_inputs(labeled, segments, unlabeled, partial_segments, hold_out_last, later_wins, on_case, on_unlabeled)
+    check = check_inputs(labeled, segments, unlabeled, partial_segments, hold_out_last, later_wins, on_case, on_unlabeled,
+                         hand_over=True)
     if write and check.ok:  # else the caller has ``files.handoff.write_all()`` run later (from a worker thread)
         files.handoff.write_all()
     return check, files

@@ -5,8 +5,12 @@
   centred on load) is handed over as that file: nothing is copied or written (``original_file``).
 - Any other volume is read on the GUI thread only as far as a node must be read: its voxels are copied and its
   (hardened) geometry taken (``snapshot``); the file is written later, from a worker thread (``Handoff.write_all``).
-- A labeled case's segments are rasterised on the GUI thread (``nodes.segment_masks`` reads the segmentation node);
-  the masks are written from the worker too.
+- A labeled case's segmentation **unchanged since it was read from (or saved to) a** ``.seg.nrrd``
+  (``vtkMRMLStorableNode::GetModifiedSinceRead`` is false: no segment added, removed, renamed, recoloured or painted
+  since; no parent transform; the selected segments in one labelmap layer, so none overlap) is handed over as that
+  file: the child reads it and resamples it onto the volume's grid (``original_segmentation``). Any other
+  segmentation is rasterised on the GUI thread (``nodes.segment_masks`` reads the node) and the masks are written
+  from the worker too.
 
 ``Handoff`` collects the paths (known at once, so the command line can be built) and the writes still to do;
 ``PreparedJob`` is a job whose child starts once they are done, on a worker thread, so the click returns at once.
@@ -18,14 +22,15 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+import slicer
 from CPCLSegmentLib import jobs
 from CPCLSegmentLib.errors import CPCLError, InputError
 
-from .nodes import check_volume, matrix_to_array, node_name, volume_array, world_ijk_to_ras
+from .nodes import check_volume, find_segment_id, matrix_to_array, node_name, volume_array, world_ijk_to_ras
 
 # What the engine reads (SimpleITK) the way Slicer read it; DICOM series and other multi-file formats are written.
 READABLE = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -41,6 +46,27 @@ def original_file(node: Any) -> Optional[str]:
     if not path or not str(path).lower().endswith(READABLE) or storage.GetNumberOfFileNames() > 1:
         return None
     if (hasattr(storage, "GetCenterImage") and storage.GetCenterImage()) or node.GetModifiedSinceRead():
+        return None
+    return os.path.abspath(path) if os.path.isfile(path) else None
+
+
+def original_segmentation(node: Any, names: Sequence[str]) -> Optional[str]:
+    """The ``.seg.nrrd`` ``node`` was read from or last saved to, when the child reads the same segments ``names``
+    from it as the node holds them; else None (the node is rasterised instead). Slicer marks a segmentation modified
+    since read (``GetModifiedSinceRead``) when a segment is added, removed, renamed, recoloured or painted; a parent
+    transform does not mark it, so it is checked here. The named segments must share one labelmap layer: segments in
+    separate layers may overlap, and overlaps are settled (or refused) by the check on the GUI thread."""
+    storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
+    if storage is None or node.GetParentTransformNode() is not None or node.GetModifiedSinceRead():
+        return None
+    path = storage.GetFileName()
+    if not path or not str(path).lower().endswith(".seg.nrrd") or storage.GetNumberOfFileNames() > 1:
+        return None
+    segmentation = node.GetSegmentation()
+    if segmentation.GetSourceRepresentationName() != slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName():
+        return None
+    ids = [sid for sid in (find_segment_id(node, name) for name in names) if sid is not None]
+    if len({segmentation.GetLayerIndex(sid) for sid in ids}) > 1:
         return None
     return os.path.abspath(path) if os.path.isfile(path) else None
 

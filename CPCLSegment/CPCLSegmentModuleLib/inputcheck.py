@@ -2,7 +2,10 @@
 
 Segment names across cases, empty and overlapping segments, geometry. Each case's selected segments are
 rasterised **once** (``nodes.segment_masks``); ``check_inputs(..., on_case=...)`` hands those masks to the caller
-(``export.export_inputs`` writes the engine's input files from them in the same pass). Overlapping segments are
+(``export.export_inputs`` writes the engine's input files from them in the same pass). With ``hand_over=True`` (the
+Train click) a segmentation unchanged since it was read from a ``.seg.nrrd`` (``handoff.original_segmentation``) is
+not rasterised: the check takes its segment names from the node, and the child counts its voxels on the volume's
+grid (a segment empty in a case is a warning there, empty in every case an error). Overlapping segments are
 an error, unless ``later_wins``: then a later segment in the list wins where they overlap (organ, then lesion),
 and ``CheckResult.nested`` records which segment was nested in which."""
 
@@ -16,6 +19,7 @@ import numpy as np
 import slicer
 from CPCLSegmentLib.errors import InputError
 
+from .handoff import original_segmentation
 from .nodes import check_volume, find_segment_id, node_name, segment_masks, segment_names, segment_record
 from .scene import LabeledCase, as_cases
 
@@ -35,7 +39,8 @@ class CheckResult:
     errors: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     infos: List[str] = field(default_factory=list)
-    counts: Dict[str, Dict[str, int]] = field(default_factory=dict)  # case -> segment -> voxels
+    counts: Dict[str, Dict[str, Optional[int]]] = field(default_factory=dict)  # case -> segment -> voxels (None: in a file)
+    files: Dict[int, str] = field(default_factory=dict)  # case index -> its original .seg.nrrd, handed to the child
     segments: List[str] = field(default_factory=list)  # the names checked, in order (a later one wins overlaps)
     records: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> id, colour, terminology (first case)
     overlap: Dict[Tuple[str, str], int] = field(default_factory=dict)  # (earlier, later) -> voxels in both
@@ -54,7 +59,7 @@ class CheckResult:
         total: Dict[str, int] = {}
         for counts in self.counts.values():
             for name, n in counts.items():
-                total[name] = total.get(name, 0) + n
+                total[name] = total.get(name, 0) + (n or 0)
         out: Dict[str, List[str]] = {}
         for (a, b), n in self.overlap.items():
             if total.get(b) and n >= 0.5 * total[b]:
@@ -73,16 +78,20 @@ class CheckResult:
         return out
 
 
-# ``on_case(index, case, masks, records)``: a case's masks (``(k, j, i)``, by name) and segment records
-OnCase = Callable[[int, LabeledCase, Dict[str, np.ndarray], List[Dict[str, Any]]], None]
+# ``on_case(index, case, masks, records, source)``: a case's masks (``(k, j, i)``, by name) and segment records, or
+# masks None and ``source`` the .seg.nrrd the case's segmentation is handed over as (``CheckResult.files[index]``)
+OnCase = Callable[[int, LabeledCase, Optional[Dict[str, np.ndarray]], List[Dict[str, Any]], Optional[str]], None]
 
 
 def check_inputs(labeled: Sequence[Any], segments: Optional[Sequence[str]] = None, unlabeled: Sequence[Any] = (),
                  partial_segments: bool = False, hold_out_last: bool = False, later_wins: bool = False,
-                 on_case: Optional[OnCase] = None, on_unlabeled: Optional[Callable[[int, Any], None]] = None) -> CheckResult:
+                 on_case: Optional[OnCase] = None, on_unlabeled: Optional[Callable[[int, Any], None]] = None,
+                 hand_over: bool = False) -> CheckResult:
     """What the panel shows before training: segment names across cases, empty and overlapping segments,
-    geometry. Each case's segments are rasterised once. Writes nothing: while no error was found, ``on_case``
-    gets each case's masks and ``on_unlabeled(index, volume)`` each unlabeled volume (``export.export_inputs``)."""
+    geometry. Each case's segments are rasterised once (not at all when ``hand_over`` and the segmentation is
+    unchanged since it was read from a ``.seg.nrrd``: ``CheckResult.files``). Writes nothing: while no error was
+    found, ``on_case`` gets each case's masks and ``on_unlabeled(index, volume)`` each unlabeled volume
+    (``export.export_inputs``)."""
     res = CheckResult()
     cases = as_cases(labeled)
     if not cases:
@@ -100,9 +109,10 @@ def check_inputs(labeled: Sequence[Any], segments: Optional[Sequence[str]] = Non
         res.errors.append("select at least one segment to learn")
     seen_pairs: set = set()
     for n, case in enumerate(cases, start=1):
-        masks = _check_case(res, n, case, names, seen_pairs, partial_segments, later_wins)
-        if masks is not None and on_case is not None and not res.errors:
-            on_case(n - 1, case, masks, [res.records[nm] for nm in names if nm in masks])
+        masks = _check_case(res, n, case, names, seen_pairs, partial_segments, later_wins, hand_over)
+        if (masks is not None or n - 1 in res.files) and on_case is not None and not res.errors:
+            found = masks if masks is not None else res.counts[_case_label(n, case)]
+            on_case(n - 1, case, masks, [res.records[nm] for nm in names if nm in found], res.files.get(n - 1))
         del masks
     _check_segments_overall(res, cases, names, later_wins)
     _check_unlabeled(res, cases, unlabeled, on_unlabeled)
@@ -110,9 +120,10 @@ def check_inputs(labeled: Sequence[Any], segments: Optional[Sequence[str]] = Non
 
 
 def _check_case(res: CheckResult, n: int, case: LabeledCase, names: Sequence[str], seen_pairs: set, partial_segments: bool,
-                later_wins: bool) -> Optional[Dict[str, np.ndarray]]:
-    """Checks the ``n``-th case (1-based) into ``res``; its segment masks, or None when it cannot be read."""
-    label = f"case {n} ('{node_name(case.volume)}' + '{node_name(case.segmentation)}')"
+                later_wins: bool, hand_over: bool = False) -> Optional[Dict[str, np.ndarray]]:
+    """Checks the ``n``-th case (1-based) into ``res``; its segment masks, or None when it cannot be read or is
+    handed over as its file (``res.files``)."""
+    label = _case_label(n, case)
     try:
         check_volume(case.volume, f"volume of case {n}")
     except InputError as e:
@@ -129,26 +140,37 @@ def _check_case(res: CheckResult, n: int, case: LabeledCase, names: Sequence[str
     if ref is not None and ref is not case.volume:
         res.warnings.append(f"segmentation '{node_name(case.segmentation)}' was drawn on volume '{node_name(ref)}' but is paired "
                             f"with '{node_name(case.volume)}': check the pair (it is resampled onto '{node_name(case.volume)}')")
-    masks = segment_masks(case.volume, case.segmentation, names)  # the one rasterisation of this case
-    res.rasterised += 1
-    counts = {name: int(np.count_nonzero(m)) for name, m in masks.items()}
+    source = original_segmentation(case.segmentation, names) if hand_over else None
+    if source is not None:  # the child reads the file: no voxels read here
+        res.files[n - 1] = source
+        found = [name for name in names if find_segment_id(case.segmentation, name) is not None]
+        masks, counts = None, {name: None for name in found}
+    else:
+        masks = segment_masks(case.volume, case.segmentation, names)  # the one rasterisation of this case
+        res.rasterised += 1
+        found, counts = list(masks), {name: int(np.count_nonzero(m)) for name, m in masks.items()}
     res.counts[label] = counts
-    for name in masks:
+    for name in found:
         if name not in res.records:
             res.records[name] = segment_record(case.segmentation, find_segment_id(case.segmentation, name))
-    _check_missing_or_empty(res, case, names, masks, counts, partial_segments)
-    _check_overlaps(res, case, names, masks, counts, later_wins)
+    _check_missing_or_empty(res, case, names, found, counts, partial_segments)
+    if masks is not None:
+        _check_overlaps(res, case, names, masks, counts, later_wins)
     if case.sparse:
         res.infos.append(f"{label}: only the painted slices count as labeled")
     return masks
 
 
-def _check_missing_or_empty(res: CheckResult, case: LabeledCase, names: Sequence[str], masks: Dict[str, np.ndarray],
-                            counts: Dict[str, int], partial_segments: bool) -> None:
+def _case_label(n: int, case: LabeledCase) -> str:
+    return f"case {n} ('{node_name(case.volume)}' + '{node_name(case.segmentation)}')"
+
+
+def _check_missing_or_empty(res: CheckResult, case: LabeledCase, names: Sequence[str], found: Sequence[str],
+                            counts: Dict[str, Optional[int]], partial_segments: bool) -> None:
     what = "not annotated there (partial segments)" if partial_segments else "absent (background)"
     available = segment_names(case.segmentation)
     for name in names:
-        if name not in masks:
+        if name not in found:
             res.warnings.append(f"segment '{name}' is missing from '{node_name(case.segmentation)}' (it has: "
                                 f"{', '.join(available) or 'no segments'}): treated as {what}")
         elif counts[name] == 0:
@@ -161,8 +183,8 @@ def _check_missing_or_empty(res: CheckResult, case: LabeledCase, names: Sequence
 
 
 def _check_overlaps(res: CheckResult, case: LabeledCase, names: Sequence[str], masks: Dict[str, np.ndarray],
-                    counts: Dict[str, int], later_wins: bool) -> None:
-    present = [nm for nm in names if counts.get(nm)]
+                    counts: Dict[str, Optional[int]], later_wins: bool) -> None:
+    present = [nm for nm in names if counts.get(nm)]  # counts of rasterised masks: all known
     if len(present) > 1:  # one pass to see whether anything overlaps at all; pairs only then
         layered = np.zeros(masks[present[0]].shape, dtype=np.uint8)
         for nm in present:

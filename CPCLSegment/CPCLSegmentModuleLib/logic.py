@@ -115,8 +115,11 @@ class LogicCore(ModelAPI):
         config = train_config(engine)
         cases = as_cases(labeled)
         unlabeled = [v for v in (unlabeled or []) if v is not None]
-        if not segments and cases and cases[0].segmentation is not None and cases[0].segmentation.IsA("vtkMRMLSegmentationNode"):
-            segments = segment_names(cases[0].segmentation)
+        if not segments:  # every case's segments, in order of first appearance (as the panel lists them)
+            segments = []
+            for case in cases:
+                if case.segmentation is not None and case.segmentation.IsA("vtkMRMLSegmentationNode"):
+                    segments += [n for n in segment_names(case.segmentation) if n not in segments]
         device = self._device_arg(module["device"])
         if device not in DEVICES:
             raise InputError(f"device must be one of {', '.join(DEVICES)}, not {module['device']!r}")

@@ -81,8 +81,9 @@ def check_text(res: CheckResult) -> str:
         total: Dict[str, int] = {}
         for counts in res.counts.values():
             for name, n in counts.items():
-                total[name] = total.get(name, 0) + n
-        lines.insert(0, _span(GREEN, "ready: " + _h(", ".join(f"{k} {v} voxels" for k, v in total.items()))))
+                total[name] = total.get(name, 0) + (n or 0)  # None: a segmentation handed over as its file
+        later = f" (+ {len(res.files)} segmentation file(s), counted by the training process)" if res.files else ""
+        lines.insert(0, _span(GREEN, "ready: " + _h(", ".join(f"{k} {v} voxels" for k, v in total.items()) + later)))
     return "<br>".join(lines)
 
 

@@ -43,6 +43,10 @@ SLICER_API = (
     "vtkMRMLSubjectHierarchyNode.GetItemByDataNode", "vtkMRMLSubjectHierarchyNode.GetItemParent",
     "vtkSegmentation.GetSegment", "vtkSegmentation.GetNthSegmentID", "vtkSegmentation.GetNumberOfSegments",
     "vtkMRMLSegmentationNode.GetSegmentation", "vtkMRMLScalarVolumeNode.GetImageData",
+    # segmentations handed to the child as their files (handoff.original_segmentation)
+    "vtkMRMLSegmentationNode.GetModifiedSinceRead", "vtkMRMLSegmentationNode.GetStorageNode",
+    "vtkMRMLSegmentationStorageNode.GetFileName", "vtkMRMLSegmentationStorageNode.GetNumberOfFileNames",
+    "vtkSegmentation.GetSourceRepresentationName", "vtkSegmentation.GetLayerIndex",
     # models in the scene, module outputs, the parameter node (panel.py)
     "vtkMRMLTextNode.SetText", "vtkMRMLTextNode.GetText", "vtkMRMLTextNode.SetForceCreateStorageNode",
     "vtkMRMLTextNode.CreateStorageNodeAlways", "vtkMRMLTextNode.AddDefaultStorageNode", "vtkMRMLTextStorageNode",

@@ -1,0 +1,152 @@
+"""Labeled segmentations handed to the child as their ``.seg.nrrd``: which ones (unchanged since loading, no transform,
+the selected segments in one layer), that the Train click then reads none of their voxels, that the child's labels
+on the volume's grid are the ones the GUI-thread export gives, and that the segment names are every case's.
+Skipped where slicer-core is not installed (Python >= 3.10)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core; Python >= 3.10)")
+vtk = pytest.importorskip("vtk")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "CPCLSegment"))
+
+from CPCLSegmentLib import io as cio  # noqa: E402
+from CPCLSegmentLib.labels import build_label_array  # noqa: E402
+from CPCLSegmentModuleLib import inputcheck, panel  # noqa: E402
+from CPCLSegmentModuleLib.export import export_inputs, export_segmentation, export_volume  # noqa: E402
+from CPCLSegmentModuleLib.handoff import original_segmentation  # noqa: E402
+from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
+from CPCLSegmentModuleLib.nodes import segment_names, world_ijk_to_ras  # noqa: E402
+
+from slicer_scene import load_segmentation, load_volume, new_scene, one_thread_env  # noqa: E402
+
+pytestmark = pytest.mark.slicer
+
+LUNGS = ["right lung", "left lung"]
+
+
+@pytest.fixture
+def loaded_chest(ct_path, seg_path):
+    """The chest CT and its segmentation read as File > Add data reads them (storage nodes in the scene)."""
+    scene = new_scene()
+    volume = load_volume(scene, ct_path, "CT", as_slicer_loads=True)
+    segmentation = load_segmentation(scene, seg_path, "CT segmentation", volume=volume, as_slicer_loads=True)
+    return scene, volume, segmentation
+
+
+def engine_labels(seg_file, names, volume, folder, stem):
+    """The class labels the child builds from ``seg_file`` on ``volume``'s grid (the volume as the child gets it)."""
+    image_path = str(folder / f"{stem}.nrrd")
+    export_volume(volume, image_path)
+    image = cio.read_image(image_path)
+    labels, missing = build_label_array(cio.read_segmentation(seg_file), names, image, image_path)
+    return labels, missing
+
+
+def test_a_segmentation_unchanged_since_loading_is_handed_over_as_its_file(loaded_chest, seg_path, overlapping_seg_path):
+    scene, volume, segmentation = loaded_chest
+    names = segment_names(segmentation)
+    assert original_segmentation(segmentation, names) == seg_path
+    segmentation.GetSegmentation().GetNthSegment(0).SetColor(1.0, 0.0, 0.0)  # recoloured: the file no longer says it
+    assert original_segmentation(segmentation, names) is None
+    again = load_segmentation(scene, seg_path, "again", volume=volume, as_slicer_loads=True)
+    again.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
+    assert not again.GetModifiedSinceRead() and original_segmentation(again, names) is None  # moved, not modified
+    painted = load_segmentation(scene, seg_path, "painted", volume=volume, as_slicer_loads=True)
+    image = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(painted, "Segment_1", image)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, painted, "Segment_1")  # as an editor effect
+    assert original_segmentation(painted, names) is None
+    unscened = load_segmentation(scene, seg_path, "no storage node", volume=volume)
+    assert original_segmentation(unscened, names) is None
+    overlapping = load_segmentation(scene, overlapping_seg_path, "overlapping", volume=volume, as_slicer_loads=True)
+    assert original_segmentation(overlapping, LUNGS) == overlapping_seg_path  # one layer: nothing overlaps
+    assert original_segmentation(overlapping, LUNGS + ["overlapping sphere"]) is None  # two layers: the GUI check settles it
+
+
+def test_the_child_reads_the_labels_the_gui_thread_export_gives(loaded_chest, tmp_path):
+    """Engine labels from the original file == engine labels from the GUI-thread export (both nearest neighbour), on the
+    volume's own grid, on a cropped and shifted grid, and on a coarser grid not aligned with the segmentation's (no
+    voxel centre exactly half-way between two of the segmentation's, where the two may round differently)."""
+    scene, volume, segmentation = loaded_chest
+    names = ["left lung", "ribs", "right lung"]  # not the file's order: classes follow the selection
+    source = original_segmentation(segmentation, names)
+    for stem, shape, first, scale in (("same", (34, 128, 128), (0, 0, 0), 1.0), ("cropped", (27, 110, 95), (5, 10, 3), 1.0),
+                                      ("coarse", (20, 75, 76), (0.137, 0.213, 0.071), 1.618)):
+        target = grid_volume(scene, volume, shape, first, scale, stem)
+        exported = str(tmp_path / f"{stem}.seg.nrrd")
+        export_segmentation(target, segmentation, names, exported, later_wins=True)  # what the GUI thread writes
+        ours, missing = engine_labels(source, names, target, tmp_path, stem)
+        theirs, missing_before = engine_labels(exported, names, target, tmp_path, stem)
+        assert missing == missing_before == [] and set(np.unique(ours)) == {0, 1, 2, 3}
+        assert np.array_equal(ours, theirs), (stem, int((ours != theirs).sum()))
+
+
+def grid_volume(scene, volume, shape, first, scale, name):
+    """A new volume of ``shape`` (k, j, i) whose voxel (0, 0, 0) lies at ``volume``'s voxel ``first`` (i, j, k) and whose
+    voxels are ``scale`` times ``volume``'s."""
+    from vtk.util import numpy_support
+
+    ijk_to_ras = world_ijk_to_ras(volume)
+    m = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            m.SetElement(r, c, ijk_to_ras.GetElement(r, c) * scale)
+        m.SetElement(r, 3, ijk_to_ras.GetElement(r, 3) + sum(ijk_to_ras.GetElement(r, c) * first[c] for c in range(3)))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(shape[2], shape[1], shape[0])
+    voxels = (np.arange(np.prod(shape)) % 97).astype(np.int16)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels, deep=True, array_type=vtk.VTK_SHORT))
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(m)
+    return node
+
+
+def test_the_train_click_rasterises_no_segmentation_unchanged_since_loading(loaded_chest, seg_path, tmp_path, monkeypatch):
+    scene, volume, segmentation = loaded_chest
+    calls = []
+    original = inputcheck.segment_masks
+    monkeypatch.setattr(inputcheck, "segment_masks", lambda *a, **k: calls.append(a[1].GetName()) or original(*a, **k))
+    check, files = export_inputs([(volume, segmentation)], LUNGS, [volume], False, False, False, str(tmp_path / "in"), write=False)
+    assert check.ok and calls == [] and check.rasterised == 0 and check.files == {0: seg_path}
+    assert files.labeled == [(files.volume_files[volume.GetID()], seg_path, False)] and files.handoff.writes == []
+    assert [c["name"] for c in check.classes()[1:]] == LUNGS  # names, colours, IDs from the node
+    assert check.classes()[1]["color"] == list(segmentation.GetSegmentation().GetSegment("Segment_5").GetColor())
+    for name in ("right lung (edited)", "right lung"):  # renamed and back: the same names, but changed since read
+        segmentation.GetSegmentation().GetSegment("Segment_5").SetName(name)
+    check, files = export_inputs([(volume, segmentation)], LUNGS, [], False, False, False, str(tmp_path / "in2"), write=False)
+    assert calls == ["CT segmentation"] and check.rasterised == 1 and files.labeled[0][1].endswith("labeled-000.seg.nrrd")
+
+
+def test_a_model_trained_from_a_handed_over_file_has_the_node_s_segments(loaded_chest, seg_path, tmp_path):
+    from slicer_scene import TINY
+
+    scene, volume, segmentation = loaded_chest
+    core = LogicCore(scene, env=one_thread_env(), work_root=str(tmp_path / "work"))
+    job = core.train([(volume, segmentation)], [], LUNGS, wait=False, **TINY)
+    assert job.args[job.args.index("--labeled") + 2] == seg_path and job.check.rasterised == 0
+    model = job.wait(timeout=600)
+    from CPCLSegmentLib.childinfo import model_info
+
+    classes = model_info(core.model_file(model))["classes"]  # what the child read from the file
+    seg = segmentation.GetSegmentation()
+    expected = [(n, [round(c, 4) for c in seg.GetSegment(seg.GetSegmentIdBySegmentName(n)).GetColor()]) for n in LUNGS]
+    assert [(c["name"], [round(v, 4) for v in c["color"]]) for c in classes[1:]] == expected
+
+
+def test_without_segments_named_a_training_learns_every_case_s_segments(ct_path, seg_path, tmp_path):
+    scene = new_scene()
+    v1, v2 = load_volume(scene, ct_path, "V1"), load_volume(scene, ct_path, "V2")
+    s1 = load_segmentation(scene, seg_path, "S1", volume=v1)
+    s2 = load_segmentation(scene, seg_path, "S2", volume=v2)
+    s2.GetSegmentation().GetSegment("Segment_7").SetName("skin")  # only the second case has "skin" (and no "tissue")
+    core = LogicCore(scene, env=one_thread_env(), work_root=str(tmp_path / "work"))
+    plan = core.prepare_training([(v1, s1), (v2, s2)], [], None, iterations=20, device="cpu")
+    assert plan["record"]["segments"] == segment_names(s1) + ["skin"]
+    assert plan["args"][plan["args"].index("--segments") + 1:][:8] == segment_names(s1) + ["skin"]
