@@ -124,6 +124,7 @@ def test_the_train_click_rasterises_no_segmentation_unchanged_since_loading(load
     assert calls == ["CT segmentation"] and check.rasterised == 1 and files.labeled[0][1].endswith("labeled-000.seg.nrrd")
 
 
+@pytest.mark.slow  # a whole training run; the labels themselves are compared above
 def test_a_model_trained_from_a_handed_over_file_has_the_node_s_segments(loaded_chest, seg_path, tmp_path):
     from slicer_scene import TINY
 
