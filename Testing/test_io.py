@@ -39,6 +39,23 @@ def test_seg_nrrd_round_trip_keeps_names_colours_terminology_and_voxels(seg_path
     assert np.allclose(a["ijkToLPS"], b["ijkToLPS"])
 
 
+def test_a_seg_nrrd_cropped_to_its_segments_holds_the_box_and_lies_where_the_whole_grid_does(seg_path, ct_path, tmp_path):
+    image = cio.read_image(ct_path)
+    names = ["right lung", "left lung"]
+    labels, _ = build_label_array(cio.read_segmentation(seg_path), names, image, ct_path)
+    classes = [{"name": "background", "label_value": 0}] + [{"name": n, "color": [0.5, 0.5, 0.5], "label_value": i}
+                                                            for i, n in enumerate(names, start=1)]
+    out = tmp_path / "cropped.seg.nrrd"
+    writers.write_seg_nrrd(str(out), labels, image, classes, crop=True)
+    seg = slicerio.read_segmentation(str(out))
+    first, last = writers.segments_box(labels)
+    box = tuple(b - a + 1 for a, b in zip(first, last))
+    assert seg["voxels"].shape == box[::-1] and box != labels.shape  # (i, j, k) in the file
+    assert seg["referenceImageExtentOffset"] == first[::-1]
+    again, missing = build_label_array(cio.read_segmentation(str(out)), names, image, ct_path)  # placed by its origin
+    assert missing == [] and np.array_equal(again, labels)
+
+
 def test_label_map_values_and_names(tmp_path, ct_path):
     image = cio.read_image(ct_path)
     arr = np.zeros(sitk.GetArrayFromImage(image).shape, np.uint8)

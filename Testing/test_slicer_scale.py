@@ -391,3 +391,47 @@ def test_the_gui_thread_benchmark_runs_small(tmp_path):
         for key in ("train_click_s", "train_until_child_s", "segment_click_s", "segment_until_child_s"):
             assert 0 <= row[key] < 60, (key, row)
     assert run["import_one_result_s"] > 0 and "| 2 | loaded from files |" in (tmp_path / "gui_thread_small.md").read_text()
+
+
+def test_a_result_cropped_to_its_segments_reads_into_the_same_segments_on_the_volume_s_grid(tmp_path):
+    """The child writes each result as only the box around its segments (``--crop-to-segments``): Slicer reads a file a
+    fraction of the size (the GUI-thread cost of each result) into the same voxels, names and colours on the volume's
+    grid as the whole-grid file."""
+    import SimpleITK as sitk
+
+    from CPCLSegmentLib.writers import write_seg_nrrd
+    from CPCLSegmentModuleLib.results import import_segmentation
+
+    scene = new_scene()
+    shape = (40, 48, 56)
+    volume = small_volume(scene, "CT", shape)
+    export_volume(volume, str(tmp_path / "ct.nrrd"))
+    reference = sitk.ReadImage(str(tmp_path / "ct.nrrd"))
+    labels = np.zeros(shape, dtype=np.int16)
+    labels[5:12, 20:30, 31:50] = 1
+    labels[9:17, 22:26, 40:44] = 2
+    classes = [{"name": "background", "label_value": 0}, {"name": "liver", "color": [0.8, 0.3, 0.2], "label_value": 1},
+               {"name": "tumour", "color": [0.1, 0.9, 0.1], "label_value": 2},
+               {"name": "spleen", "color": [0.2, 0.2, 0.9], "label_value": 3}]  # empty: still listed
+    full, cropped = str(tmp_path / "full.seg.nrrd"), str(tmp_path / "cropped.seg.nrrd")
+    write_seg_nrrd(full, labels, reference, classes, compression_level=0)
+    write_seg_nrrd(cropped, labels, reference, classes, compression_level=0, crop=True)
+    assert Path(cropped).stat().st_size < Path(full).stat().st_size / 20
+    nodes = [import_segmentation(scene, path, volume) for path in (full, cropped)]
+    seen = []
+    for node in nodes:
+        seg = node.GetSegmentation()
+        names = segment_names(node)
+        masks = segment_masks(volume, node, names)
+        seen.append((names, [tuple(seg.GetNthSegment(i).GetColor()) for i in range(seg.GetNumberOfSegments())],
+                     {n: np.flatnonzero(m).tolist() for n, m in masks.items()}))
+    assert seen[0] == seen[1] and seen[1][0] == ["liver", "tumour", "spleen"]
+    assert np.array_equal(segment_masks(volume, nodes[1], ["liver"])["liver"], labels == 1)
+    c = controller(scene, tmp_path)
+    c.model = lambda: full  # not read by the click
+    job = c.segment([volume])
+    assert "--crop-to-segments" in job.args
+    c.cancel("segment")
+    while c.busy("segment"):
+        c.poll()
+        time.sleep(0.05)

@@ -37,7 +37,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``geometry_difference``, ``resample_label_to``). imports: errors, io.
 - ``writers``: atomic, checked writes: temp + fsync + verify + rename, normal permissions, "no space left on <disk>"
   (``atomic_path``, ``verify_written``, ``check_free_space``, ``write_bytes``, ``write_json``, ``copy_file``,
-  ``write_prediction``, ``write_seg_nrrd``, ``write_label_image``, ``write_image``). imports: cleanup, errors, integrity, io.
+  ``write_prediction``, ``write_seg_nrrd``, ``segments_box``, ``write_label_image``, ``write_image``). imports: cleanup, errors, integrity, io.
 - ``preflight``: checks before any work: outputs against inputs, writable folders, free space, the output lock,
   stale stop files, spacing values, dead runs' leftovers (``check_outputs``, ``same_file``, ``check_free_space``,
   ``OutputLock``, ``check_stop_file``, ``check_spacing``, ``sweep_leftovers``). imports: cleanup, companions, errors,

@@ -102,7 +102,7 @@ def cmd_predict(args, report: Reporter, control: StopControl) -> int:
     from . import prediction
 
     written = prediction.predict(args.model, args.image, args.out, args.weights, args.device, args.largest_component,
-                                 args.format, report, control.should_stop)
+                                 args.format, report, control.should_stop, crop=args.crop_to_segments)
     report({"event": "done", "outputs": written}) if report.mode == "json" else report.text(
         f"wrote {len(written)} segmentation(s)" + (f": {written[0]}" if len(written) == 1 else f" to {args.out}")
     )

@@ -123,6 +123,9 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--format", default=".seg.nrrd", choices=OUTPUT_FORMATS, help="file type when --out is a folder")
     p.add_argument("--weights", default="teacher", choices=WEIGHTS, help="teacher (last), best (on validation), student")
     p.add_argument("--largest-component", action="store_true", help="keep only the largest connected component of each segment")
+    p.add_argument("--crop-to-segments", action="store_true",
+                   help="a .seg.nrrd holds only the box around its segments, placed on the image's grid by its extent offset "
+                        "as Slicer saves segmentations (smaller, faster to load into Slicer)")
     _add_common(p)
 
 

@@ -167,8 +167,9 @@ def output_paths(images: Sequence[str], out: str, default_ext: str = ".seg.nrrd"
 
 def predict(model_path: str, images: Sequence[str], out: str, weights: str = "teacher", device: str = "auto",
             largest_component: bool = False, output_format: str = ".seg.nrrd", emit: Optional[Emit] = None,
-            should_stop: Optional[Callable[[], bool]] = None) -> List[str]:
-    """Segments each image with the model and writes one output per image (atomically)."""
+            should_stop: Optional[Callable[[], bool]] = None, crop: bool = False) -> List[str]:
+    """Segments each image with the model and writes one output per image (atomically); ``crop``: a ``.seg.nrrd`` holds
+    only the box around its segments (``writers.write_seg_nrrd``)."""
     emit = emit or (lambda e: None)
     images = [str(p) for p in images]
     if not images:
@@ -199,7 +200,7 @@ def predict(model_path: str, images: Sequence[str], out: str, weights: str = "te
               "detail": f"{path} ({voxels / 1e6:.1f} M voxels on the model grid)"})
         labels = predictor.segment(image, largest_component)
         emit({"event": "phase", "phase": "writing", "index": n + 1, "of": len(images), "detail": target})
-        write_prediction(target, labels, image, predictor.classes)
+        write_prediction(target, labels, image, predictor.classes, crop=crop)
         written.append(target)
         emit({"event": "predict", "index": n + 1, "of": len(images), "image": path, "output": target,
               "seconds": round(time.perf_counter() - t, 2)})

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -240,13 +240,28 @@ def write_label_image(path: str, labels: np.ndarray, reference: sitk.Image, labe
 SEG_NRRD_COMPRESSION = 6
 
 
+def segments_box(labels: np.ndarray) -> Tuple[List[int], List[int]]:
+    """``(first, last)`` (k, j, i) of the box around the non-zero voxels of ``labels``, one pass per axis over a
+    reduced array; the whole grid when nothing is labeled."""
+    if not labels.any():
+        return [0, 0, 0], [n - 1 for n in labels.shape]
+    first, last = [], []
+    for axis in range(3):
+        hit = np.flatnonzero(labels.any(axis=tuple(a for a in range(3) if a != axis)))
+        first.append(int(hit[0]))
+        last.append(int(hit[-1]))
+    return first, last
+
+
 def write_seg_nrrd(
     path: str, labels: np.ndarray, reference: sitk.Image, classes: Sequence[Dict[str, Any]],
-    compression_level: int = SEG_NRRD_COMPRESSION,
+    compression_level: int = SEG_NRRD_COMPRESSION, crop: bool = False,
 ) -> None:
     """Writes class indices as a Slicer ``.seg.nrrd``: one segment per class 1..K-1 (names, colours,
     terminology from ``classes``), each listed even when empty, on the reference image's grid, gzip level
-    ``compression_level``."""
+    ``compression_level``. ``crop``: only the box around the segments is stored, placed on the reference grid by
+    ``referenceImageExtentOffset`` (and by its own origin, for readers that ignore the offset), as Slicer saves
+    segmentations: Slicer reads only that box."""
     import slicerio
 
     if labels.shape != tuple(reversed(reference.GetSize())):
@@ -255,6 +270,8 @@ def write_seg_nrrd(
     if len(set(values[1:])) != len(values) - 1 or 0 in values[1:] or max(values) > 255:
         values = list(range(len(classes)))
     lut = np.asarray(values, dtype=np.uint8)
+    first, last = segments_box(labels) if crop else ([0, 0, 0], [n - 1 for n in labels.shape])
+    labels = labels[first[0]:last[0] + 1, first[1]:last[1] + 1, first[2]:last[2] + 1]
     voxels = lut[labels.astype(np.int64)].transpose(2, 1, 0)
     segments = []
     for i, c in enumerate(classes[1:], start=1):
@@ -280,22 +297,27 @@ def write_seg_nrrd(
     if len(set(ids)) != len(ids):
         for i, s in enumerate(segments, start=1):
             s["id"] = f"Segment_{i}"
+    ijk_to_lps = ijk_to_lps_matrix(reference)
+    offset = first[::-1]  # (i, j, k) of the file's first voxel on the reference grid
+    ijk_to_lps[:3, 3] += ijk_to_lps[:3, :3] @ np.asarray(offset, dtype=float)
     seg_dict = {
         "voxels": np.ascontiguousarray(voxels),
-        "ijkToLPS": ijk_to_lps_matrix(reference),
+        "ijkToLPS": ijk_to_lps,
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
-        "referenceImageExtentOffset": [0, 0, 0],
+        "referenceImageExtentOffset": offset,
     }
     with atomic_path(path) as tmp:
         slicerio.write_segmentation(tmp, seg_dict, compression_level=compression_level)
 
 
-def write_prediction(path: str, labels: np.ndarray, reference: sitk.Image, classes: Sequence[Dict[str, Any]]) -> None:
-    """Writes a prediction by the extension of ``path``: ``.seg.nrrd`` or a label map with the model's values."""
+def write_prediction(path: str, labels: np.ndarray, reference: sitk.Image, classes: Sequence[Dict[str, Any]],
+                     crop: bool = False) -> None:
+    """Writes a prediction by the extension of ``path``: ``.seg.nrrd`` (``crop``: only the box around the segments,
+    ``write_seg_nrrd``) or a label map with the model's values."""
     if is_seg_nrrd(path):
-        write_seg_nrrd(path, labels, reference, classes)
+        write_seg_nrrd(path, labels, reference, classes, crop=crop)
     elif has_extension(path, IMAGE_EXTENSIONS):
         write_label_image(path, labels, reference, [int(c.get("label_value", i)) for i, c in enumerate(classes)])
     else:

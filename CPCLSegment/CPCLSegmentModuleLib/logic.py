@@ -186,7 +186,7 @@ class LogicCore(ModelAPI):
         out_dir = os.path.join(run_dir, "out")
         os.makedirs(out_dir, exist_ok=True)
         args = ["predict", "--model", path, "--image", *files, "--out", out_dir + os.sep, "--format", ".seg.nrrd",
-                "--weights", weights, "--device", self._device_arg(device)]
+                "--crop-to-segments", "--weights", weights, "--device", self._device_arg(device)]
 
         imported: Dict[int, Any] = {}
 
