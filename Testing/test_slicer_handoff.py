@@ -1,6 +1,7 @@
-"""Labeled segmentations handed to the child as their ``.seg.nrrd``: which ones (unchanged since loading, no transform,
-the selected segments in one layer), that the Train click then reads none of their voxels, that the child's labels
-on the volume's grid are the ones the GUI-thread export gives, and that the segment names are every case's.
+"""Labeled segmentations handed to the child as their ``.seg.nrrd`` (unchanged since loading, no transform, the
+selected segments in one layer) or as a copy of their stored labelmap layer (edited or made in the scene): which ones,
+that the Train click then rasterises none of them, that the child's labels on the volume's grid are the ones the
+GUI-thread export gives, and that the segment names are every case's.
 Skipped where slicer-core is not installed (Python >= 3.10)."""
 
 import sys
@@ -21,9 +22,10 @@ from CPCLSegmentModuleLib import inputcheck, panel  # noqa: E402
 from CPCLSegmentModuleLib.export import export_inputs, export_segmentation, export_volume  # noqa: E402
 from CPCLSegmentModuleLib.handoff import original_segmentation  # noqa: E402
 from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
-from CPCLSegmentModuleLib.nodes import segment_names, world_ijk_to_ras  # noqa: E402
+from CPCLSegmentModuleLib.nodes import ensure_converter_rules, segment_names, world_ijk_to_ras  # noqa: E402
+from CPCLSegmentModuleLib.segsnapshot import snapshot_segmentation  # noqa: E402
 
-from slicer_scene import load_segmentation, load_volume, new_scene, one_thread_env  # noqa: E402
+from slicer_scene import fingerprint, load_segmentation, load_volume, new_scene, one_thread_env  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 
@@ -108,7 +110,7 @@ def grid_volume(scene, volume, shape, first, scale, name):
     return node
 
 
-def test_the_train_click_rasterises_no_segmentation_unchanged_since_loading(loaded_chest, seg_path, tmp_path, monkeypatch):
+def test_the_train_click_rasterises_no_segmentation_in_one_layer_without_a_transform(loaded_chest, seg_path, tmp_path, monkeypatch):
     scene, volume, segmentation = loaded_chest
     calls = []
     original = inputcheck.segment_masks
@@ -121,7 +123,11 @@ def test_the_train_click_rasterises_no_segmentation_unchanged_since_loading(load
     for name in ("right lung (edited)", "right lung"):  # renamed and back: the same names, but changed since read
         segmentation.GetSegmentation().GetSegment("Segment_5").SetName(name)
     check, files = export_inputs([(volume, segmentation)], LUNGS, [], False, False, False, str(tmp_path / "in2"), write=False)
-    assert calls == ["CT segmentation"] and check.rasterised == 1 and files.labeled[0][1].endswith("labeled-000.seg.nrrd")
+    assert calls == [] and check.rasterised == 0 and check.snapshots == 1  # a copy of its layer, written later
+    assert files.labeled[0][1].endswith("labeled-000.seg.nrrd") and len(files.handoff.writes) == 1
+    segmentation.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
+    check, files = export_inputs([(volume, segmentation)], LUNGS, [], False, False, False, str(tmp_path / "in3"), write=False)
+    assert calls == ["CT segmentation"] and check.rasterised == 1 and check.snapshots == 0  # moved: rasterised
 
 
 @pytest.mark.slow  # a whole training run; the labels themselves are compared above
@@ -151,3 +157,100 @@ def test_without_segments_named_a_training_learns_every_case_s_segments(ct_path,
     plan = core.prepare_training([(v1, s1), (v2, s2)], [], None, iterations=20, device="cpu")
     assert plan["record"]["segments"] == segment_names(s1) + ["skin"]
     assert plan["args"][plan["args"].index("--segments") + 1:][:8] == segment_names(s1) + ["skin"]
+
+
+def paint(node, segment_id, modifier):
+    """Adds ``modifier`` (1 inside) to the segment as Segment Editor's Paint does by default (``MODE_MERGE_MASK``,
+    overwriting every other segment, vtkSlicerSegmentEditorLogic): the segments stay in one labelmap layer."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    seg = node.GetSegmentation()
+    others = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+    assert logic.SetBinaryLabelmapToSegment(modifier, node, segment_id, logic.MODE_MERGE_MASK, None, False, others)
+
+
+def modifier(like, box=None, value=None):
+    """A binary labelmap on ``like``'s grid: 1 inside ``box`` ((k, j, i) slices), else where ``like`` is ``value``."""
+    from vtk.util import numpy_support
+
+    image = slicer.vtkOrientedImageData()
+    image.DeepCopy(like)
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    e = image.GetExtent()
+    grid = voxels.reshape(e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+    if box is None:
+        grid[...] = grid == value
+    else:
+        grid[...] = 0
+        grid[box] = 1
+    image.Modified()
+    return image
+
+
+def edited(scene, volume, segmentation):
+    """The loaded segmentation corrected in the scene: a box painted into 'right lung' over its neighbours."""
+    seg = segmentation.GetSegmentation()
+    paint(segmentation, seg.GetSegmentIdBySegmentName("right lung"), modifier(seg.GetLayerDataObject(0), np.s_[10:20, 40:80, 20:70]))
+    assert segmentation.GetModifiedSinceRead() and seg.GetNumberOfLayers() == 1
+    return segmentation
+
+
+def made(scene, volume, segmentation):
+    """A segmentation made in the scene from scratch (no storage node): empty segments painted one by one."""
+    ensure_converter_rules()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "made here")
+    node.SetSourceRepresentationToBinaryLabelmap()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    seg, source = node.GetSegmentation(), segmentation.GetSegmentation()
+    for name in ["ribs", "left lung", "right lung"]:
+        sid = source.GetSegmentIdBySegmentName(name)
+        mask = modifier(source.GetLayerDataObject(source.GetLayerIndex(sid)), value=source.GetSegment(sid).GetLabelValue())
+        paint(node, seg.AddEmptySegment("", name, source.GetSegment(sid).GetColor()), mask)
+    assert node.GetStorageNode() is None and seg.GetNumberOfLayers() == 1
+    return node
+
+
+@pytest.mark.parametrize("make", [edited, made])
+def test_a_segmentation_edited_or_made_in_the_scene_is_handed_over_as_a_copy_of_its_layer(loaded_chest, tmp_path, monkeypatch,
+                                                                                          make):
+    """No rasterisation at the click; the copy written later; the child's labels from it == from the GUI-thread export,
+    on the volume's grid, a cropped and shifted one and a coarser one; the user's node untouched."""
+    scene, volume, segmentation = loaded_chest
+    segmentation = make(scene, volume, segmentation)
+    names = ["left lung", "ribs", "right lung"]
+    calls = []
+    original = inputcheck.segment_masks
+    monkeypatch.setattr(inputcheck, "segment_masks", lambda *a, **k: calls.append(a[1].GetName()) or original(*a, **k))
+    before = fingerprint(volume, segmentation)
+    check, files = export_inputs([(volume, segmentation)], names, [], False, False, False, str(tmp_path / "in"), write=False)
+    handed = files.labeled[0][1]
+    assert check.ok and calls == [] and check.rasterised == 0 and check.snapshots == 1 and check.files == {}
+    assert handed == str(tmp_path / "in" / "labeled-000.seg.nrrd") and len(files.handoff.writes) == 1  # the layer (the volume: its file)
+    files.handoff.write_all()
+    assert fingerprint(volume, segmentation) == before and not list((tmp_path / "in").glob("*partial*"))
+    assert [c["name"] for c in check.classes()[1:]] == names
+    for stem, shape, first, scale in (("same", (34, 128, 128), (0, 0, 0), 1.0), ("cropped", (27, 110, 95), (5, 10, 3), 1.0),
+                                      ("coarse", (20, 75, 76), (0.137, 0.213, 0.071), 1.618)):
+        target = grid_volume(scene, volume, shape, first, scale, stem)
+        exported = str(tmp_path / f"{stem}.seg.nrrd")
+        export_segmentation(target, segmentation, names, exported, later_wins=True)  # what the GUI thread writes
+        ours, missing = engine_labels(handed, names, target, tmp_path, stem)
+        theirs, missing_before = engine_labels(exported, names, target, tmp_path, stem)
+        assert missing == missing_before == [] and set(np.unique(ours)) == {0, 1, 2, 3}
+        assert np.array_equal(ours, theirs), (stem, int((ours != theirs).sum()))
+    segments = {s.name: s for s in cio.read_segmentation(handed).segments}
+    seg = segmentation.GetSegmentation()
+    for name in names:
+        assert list(segments[name].color) == pytest.approx(list(seg.GetSegment(seg.GetSegmentIdBySegmentName(name)).GetColor()))
+
+
+def test_no_copy_of_a_layer_where_the_gui_thread_must_settle_it(loaded_chest, overlapping_seg_path):
+    scene, volume, segmentation = loaded_chest
+    segmentation = edited(scene, volume, segmentation)
+    assert snapshot_segmentation(segmentation, LUNGS) is not None
+    segmentation.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
+    assert snapshot_segmentation(segmentation, LUNGS) is None  # moved: the GUI thread resamples through the transform
+    overlapping = load_segmentation(scene, overlapping_seg_path, "overlapping", volume=volume, as_slicer_loads=True)
+    overlapping.GetSegmentation().GetNthSegment(0).SetColor(1.0, 0.0, 0.0)
+    assert snapshot_segmentation(overlapping, LUNGS) is not None  # one layer: nothing overlaps
+    assert snapshot_segmentation(overlapping, LUNGS + ["overlapping sphere"]) is None  # two layers: may overlap
+    assert snapshot_segmentation(overlapping, ["no such segment"]) is None

@@ -358,8 +358,9 @@ def test_save_and_load_model_files_keep_the_nesting(chest, tmp_path, tiny_model)
 # ------------------------------------------------------------------------------------------ item 8
 
 
-def test_train_rasterises_each_case_once(two_cases, tmp_path, monkeypatch):
+def test_train_rasterises_each_case_at_most_once(two_cases, tmp_path, monkeypatch):
     scene, v1, s1, v2, s2 = two_cases
+    s2.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())  # S2: rasterised
     calls = []
     original = segment_masks
     monkeypatch.setattr(inputcheck, "segment_masks", lambda *a, **k: calls.append(a[1].GetName()) or original(*a, **k))
@@ -367,7 +368,7 @@ def test_train_rasterises_each_case_once(two_cases, tmp_path, monkeypatch):
     c.set_setting("device", "cpu")
     job = c.train()  # check + export + start, as the Train button does
     job.cancel()
-    assert calls == ["S1", "S2"] and job.check.rasterised == 2
+    assert calls == ["S2"] and job.check.rasterised == 1 and job.check.snapshots == 1  # S1: a copy of its layer
     assert "ready" in c.text["checkResultLabel"]  # the check shown is that same pass
     with pytest.raises(Cancelled):
         job.wait(timeout=30)
@@ -422,7 +423,7 @@ def test_gui_thread_time_from_train_to_the_child_starting(tmp_path):
         while job.proc is None and not job.finished:  # the files are written from a worker thread, then the child starts
             time.sleep(0.02)
         assert job.proc is not None and job.status == "running"
-        assert job.check.rasterised == 1
+        assert job.check.rasterised == 0 and job.check.snapshots == 1  # its labelmap layer copied, not rasterised
     finally:
         job.cancel()
     print(f"\nGUI-thread time from Train to the child starting (512x512x300, 3 segments): {seconds:.2f} s")

@@ -23,11 +23,14 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``handoff``: volumes and segmentations handed to the child: the original file of a node unchanged since it was
   read, else a snapshot written from a worker thread; a job that starts once its files are written (``original_file``,
   ``original_segmentation``, ``snapshot``, ``write_snapshot``, ``Handoff``, ``PreparedJob``). imports: nodes.
+- ``segsnapshot``: a segmentation made or edited in the scene handed to the child: its stored labelmap layer copied
+  on the GUI thread, written as a ``.seg.nrrd`` from a worker thread (``SegmentationSnapshot``,
+  ``snapshot_segmentation``, ``write_segmentation_snapshot``). imports: nodes.
 - ``inputcheck``: the input check before training, pure: writes nothing (``check_inputs``, ``CheckResult``,
-  ``CheckFailed``). imports: handoff, nodes, scene.
+  ``CheckFailed``). imports: handoff, nodes, scene, segsnapshot.
 - ``export``: scene -> files: volumes, segments, a run's inputs checked in one pass and handed over (originals or
   files written later) (``export_volume``, ``write_segments``, ``export_segmentation``, ``export_inputs``,
-  ``ExportedInputs``). imports: handoff, inputcheck, nodes, scene.
+  ``ExportedInputs``). imports: handoff, inputcheck, nodes, scene, segsnapshot.
 - ``results``: files -> NEW nodes (``import_segmentation``, ``import_scalar_volume``, ``empty_segmentation``,
   ``nest_segments``). imports: attributes, export, nodes, scene.
 - ``modelnode``: a model as a node with a short text plus a hidden data node holding the file, so no view renders

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from .nodes import (
     world_ijk_to_ras,
 )
 from .scene import LabeledCase
+from .segsnapshot import SegmentationSnapshot, write_segmentation_snapshot
 
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -148,17 +149,20 @@ class ExportedInputs:
 def export_inputs(labeled: Sequence[Any], segments: Sequence[str], unlabeled: Sequence[Any], partial_segments: bool,
                   hold_out_last: bool, later_wins: bool, export_dir: str, write: bool = True) -> Tuple[CheckResult, ExportedInputs]:
     """Checks the inputs (``inputcheck.check_inputs``) and, in the same pass (each case's segments rasterised
-    once, on the calling thread: it reads the nodes), decides the engine's input files in ``export_dir``: each volume's
+    once, on the calling thread: it reads the nodes; a segmentation unchanged since read from a .seg.nrrd is handed over
+    as that file, one whose selected segments share a labelmap layer as a copy of that layer), decides the engine's input files in ``export_dir``: each volume's
     original file or a snapshot, each case's segments as a one-layer .seg.nrrd (a later segment wins overlaps). The
     files are written by ``files.handoff.write_all()`` (from a worker thread); nothing is planned after an error."""
     files = ExportedInputs(Handoff(export_dir))
 
     def on_case(index: int, case: LabeledCase, masks: Optional[Dict[str, np.ndarray]], records: List[Dict[str, Any]],
-                source: Optional[str]) -> None:
+                source: Optional[Union[str, SegmentationSnapshot]]) -> None:
         image = files.volume(case.volume, f"labeled-{index:03d}")
         seg_path = os.path.join(export_dir, f"labeled-{index:03d}.seg.nrrd")
         ijk_to_ras = matrix_to_array(world_ijk_to_ras(case.volume))
-        if source is not None:  # unchanged since read from this .seg.nrrd: the child reads it
+        if isinstance(source, SegmentationSnapshot):  # its labelmap layer as stored: the child resamples it
+            files.handoff.later(lambda: write_segmentation_snapshot(source, seg_path))
+        elif source is not None:  # unchanged since read from this .seg.nrrd: the child reads it
             seg_path = source
         elif masks:
             files.handoff.later(lambda: write_segments(seg_path, masks, records, ijk_to_ras, later_wins=True))

@@ -5,14 +5,16 @@ rasterised **once** (``nodes.segment_masks``); ``check_inputs(..., on_case=...)`
 (``export.export_inputs`` writes the engine's input files from them in the same pass). With ``hand_over=True`` (the
 Train click) a segmentation unchanged since it was read from a ``.seg.nrrd`` (``handoff.original_segmentation``) is
 not rasterised: the check takes its segment names from the node, and the child counts its voxels on the volume's
-grid (a segment empty in a case is a warning there, empty in every case an error). Overlapping segments are
+grid (a segment empty in a case is a warning there, empty in every case an error); any other segmentation whose
+selected segments share one stored labelmap layer is not rasterised either: that layer is copied as it is stored
+(``segsnapshot.snapshot_segmentation``) and handed over the same way. Overlapping segments are
 an error, unless ``later_wins``: then a later segment in the list wins where they overlap (organ, then lesion),
 and ``CheckResult.nested`` records which segment was nested in which."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from CPCLSegmentLib.errors import InputError
 from .handoff import original_segmentation
 from .nodes import check_volume, find_segment_id, node_name, segment_masks, segment_names, segment_record
 from .scene import LabeledCase, as_cases
+from .segsnapshot import SegmentationSnapshot, snapshot_segmentation
 
 
 class CheckFailed(InputError):
@@ -45,6 +48,8 @@ class CheckResult:
     records: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> id, colour, terminology (first case)
     overlap: Dict[Tuple[str, str], int] = field(default_factory=dict)  # (earlier, later) -> voxels in both
     rasterised: int = 0  # segment rasterisations done (one per case)
+    snapshots: int = 0  # segmentations handed over as a copy of their stored labelmap layer
+    _pending: Dict[int, SegmentationSnapshot] = field(default_factory=dict, repr=False)  # until on_case takes it
 
     @property
     def ok(self) -> bool:
@@ -79,8 +84,10 @@ class CheckResult:
 
 
 # ``on_case(index, case, masks, records, source)``: a case's masks (``(k, j, i)``, by name) and segment records, or
-# masks None and ``source`` the .seg.nrrd the case's segmentation is handed over as (``CheckResult.files[index]``)
-OnCase = Callable[[int, LabeledCase, Optional[Dict[str, np.ndarray]], List[Dict[str, Any]], Optional[str]], None]
+# masks None and ``source`` the .seg.nrrd the case's segmentation is handed over as (``CheckResult.files[index]``) or
+# the snapshot of its labelmap layer to write (``segsnapshot.SegmentationSnapshot``)
+OnCase = Callable[[int, LabeledCase, Optional[Dict[str, np.ndarray]], List[Dict[str, Any]],
+                   Optional[Union[str, SegmentationSnapshot]]], None]
 
 
 def check_inputs(labeled: Sequence[Any], segments: Optional[Sequence[str]] = None, unlabeled: Sequence[Any] = (),
@@ -110,10 +117,12 @@ def check_inputs(labeled: Sequence[Any], segments: Optional[Sequence[str]] = Non
     seen_pairs: set = set()
     for n, case in enumerate(cases, start=1):
         masks = _check_case(res, n, case, names, seen_pairs, partial_segments, later_wins, hand_over)
-        if (masks is not None or n - 1 in res.files) and on_case is not None and not res.errors:
+        snap = res._pending.pop(n - 1, None)
+        if (masks is not None or n - 1 in res.files or snap is not None) and on_case is not None and not res.errors:
             found = masks if masks is not None else res.counts[_case_label(n, case)]
-            on_case(n - 1, case, masks, [res.records[nm] for nm in names if nm in found], res.files.get(n - 1))
-        del masks
+            source = snap if snap is not None else res.files.get(n - 1)
+            on_case(n - 1, case, masks, [res.records[nm] for nm in names if nm in found], source)
+        del masks, snap
     _check_segments_overall(res, cases, names, later_wins)
     _check_unlabeled(res, cases, unlabeled, on_unlabeled)
     return res
@@ -141,8 +150,12 @@ def _check_case(res: CheckResult, n: int, case: LabeledCase, names: Sequence[str
         res.warnings.append(f"segmentation '{node_name(case.segmentation)}' was drawn on volume '{node_name(ref)}' but is paired "
                             f"with '{node_name(case.volume)}': check the pair (it is resampled onto '{node_name(case.volume)}')")
     source = original_segmentation(case.segmentation, names) if hand_over else None
-    if source is not None:  # the child reads the file: no voxels read here
-        res.files[n - 1] = source
+    snap = snapshot_segmentation(case.segmentation, names) if hand_over and source is None else None
+    if source is not None or snap is not None:  # the child reads the file (or the layer's copy): no rasterising here
+        if source is not None:
+            res.files[n - 1] = source
+        else:
+            res._pending[n - 1], res.snapshots = snap, res.snapshots + 1
         found = [name for name in names if find_segment_id(case.segmentation, name) is not None]
         masks, counts = None, {name: None for name in found}
     else:

@@ -47,6 +47,9 @@ SLICER_API = (
     "vtkMRMLSegmentationNode.GetModifiedSinceRead", "vtkMRMLSegmentationNode.GetStorageNode",
     "vtkMRMLSegmentationStorageNode.GetFileName", "vtkMRMLSegmentationStorageNode.GetNumberOfFileNames",
     "vtkSegmentation.GetSourceRepresentationName", "vtkSegmentation.GetLayerIndex",
+    # segmentations handed over as a copy of their stored labelmap layer (segsnapshot.snapshot_segmentation)
+    "vtkSegmentation.GetLayerDataObject", "vtkSegment.GetLabelValue", "vtkOrientedImageData.GetImageToWorldMatrix",
+    "vtkOrientedImageData.GetExtent", "vtkMRMLSegmentationNode.GetParentTransformNode",
     # models in the scene, module outputs, the parameter node (panel.py)
     "vtkMRMLTextNode.SetText", "vtkMRMLTextNode.GetText", "vtkMRMLTextNode.SetForceCreateStorageNode",
     "vtkMRMLTextNode.CreateStorageNodeAlways", "vtkMRMLTextNode.AddDefaultStorageNode", "vtkMRMLTextStorageNode",
