@@ -81,3 +81,19 @@ def fingerprint(volume, segmentation):
 def ras_matrix_of(image):
     """IJK-to-RAS of a SimpleITK image (LPS)."""
     return RAS_TO_LPS @ cio.ijk_to_lps_matrix(image)
+
+
+def synthetic_volume(scene, name, shape):
+    """A new int16 scalar volume of ``shape`` (numpy ``(k, j, i)``) in ``scene``, voxels ``arange % 97``; identity
+    geometry (the caller sets spacing or IJK-to-RAS)."""
+    import numpy as np
+    import vtk
+    from vtk.util import numpy_support
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image = vtk.vtkImageData()
+    image.SetDimensions(shape[2], shape[1], shape[0])
+    voxels = (np.arange(np.prod(shape)) % 97).astype(np.int16)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels, deep=True, array_type=vtk.VTK_SHORT))
+    node.SetAndObserveImageData(image)
+    return node

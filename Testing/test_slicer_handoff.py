@@ -25,7 +25,7 @@ from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
 from CPCLSegmentModuleLib.nodes import ensure_converter_rules, segment_names, world_ijk_to_ras  # noqa: E402
 from CPCLSegmentModuleLib.segsnapshot import snapshot_segmentation  # noqa: E402
 
-from slicer_scene import fingerprint, load_segmentation, load_volume, new_scene, one_thread_env  # noqa: E402
+from slicer_scene import fingerprint, load_segmentation, load_volume, new_scene, one_thread_env, synthetic_volume  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 
@@ -78,12 +78,18 @@ def test_the_child_reads_the_labels_the_gui_thread_export_gives(loaded_chest, tm
     scene, volume, segmentation = loaded_chest
     names = ["left lung", "ribs", "right lung"]  # not the file's order: classes follow the selection
     source = original_segmentation(segmentation, names)
+    assert_same_labels_as_the_gui_thread_export(scene, volume, segmentation, names, source, tmp_path)
+
+
+def assert_same_labels_as_the_gui_thread_export(scene, volume, segmentation, names, seg_file, tmp_path):
+    """The engine's labels from ``seg_file`` equal its labels from the GUI-thread export on three grids: the volume's
+    own, a cropped and shifted one, and a coarser one not aligned with the segmentation's."""
     for stem, shape, first, scale in (("same", (34, 128, 128), (0, 0, 0), 1.0), ("cropped", (27, 110, 95), (5, 10, 3), 1.0),
                                       ("coarse", (20, 75, 76), (0.137, 0.213, 0.071), 1.618)):
         target = grid_volume(scene, volume, shape, first, scale, stem)
         exported = str(tmp_path / f"{stem}.seg.nrrd")
         export_segmentation(target, segmentation, names, exported, later_wins=True)  # what the GUI thread writes
-        ours, missing = engine_labels(source, names, target, tmp_path, stem)
+        ours, missing = engine_labels(seg_file, names, target, tmp_path, stem)
         theirs, missing_before = engine_labels(exported, names, target, tmp_path, stem)
         assert missing == missing_before == [] and set(np.unique(ours)) == {0, 1, 2, 3}
         assert np.array_equal(ours, theirs), (stem, int((ours != theirs).sum()))
@@ -92,20 +98,13 @@ def test_the_child_reads_the_labels_the_gui_thread_export_gives(loaded_chest, tm
 def grid_volume(scene, volume, shape, first, scale, name):
     """A new volume of ``shape`` (k, j, i) whose voxel (0, 0, 0) lies at ``volume``'s voxel ``first`` (i, j, k) and whose
     voxels are ``scale`` times ``volume``'s."""
-    from vtk.util import numpy_support
-
     ijk_to_ras = world_ijk_to_ras(volume)
     m = vtk.vtkMatrix4x4()
     for r in range(3):
         for c in range(3):
             m.SetElement(r, c, ijk_to_ras.GetElement(r, c) * scale)
         m.SetElement(r, 3, ijk_to_ras.GetElement(r, 3) + sum(ijk_to_ras.GetElement(r, c) * first[c] for c in range(3)))
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    image = vtk.vtkImageData()
-    image.SetDimensions(shape[2], shape[1], shape[0])
-    voxels = (np.arange(np.prod(shape)) % 97).astype(np.int16)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels, deep=True, array_type=vtk.VTK_SHORT))
-    node.SetAndObserveImageData(image)
+    node = synthetic_volume(scene, name, shape)
     node.SetIJKToRASMatrix(m)
     return node
 
@@ -228,15 +227,7 @@ def test_a_segmentation_edited_or_made_in_the_scene_is_handed_over_as_a_copy_of_
     files.handoff.write_all()
     assert fingerprint(volume, segmentation) == before and not list((tmp_path / "in").glob("*partial*"))
     assert [c["name"] for c in check.classes()[1:]] == names
-    for stem, shape, first, scale in (("same", (34, 128, 128), (0, 0, 0), 1.0), ("cropped", (27, 110, 95), (5, 10, 3), 1.0),
-                                      ("coarse", (20, 75, 76), (0.137, 0.213, 0.071), 1.618)):
-        target = grid_volume(scene, volume, shape, first, scale, stem)
-        exported = str(tmp_path / f"{stem}.seg.nrrd")
-        export_segmentation(target, segmentation, names, exported, later_wins=True)  # what the GUI thread writes
-        ours, missing = engine_labels(handed, names, target, tmp_path, stem)
-        theirs, missing_before = engine_labels(exported, names, target, tmp_path, stem)
-        assert missing == missing_before == [] and set(np.unique(ours)) == {0, 1, 2, 3}
-        assert np.array_equal(ours, theirs), (stem, int((ours != theirs).sum()))
+    assert_same_labels_as_the_gui_thread_export(scene, volume, segmentation, names, handed, tmp_path)
     segments = {s.name: s for s in cio.read_segmentation(handed).segments}
     seg = segmentation.GetSegmentation()
     for name in names:

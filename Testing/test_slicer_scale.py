@@ -21,7 +21,7 @@ from CPCLSegmentModuleLib.export import export_inputs, export_segmentation, expo
 from CPCLSegmentModuleLib.logic import LogicCore  # noqa: E402
 from CPCLSegmentModuleLib.nodes import ensure_converter_rules, segment_masks, segment_names, volume_array  # noqa: E402
 
-from slicer_scene import new_scene, one_thread_env  # noqa: E402
+from slicer_scene import new_scene, one_thread_env, synthetic_volume  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 
@@ -35,14 +35,7 @@ def controller(scene, tmp_path):
 
 def small_volume(scene, name="small", shape=(40, 48, 56), spacing=2.0):
     """A synthetic int16 volume (numpy ``(k, j, i)`` = ``shape``) with ``spacing`` mm voxels, in ``scene``."""
-    from vtk.util import numpy_support
-
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    image = vtk.vtkImageData()
-    image.SetDimensions(shape[2], shape[1], shape[0])
-    voxels = (np.arange(np.prod(shape)) % 97).astype(np.int16)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels, deep=True, array_type=vtk.VTK_SHORT))
-    node.SetAndObserveImageData(image)
+    node = synthetic_volume(scene, name, shape)
     node.SetSpacing(spacing, spacing, spacing)
     return node
 
