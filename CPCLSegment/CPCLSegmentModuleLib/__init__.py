@@ -15,17 +15,18 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``environment``: package versions from metadata, the child's device report, installing dependencies
   (``check_requirements``, ``describe_backend``). imports: none.
 - ``nodes``: reading the scene's nodes: voxels, geometry, segments and their masks on a volume's grid
-  (``node_name``, ``check_volume``, ``volume_array``, ``world_ijk_to_ras``, ``segment_names``, ``find_segment_id``,
+  (``RAS_TO_LPS``, ``node_name``, ``check_volume``, ``volume_array``, ``world_ijk_to_ras``, ``segment_names``, ``find_segment_id``,
   ``segment_masks``, ``labeled_arrays``, ``sequence_browser_of``). imports: none.
 - ``scene``: the user's cases and volumes in the scene and the module's own outputs (``LabeledCase``,
   ``as_cases``, ``is_module_output``, ``new_output_node``, ``output_for``, ``segmented_volume_pairs``,
   ``volumes_without_segmentation``). imports: attributes, nodes.
 - ``handoff``: volumes and segmentations handed to the child: the original file of a node unchanged since it was
   read, else a snapshot written from a worker thread; a job that starts once its files are written (``original_file``,
-  ``original_segmentation``, ``snapshot``, ``write_snapshot``, ``Handoff``, ``PreparedJob``). imports: nodes.
+  ``original_segmentation``, ``snapshot``, ``write_snapshot``, ``write_then_rename``, ``write_seg_nrrd_kji``, ``Handoff``,
+  ``PreparedJob``). imports: nodes.
 - ``segsnapshot``: a segmentation made or edited in the scene handed to the child: its stored labelmap layer copied
   on the GUI thread, written as a ``.seg.nrrd`` from a worker thread (``SegmentationSnapshot``,
-  ``snapshot_segmentation``, ``write_segmentation_snapshot``). imports: nodes.
+  ``snapshot_segmentation``, ``write_segmentation_snapshot``). imports: handoff, nodes.
 - ``inputcheck``: the input check before training, pure: writes nothing (``check_inputs``, ``CheckResult``,
   ``CheckFailed``). imports: handoff, nodes, scene, segsnapshot.
 - ``export``: scene -> files: volumes, segments, a run's inputs checked in one pass and handed over (originals or

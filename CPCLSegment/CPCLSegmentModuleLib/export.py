@@ -13,9 +13,10 @@ import numpy as np
 import slicer
 from CPCLSegmentLib.errors import InputError
 
-from .handoff import Handoff
+from .handoff import Handoff, write_seg_nrrd_kji
 from .inputcheck import CheckResult, check_inputs
-from .nodes import (
+from .nodes import (  # RAS_TO_LPS: also imported from here by results.py
+    RAS_TO_LPS,
     check_volume,
     find_segment_id,
     matrix_to_array,
@@ -28,8 +29,6 @@ from .nodes import (
 from .scene import LabeledCase
 from .segsnapshot import SegmentationSnapshot, write_segmentation_snapshot
 
-
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def export_volume(volume_node: Any, path: str) -> str:
@@ -51,10 +50,6 @@ def write_segments(path: str, masks: Dict[str, np.ndarray], records: Sequence[Di
 
     The layers are built and written in numpy's (k, j, i) order (no transposed copy of a large volume); each
     segment's extent is the whole grid (what slicerio writes by default; Slicer accepts a larger extent)."""
-    import inspect
-
-    import slicerio
-
     shape = next(iter(masks.values())).shape if masks else None
     layers: List[np.ndarray] = []
     segments = []
@@ -96,11 +91,7 @@ def write_segments(path: str, masks: Dict[str, np.ndarray], records: Sequence[Di
         "masterRepresentation": "Binary labelmap",
         "referenceImageExtentOffset": [0, 0, 0],
     }
-    if "index_order" in inspect.signature(slicerio.write_segmentation).parameters:
-        slicerio.write_segmentation(str(path), dict(header, voxels=voxels), compression_level=compression_level, index_order="C")
-    else:  # older slicerio: ([layer,] i, j, k) arrays in Fortran order
-        voxels = voxels.transpose(2, 1, 0) if voxels.ndim == 3 else voxels.transpose(3, 2, 1, 0)
-        slicerio.write_segmentation(str(path), dict(header, voxels=np.ascontiguousarray(voxels)), compression_level=compression_level)
+    write_seg_nrrd_kji(str(path), header, voxels, compression_level)
 
 
 def terminology_to_string(term: Dict[str, Any]) -> str:

@@ -30,24 +30,30 @@ import slicer
 from CPCLSegmentLib import jobs
 from CPCLSegmentLib.errors import CPCLError, InputError
 
-from .nodes import check_volume, find_segment_id, matrix_to_array, node_name, volume_array, world_ijk_to_ras
+from .nodes import RAS_TO_LPS, check_volume, find_segment_id, matrix_to_array, node_name, volume_array, world_ijk_to_ras
 
 # What the engine reads (SimpleITK) the way Slicer read it; DICOM series and other multi-file formats are written.
 READABLE = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _unchanged_file(node: Any, suffixes: tuple) -> Optional[str]:
+    """The one file ``node`` was read from (or last saved to), ending in one of ``suffixes``, when the node has no
+    parent transform and is unchanged since (``GetModifiedSinceRead``) and the file exists; else None."""
+    storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
+    if storage is None or node.GetParentTransformNode() is not None or node.GetModifiedSinceRead():
+        return None
+    path = storage.GetFileName()
+    if not path or not str(path).lower().endswith(suffixes) or storage.GetNumberOfFileNames() > 1:
+        return None
+    return os.path.abspath(path) if os.path.isfile(path) else None
 
 
 def original_file(node: Any) -> Optional[str]:
     """The file ``node`` was read from, when the child can read it as the node is now; else None."""
     storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
-    if storage is None or node.GetParentTransformNode() is not None:
+    if storage is not None and hasattr(storage, "GetCenterImage") and storage.GetCenterImage():
         return None
-    path = storage.GetFileName()
-    if not path or not str(path).lower().endswith(READABLE) or storage.GetNumberOfFileNames() > 1:
-        return None
-    if (hasattr(storage, "GetCenterImage") and storage.GetCenterImage()) or node.GetModifiedSinceRead():
-        return None
-    return os.path.abspath(path) if os.path.isfile(path) else None
+    return _unchanged_file(node, READABLE)
 
 
 def original_segmentation(node: Any, names: Sequence[str]) -> Optional[str]:
@@ -56,19 +62,13 @@ def original_segmentation(node: Any, names: Sequence[str]) -> Optional[str]:
     since read (``GetModifiedSinceRead``) when a segment is added, removed, renamed, recoloured or painted; a parent
     transform does not mark it, so it is checked here. The named segments must share one labelmap layer: segments in
     separate layers may overlap, and overlaps are settled (or refused) by the check on the GUI thread."""
-    storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
-    if storage is None or node.GetParentTransformNode() is not None or node.GetModifiedSinceRead():
-        return None
-    path = storage.GetFileName()
-    if not path or not str(path).lower().endswith(".seg.nrrd") or storage.GetNumberOfFileNames() > 1:
-        return None
     segmentation = node.GetSegmentation()
     if segmentation.GetSourceRepresentationName() != slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName():
         return None
     ids = [sid for sid in (find_segment_id(node, name) for name in names) if sid is not None]
     if len({segmentation.GetLayerIndex(sid) for sid in ids}) > 1:
         return None
-    return os.path.abspath(path) if os.path.isfile(path) else None
+    return _unchanged_file(node, (".seg.nrrd",))
 
 
 @dataclass
@@ -104,24 +104,47 @@ def nrrd_header(snap: VolumeSnapshot) -> bytes:
     return ("\n".join(lines) + "\n\n").encode("ascii")
 
 
+def write_then_rename(path: str, partial: str, write: Callable[[str], Any], what: str) -> str:
+    """Runs ``write(partial)`` and moves ``partial`` over ``path``, from any thread: a partial file never has the final
+    name, and is removed on failure (an ``InputError`` naming ``what`` and ``path``)."""
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except OSError as e:
+        raise InputError(f"cannot write {what} to {path}: {e}") from None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
+def write_seg_nrrd_kji(path: str, header: Dict[str, Any], voxels: np.ndarray, compression_level: int) -> None:
+    """slicerio's ``write_segmentation`` of numpy ``(k, j, i[, layer])`` voxels: written as they are where slicerio
+    takes C-order arrays (``index_order``), transposed for an older slicerio (``([layer,] i, j, k)`` in Fortran order)."""
+    import inspect
+
+    import slicerio
+
+    if "index_order" in inspect.signature(slicerio.write_segmentation).parameters:
+        slicerio.write_segmentation(path, dict(header, voxels=voxels), compression_level=compression_level, index_order="C")
+    else:
+        voxels = voxels.transpose(2, 1, 0) if voxels.ndim == 3 else voxels.transpose(3, 2, 1, 0)
+        slicerio.write_segmentation(path, dict(header, voxels=np.ascontiguousarray(voxels)), compression_level=compression_level)
+
+
 def write_snapshot(snap: VolumeSnapshot) -> str:
     """Writes a snapshot as an uncompressed ``.nrrd`` from any thread (the voxels go to the file without another
     copy), atomically: a partial file never has the final name."""
     if snap.voxels.dtype.name not in NRRD_TYPES:
         raise InputError(f"volume '{snap.name}' has voxels of type {snap.voxels.dtype}, which CPCLSegment cannot pass on")
     voxels = np.ascontiguousarray(snap.voxels, dtype=snap.voxels.dtype.newbyteorder("<"))
-    partial = snap.path + ".partial"
-    try:
+
+    def write(partial: str) -> None:
         with open(partial, "wb") as f:
             f.write(nrrd_header(snap))
             f.write(memoryview(voxels).cast("B"))
-        os.replace(partial, snap.path)
-    except OSError as e:
-        raise InputError(f"cannot write volume '{snap.name}' to {snap.path}: {e}") from None
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return snap.path
+
+    return write_then_rename(snap.path, snap.path + ".partial", write, f"volume '{snap.name}'")
 
 
 @dataclass

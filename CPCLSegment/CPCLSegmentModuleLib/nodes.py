@@ -18,6 +18,8 @@ from vtk.util import numpy_support
 import slicer
 from CPCLSegmentLib.errors import InputError
 
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # Slicer's RAS world to the LPS of NRRD and ITK files
+
 
 def node_name(node: Any) -> str:
     return node.GetName() if node is not None and node.GetName() else "(unnamed)"

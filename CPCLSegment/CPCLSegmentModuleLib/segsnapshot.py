@@ -14,8 +14,6 @@ one layer (they may overlap: the GUI-thread check settles or refuses that), or n
 
 from __future__ import annotations
 
-import inspect
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -24,11 +22,10 @@ import vtk
 from vtk.util import numpy_support
 
 import slicer
-from CPCLSegmentLib.errors import InputError
 
-from .nodes import find_segment_id, matrix_to_array, node_name, segment_record
+from .handoff import write_seg_nrrd_kji, write_then_rename
+from .nodes import RAS_TO_LPS, find_segment_id, matrix_to_array, node_name, segment_record
 
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 WRITABLE = ("uint8", "int8", "uint16", "int16", "uint32", "int32")
 
 
@@ -84,8 +81,6 @@ def snapshot_segmentation(node: Any, names: Sequence[str]) -> Optional[Segmentat
 def write_segmentation_snapshot(snap: SegmentationSnapshot, path: str, compression_level: int = 1) -> str:
     """Writes the snapshot as a one-layer ``.seg.nrrd`` at ``path`` from any thread, atomically (a partial file never
     has the final name); the voxels keep their label values, the segments their names, colours, IDs, terminology."""
-    import slicerio
-
     shape = snap.voxels.shape
     segments = []
     for s in snap.segments:
@@ -98,17 +93,5 @@ def write_segmentation_snapshot(snap: SegmentationSnapshot, path: str, compressi
     header = {"ijkToLPS": RAS_TO_LPS @ snap.ijk_to_ras, "segments": segments, "containedRepresentationNames": ["Binary labelmap"],
               "masterRepresentation": "Binary labelmap", "referenceImageExtentOffset": [0, 0, 0]}
     partial = str(path)[: -len(".seg.nrrd")] + ".partial.seg.nrrd"
-    try:
-        if "index_order" in inspect.signature(slicerio.write_segmentation).parameters:
-            slicerio.write_segmentation(partial, dict(header, voxels=snap.voxels), compression_level=compression_level,
-                                        index_order="C")
-        else:  # older slicerio: (i, j, k) arrays in Fortran order
-            slicerio.write_segmentation(partial, dict(header, voxels=np.ascontiguousarray(snap.voxels.transpose(2, 1, 0))),
-                                        compression_level=compression_level)
-        os.replace(partial, str(path))
-    except OSError as e:
-        raise InputError(f"cannot write segmentation '{snap.name}' to {path}: {e}") from None
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return str(path)
+    return write_then_rename(str(path), partial, lambda p: write_seg_nrrd_kji(p, header, snap.voxels, compression_level),
+                             f"segmentation '{snap.name}'")
