@@ -420,7 +420,8 @@ def test_gui_thread_time_from_train_to_the_child_starting(tmp_path):
     job = c.train()
     seconds = time.perf_counter() - t0
     try:
-        while job.proc is None and not job.finished:  # the files are written from a worker thread, then the child starts
+        while job.proc is None and not job.finished:  # written from a worker thread, checked on this one, then the child starts
+            c.poll()
             time.sleep(0.02)
         assert job.proc is not None and job.status == "running"
         assert job.check.rasterised == 0 and job.check.snapshots == 1  # its labelmap layer copied, not rasterised

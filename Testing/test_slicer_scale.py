@@ -303,8 +303,9 @@ def test_the_train_click_writes_no_volume_on_the_gui_thread_and_the_child_starts
     labeled_image = job.args[job.args.index("--labeled") + 1]
     assert Path(labeled_image).parent == inputs and labeled_image.endswith("labeled-000.nrrd")
     deadline = time.time() + 120
-    while job.proc is None and not job.finished:  # written from a worker thread, then the child starts
+    while job.proc is None and not job.finished:  # written from a worker thread, checked on this one, then the child starts
         assert time.time() < deadline
+        c.poll()
         time.sleep(0.02)
     assert job.proc is not None and sorted(p.name for p in inputs.iterdir()) == ["labeled-000.nrrd", "labeled-000.seg.nrrd"]
     assert not list(inputs.glob("*.partial"))
@@ -428,3 +429,113 @@ def test_a_result_cropped_to_its_segments_reads_into_the_same_segments_on_the_vo
     while c.busy("segment"):
         c.poll()
         time.sleep(0.05)
+
+
+def written_like_slicer_writes(node, path, tmp_path):
+    """Whether the .nrrd at ``path`` holds ``node``'s voxels and geometry as Slicer's own writer writes them now."""
+    import SimpleITK as sitk
+    from CPCLSegmentLib import io as cio
+
+    export_volume(node, str(tmp_path / "expected.nrrd"))
+    expected, written = cio.read_image(str(tmp_path / "expected.nrrd")), cio.read_image(str(path))
+    return (np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(expected))
+            and np.allclose(written.GetDirection(), expected.GetDirection()) and np.allclose(written.GetOrigin(), expected.GetOrigin())
+            and np.allclose(written.GetSpacing(), expected.GetSpacing()))
+
+
+def test_a_volume_made_in_the_scene_is_not_copied_at_the_click_and_one_edited_while_written_is_written_again(tmp_path, monkeypatch):
+    import threading
+
+    from vtk.util import numpy_support
+
+    from CPCLSegmentModuleLib import handoff as handoff_module
+    from CPCLSegmentModuleLib.handoff import Handoff, PreparedJob
+
+    scene = new_scene()
+    made = small_volume(scene, "made")
+    voxels = numpy_support.vtk_to_numpy(made.GetImageData().GetPointData().GetScalars())
+    handoff = Handoff(str(tmp_path / "run"))
+    path = handoff.volume(made, "v0")
+    assert np.shares_memory(handoff.live[0].voxels, voxels)  # a view of the node's voxels: nothing copied at the click
+    halfway, edited, first = threading.Event(), threading.Event(), []
+    write_voxels = handoff_module._write_voxels
+
+    def paused(f, data):  # the first write stops halfway until the GUI thread has edited the voxels
+        flat = memoryview(data).cast("B")
+        if first:
+            return write_voxels(f, data)
+        first.append(1)
+        f.write(flat[: len(flat) // 2])
+        halfway.set()
+        assert edited.wait(30)
+        f.write(flat[len(flat) // 2:])
+
+    monkeypatch.setattr(handoff_module, "_write_voxels", paused)
+    job = PreparedJob(["probe"], module="CPCLSegmentLib.childinfo", env=one_thread_env(), prepare=handoff.write_all,
+                      verify=handoff.verify).start()
+    assert halfway.wait(30)
+    voxels[: voxels.size // 4] += 7  # an edit of the half already written, as slicer.util.arrayFromVolume allows,
+    made.GetImageData().Modified()  # then what slicer.util.arrayFromVolumeModified does
+    edited.set()
+    deadline = time.time() + 60
+    while job.proc is None and not job.finished:  # the GUI thread's poll compares, the worker writes it again
+        assert time.time() < deadline
+        job.poll()
+        time.sleep(0.02)
+    assert job.proc is not None and handoff.rewritten == ["made"]
+    job.cancel()
+    assert written_like_slicer_writes(made, path, tmp_path)  # the edited voxels, never a mix of before and after
+
+
+def test_a_volume_given_other_voxels_or_geometry_before_the_check_is_written_again_a_removed_node_is_not(tmp_path):
+    import vtk
+
+    from CPCLSegmentModuleLib.handoff import Handoff
+
+    scene = new_scene()
+    moved, replaced, removed, kept, emptied = (small_volume(scene, name) for name in ("moved", "replaced", "removed", "kept", "emptied"))
+    handoff = Handoff(str(tmp_path / "run"))
+    paths = [handoff.volume(v, v.GetName()) for v in (moved, replaced, removed, kept)]
+    handoff.write_all()
+    at_click = volume_array(removed)
+    moved.SetSpacing(3.0, 3.0, 3.0)
+    other = vtk.vtkImageData()
+    other.DeepCopy(replaced.GetImageData())
+    other.GetPointData().GetScalars().SetValue(0, 1234)
+    replaced.SetAndObserveImageData(other)
+    scene.RemoveNode(removed)
+    assert handoff.verify() == ["moved", "replaced"] and len(handoff.writes) == 2
+    handoff.write_all()
+    assert handoff.verify() == []
+    for node, path in ((moved, paths[0]), (replaced, paths[1]), (kept, paths[3])):
+        assert written_like_slicer_writes(node, path, tmp_path), node.GetName()
+    from CPCLSegmentLib import io as cio
+    import SimpleITK as sitk
+
+    assert np.array_equal(sitk.GetArrayFromImage(cio.read_image(paths[2])), at_click)  # its voxels, kept alive
+
+    handoff.volume(emptied, "emptied")
+    handoff.write_all()
+    emptied.SetAndObserveImageData(None)
+    with pytest.raises(InputError, match="'emptied' has no voxels"):
+        handoff.verify()
+
+
+def test_a_volume_that_keeps_changing_while_written_fails_the_job_naming_it(tmp_path):
+    from CPCLSegmentLib.jobs import JobError
+    from CPCLSegmentModuleLib.handoff import MAX_REWRITES, Handoff, PreparedJob
+
+    scene = new_scene()
+    made = small_volume(scene, "made")
+    handoff = Handoff(str(tmp_path / "run"))
+    handoff.volume(made, "v0")
+
+    def edited_then_verified():  # an edit on the GUI thread before every check
+        made.GetImageData().Modified()
+        return handoff.verify()
+
+    job = PreparedJob(["probe"], module="CPCLSegmentLib.childinfo", env=one_thread_env(), prepare=handoff.write_all,
+                      verify=edited_then_verified).start()
+    with pytest.raises(JobError, match="'made' kept changing while written"):
+        job.wait(timeout=60)
+    assert job.proc is None and handoff.rewritten == ["made"] * MAX_REWRITES

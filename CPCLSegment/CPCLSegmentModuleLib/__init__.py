@@ -20,10 +20,14 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``scene``: the user's cases and volumes in the scene and the module's own outputs (``LabeledCase``,
   ``as_cases``, ``is_module_output``, ``new_output_node``, ``output_for``, ``segmented_volume_pairs``,
   ``volumes_without_segmentation``). imports: attributes, nodes.
+- ``livevolume``: a volume made in the scene captured at the click without a copy (a view of its voxels, its image
+  data's modification time and geometry) and compared with its node once written (``LiveVolume``, ``capture``,
+  ``unchanged``). imports: nodes.
 - ``handoff``: volumes and segmentations handed to the child: the original file of a node unchanged since it was
-  read, else a snapshot written from a worker thread; a job that starts once its files are written (``original_file``,
-  ``original_segmentation``, ``snapshot``, ``write_snapshot``, ``write_then_rename``, ``write_seg_nrrd_kji``, ``Handoff``,
-  ``PreparedJob``). imports: nodes.
+  read, else a file written from a worker thread from the captured voxels and checked on the GUI thread (written
+  again where the node changed meanwhile); a job that starts once its files are written and checked
+  (``original_file``, ``original_segmentation``, ``write_snapshot``, ``write_then_rename``, ``write_seg_nrrd_kji``,
+  ``Handoff``, ``PreparedJob``). imports: livevolume, nodes.
 - ``segsnapshot``: a segmentation made or edited in the scene handed to the child: its stored labelmap layer copied
   on the GUI thread, written as a ``.seg.nrrd`` from a worker thread (``SegmentationSnapshot``,
   ``snapshot_segmentation``, ``write_segmentation_snapshot``). imports: handoff, nodes.

@@ -3,8 +3,10 @@
 - A volume **unchanged since it was read** (its storage node's file exists and is a format the engine reads,
   ``vtkMRMLVolumeNode::GetModifiedSinceRead`` is false: neither voxels nor geometry changed, no parent transform, not
   centred on load) is handed over as that file: nothing is copied or written (``original_file``).
-- Any other volume is read on the GUI thread only as far as a node must be read: its voxels are copied and its
-  (hardened) geometry taken (``snapshot``); the file is written later, from a worker thread (``Handoff.write_all``).
+- Any other volume is captured on the GUI thread without a copy (``livevolume.capture``: its image data kept, a
+  zero-copy view of its voxels, its modification time and hardened geometry); the file is written later, from a worker
+  thread (``Handoff.write_all``), and compared with the node on the GUI thread once written (``Handoff.verify``): a
+  volume changed meanwhile is written again before the child starts.
 - A labeled case's segmentation **unchanged since it was read from (or saved to) a** ``.seg.nrrd``
   (``vtkMRMLStorableNode::GetModifiedSinceRead`` is false: no segment added, removed, renamed, recoloured or painted
   since; no parent transform; the selected segments in one labelmap layer, so none overlap) is handed over as that
@@ -30,7 +32,8 @@ import slicer
 from CPCLSegmentLib import jobs
 from CPCLSegmentLib.errors import CPCLError, InputError
 
-from .nodes import RAS_TO_LPS, check_volume, find_segment_id, matrix_to_array, node_name, volume_array, world_ijk_to_ras
+from .livevolume import LiveVolume, capture, unchanged
+from .nodes import RAS_TO_LPS, check_volume, find_segment_id
 
 # What the engine reads (SimpleITK) the way Slicer read it; DICOM series and other multi-file formats are written.
 READABLE = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -71,27 +74,11 @@ def original_segmentation(node: Any, names: Sequence[str]) -> Optional[str]:
     return _unchanged_file(node, (".seg.nrrd",))
 
 
-@dataclass
-class VolumeSnapshot:
-    """A volume's voxels (a copy, numpy ``(k, j, i)``) and hardened IJK-to-RAS, to be written to ``path``."""
-
-    path: str
-    voxels: np.ndarray
-    ijk_to_ras: np.ndarray
-    name: str
-
-
-def snapshot(node: Any, path: str) -> VolumeSnapshot:
-    """What writing ``node`` to ``path`` needs, read on the GUI thread (the voxels are copied)."""
-    check_volume(node)
-    return VolumeSnapshot(str(path), volume_array(node), matrix_to_array(world_ijk_to_ras(node)), node_name(node))
-
-
 NRRD_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16", "int32": "int32", "uint32": "uint32",
               "int64": "int64", "uint64": "uint64", "float32": "float", "float64": "double"}
 
 
-def nrrd_header(snap: VolumeSnapshot) -> bytes:
+def nrrd_header(snap: LiveVolume) -> bytes:
     """A detached-free, uncompressed NRRD header for the snapshot (LPS space, as Slicer writes volumes). Written here
     rather than by pynrrd, which stamps the time into every header: the same volume written twice must be the same
     bytes, so the engine's preprocessing cache (keyed by content) recognises it."""
@@ -132,8 +119,12 @@ def write_seg_nrrd_kji(path: str, header: Dict[str, Any], voxels: np.ndarray, co
         slicerio.write_segmentation(path, dict(header, voxels=np.ascontiguousarray(voxels)), compression_level=compression_level)
 
 
-def write_snapshot(snap: VolumeSnapshot) -> str:
-    """Writes a snapshot as an uncompressed ``.nrrd`` from any thread (the voxels go to the file without another
+def _write_voxels(f: Any, voxels: np.ndarray) -> None:
+    f.write(memoryview(voxels).cast("B"))
+
+
+def write_snapshot(snap: LiveVolume) -> str:
+    """Writes a captured volume as an uncompressed ``.nrrd`` from any thread (the voxels go to the file without a
     copy), atomically: a partial file never has the final name."""
     if snap.voxels.dtype.name not in NRRD_TYPES:
         raise InputError(f"volume '{snap.name}' has voxels of type {snap.voxels.dtype}, which CPCLSegment cannot pass on")
@@ -142,58 +133,84 @@ def write_snapshot(snap: VolumeSnapshot) -> str:
     def write(partial: str) -> None:
         with open(partial, "wb") as f:
             f.write(nrrd_header(snap))
-            f.write(memoryview(voxels).cast("B"))
+            _write_voxels(f, voxels)
 
     return write_then_rename(snap.path, snap.path + ".partial", write, f"volume '{snap.name}'")
 
 
 @dataclass
 class Handoff:
-    """The files a job's child reads: each volume's path (its original file, or one to write), and the writes still
-    to do (``write_all``, from a worker thread)."""
+    """The files a job's child reads: each volume's path (its original file, or one to write), the writes still to
+    do (``write_all``, from a worker thread), and the volumes captured without a copy (``live``: ``verify`` compares
+    them with their nodes on the GUI thread once written)."""
 
     folder: str
     files: Dict[str, str] = field(default_factory=dict)  # volume ID -> path
     writes: List[Callable[[], Any]] = field(default_factory=list)
     originals: int = 0
+    live: List[LiveVolume] = field(default_factory=list)
+    rewritten: List[str] = field(default_factory=list)  # names of volumes written again: changed while written
     _names: set = field(default_factory=set)  # file names handed over: the child names its outputs after them
 
     def volume(self, node: Any, stem: str) -> str:
         """The path the child reads ``node`` from: its original file (unless another volume's file has that name),
-        else a snapshot written later."""
+        else a file written later from the node's voxels (captured now, without a copy)."""
         if node.GetID() not in self.files:
             check_volume(node)
             path = original_file(node)
             if path is not None and os.path.basename(path).lower() not in self._names:
                 self.originals += 1
             else:
-                snap = snapshot(node, os.path.join(self.folder, f"{stem}.nrrd"))
-                path = snap.path
-                self.writes.append(lambda snap=snap: write_snapshot(snap))
+                path = self._capture(node, os.path.join(self.folder, f"{stem}.nrrd"))
             self.files[node.GetID()] = path
             self._names.add(os.path.basename(path).lower())
         return self.files[node.GetID()]
+
+    def _capture(self, node: Any, path: str) -> str:
+        live = capture(node, path)
+        self.live.append(live)
+        self.writes.append(lambda live=live: write_snapshot(live))
+        return live.path
 
     def later(self, write: Callable[[], Any]) -> None:
         self.writes.append(write)
 
     def write_all(self, cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Writes what is still to write, in order (each snapshot is dropped once written, so memory goes down), until
-        ``cancelled()``."""
+        """Writes what is still to write, in order, until ``cancelled()``."""
         if self.writes:
             os.makedirs(self.folder, exist_ok=True)
         while self.writes and not cancelled():
             self.writes.pop(0)()
 
+    def verify(self) -> List[str]:
+        """On the GUI thread, once ``write_all`` has run: the names of the captured volumes whose node changed since
+        (other image data, voxels modified, other geometry); each is captured again and its write queued (``write_all``
+        writes it again). ``InputError`` naming the node when it is no longer a volume with voxels."""
+        stale = [live for live in self.live if not unchanged(live)]
+        for live in stale:
+            self.live.remove(live)
+            self._capture(live.node, live.path)
+        self.rewritten += [live.name for live in stale]
+        return [live.name for live in stale]
+
+
+MAX_REWRITES = 3  # a volume that keeps changing while it is written fails the job after this many writes
+
 
 class PreparedJob(jobs.Job):
     """A job whose child starts once ``prepare(cancelled)`` (writing its input files) has run on a worker thread. It is
     running from ``start()`` on: Cancel ends it before the child starts (the child never runs), Stop reaches the
-    child; a failing ``prepare`` ends the job as failed with that message."""
+    child; a failing ``prepare`` ends the job as failed with that message. ``verify()`` (optional; ``Handoff.verify``)
+    runs on the thread that drains the job's events (``poll``, ``wait``: the GUI thread) once ``prepare`` has run: while
+    it names volumes that changed, ``prepare`` runs again (up to ``MAX_REWRITES`` times, then the job fails naming
+    them); the child starts once it names none."""
 
-    def __init__(self, *args: Any, prepare: Optional[Callable[[Callable[[], bool]], Any]] = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, prepare: Optional[Callable[[Callable[[], bool]], Any]] = None,
+                 verify: Optional[Callable[[], List[str]]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.prepare = prepare
+        self.prepare, self.verify = prepare, verify
+        self._verified = threading.Event()
+        self._verify_outcome: Any = None
 
     def start(self) -> "PreparedJob":
         if self.prepare is None:
@@ -207,8 +224,17 @@ class PreparedJob(jobs.Job):
 
     def _prepare_then_start(self) -> None:
         prepare, self.prepare = self.prepare, None
+        cancelled = lambda: self._cancel_requested  # noqa: E731
         try:
-            prepare(lambda: self._cancel_requested)
+            prepare(cancelled)
+            for n in range(1, MAX_REWRITES + 1):
+                stale = self._verify_on_gui_thread() if self.verify is not None and not cancelled() else []
+                if not stale:
+                    break
+                if n == MAX_REWRITES:
+                    raise InputError(f"volume(s) {', '.join(repr(s) for s in stale)} kept changing while written for the "
+                                     f"{self.name} ({n} times): start it again once they are no longer being modified")
+                prepare(cancelled)
         except Exception as e:  # noqa: BLE001 - ends the job with the message instead of a lost thread
             self._end_unstarted("failed", str(e) if isinstance(e, CPCLError) else f"{type(e).__name__}: {e}")
             return
@@ -218,6 +244,27 @@ class PreparedJob(jobs.Job):
         jobs.Job.start(self)  # status stays "running": wait() never starts it a second time
         if self._cancel_requested:  # cancelled while the child was being started
             self.cancel(block=False)
+
+    def _verify_on_gui_thread(self) -> List[str]:
+        """Asks the thread that drains the events to run ``verify`` and waits for its answer (worker thread)."""
+        self._verified.clear()
+        self._queue.put({"event": "_verify"})
+        while not self._verified.wait(0.05):
+            if self._cancel_requested:
+                return []
+        if isinstance(self._verify_outcome, BaseException):
+            raise self._verify_outcome
+        return list(self._verify_outcome or [])
+
+    def _handle(self, event: Dict[str, Any]) -> List[Dict[str, Any]]:
+        if event.get("event") != "_verify":
+            return super()._handle(event)
+        try:
+            self._verify_outcome = self.verify() if self.verify is not None else []
+        except Exception as e:  # noqa: BLE001 - handed to the worker, which fails the job with it
+            self._verify_outcome = e
+        self._verified.set()
+        return []
 
     def _end_unstarted(self, status: str, error: Optional[str]) -> None:
         self.status, self.exit_code, self.error, self.ended_at = status, 1, error, time.time()

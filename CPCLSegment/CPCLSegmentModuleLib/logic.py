@@ -80,9 +80,13 @@ class LogicCore(ModelAPI):
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
 
-    def _job(self, args: Sequence[Any], name: str, device: str = "auto", **kwargs: Any) -> jobs.Job:
-        """A job whose child starts once ``prepare`` (a keyword: writing its input files) has run on a worker thread."""
+    def _job(self, args: Sequence[Any], name: str, device: str = "auto", handoff: Optional[Handoff] = None,
+             **kwargs: Any) -> jobs.Job:
+        """A job whose child starts once ``handoff``'s files are written on a worker thread and its volumes found
+        unchanged on the GUI thread (``PreparedJob``)."""
         extra = {"CUDA_VISIBLE_DEVICES": "-1"} if device == "cpu" else None
+        if handoff is not None:
+            kwargs.update(prepare=handoff.write_all, verify=handoff.verify)
         return PreparedJob(args, python=self.python, env=self.env, extra_env=extra, name=name, **kwargs)
 
     @staticmethod
@@ -134,7 +138,7 @@ class LogicCore(ModelAPI):
         refuse_second_training(self.training)
         self.ensure_dependencies()
         plan = self._plan_training(labeled, unlabeled, segments, out, values)  # the files are written by the job's worker
-        job = self._train_job(plan["args"], plan["run_dir"], plan["record"], plan["handoff"].write_all)
+        job = self._train_job(plan["args"], plan["run_dir"], plan["record"], plan["handoff"])
         job.check = plan["check"]  # what the one rasterisation pass found (warnings, counts), for the panel
         LogicCore.training = job.start()
         return job
@@ -151,8 +155,8 @@ class LogicCore(ModelAPI):
 
     can_resume = staticmethod(can_resume)
 
-    def _train_job(self, args: List[str], run_dir: str, record: Dict[str, Any], prepare: Any = None) -> jobs.Job:
-        return self._job(args, "training", record.get("device", "auto"), work_dir=run_dir, prepare=prepare,
+    def _train_job(self, args: List[str], run_dir: str, record: Dict[str, Any], handoff: Optional[Handoff] = None) -> jobs.Job:
+        return self._job(args, "training", record.get("device", "auto"), work_dir=run_dir, handoff=handoff,
                          collect=lambda job: collect_model(self.scene, job, run_dir, record),
                          keep_work_dir=lambda job: keep_run_dir(job, run_dir, record["out"]))
 
@@ -205,7 +209,7 @@ class LogicCore(ModelAPI):
                 raise jobs.JobError(f"segmentation wrote {len(outputs)} result(s) for {len(volumes)} volume(s)")
             return [imported.pop(i) if i in imported else one(i, p) for i, p in enumerate(outputs)]
 
-        job = self._job(args, "segmentation", self._device_arg(device), work_dir=run_dir, collect=collect, prepare=handoff.write_all)
+        job = self._job(args, "segmentation", self._device_arg(device), work_dir=run_dir, collect=collect, handoff=handoff)
         job.take_output = take_output
         job.imported = imported  # what an ended job that returns no result leaves (the panel removes it)
         return job.start()
@@ -252,7 +256,7 @@ class LogicCore(ModelAPI):
             return rows
 
         return self._job(args, "ranking", self._device_arg(device), work_dir=run_dir, collect=collect,
-                         keep_work_dir=lambda job: job.status == "done", prepare=handoff.write_all).start()
+                         keep_work_dir=lambda job: job.status == "done", handoff=handoff).start()
 
     def rank(self, model: ModelRef, volumes: Sequence[Any], wait: bool = True, on_event: OnEvent = None, score: str = "auto",
              device: str = "auto") -> Any:
