@@ -344,7 +344,19 @@ def test_a_job_cancelled_while_its_files_are_written_never_starts_its_child_and_
     assert job.proc is None and job.status == "failed"
 
 
-def test_each_segmentation_result_becomes_a_node_as_the_child_reports_it_and_a_cancel_removes_them(tmp_path):
+def test_each_segmentation_result_becomes_a_node_as_the_child_reports_it_and_a_cancel_removes_them(tmp_path, monkeypatch):
+    import threading
+
+    from CPCLSegmentModuleLib import results
+
+    read_on = []
+    read_result = results.read_result
+
+    def recorded(path):
+        read_on.append(threading.current_thread())
+        return read_result(path)
+
+    monkeypatch.setattr(results, "read_result", recorded)
     scene = new_scene()
     volumes = [small_volume(scene, f"CT {n}") for n in range(2)]
     c = controller(scene, tmp_path)
@@ -357,7 +369,18 @@ def test_each_segmentation_result_becomes_a_node_as_the_child_reports_it_and_a_c
     export_segmentation(volumes[0], seg, ["box"], str(result))
     before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     job._queue.put({"event": "predict", "index": 1, "of": 2, "image": "CT 0", "output": str(result)})  # the child's event
-    c.poll()
+
+    def unread(*args):
+        raise AssertionError("the GUI thread read the result file")
+
+    monkeypatch.setattr(slicer, "vtkMRMLSegmentationStorageNode", unread)
+    deadline = time.time() + 60
+    while scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before:  # read on a worker, built on a later poll
+        c.poll()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    monkeypatch.undo()
+    assert read_on and read_on[0] is not threading.main_thread()
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before + 1 and c.busy("segment")
     c.cancel("segment")
     deadline = time.time() + 60

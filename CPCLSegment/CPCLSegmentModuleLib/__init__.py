@@ -36,8 +36,12 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``export``: scene -> files: volumes, segments, a run's inputs checked in one pass and handed over (originals or
   files written later) (``export_volume``, ``write_segments``, ``export_segmentation``, ``export_inputs``,
   ``ExportedInputs``). imports: handoff, inputcheck, nodes, scene, segsnapshot.
-- ``results``: files -> NEW nodes (``import_segmentation``, ``import_scalar_volume``, ``empty_segmentation``,
-  ``nest_segments``). imports: attributes, export, nodes, scene.
+- ``resultread``: a result ``.seg.nrrd`` read on a worker thread into what Slicer's storage node makes of it (one
+  image per layer, one segment each), its segments added to a node on the GUI thread (``ReadResult``, ``read_result``,
+  ``add_segments``). imports: nodes.
+- ``results``: files -> NEW nodes; a segmentation job's results read on a worker thread as the child reports them
+  (``import_segmentation``, ``read_segmentation_result``, ``ResultImports``, ``import_scalar_volume``,
+  ``empty_segmentation``, ``nest_segments``). imports: attributes, export, nodes, resultread, scene.
 - ``modelnode``: a model as a node with a short text plus a hidden data node holding the file, so no view renders
   the payload (``payload_node``, ``model_bytes``, ``file_matches``, ``upgrade_model_node``, ``remove_model``,
   ``describe``). imports: attributes, scene.

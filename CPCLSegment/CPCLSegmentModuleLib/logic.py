@@ -27,7 +27,7 @@ from .logicmodels import ModelAPI, ModelRef
 from .models import model_nested
 from .nodes import check_volume, ensure_converter_rules, node_name, segment_names
 from .options import split_settings, train_config
-from .results import import_scalar_volume, import_segmentation
+from .results import ResultImports, import_scalar_volume, import_segmentation
 from .scene import OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, as_cases, output_for
 from .trainrun import can_resume, collect_model, keep_run_dir, read_command, refuse_second_training, write_training_run
 
@@ -192,26 +192,22 @@ class LogicCore(ModelAPI):
         args = ["predict", "--model", path, "--image", *files, "--out", out_dir + os.sep, "--format", ".seg.nrrd",
                 "--crop-to-segments", "--weights", weights, "--device", self._device_arg(device)]
 
-        imported: Dict[int, Any] = {}
-
-        def one(i: int, path: str) -> Any:
-            return import_segmentation(self.scene, path, volumes[i], names[i] if names else None, nested, kind,
-                                       targets[i] if targets else None)
-
-        def take_output(event: Dict[str, Any]) -> None:  # the panel imports each result as the child reports it
-            i, path = int(event.get("index") or 0) - 1, str(event.get("output") or "")
-            if 0 <= i < len(volumes) and i not in imported and os.path.isfile(path):
-                imported[i] = one(i, path)
+        imports = ResultImports(lambda i, path, read: import_segmentation(
+            self.scene, path, volumes[i], names[i] if names else None, nested, kind, targets[i] if targets else None, read),
+            len(volumes), nested)  # the panel has each result read on a worker as the child reports it
 
         def collect(job: jobs.Job) -> List[Any]:
             outputs = (job.done or {}).get("outputs") or []
-            if len(outputs) != len(volumes):
-                raise jobs.JobError(f"segmentation wrote {len(outputs)} result(s) for {len(volumes)} volume(s)")
-            return [imported.pop(i) if i in imported else one(i, p) for i, p in enumerate(outputs)]
+            try:
+                if len(outputs) != len(volumes):
+                    raise jobs.JobError(f"segmentation wrote {len(outputs)} result(s) for {len(volumes)} volume(s)")
+                return [imports.take(i, p) for i, p in enumerate(outputs)]
+            finally:
+                imports.close()
 
         job = self._job(args, "segmentation", self._device_arg(device), work_dir=run_dir, collect=collect, handoff=handoff)
-        job.take_output = take_output
-        job.imported = imported  # what an ended job that returns no result leaves (the panel removes it)
+        job.take_output, job.import_ready = imports.started, imports.import_ready
+        job.imported = imports.imported  # what an ended job that returns no result leaves (the panel removes it)
         return job.start()
 
     def segment(self, model: ModelRef, volume: Any, wait: bool = True, on_event: OnEvent = None, weights: str = "teacher",

@@ -63,6 +63,8 @@ class PanelJobs:
                 if event.get("event") == "predict" and hasattr(job, "take_output"):
                     self._take_output(job, event)
                 self._on_event(kind, event)
+            if not job.finished and getattr(job, "import_ready", None) is not None:
+                changed = self._import_ready(job) or changed
             if job.finished:
                 self.jobs[kind] = None
                 if job.status not in ("done", "stopped"):  # a cancelled / failed segmentation leaves no result behind
@@ -82,11 +84,20 @@ class PanelJobs:
         return changed
 
     def _take_output(self, job: Any, event: Dict[str, Any]) -> None:
-        """One volume's result becomes a node as soon as the child wrote it (one import per poll, not all at the end)."""
+        """One volume's result, as soon as the child wrote it, is read on a worker thread (``_import_ready`` makes it a
+        node on a later poll, one per poll)."""
         try:
             job.take_output(event)
         except Exception as e:  # the job's result (collect) reads it again and reports the error
             self.log.append(f"segmentation result {event.get('output')}: {e}")
+
+    def _import_ready(self, job: Any) -> bool:
+        """One result read on a worker thread by now becomes a node (the GUI thread builds it from the arrays read)."""
+        try:
+            return bool(job.import_ready())
+        except Exception as e:  # the job's result (collect) reads it again and reports the error
+            self.log.append(f"segmentation result: {e}")
+            return False
 
     def running(self) -> bool:
         return any(self.jobs.values()) or bool(self._discarded)

@@ -5,7 +5,8 @@ the subject hierarchy; segments recorded as nested are restored. Input nodes are
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from CPCLSegmentLib.errors import InputError
 from . import attributes
 from .export import RAS_TO_LPS, terminology_to_string, write_segments
 from .nodes import ensure_converter_rules, node_name, volume_array
+from .resultread import ReadResult, add_segments, read_result
 from .scene import OUTPUT_LABELS, OUTPUT_SEGMENTATION, OUTPUT_UNCERTAINTY, new_output_node
 
 
@@ -63,22 +65,33 @@ def nest_segments(path: str, nested: Dict[str, List[str]], out_path: str) -> str
     return out_path
 
 
+def read_segmentation_result(path: str, nested: Optional[Dict[str, List[str]]] = None) -> Optional[ReadResult]:
+    """What ``import_segmentation`` reads from the file, read on any thread (``resultread.read_result``; nested
+    segments restored first, ``nest_segments``); None where the storage node must read it on the GUI thread."""
+    if nested and any(nested.values()):
+        path = nest_segments(path, nested, os.path.splitext(str(path))[0] + "-nested.seg.nrrd")
+    return read_result(path)
+
+
 def import_segmentation(scene: Any, path: str, volume_node: Any, name: Optional[str] = None,
                         nested: Optional[Dict[str, List[str]]] = None, kind: str = OUTPUT_SEGMENTATION,
-                        target: Any = None) -> Any:
+                        target: Any = None, read: Optional[ReadResult] = None) -> Any:
     """A NEW segmentation node read from a ``.seg.nrrd`` (names, colours, terminology as in the file),
     named after the volume, referenced to its geometry, beside it in the subject hierarchy, displayed,
     marked as a module output. ``nested``: segments recorded as nested in others are restored
     (``nest_segments``). ``target``: an existing segmentation node whose segments are replaced instead (its name
-    kept; marked as a module output from then on)."""
-    if nested and any(nested.values()):
-        path = nest_segments(path, nested, os.path.splitext(str(path))[0] + "-nested.seg.nrrd")
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
+    kept; marked as a module output from then on). ``read``: the file already read on a worker thread
+    (``read_segmentation_result``): the node is built from it, the file is not read again."""
+    if read is None:
+        if nested and any(nested.values()):
+            path = nest_segments(path, nested, os.path.splitext(str(path))[0] + "-nested.seg.nrrd")
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(path))
+    fill = (lambda node: storage.ReadData(node)) if read is None else (lambda node: add_segments(node, read) or True)
     if target is not None:
         was = target.StartModify()
         try:
-            if not storage.ReadData(target):  # replaces the node's segments
+            if not fill(target):  # replaces the node's segments
                 raise InputError(f"cannot read the segmentation result {path}")
             target.SetAttribute(attributes.OUTPUT, kind)
             finish_segmentation_node(scene, target, volume_node)
@@ -86,11 +99,60 @@ def import_segmentation(scene: Any, path: str, volume_node: Any, name: Optional[
             target.EndModify(was)
         return target
     node = new_output_node(scene, "vtkMRMLSegmentationNode", name or f"{node_name(volume_node)} segmentation", kind)
-    if not storage.ReadData(node):
+    if not fill(node):
         scene.RemoveNode(node)
         raise InputError(f"cannot read the segmentation result {path}")
     finish_segmentation_node(scene, node, volume_node)
     return node
+
+
+class ResultImports:
+    """A segmentation job's results: each read on a worker thread as the child reports it (``started``, the
+    ``predict`` event), made a node on the GUI thread one per poll once read (``import_ready``); ``take`` (the job's
+    collect) gives each volume's node, waiting for a read still under way or reading what was never reported.
+    ``one(index, path, read)`` builds a volume's node (``import_segmentation``); ``imported`` holds those built."""
+
+    def __init__(self, one: Callable[[int, str, Optional[ReadResult]], Any], count: int,
+                 nested: Optional[Dict[str, List[str]]] = None) -> None:
+        self.one, self.count, self.nested = one, count, nested
+        self.imported: Dict[int, Any] = {}
+        self.reads: Dict[int, Tuple[str, "Future[Optional[ReadResult]]"]] = {}
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def started(self, event: Dict[str, Any]) -> None:
+        i, path = int(event.get("index") or 0) - 1, str(event.get("output") or "")
+        if 0 <= i < self.count and i not in self.imported and i not in self.reads and os.path.isfile(path):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpcl-result-read")
+            self.reads[i] = (path, self._pool.submit(read_segmentation_result, path, self.nested))
+
+    def import_ready(self) -> bool:
+        """Builds the node of one result read by now (GUI thread); whether there was one."""
+        for i in sorted(self.reads):
+            path, future = self.reads[i]
+            if future.done():
+                del self.reads[i]
+                self.imported[i] = self.one(i, path, _read_or_none(future))
+                return True
+        return False
+
+    def take(self, i: int, path: str) -> Any:
+        if i in self.imported:
+            return self.imported.pop(i)
+        read_path, future = self.reads.pop(i, (None, None))
+        return self.one(i, path, _read_or_none(future) if future is not None and read_path == path else None)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def _read_or_none(future: "Future[Optional[ReadResult]]") -> Optional[ReadResult]:
+    """The read's result; None when it failed (the storage node then reads the file and reports its error)."""
+    try:
+        return future.result()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def finish_segmentation_node(scene: Any, node: Any, volume_node: Any) -> None:
