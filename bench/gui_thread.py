@@ -10,19 +10,22 @@ thread, the child process) is timed separately, as the time until the child proc
   would), so the job is cancelled before it matters.
 - Volumes are synthetic; "loaded" volumes were written to ``.nrrd`` files and read back through Slicer's storage
   node (unchanged since loading: the child is handed the files themselves); "in memory" volumes exist only in the
-  scene (their voxels are copied on the GUI thread and written from a worker). The labeled case's segmentation is
+  scene (written from a worker: from a view of their voxels, compared with the node once written; copied on the
+  GUI thread at the click by the code before that). The labeled case's segmentation is
   loaded from a ``.seg.nrrd`` in the "loaded" rows and made in the scene (as Segment Editor leaves it: rasterised on
   the GUI thread before segmentations made or edited in the scene were handed over as a copy of their labelmap layer)
   in the "in memory" rows. "loaded, segmentation edited": loaded volumes, and the loaded segmentation then painted
   (a box added to one segment as Segment Editor's Paint adds it: modified since read).
 - Result import: one 512 x 512 x 300 ``.seg.nrrd`` with 3 segments read into a new segmentation node, the GUI-thread
-  work each finished volume costs (imported as the child reports it, one per poll).
+  work each finished volume costs (imported as the child reports it, one per poll; where the code reads it on a worker
+  thread first, that read is timed apart and the GUI thread's part is building the node from it).
 
     python bench/gui_thread.py [--small] [--code DIR] [--label NAME] [--rows all|made]
 
 ``--code DIR``: import the module from another checkout's ``CPCLSegment/`` (the code before a change), ``--label``
 names that run in ``bench/results/gui_thread.json`` (runs with other labels are kept) and ``.md``. ``--rows made``:
-only the rows whose segmentation is made or edited in the scene (1 and 5 volumes, loaded and edited, in memory).
+only the rows whose segmentation is made or edited in the scene (1 and 5 volumes, loaded and edited, in memory);
+``--rows memory``: only volumes made in the scene (1, 5 and 20).
 """
 
 from __future__ import annotations
@@ -246,9 +249,16 @@ def result_import(shape: Any, folder: str) -> float:
     crop = "--crop-to-segments" in inspect.getsource(LogicCore.start_segmentation)
     path = os.path.join(folder, "result.seg.nrrd")
     write_seg_nrrd(path, labels, reference, classes, **({"crop": True} if crop else {}))
+    from CPCLSegmentModuleLib import results
+
+    read, worker_s = None, None
+    if hasattr(results, "read_segmentation_result"):  # read on a worker thread as the child reports it (timed apart)
+        t0 = time.perf_counter()
+        read = results.read_segmentation_result(path)
+        worker_s = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    import_segmentation(scene, path, volume)
-    return round(time.perf_counter() - t0, 3)
+    import_segmentation(scene, path, volume, **({"read": read} if read is not None else {}))
+    return round(time.perf_counter() - t0, 3), worker_s
 
 
 def markdown(runs: Dict[str, Any]) -> str:
@@ -265,11 +275,17 @@ def markdown(runs: Dict[str, Any]) -> str:
         for row in run["rows"]:
             lines.append(f"| {row['volumes']} | {row['source']} | {row['train_click_s']} | {row['train_until_child_s']} | "
                          f"{row['segment_click_s']} | {row['segment_until_child_s']} |")
+        worker = (f" (read before on a worker thread: {run['read_one_result_worker_s']} s)"
+                  if run.get("read_one_result_worker_s") is not None else "")
         lines += ["", f"Importing one finished volume's result (3 segments) into a new segmentation node: "
-                  f"{run['import_one_result_s']} s on the GUI thread.", ""]
+                  f"{run['import_one_result_s']} s on the GUI thread{worker}.", ""]
     if any(label.startswith("before") for label in runs):
         lines += ['Reading the numbers: "before" is the code before the change the "after" run measures (this script with '
                   "`--code` pointing at that checkout), run right after it on the same machine. The latest pair has only "
+                  "the volumes made in the scene (`--rows memory`, 1, 5 and 20 of them, the labeled segmentation made in the "
+                  "scene too): after the change their voxels are not copied at the click (a view of them is written from the "
+                  "worker, then compared with the node on the GUI thread), and each result is read on a worker thread, the "
+                  "GUI thread only adding its segments to the new node. The pair before it has only "
                   "the rows whose labeled segmentation is made or edited in the scene (`--rows made`): loaded volumes with "
                   "the loaded segmentation then painted (\"loaded, segmentation edited\"), and volumes and segmentation "
                   "made in the scene (\"in memory\"): after the change the segmentation's labelmap layer is copied at "
@@ -288,8 +304,9 @@ def main() -> None:
     parser.add_argument("--code", default=str(ROOT / "CPCLSegment"), help="the CPCLSegment/ folder to import")
     parser.add_argument("--label", default="after", help="the run's name in the results")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
-    parser.add_argument("--rows", choices=("all", "made"), default="all",
-                        help="made: only the rows whose segmentation is made or edited in the scene")
+    parser.add_argument("--rows", choices=("all", "made", "memory"), default="all",
+                        help="made: only the rows whose segmentation is made or edited in the scene; memory: only volumes "
+                             "made in the scene, 1, 5 and 20 of them")
     args = parser.parse_args()
     setup_path(args.code)
     shape = SMALL if args.small else FULL
@@ -298,6 +315,8 @@ def main() -> None:
     if args.rows == "made":
         plan = [(1, True, True), (1, False, False)] if args.small else [(1, True, True), (5, True, True), (1, False, False),
                                                                          (5, False, False)]
+    elif args.rows == "memory":
+        plan = [(1, False, False), (2, False, False)] if args.small else [(1, False, False), (5, False, False), (20, False, False)]
     elif not args.small:
         plan.insert(3, (1, True, True))
     load0 = os.getloadavg()[0]
@@ -309,10 +328,10 @@ def main() -> None:
             row.update(clicks(n, shape, loaded, folder, edited))
             print(json.dumps(row), flush=True)
             rows.append(row)
-        imported = result_import(shape, folder)
+        imported, read_s = result_import(shape, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    run = {"shape": list(shape), "rows": rows, "import_one_result_s": imported, "code": "this checkout" if Path(args.code).resolve() == (ROOT / "CPCLSegment").resolve() else "another checkout (--code)",
+    run = {"shape": list(shape), "rows": rows, "import_one_result_s": imported, "read_one_result_worker_s": read_s, "code": "this checkout" if Path(args.code).resolve() == (ROOT / "CPCLSegment").resolve() else "another checkout (--code)",
            "machine": f"{platform.machine()} {platform.system()} ({os.cpu_count()} CPUs, shared)",
            "load": [load0, os.getloadavg()[0]], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
