@@ -243,8 +243,61 @@ def test_no_copy_of_a_layer_where_the_gui_thread_must_settle_it(loaded_chest, ov
     overlapping = load_segmentation(scene, overlapping_seg_path, "overlapping", volume=volume, as_slicer_loads=True)
     overlapping.GetSegmentation().GetNthSegment(0).SetColor(1.0, 0.0, 0.0)
     assert snapshot_segmentation(overlapping, LUNGS) is not None  # one layer: nothing overlaps
-    assert snapshot_segmentation(overlapping, LUNGS + ["overlapping sphere"]) is None  # two layers: may overlap
+    assert snapshot_segmentation(overlapping, LUNGS + ["overlapping sphere"]) is None  # two layers, and no volume given
     assert snapshot_segmentation(overlapping, ["no such segment"]) is None
+
+
+def add_lesion_layer(volume, segmentation):
+    """A "lesion" in a labelmap layer of its own on the volume's grid, inside "left lung" (overlapping it, as Segment
+    Editor stores nested structures when overwriting other segments is off)."""
+    from vtk.util import numpy_support
+
+    from CPCLSegmentModuleLib.nodes import segment_masks
+
+    lung = segment_masks(volume, segmentation, ["left lung"])["left lung"]
+    k, j, i = [int(np.median(a)) for a in np.nonzero(lung)]
+    lesion = np.zeros_like(lung)
+    lesion[k - 3:k + 3, j - 8:j + 8, i - 8:i + 8] = True
+    lesion &= lung
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(*volume.GetImageData().GetDimensions())
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(lesion.astype(np.uint8).ravel(), deep=True,
+                                                                array_type=vtk.VTK_UNSIGNED_CHAR))
+    image.SetImageToWorldMatrix(world_ijk_to_ras(volume))
+    segment = slicer.vtkSegment()
+    segment.SetName("lesion")
+    segment.SetColor(1.0, 1.0, 0.0)
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName(), image)
+    segmentation.GetSegmentation().AddSegment(segment, "lesion")
+    assert segmentation.GetSegmentation().GetNumberOfLayers() == 2 and lesion.sum() > 100
+
+
+@pytest.mark.parametrize("later_wins", [False, True])
+def test_segments_in_separate_layers_are_copied_and_their_overlaps_refused_or_settled_as_when_rasterised(
+        loaded_chest, tmp_path, monkeypatch, later_wins):
+    scene, volume, segmentation = loaded_chest
+    segmentation = edited(scene, volume, segmentation)
+    add_lesion_layer(volume, segmentation)
+    names = ["left lung", "lesion", "right lung"]
+    rasterised = inputcheck.check_inputs([(volume, segmentation)], names, [], later_wins=later_wins)  # the GUI thread's check
+    calls = []
+    original = inputcheck.segment_masks
+    monkeypatch.setattr(inputcheck, "segment_masks", lambda *a, **k: calls.append(a[1].GetName()) or original(*a, **k))
+    before = fingerprint(volume, segmentation)
+    check, files = export_inputs([(volume, segmentation)], names, [], False, False, later_wins, str(tmp_path / "in"), write=False)
+    assert calls == [] and check.rasterised == 0 and check.snapshots == 1  # the two layers copied, nothing rasterised
+    assert (check.errors, check.warnings, check.infos) == (rasterised.errors, rasterised.warnings, rasterised.infos)
+    assert check.counts == rasterised.counts and check.overlap == rasterised.overlap and check.nested() == rasterised.nested()
+    if not later_wins:
+        assert not check.ok and "segments 'left lung' and 'lesion' overlap" in check.errors[0]
+        return
+    assert check.ok and check.nested() == {"left lung": ["lesion"]}
+    files.handoff.write_all()
+    assert fingerprint(volume, segmentation) == before
+    assert_same_labels_as_the_gui_thread_export(scene, volume, segmentation, names, files.labeled[0][1], tmp_path)
+    coarse = grid_volume(scene, volume, (20, 75, 76), (0.137, 0.213, 0.071), 1.618, "coarse")  # layers not on its grid
+    check, _ = export_inputs([(coarse, segmentation)], names, [], False, False, True, str(tmp_path / "coarse"), write=False)
+    assert check.rasterised == 1 and check.snapshots == 0
 
 
 # ------------------------------------------------------------------- results read on a worker thread

@@ -5,9 +5,10 @@ rasterised **once** (``nodes.segment_masks``); ``check_inputs(..., on_case=...)`
 (``export.export_inputs`` writes the engine's input files from them in the same pass). With ``hand_over=True`` (the
 Train click) a segmentation unchanged since it was read from a ``.seg.nrrd`` (``handoff.original_segmentation``) is
 not rasterised: the check takes its segment names from the node, and the child counts its voxels on the volume's
-grid (a segment empty in a case is a warning there, empty in every case an error); any other segmentation whose
-selected segments share one stored labelmap layer is not rasterised either: that layer is copied as it is stored
-(``segsnapshot.snapshot_segmentation``) and handed over the same way. Overlapping segments are
+grid (a segment empty in a case is a warning there, empty in every case an error); any other segmentation is not rasterised either where its selected segments share one stored labelmap layer, or
+lie in several layers on the volume's voxel grid: those layers are copied as they are stored
+(``segsnapshot.snapshot_segmentation``; the voxels of each segment and of each overlap are counted on the copies)
+and handed over the same way. Overlapping segments are
 an error, unless ``later_wins``: then a later segment in the list wins where they overlap (organ, then lesion),
 and ``CheckResult.nested`` records which segment was nested in which."""
 
@@ -150,14 +151,14 @@ def _check_case(res: CheckResult, n: int, case: LabeledCase, names: Sequence[str
         res.warnings.append(f"segmentation '{node_name(case.segmentation)}' was drawn on volume '{node_name(ref)}' but is paired "
                             f"with '{node_name(case.volume)}': check the pair (it is resampled onto '{node_name(case.volume)}')")
     source = original_segmentation(case.segmentation, names) if hand_over else None
-    snap = snapshot_segmentation(case.segmentation, names) if hand_over and source is None else None
+    snap = snapshot_segmentation(case.segmentation, names, case.volume) if hand_over and source is None else None
     if source is not None or snap is not None:  # the child reads the file (or the layer's copy): no rasterising here
         if source is not None:
             res.files[n - 1] = source
         else:
             res._pending[n - 1], res.snapshots = snap, res.snapshots + 1
         found = [name for name in names if find_segment_id(case.segmentation, name) is not None]
-        masks, counts = None, {name: None for name in found}
+        masks, counts = None, {name: None if snap is None or snap.counts is None else snap.counts[name] for name in found}
     else:
         masks = segment_masks(case.volume, case.segmentation, names)  # the one rasterisation of this case
         res.rasterised += 1
@@ -169,6 +170,8 @@ def _check_case(res: CheckResult, n: int, case: LabeledCase, names: Sequence[str
     _check_missing_or_empty(res, case, names, found, counts, partial_segments)
     if masks is not None:
         _check_overlaps(res, case, names, masks, counts, later_wins)
+    for (a, b), both in (snap.overlaps.items() if snap is not None else ()):  # several layers: found on their copies
+        _overlap(res, case, a, b, both, later_wins)
     if case.sparse:
         res.infos.append(f"{label}: only the painted slices count as labeled")
     return masks
@@ -208,13 +211,16 @@ def _check_overlaps(res: CheckResult, case: LabeledCase, names: Sequence[str], m
     for i, a in enumerate(present):
         for b in present[i + 1:]:
             both = int(np.count_nonzero(masks[a] & masks[b]))
-            if not both:
-                continue
-            res.overlap[(a, b)] = res.overlap.get((a, b), 0) + both
-            if not later_wins:
-                res.errors.append(f"segments '{a}' and '{b}' overlap in '{node_name(case.segmentation)}' ({both} voxels): a voxel "
-                                  "can belong to one learned segment only; deselect one of them, or let the later segment in "
-                                  "the list win where they overlap (organ, then lesion)")
+            if both:
+                _overlap(res, case, a, b, both, later_wins)
+
+
+def _overlap(res: CheckResult, case: LabeledCase, a: str, b: str, both: int, later_wins: bool) -> None:
+    res.overlap[(a, b)] = res.overlap.get((a, b), 0) + both
+    if not later_wins:
+        res.errors.append(f"segments '{a}' and '{b}' overlap in '{node_name(case.segmentation)}' ({both} voxels): a voxel "
+                          "can belong to one learned segment only; deselect one of them, or let the later segment in "
+                          "the list win where they overlap (organ, then lesion)")
 
 
 def _check_segments_overall(res: CheckResult, cases: Sequence[LabeledCase], names: Sequence[str], later_wins: bool) -> None:
