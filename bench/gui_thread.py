@@ -258,7 +258,7 @@ def result_import(shape: Any, folder: str) -> float:
         worker_s = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     import_segmentation(scene, path, volume, **({"read": read} if read is not None else {}))
-    return round(time.perf_counter() - t0, 3), worker_s
+    return round(time.perf_counter() - t0, 4), worker_s
 
 
 def markdown(runs: Dict[str, Any]) -> str:

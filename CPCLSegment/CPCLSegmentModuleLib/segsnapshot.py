@@ -94,8 +94,6 @@ def snapshot_segmentation(node: Any, names: Sequence[str], volume: Any = None) -
         record["labelValue"] = int(segmentation.GetSegment(sid).GetLabelValue())
         record["layer"] = order.index(segmentation.GetLayerIndex(sid))
         segments.append(record)
-    if not any(np.any(copies[s["layer"]][0] == s["labelValue"]) for s in segments):
-        return None  # nothing painted: the GUI-thread check says which segment is empty
     voxels, m, first = copies[0]
     ijk_to_ras = m.copy()
     ijk_to_ras[:3, 3] += m[:3, :3] @ np.array(first, dtype=float)
@@ -105,7 +103,10 @@ def snapshot_segmentation(node: Any, names: Sequence[str], volume: Any = None) -
         if not all(np.allclose(c[1], grid, atol=1e-4) for c in copies):
             return None  # not the volume's grid: the GUI thread resamples (and settles overlaps) as before
         _count_on_the_volume(snap, volume.GetImageData().GetDimensions())
-    return snap
+        painted = any(snap.counts.values())  # type: ignore[union-attr]
+    else:
+        painted = any(np.any(voxels == s["labelValue"]) for s in segments)
+    return snap if painted else None  # nothing painted: the GUI-thread check says which segment is empty
 
 
 def _count_on_the_volume(snap: SegmentationSnapshot, dims: Sequence[int]) -> None:
