@@ -300,6 +300,66 @@ def test_segments_in_separate_layers_are_copied_and_their_overlaps_refused_or_se
     assert check.rasterised == 1 and check.snapshots == 0
 
 
+def layer_voxels(segmentation, name):
+    """A zero-copy numpy view of the stored labelmap layer holding segment ``name`` (``(k, j, i)``) and that layer."""
+    from vtk.util import numpy_support
+
+    seg = segmentation.GetSegmentation()
+    image = seg.GetLayerDataObject(seg.GetLayerIndex(seg.GetSegmentIdBySegmentName(name)))
+    e = image.GetExtent()
+    voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    return voxels.reshape(e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1), image
+
+
+def test_layers_are_captured_without_a_copy_and_written_again_when_edited_before_the_child_starts(loaded_chest, tmp_path):
+    """The click keeps views of the stored layers (no copy); an edit between the write and the child's start, as
+    Segment Editor makes it (voxels changed in place, then ``Modified()``), is found on the GUI thread and written again
+    when the check's counts stay the same; where they change, the job fails asking for a new start."""
+    from CPCLSegmentLib.errors import InputError
+
+    scene, volume, segmentation = loaded_chest
+    segmentation = edited(scene, volume, segmentation)
+    add_lesion_layer(volume, segmentation)
+    names = ["left lung", "lesion", "right lung"]
+    snap = snapshot_segmentation(segmentation, names, volume)
+    assert len(snap.layers) == 2
+    for layer, name in zip(snap.layers, ["left lung", "lesion"]):
+        assert np.shares_memory(layer, layer_voxels(segmentation, name)[0])  # a view, not a copy
+    check, files = export_inputs([(volume, segmentation)], names, [], False, False, True, str(tmp_path / "in"), write=False)
+    assert check.ok and check.snapshots == 1
+    files.handoff.write_all()
+    assert files.handoff.verify() == [] and files.handoff.writes == []  # unchanged: the child may start
+    lesion, image = layer_voxels(segmentation, "lesion")
+    lung = inputcheck.segment_masks(volume, segmentation, ["left lung"])["left lung"]
+    inside, free = np.argwhere(lesion == 1)[0], np.argwhere(lung & (lesion == 0))[0]
+    lesion[tuple(inside)], lesion[tuple(free)] = 0, 1  # one lesion voxel moved within the lung: the same counts
+    image.Modified()
+    assert files.handoff.verify() == ["CT segmentation"] and len(files.handoff.writes) == 1
+    files.handoff.write_all()
+    assert files.handoff.verify() == []
+    assert_same_labels_as_the_gui_thread_export(scene, volume, segmentation, names, files.labeled[0][1], tmp_path)
+    lesion[tuple(free)] = 0  # one voxel fewer: the counts the check saw are no longer the node's
+    image.Modified()
+    with pytest.raises(InputError, match="'CT segmentation' changed after the inputs were checked"):
+        files.handoff.verify()
+
+
+def test_one_layer_is_captured_without_a_copy_and_written_again_when_edited(loaded_chest, tmp_path):
+    scene, volume, segmentation = loaded_chest
+    segmentation = edited(scene, volume, segmentation)
+    names = ["left lung", "ribs", "right lung"]
+    check, files = export_inputs([(volume, segmentation)], names, [], False, False, False, str(tmp_path / "in"), write=False)
+    voxels, image = layer_voxels(segmentation, "ribs")
+    files.handoff.write_all()
+    seg = segmentation.GetSegmentation()
+    ribs = seg.GetSegment(seg.GetSegmentIdBySegmentName("ribs")).GetLabelValue()
+    voxels[12:16, 50:60, 30:40] = ribs  # painted over the lungs there, in place
+    image.Modified()
+    assert files.handoff.verify() == ["CT segmentation"]
+    files.handoff.write_all()
+    assert_same_labels_as_the_gui_thread_export(scene, volume, segmentation, names, files.labeled[0][1], tmp_path)
+
+
 # ------------------------------------------------------------------- results read on a worker thread
 
 

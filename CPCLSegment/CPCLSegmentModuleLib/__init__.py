@@ -29,9 +29,10 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   (``original_file``, ``original_segmentation``, ``write_snapshot``, ``write_then_rename``, ``write_seg_nrrd_kji``,
   ``Handoff``, ``PreparedJob``). imports: livevolume, nodes.
 - ``segsnapshot``: a segmentation made or edited in the scene handed to the child: the stored labelmap layers that
-  hold its selected segments copied on the GUI thread (several layers: on the volume's grid, segments and overlaps
-  counted on the copies), merged and written as a ``.seg.nrrd`` from a worker thread (``SegmentationSnapshot``,
-  ``snapshot_segmentation``, ``merged``, ``write_segmentation_snapshot``). imports: handoff, nodes.
+  hold its selected segments held without a copy on the GUI thread (several layers: on the volume's grid, segments
+  and overlaps counted on the views), merged and written as a ``.seg.nrrd`` from a worker thread, compared with the
+  node before the child starts (``SegmentationSnapshot``, ``snapshot_segmentation``, ``merged``,
+  ``write_segmentation_snapshot``, ``unchanged``, ``hand_over``). imports: handoff, nodes.
 - ``inputcheck``: the input check before training, pure: writes nothing (``check_inputs``, ``CheckResult``,
   ``CheckFailed``). imports: handoff, nodes, scene, segsnapshot.
 - ``export``: scene -> files: volumes, segments, a run's inputs checked in one pass and handed over (originals or

@@ -27,7 +27,7 @@ from .nodes import (  # RAS_TO_LPS: also imported from here by results.py
     world_ijk_to_ras,
 )
 from .scene import LabeledCase
-from .segsnapshot import SegmentationSnapshot, write_segmentation_snapshot
+from .segsnapshot import SegmentationSnapshot, hand_over
 
 
 
@@ -152,7 +152,7 @@ def export_inputs(labeled: Sequence[Any], segments: Sequence[str], unlabeled: Se
         seg_path = os.path.join(export_dir, f"labeled-{index:03d}.seg.nrrd")
         ijk_to_ras = matrix_to_array(world_ijk_to_ras(case.volume))
         if isinstance(source, SegmentationSnapshot):  # its labelmap layer as stored: the child resamples it
-            files.handoff.later(lambda: write_segmentation_snapshot(source, seg_path))
+            hand_over(files.handoff, source, seg_path)  # written from its layers' views, compared before the child starts
         elif source is not None:  # unchanged since read from this .seg.nrrd: the child reads it
             seg_path = source
         elif masks:

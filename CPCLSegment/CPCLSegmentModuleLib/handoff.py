@@ -11,8 +11,9 @@
   (``vtkMRMLStorableNode::GetModifiedSinceRead`` is false: no segment added, removed, renamed, recoloured or painted
   since; no parent transform; the selected segments in one labelmap layer, so none overlap) is handed over as that
   file: the child reads it and resamples it onto the volume's grid (``original_segmentation``). Any other
-  segmentation is rasterised on the GUI thread (``nodes.segment_masks`` reads the node) and the masks are written
-  from the worker too.
+  segmentation is captured without a copy where it can be (``segsnapshot``: compared with its node once written, as
+  a volume is, through ``watch``), else rasterised on the GUI thread (``nodes.segment_masks`` reads the node); either
+  is written from the worker too.
 
 ``Handoff`` collects the paths (known at once, so the command line can be built) and the writes still to do;
 ``PreparedJob`` is a job whose child starts once they are done, on a worker thread, so the click returns at once.
@@ -150,6 +151,7 @@ class Handoff:
     originals: int = 0
     live: List[LiveVolume] = field(default_factory=list)
     rewritten: List[str] = field(default_factory=list)  # names of volumes written again: changed while written
+    checks: List[Callable[[], Optional[str]]] = field(default_factory=list)  # see ``watch``
     _names: set = field(default_factory=set)  # file names handed over: the child names its outputs after them
 
     def volume(self, node: Any, stem: str) -> str:
@@ -175,6 +177,10 @@ class Handoff:
     def later(self, write: Callable[[], Any]) -> None:
         self.writes.append(write)
 
+    def watch(self, check: Callable[[], Optional[str]]) -> None:
+        """``check()`` runs in ``verify``: the name of what changed since captured (its write queued again), else None."""
+        self.checks.append(check)
+
     def write_all(self, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Writes what is still to write, in order, until ``cancelled()``."""
         if self.writes:
@@ -190,8 +196,9 @@ class Handoff:
         for live in stale:
             self.live.remove(live)
             self._capture(live.node, live.path)
-        self.rewritten += [live.name for live in stale]
-        return [live.name for live in stale]
+        names = [live.name for live in stale] + [name for name in (check() for check in self.checks) if name is not None]
+        self.rewritten += names
+        return names
 
 
 MAX_REWRITES = 3  # a volume that keeps changing while it is written fails the job after this many writes

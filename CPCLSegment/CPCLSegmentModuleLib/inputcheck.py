@@ -6,8 +6,8 @@ rasterised **once** (``nodes.segment_masks``); ``check_inputs(..., on_case=...)`
 Train click) a segmentation unchanged since it was read from a ``.seg.nrrd`` (``handoff.original_segmentation``) is
 not rasterised: the check takes its segment names from the node, and the child counts its voxels on the volume's
 grid (a segment empty in a case is a warning there, empty in every case an error); any other segmentation is not rasterised either where its selected segments share one stored labelmap layer, or
-lie in several layers on the volume's voxel grid: those layers are copied as they are stored
-(``segsnapshot.snapshot_segmentation``; the voxels of each segment and of each overlap are counted on the copies)
+lie in several layers on the volume's voxel grid: those layers are held as they are stored, without a copy
+(``segsnapshot.snapshot_segmentation``; the voxels of each segment and of each overlap are counted on them)
 and handed over the same way. Overlapping segments are
 an error, unless ``later_wins``: then a later segment in the list wins where they overlap (organ, then lesion),
 and ``CheckResult.nested`` records which segment was nested in which."""
@@ -49,7 +49,7 @@ class CheckResult:
     records: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> id, colour, terminology (first case)
     overlap: Dict[Tuple[str, str], int] = field(default_factory=dict)  # (earlier, later) -> voxels in both
     rasterised: int = 0  # segment rasterisations done (one per case)
-    snapshots: int = 0  # segmentations handed over as a copy of their stored labelmap layer
+    snapshots: int = 0  # segmentations handed over as their stored labelmap layer(s), held
     _pending: Dict[int, SegmentationSnapshot] = field(default_factory=dict, repr=False)  # until on_case takes it
 
     @property
@@ -170,7 +170,7 @@ def _check_case(res: CheckResult, n: int, case: LabeledCase, names: Sequence[str
     _check_missing_or_empty(res, case, names, found, counts, partial_segments)
     if masks is not None:
         _check_overlaps(res, case, names, masks, counts, later_wins)
-    for (a, b), both in (snap.overlaps.items() if snap is not None else ()):  # several layers: found on their copies
+    for (a, b), both in (snap.overlaps.items() if snap is not None else ()):  # several layers: found on the held layers
         _overlap(res, case, a, b, both, later_wins)
     if case.sparse:
         res.infos.append(f"{label}: only the painted slices count as labeled")

@@ -2,16 +2,24 @@
 
 At the Train click a labeled segmentation that is not unchanged since it was read (``handoff.original_segmentation``)
 is read on the GUI thread only as far as it must be: each binary labelmap layer that holds a selected segment is
-copied as it is stored (its own grid and extent: no resampling) with each selected segment's label value, layer,
-name, colour, ID and terminology (``snapshot_segmentation``). The copy is written as a ``.seg.nrrd`` later, from a
-worker thread (``write_segmentation_snapshot``), and the child reads it as it reads a segmentation's own file:
-segments mapped by name, the layer resampled (nearest neighbour) onto the volume's grid.
+captured as it is stored (its own grid and extent: no resampling), without a copy: the ``vtkOrientedImageData`` and
+its scalars array are kept, with a zero-copy numpy view of the voxels and the layer's modification time
+(``vtkObject::GetMTime``, which includes its point data and their arrays), as ``livevolume`` captures a volume; so are
+each selected segment's label value, layer, name, colour, ID and terminology (``snapshot_segmentation``). The
+``.seg.nrrd`` is written later, from a worker thread (``write_segmentation_snapshot``), and the child reads it as it
+reads a segmentation's own file: segments mapped by name, the layer resampled (nearest neighbour) onto the volume's grid.
 
-Segments in several layers may overlap. They are copied only where every such layer lies on the volume's voxel grid;
-then each segment's voxels inside the volume and the voxels each pair shares are counted on the copies (what
-rasterising onto that grid counts), so the input check refuses or settles the overlaps as it does for rasterised
-segments, and the worker merges the layers into one (``merged``: a later selected segment wins where they overlap,
-as the GUI-thread export writes them).
+Segments in several layers may overlap. They are captured only where every such layer lies on the volume's voxel
+grid; then each segment's voxels inside the volume and the voxels each pair shares are counted on the views at the
+click (what rasterising onto that grid counts), so the input check refuses or settles the overlaps as it does for
+rasterised segments, and the worker merges the layers into one (``merged``: a later selected segment wins where they
+overlap, as the GUI-thread export writes them).
+
+Once the file is written the GUI thread compares the node with what was captured (``unchanged``: the same layers,
+scalars arrays and modification times, the same segments, label values and records, the same volume grid) before
+the child starts (``hand_over``, ``handoff.Handoff.verify``): a segmentation changed meanwhile is captured again and
+written again; where its counts or overlaps changed too (the check's verdict might), the job fails asking for a new
+start instead.
 
 The snapshot is refused (None: the segmentation is rasterised on the GUI thread, as before) when the source
 representation is not a binary labelmap, the node has a parent transform, the selected segments lie in several
@@ -29,7 +37,9 @@ from vtk.util import numpy_support
 
 import slicer
 
-from .handoff import write_seg_nrrd_kji, write_then_rename
+from CPCLSegmentLib.errors import InputError
+
+from .handoff import Handoff, write_seg_nrrd_kji, write_then_rename
 from .nodes import RAS_TO_LPS, find_segment_id, matrix_to_array, node_name, segment_record, world_ijk_to_ras
 
 WRITABLE = ("uint8", "int8", "uint16", "int16", "uint32", "int32")
@@ -37,11 +47,12 @@ WRITABLE = ("uint8", "int8", "uint16", "int16", "uint32", "int32")
 
 @dataclass
 class SegmentationSnapshot:
-    """Labelmap layers of a segmentation (each a copy, numpy ``(k, j, i)`` over the layer's extent), the IJK-to-RAS of
-    the first voxel of ``voxels`` (the first layer), and the selected segments (``id``, ``name``, ``color``,
-    ``terminology``, ``labelValue``, ``layer``: an index into ``layers``). Several layers: ``firsts`` holds each layer's
-    first voxel as an index (i, j, k) of the volume, ``counts`` each segment's voxels inside the volume and
-    ``overlaps`` the voxels each pair of them shares there (found on the copies, as rasterising would find them)."""
+    """Labelmap layers of a segmentation (each a zero-copy numpy ``(k, j, i)`` view over the layer's extent), the
+    IJK-to-RAS of the first voxel of ``voxels`` (the first layer), and the selected segments (``id``, ``name``,
+    ``color``, ``terminology``, ``labelValue``, ``layer``: an index into ``layers``). Several layers: ``firsts`` holds
+    each layer's first voxel as an index (i, j, k) of the volume, ``counts`` each segment's voxels inside the volume and
+    ``overlaps`` the voxels each pair of them shares there (found on the views, as rasterising would find them).
+    ``captured``: each layer's image data, scalars array (kept alive) and modification time, and the volume's grid."""
 
     voxels: np.ndarray
     ijk_to_ras: np.ndarray
@@ -51,11 +62,16 @@ class SegmentationSnapshot:
     firsts: List[Tuple[int, int, int]] = field(default_factory=list)
     counts: Optional[Dict[str, int]] = None
     overlaps: Dict[Tuple[str, str], int] = field(default_factory=dict)
+    node: Any = None
+    names: List[str] = field(default_factory=list)
+    volume: Any = None
+    captured: List[Any] = field(default_factory=list)
 
 
-def _layer_copy(image: Any) -> Optional[Tuple[np.ndarray, np.ndarray, Tuple[int, int, int]]]:
-    """A copy of a layer's voxels (numpy ``(k, j, i)``), its index-to-RAS matrix and its first index; None when the
-    layer is not a one-component integer labelmap."""
+def _layer_view(image: Any) -> Optional[Tuple[np.ndarray, np.ndarray, Tuple[int, int, int], Tuple[Any, Any, int]]]:
+    """A zero-copy view of a layer's voxels (numpy ``(k, j, i)``), its index-to-RAS matrix, its first index and what
+    ``unchanged`` compares (the image, its scalars, its modification time); None when the layer is not a one-component
+    integer labelmap."""
     if image is None or not image.IsA("vtkOrientedImageData") or image.GetNumberOfScalarComponents() != 1:
         return None
     extent = image.GetExtent()
@@ -68,13 +84,13 @@ def _layer_copy(image: Any) -> Optional[Tuple[np.ndarray, np.ndarray, Tuple[int,
         return None
     m = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m)  # index (with the extent's offset) -> RAS
-    return voxels.reshape(shape).copy(), matrix_to_array(m), (extent[0], extent[2], extent[4])
+    return voxels.reshape(shape), matrix_to_array(m), (extent[0], extent[2], extent[4]), (image, scalars, int(image.GetMTime()))
 
 
 def snapshot_segmentation(node: Any, names: Sequence[str], volume: Any = None) -> Optional[SegmentationSnapshot]:
-    """A copy of the layer(s) holding the selected segments ``names`` of ``node``, or None where the snapshot cannot
-    stand for the node (see the module's docstring). Segments in several layers need ``volume``, whose voxel grid the
-    layers must share. Reads the node: call on the GUI thread."""
+    """The layer(s) holding the selected segments ``names`` of ``node``, captured without a copy, or None where the
+    snapshot cannot stand for the node (see the module's docstring). Segments in several layers need ``volume``, whose
+    voxel grid the layers must share. Reads the node: call on the GUI thread."""
     if node is None or node.GetParentTransformNode() is not None:
         return None
     segmentation = node.GetSegmentation()
@@ -85,7 +101,7 @@ def snapshot_segmentation(node: Any, names: Sequence[str], volume: Any = None) -
     order = sorted({segmentation.GetLayerIndex(sid) for sid in ids})
     if not order or order[0] < 0 or (len(order) > 1 and volume is None):
         return None
-    copies = [_layer_copy(segmentation.GetLayerDataObject(n, labelmap)) for n in order]
+    copies = [_layer_view(segmentation.GetLayerDataObject(n, labelmap)) for n in order]
     if any(c is None for c in copies):
         return None
     segments = []
@@ -94,12 +110,14 @@ def snapshot_segmentation(node: Any, names: Sequence[str], volume: Any = None) -
         record["labelValue"] = int(segmentation.GetSegment(sid).GetLabelValue())
         record["layer"] = order.index(segmentation.GetLayerIndex(sid))
         segments.append(record)
-    voxels, m, first = copies[0]
+    voxels, m, first, _ = copies[0]
     ijk_to_ras = m.copy()
     ijk_to_ras[:3, 3] += m[:3, :3] @ np.array(first, dtype=float)
-    snap = SegmentationSnapshot(voxels, ijk_to_ras, segments, node_name(node), [c[0] for c in copies], [c[2] for c in copies])
+    snap = SegmentationSnapshot(voxels, ijk_to_ras, segments, node_name(node), [c[0] for c in copies], [c[2] for c in copies],
+                                node=node, names=list(names), volume=volume, captured=[c[3] for c in copies])
+    grid = matrix_to_array(world_ijk_to_ras(volume)) if volume is not None else None
+    snap.captured.append(None if grid is None else (grid, tuple(volume.GetImageData().GetDimensions())))
     if len(order) > 1:
-        grid = matrix_to_array(world_ijk_to_ras(volume))
         if not all(np.allclose(c[1], grid, atol=1e-4) for c in copies):
             return None  # not the volume's grid: the GUI thread resamples (and settles overlaps) as before
         _count_on_the_volume(snap, volume.GetImageData().GetDimensions())
@@ -122,17 +140,23 @@ def _count_on_the_volume(snap: SegmentationSnapshot, dims: Sequence[int]) -> Non
         at = [lo[0] - first[2], lo[1] - first[1], lo[2] - first[0]]
         return snap.layers[s["layer"]][at[0]:at[0] + hi[0] - lo[0], at[1]:at[1] + hi[1] - lo[1], at[2]:at[2] + hi[2] - lo[2]] == s["labelValue"]
 
-    snap.counts = {}
+    snap.counts, masks = {}, {}  # each segment's mask over its layer's box, made once
     for s in snap.segments:
         lo, hi = boxes[s["layer"]]
-        snap.counts[s["name"]] = int(np.count_nonzero(mask(s, lo, hi))) if all(h > l for l, h in zip(lo, hi)) else 0
+        masks[s["name"]] = mask(s, lo, hi) if all(h > l for l, h in zip(lo, hi)) else None
+        snap.counts[s["name"]] = 0 if masks[s["name"]] is None else int(np.count_nonzero(masks[s["name"]]))
+
+    def part(s: Dict[str, Any], lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
+        own = boxes[s["layer"]][0]
+        return masks[s["name"]][lo[0] - own[0]:hi[0] - own[0], lo[1] - own[1]:hi[1] - own[1], lo[2] - own[2]:hi[2] - own[2]]
+
     for n, a in enumerate(snap.segments):
         for b in snap.segments[n + 1:]:
             if a["layer"] == b["layer"] or not snap.counts[a["name"]] or not snap.counts[b["name"]]:
                 continue
             lo = [max(x, y) for x, y in zip(boxes[a["layer"]][0], boxes[b["layer"]][0])]
             hi = [min(x, y) for x, y in zip(boxes[a["layer"]][1], boxes[b["layer"]][1])]
-            both = int(np.count_nonzero(mask(a, lo, hi) & mask(b, lo, hi))) if all(h > l for l, h in zip(lo, hi)) else 0
+            both = int(np.count_nonzero(part(a, lo, hi) & part(b, lo, hi))) if all(h > l for l, h in zip(lo, hi)) else 0
             if both:
                 snap.overlaps[(a["name"], b["name"])] = both
 
@@ -160,7 +184,8 @@ def merged(snap: SegmentationSnapshot) -> Tuple[np.ndarray, np.ndarray, List[Dic
 
 
 def write_segmentation_snapshot(snap: SegmentationSnapshot, path: str, compression_level: int = 1) -> str:
-    """Writes the snapshot as a one-layer ``.seg.nrrd`` at ``path`` from any thread, atomically (a partial file never
+    """Writes the snapshot as a one-layer ``.seg.nrrd`` at ``path`` from any thread (from the views: ``merged`` copies
+    several layers into one; one layer goes as it is), atomically (a partial file never
     has the final name); the voxels keep their label values, the segments their names, colours, IDs, terminology."""
     voxels, ijk_to_ras, records = merged(snap)
     shape = voxels.shape
@@ -177,3 +202,54 @@ def write_segmentation_snapshot(snap: SegmentationSnapshot, path: str, compressi
     partial = str(path)[: -len(".seg.nrrd")] + ".partial.seg.nrrd"
     return write_then_rename(str(path), partial, lambda p: write_seg_nrrd_kji(p, header, voxels, compression_level),
                              f"segmentation '{snap.name}'")
+
+
+def unchanged(snap: SegmentationSnapshot) -> bool:
+    """Whether the node still holds what ``snap`` was captured from (GUI thread): the same selected segments, label
+    values, layers and records, each layer the same image data with the same scalars array and modification time, no
+    parent transform, and the volume (several layers) on the same grid."""
+    node = snap.node
+    if node is None or node.GetParentTransformNode() is not None:
+        return False
+    segmentation = node.GetSegmentation()
+    labelmap = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    ids = [sid for sid in (find_segment_id(node, name) for name in snap.names) if sid is not None]
+    if ids != [s["id"] for s in snap.segments] or segmentation.GetSourceRepresentationName() != labelmap:
+        return False
+    order = sorted({segmentation.GetLayerIndex(sid) for sid in ids})
+    for sid, s in zip(ids, snap.segments):
+        record = dict(segment_record(node, sid), labelValue=int(segmentation.GetSegment(sid).GetLabelValue()),
+                      layer=order.index(segmentation.GetLayerIndex(sid)))
+        if record != s:
+            return False
+    for n, (image, scalars, mtime) in zip(order, snap.captured):
+        now = segmentation.GetLayerDataObject(n, labelmap)
+        if now is not image or now.GetPointData().GetScalars() is not scalars or int(now.GetMTime()) != mtime:
+            return False
+    grid = snap.captured[-1]
+    return grid is None or (np.array_equal(matrix_to_array(world_ijk_to_ras(snap.volume)), grid[0])
+                            and tuple(snap.volume.GetImageData().GetDimensions()) == grid[1])
+
+
+def hand_over(handoff: Handoff, snap: SegmentationSnapshot, path: str) -> None:
+    """Queues the snapshot's write to ``path`` (worker thread) and has ``handoff.verify`` (GUI thread, before the
+    child starts) compare it with its node: a segmentation changed since is captured and written again, with the same
+    voxel and overlap counts (the check's verdict), else the job fails asking for a new start."""
+    current = [snap]
+
+    def write() -> str:
+        return write_segmentation_snapshot(current[0], path)
+
+    def check() -> Optional[str]:
+        if unchanged(current[0]):
+            return None
+        old = current[0]
+        new = snapshot_segmentation(old.node, old.names, old.volume)
+        if new is None or (new.counts, new.overlaps) != (old.counts, old.overlaps) or len(new.layers) != len(old.layers):
+            raise InputError(f"segmentation '{old.name}' changed after the inputs were checked: check them and start again")
+        current[0] = new
+        handoff.later(write)
+        return old.name
+
+    handoff.later(write)
+    handoff.watch(check)
