@@ -62,12 +62,17 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "default": dict(method="cpcl", copy_paste=True),
     "supervised_small": dict(method="supervised", small=True),
     "default_small": dict(method="cpcl", copy_paste=True, small=True),
+    "warm_small": dict(method="cpcl", copy_paste=True, small=True, warm_start=0.5),
 }
+# A recipe with a supervised warm start: (its warm start's pace, the pace of its other iterations), as recipes
+# timed by --pace (its own steps are not timed: they would all be warm-start steps).
+PACED_AS = {"warm_small": ("supervised_small", "default_small")}
 LABELS = {
     "supervised": "supervised-only (width 16, patch rounded up)",
     "default": "default recipe (CPCL + copy-paste, width 16, patch rounded up)",
     "supervised_small": "supervised-only (CPU plan: width 8, patch rounded down)",
     "default_small": "default recipe (CPU plan: width 8, patch rounded down)",
+    "warm_small": "supervised warm start (first half of the iterations), then the default recipe (CPU plan)",
 }
 
 
@@ -114,6 +119,7 @@ def measure_pace(data: A.Data, recipes: Sequence[str], budget: int, steps: int, 
     """Median seconds per training step of each recipe, ``THREADS`` torch threads, recipes interleaved."""
     torch.set_num_threads(THREADS)
     trainers = {}
+    recipes = [r for r in recipes if r not in PACED_AS]
     for r in recipes:
         split = C.split_train(data.splits["train"], budget, 0, data.validation_size)
         cfg = recipe_config(r, 0, data, split["labeled"])
@@ -146,7 +152,12 @@ def measure_pace(data: A.Data, recipes: Sequence[str], budget: int, steps: int, 
 
 
 def iterations_for(minutes: float, pace: Dict[str, Any], recipe: str) -> int:
-    """The iteration count of ``recipe`` that fits ``minutes`` at its measured pace."""
+    """The iteration count of ``recipe`` that fits ``minutes`` at its measured pace; a warm start's fraction f of
+    the iterations at the supervised pace: ``T = M · 60 / (f · t_sup + (1 - f) · t)``."""
+    if recipe in PACED_AS:
+        f = RECIPES[recipe]["warm_start"]
+        t_sup, t = (pace[r]["seconds_per_iteration"] for r in PACED_AS[recipe])
+        return max(1, int(math.floor(minutes * 60.0 / (f * t_sup + (1 - f) * t))))
     return max(1, int(math.floor(minutes * 60.0 / pace[recipe]["seconds_per_iteration"])))
 
 

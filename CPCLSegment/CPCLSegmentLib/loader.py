@@ -43,7 +43,7 @@ class BatchMaker:
         out: HostBatch = {"labeled": lb.images, "labels": lb.labels.astype(np.int64)}
         if lb.class_known is not None and not lb.class_known.all():
             out["class_known"] = lb.class_known
-        if self.unl is not None:
+        if self.unl is not None and it >= cfg.warm_start_iterations():  # no unlabeled patches in a warm start
             ub = self.unl.sample(it, self.indices(cfg.unlabeled_batch))
             out["unlabeled"], out["teacher_view"] = ub.images, ub.teacher_images
             pairs = min(cfg.labeled_batch, cfg.unlabeled_batch)

@@ -11,7 +11,8 @@ median of the next ones.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from dataclasses import replace
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device, steps
         label[tuple(slice(int(p * k / (num_classes + 1)), int(p * (k + 1) / (num_classes + 1))) for p in patch)] = k
     timed = TrainConfig.from_dict(cfg.to_dict())
     timed.device, timed.minutes, timed.iterations, timed.sampling_workers = str(device), None, steps + 1, 0
+    timed.warm_start = 0.0  # the recipe's own steps (a warm start's are timed as supervised-only: ``_paces``)
     try:
         trainer = Trainer(timed, [make_case("timing", image, label)], [make_case("timing-u", image)], num_classes)
         times = []
@@ -52,15 +54,39 @@ def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device, steps
     return float(np.median(times[1:]))
 
 
-def estimate_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
-    """The whole run's estimated time in seconds (``step_seconds`` × iterations), or None."""
+def _paces(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[Tuple[float, float]]:
+    """Seconds per iteration of ``cfg``'s supervised warm start and of its other iterations (the same when it has no
+    warm start), or None when a step cannot be timed."""
     per_it = step_seconds(cfg, num_classes, device)
-    return None if per_it is None else round(per_it * cfg.iterations, 0)
+    if per_it is None or cfg.method == "supervised" or cfg.warm_start <= 0:
+        return None if per_it is None else (per_it, per_it)
+    sup = step_seconds(replace(cfg, method="supervised", copy_paste=None), num_classes, device)
+    return None if sup is None else (sup, per_it)
+
+
+def run_seconds(cfg: TrainConfig, warm_pace: float, pace: float) -> float:
+    """``W · t_warm + (T - W) · t``: a run of T = ``cfg.iterations`` whose first W (``warm_start_iterations``) are
+    supervised-only steps of ``warm_pace`` seconds and the rest of ``pace``."""
+    warm = cfg.warm_start_iterations()
+    return warm * warm_pace + (cfg.iterations - warm) * pace
+
+
+def estimate_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
+    """The whole run's estimated time in seconds (``run_seconds`` at the timed paces), or None."""
+    paces = _paces(cfg, num_classes, device)
+    return None if paces is None else round(run_seconds(cfg, *paces), 0)
 
 
 def iterations_for_minutes(cfg: TrainConfig, num_classes: int, device: torch.device) -> int:
-    """The iteration count that fits ``cfg.minutes`` at the timed pace (``step_seconds``); at least 1."""
-    per_it = step_seconds(cfg, num_classes, device)
-    if not per_it:
+    """The most iterations whose ``run_seconds`` at the timed paces fit ``cfg.minutes``; at least 1."""
+    paces = _paces(cfg, num_classes, device)
+    if not paces:
         raise InputError("--minutes: could not time a training step on this device; give --iterations instead")
-    return max(1, int(cfg.minutes * 60.0 / per_it))
+    budget, (warm_pace, pace) = cfg.minutes * 60.0, paces
+    if cfg.warm_start <= 0 or cfg.method == "supervised":
+        return max(1, int(budget / pace))
+    if cfg.warm_start < 1:  # W = f T: T (f t_warm + (1 - f) t) = budget
+        return max(1, int(budget / (cfg.warm_start * warm_pace + (1 - cfg.warm_start) * pace)))
+    if cfg.warm_start * warm_pace >= budget:  # the minutes end within the warm start
+        return max(1, int(budget / warm_pace))
+    return int(cfg.warm_start + (budget - cfg.warm_start * warm_pace) / pace)

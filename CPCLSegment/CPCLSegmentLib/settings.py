@@ -93,7 +93,12 @@ class TrainConfig:
     # CPCL loss: L = L_s + λ(t)(L_fpc + β L_bpc) [+ w_mt · r(t) · L_mt]
     lambda_max: float = field(default=0.1, metadata={"min": 0})
     beta: float = field(default=10.0, metadata={"min": 0})
-    rampup: float = field(default=0.4, metadata={"min": 0})  # ramp-up length: a fraction of the iterations (<= 1) or a number of iterations (> 1)
+    rampup: float = field(default=0.4, metadata={"min": 0})  # ramp-up length: a fraction of the semi-supervised iterations (<= 1) or a number (> 1)
+    # Supervised warm start: the first iterations train L_s alone (no unlabeled patches, supervised-only steps); the
+    # unlabeled terms then switch on and ramp up from there. A fraction of the iterations (< 1) or a number (>= 1).
+    warm_start: float = field(default=0.0, metadata=_flag(
+        "--warm-start", "train supervised-only for the first iterations, then add the unlabeled terms: a fraction of "
+        "the iterations (< 1) or a number of iterations (default 0: none)", min=0))
     # mean-teacher MSE term's weight w_mt; None: CPCL_CONSISTENCY for cpcl, lambda_max for mean_teacher
     consistency_weight: Optional[float] = field(default=None, metadata={"min": 0})
     ema_decay: float = field(default=0.99, metadata={"min": 0, "max": 1, "max_open": True})
@@ -222,9 +227,17 @@ class TrainConfig:
             feature_level=self.feature_level, dropout=self.dropout,
         )
 
+    def warm_start_iterations(self) -> int:
+        """W, the supervised-only iterations a semi-supervised run starts with (``warm_start``; at most all of them)."""
+        if self.method == "supervised":
+            return 0
+        w = self.warm_start * self.iterations if self.warm_start < 1 else self.warm_start
+        return int(min(w, self.iterations))
+
     def rampup_iterations(self) -> float:
-        """The ramp-up length T in iterations: ``rampup`` × iterations when ``rampup`` <= 1, else ``rampup``."""
-        return self.rampup * self.iterations if self.rampup <= 1 else self.rampup
+        """The ramp-up length T in iterations, counted from the end of the warm start W: ``rampup`` × (iterations - W)
+        when ``rampup`` <= 1, else ``rampup``."""
+        return self.rampup * (self.iterations - self.warm_start_iterations()) if self.rampup <= 1 else self.rampup
 
     def uses_copy_paste(self) -> bool:
         """Whether steps mix labeled and unlabeled patches: ``copy_paste`` if given, else on for cpcl only."""

@@ -29,7 +29,7 @@ from .data import Augmenter, Case, PatchSampler
 from .devices import describe_device, is_oom, resolve_device  # noqa: F401  (re-exported)
 from .errors import InputError, TrainingDiverged
 from .loader import BatchMaker, host_batches, sampling_workers
-from .losses import LOSS_TERMS, StepInputs, sigmoid_rampup, total_loss
+from .losses import LOSS_TERMS, StepInputs, sigmoid_rampup, supervised_terms, total_loss
 from .metrics import dice_sums, mean_from_sums
 from .modelfile import Snapshot, state_dict_cpu
 from .network import build_network
@@ -230,9 +230,11 @@ class Trainer:
         lr = cfg.lr * (1.0 - it / cfg.iterations) ** cfg.poly_power
         for g in self.opt.param_groups:
             g["lr"] = lr
-        ramp = sigmoid_rampup(it, cfg.rampup_iterations())
+        warm = cfg.warm_start_iterations()
+        terms_fn = supervised_terms if it < warm else self.loss_terms  # a supervised warm start: L_s alone
+        ramp = sigmoid_rampup(it - warm, cfg.rampup_iterations()) if it >= warm else 0.0
         with autocast_context(self.device, self.precision):
-            terms = self.loss_terms(self.model, self.teacher, inputs, cfg, self.dist.all_reduce if self.dist else None)
+            terms = terms_fn(self.model, self.teacher, inputs, cfg, self.dist.all_reduce if self.dist else None)
         loss = total_loss(terms, ramp, cfg)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None and self.scaler.is_enabled():
