@@ -22,6 +22,9 @@ def test_minutes_become_iterations_at_each_recipes_pace():
     pace = {"default": {"seconds_per_iteration": 2.5}, "supervised": {"seconds_per_iteration": 0.5}}
     assert E.iterations_for(10, pace, "default") == 240 and E.iterations_for(10, pace, "supervised") == 1200
     assert E.iterations_for(0.001, pace, "default") == 1  # never zero
+    # a supervised warm start of half the iterations: T (0.5 × 0.5 + 0.5 × 2.5) = 600
+    small = {"default_small": {"seconds_per_iteration": 2.5}, "supervised_small": {"seconds_per_iteration": 0.5}}
+    assert E.iterations_for(10, small, "warm_small") == 400
 
 
 def test_tables_compare_with_supervised_only_of_the_same_plan_per_seed():
