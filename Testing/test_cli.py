@@ -255,10 +255,14 @@ def test_case_list_dataset_folder_and_info(tmp_path, ct_path, seg_path):
     assert info.returncode == 0 and "right lung" in info.stdout and "cpcl" in info.stdout
 
 
-def test_minutes_too_short_for_the_default_recipe_train_supervised_only_and_say_so(tmp_path, ct_path, seg_path, capsys):
-    """``--minutes`` that cannot pay for the semi-supervised recipe's measured pay-off length train supervised-only
-    for the same minutes (budget.recipe_for_minutes), say so up front, and the model file records it."""
-    from CPCLSegmentLib import cli
+def test_minutes_too_short_for_the_default_recipe_train_supervised_only_and_say_so(tmp_path, ct_path, seg_path, capsys,
+                                                                                  monkeypatch):
+    """``--minutes`` that cannot pay for the semi-supervised recipe's measured pay-off length, nor for the iterations
+    its warm-start form was measured at (raised here, so no machine's pace reaches it), train supervised-only for
+    the same minutes (budget.recipe_for_minutes), say so up front, and the model file records it."""
+    from CPCLSegmentLib import budget, cli
+
+    monkeypatch.setattr(budget, "WARM_START_MEASURED_FROM", 10**9)
 
     small = [a for a in SMALL if a not in ("--iterations", "8")]
     out = tmp_path / "m.pt"
@@ -273,6 +277,29 @@ def test_minutes_too_short_for_the_default_recipe_train_supervised_only_and_say_
     assert start["method"] == "supervised" and start["unlabeled"] == 0
     info = run_cli("info", out)
     assert info.returncode == 0 and "supervised" in info.stdout
+
+
+def test_minutes_below_the_line_train_a_supervised_warm_start_then_the_unlabeled_terms(tmp_path, ct_path, seg_path, capsys,
+                                                                                     monkeypatch):
+    """Where the warm-start recipe plans at least the iterations it was measured at (lowered here, so a few seconds
+    qualify), a budget below the default recipe's line trains supervised-only first, then with the unlabeled volume."""
+    from CPCLSegmentLib import budget, cli
+
+    monkeypatch.setattr(budget, "WARM_START_MEASURED_FROM", 2)
+    small = [a for a in SMALL if a not in ("--iterations", "8")]
+    out = tmp_path / "w.pt"
+    code = cli.main(["train", "--labeled", ct_path, seg_path, "--unlabeled", ct_path, "--segments", *LUNGS, "--out", str(out),
+                     "--progress", "json", "--minutes", "0.05", *small])
+    assert code == 0, capsys.readouterr().err
+    events = json_lines(capsys.readouterr().out)
+    warning = " ".join(e["message"] for e in events if e.get("event") == "warning")
+    assert "supervised-only for the first" in warning and "then with the unlabeled volumes for" in warning
+    start = next(e for e in events if e.get("event") == "start")
+    assert start["method"] == "cpcl" and start["unlabeled"] == 1
+    steps = [e for e in events if e.get("event") == "progress"]
+    warm = start["iterations"] // 2
+    assert all("forward" not in e["loss"] for e in steps if e["iteration"] <= warm)
+    assert any("forward" in e["loss"] for e in steps if e["iteration"] > warm)
 
 
 def _labelmap(tmp_path, ct_path, seg_path, values=(3, 7)):

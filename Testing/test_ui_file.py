@@ -187,8 +187,9 @@ def test_iterations_tooltip_names_the_short_run_threshold():
     assert tips and f"shorter than {SHORT_COPY_PASTE_RUN} scored below supervised-only" in tips[0]
 
 
-def test_minutes_tooltip_says_short_budgets_train_supervised_only():
+def test_minutes_tooltip_says_short_budgets_start_supervised_only():
     from CPCLSegmentLib.settings import SHORT_COPY_PASTE_RUN
 
     tips = [w.findtext("./property[@name='toolTip']/string") for w in ET.parse(UI).iter("widget") if w.get("name") == "minutesSpinBox"]
-    assert tips and f"too few for {SHORT_COPY_PASTE_RUN} semi-supervised iterations" in tips[0] and "supervised-only instead" in tips[0]
+    assert tips and f"too few for {SHORT_COPY_PASTE_RUN} semi-supervised iterations" in tips[0]
+    assert "supervised-only for the first half of their iterations, then with the unlabeled volumes" in tips[0]

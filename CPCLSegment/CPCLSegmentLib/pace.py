@@ -54,14 +54,33 @@ def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device, steps
     return float(np.median(times[1:]))
 
 
-def _paces(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[Tuple[float, float]]:
+StepTimer = Callable[[TrainConfig, int, torch.device], Optional[float]]
+
+
+def _paces(cfg: TrainConfig, num_classes: int, device: torch.device, timer: Optional[StepTimer] = None
+           ) -> Optional[Tuple[float, float]]:
     """Seconds per iteration of ``cfg``'s supervised warm start and of its other iterations (the same when it has no
-    warm start), or None when a step cannot be timed."""
-    per_it = step_seconds(cfg, num_classes, device)
+    warm start), or None when a step cannot be timed. ``timer``: ``step_seconds`` or a memo of it."""
+    timer = timer or step_seconds
+    per_it = timer(cfg, num_classes, device)
     if per_it is None or cfg.method == "supervised" or cfg.warm_start <= 0:
         return None if per_it is None else (per_it, per_it)
-    sup = step_seconds(replace(cfg, method="supervised", copy_paste=None), num_classes, device)
+    sup = timer(replace(cfg, method="supervised", copy_paste=None, warm_start=0.0), num_classes, device)
     return None if sup is None else (sup, per_it)
+
+
+def memo_timer() -> StepTimer:
+    """``step_seconds`` timed once per recipe (a warm start's own and its supervised steps; planning a budget's
+    recipe times the same steps several times)."""
+    seen: dict = {}
+
+    def timer(cfg: TrainConfig, num_classes: int, device: torch.device) -> Optional[float]:
+        key = (repr(sorted(replace(cfg, warm_start=0.0, iterations=1, minutes=None).to_dict().items())), num_classes, str(device))
+        if key not in seen:
+            seen[key] = step_seconds(cfg, num_classes, device)
+        return seen[key]
+
+    return timer
 
 
 def run_seconds(cfg: TrainConfig, warm_pace: float, pace: float) -> float:
@@ -77,9 +96,9 @@ def estimate_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -
     return None if paces is None else round(run_seconds(cfg, *paces), 0)
 
 
-def iterations_for_minutes(cfg: TrainConfig, num_classes: int, device: torch.device) -> int:
+def iterations_for_minutes(cfg: TrainConfig, num_classes: int, device: torch.device, timer: Optional[StepTimer] = None) -> int:
     """The most iterations whose ``run_seconds`` at the timed paces fit ``cfg.minutes``; at least 1."""
-    paces = _paces(cfg, num_classes, device)
+    paces = _paces(cfg, num_classes, device, timer)
     if not paces:
         raise InputError("--minutes: could not time a training step on this device; give --iterations instead")
     budget, (warm_pace, pace) = cfg.minutes * 60.0, paces

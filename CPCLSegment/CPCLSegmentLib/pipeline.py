@@ -50,7 +50,7 @@ from .modelfile import (
     save_model,
     write_run_record,
 )
-from .pace import estimate_seconds, iterations_for_minutes
+from .pace import estimate_seconds, iterations_for_minutes, memo_timer
 from .planning import check_memory, format_bytes, plan_run
 from .preflight import OutputLock, sweep_leftovers
 from .preparation import CaseInfo, Emit, LabeledInput, TrainRequest, inspect_cases, resolve_classes, run_fingerprint
@@ -239,17 +239,19 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
 
 def _plan_minutes(run: _Run, distributed: Any) -> TrainConfig:
     """The iterations that fit ``--minutes`` at the measured step time, and the recipe the minutes can afford
-    (``budget.recipe_for_minutes``: too few for the semi-supervised recipe to pay off trains supervised-only)."""
+    (``budget.recipe_for_minutes``: too few for the semi-supervised recipe to pay off gets a supervised warm start,
+    or trains supervised-only)."""
     if distributed is not None:
         raise InputError("--minutes plans the iterations from one process's step time: with torchrun give --iterations")
-    K = len(run.classes)
-    cfg, switched = recipe_for_minutes(run.cfg, iterations_for_minutes(run.cfg, K, run.device),
-                                       lambda c: iterations_for_minutes(c, K, run.device), bool(run.unlabeled_paths),
+    K, timer = len(run.classes), memo_timer()
+    cfg, switched = recipe_for_minutes(run.cfg, iterations_for_minutes(run.cfg, K, run.device, timer),
+                                       lambda c: iterations_for_minutes(c, K, run.device, timer), bool(run.unlabeled_paths),
                                        run.request.options.compare_supervised)
     run.cfg = run.request.config = cfg
     run.planned_from_minutes = True
     if switched:
-        run.unlabeled_paths = []  # not read, not preprocessed: the run is supervised-only
+        if cfg.method == "supervised":
+            run.unlabeled_paths = []  # not read, not preprocessed: the run is supervised-only
         run.say({"event": "warning", "message": switched})
     run.say({"event": "info", "message": f"training for about {cfg.minutes:g} min: {cfg.iterations} iterations at the measured step time"})
     return cfg
