@@ -281,11 +281,14 @@ def test_minutes_too_short_for_the_default_recipe_train_supervised_only_and_say_
 
 def test_minutes_below_the_line_train_a_supervised_warm_start_then_the_unlabeled_terms(tmp_path, ct_path, seg_path, capsys,
                                                                                      monkeypatch):
-    """Where the warm-start recipe plans at least the iterations it was measured at (lowered here, so a few seconds
-    qualify), a budget below the default recipe's line trains supervised-only first, then with the unlabeled volume."""
-    from CPCLSegmentLib import budget, cli
+    """Where the warm-start recipe plans at least the iterations it was measured at (lowered here, and the steps'
+    timing fixed, so the plan does not depend on the machine: 3 s at 1/16 s per supervised and 1/8 s per
+    semi-supervised step are 32 iterations, 16 + 16), a budget below the default recipe's line (24 iterations)
+    trains supervised-only first, then with the unlabeled volume."""
+    from CPCLSegmentLib import budget, cli, pace
 
     monkeypatch.setattr(budget, "WARM_START_MEASURED_FROM", 2)
+    monkeypatch.setattr(pace, "step_seconds", lambda cfg, k, device: 0.0625 if cfg.method == "supervised" else 0.125)
     small = [a for a in SMALL if a not in ("--iterations", "8")]
     out = tmp_path / "w.pt"
     code = cli.main(["train", "--labeled", ct_path, seg_path, "--unlabeled", ct_path, "--segments", *LUNGS, "--out", str(out),
@@ -294,10 +297,11 @@ def test_minutes_below_the_line_train_a_supervised_warm_start_then_the_unlabeled
     events = json_lines(capsys.readouterr().out)
     warning = " ".join(e["message"] for e in events if e.get("event") == "warning")
     assert "supervised-only for the first" in warning and "then with the unlabeled volumes for" in warning
+    assert "24 iterations of semi-supervised training" in warning and "the first 16 iterations" in warning
     start = next(e for e in events if e.get("event") == "start")
-    assert start["method"] == "cpcl" and start["unlabeled"] == 1
+    assert start["method"] == "cpcl" and start["unlabeled"] == 1 and start["iterations"] == 32
     steps = [e for e in events if e.get("event") == "progress"]
-    warm = start["iterations"] // 2
+    warm = 16
     assert all("forward" not in e["loss"] for e in steps if e["iteration"] <= warm)
     assert any("forward" in e["loss"] for e in steps if e["iteration"] > warm)
 

@@ -25,7 +25,9 @@ from .settings import SHORT_COPY_PASTE_RUN, TrainConfig
 
 # Below the line, the first half of the iterations supervised-only (TrainConfig.warm_start), then the unlabeled terms.
 WARM_START_BELOW_LINE = 0.5
-# The fewest iterations the warm-start recipe was measured at (equal minutes, BENCHMARKS.md): fewer train supervised-only.
+# Fewer iterations of the warm-start recipe train supervised-only: at equal minutes it was at or above supervised-only
+# from 647 iterations on (left atrium, 10 min; hippocampus 5 and 10 min) and level at 323 (left atrium, 5 min: +0.9 test,
+# -0.4 validation; docs/benchmarks/equal-time.md).
 WARM_START_MEASURED_FROM = 600
 
 
