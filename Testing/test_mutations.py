@@ -2,7 +2,7 @@
 
 Each fault is applied to a copy of the engine (``CPCLSegmentLib``) in a temporary folder, and the default suite's
 method tests (``test_method_fidelity.py``, ``test_losses.py``, ``test_prototypes.py``, ``test_network_teacher.py``,
-all in the default tier) run against the copy in a child process, stopping at the first failure. Every fault must
+``test_warm_start.py``, all in the default tier) run against the copy in a child process, stopping at the first failure. Every fault must
 make them fail; the unchanged copy must pass (so a failure is the fault's doing, not the harness's).
 """
 
@@ -20,7 +20,8 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 LIB = ROOT / "CPCLSegment" / "CPCLSegmentLib"
-TESTS = ["Testing/test_method_fidelity.py", "Testing/test_losses.py", "Testing/test_prototypes.py", "Testing/test_network_teacher.py"]
+TESTS = ["Testing/test_method_fidelity.py", "Testing/test_losses.py", "Testing/test_prototypes.py", "Testing/test_network_teacher.py",
+         "Testing/test_warm_start.py"]
 
 # (name, file, exact text, replacement): each text must occur exactly once in the engine.
 FAULTS = [
@@ -48,8 +49,13 @@ FAULTS = [
      "return _nll(merged_log_probabilities(u2l_logits, class_known), target, sync)",
      "return _nll(merged_log_probabilities(torch.softmax(u2l_logits, 1), class_known), target, sync)"),
     ("ramp-up length taken as iterations when it is a fraction", "settings.py",
-     "return self.rampup * self.iterations if self.rampup <= 1 else self.rampup", "return self.rampup"),
-    ("no ramp-up", "trainer.py", "ramp = sigmoid_rampup(it, cfg.rampup_iterations())", "ramp = 1.0"),
+     "return self.rampup * (self.iterations - self.warm_start_iterations()) if self.rampup <= 1 else self.rampup",
+     "return self.rampup"),
+    ("no ramp-up", "trainer.py", "ramp = sigmoid_rampup(it - warm, cfg.rampup_iterations()) if it >= warm else 0.0", "ramp = 1.0"),
+    ("the ramp-up counted from iteration 0, not from the end of the warm start", "trainer.py",
+     "ramp = sigmoid_rampup(it - warm, cfg.rampup_iterations())", "ramp = sigmoid_rampup(it, cfg.rampup_iterations())"),
+    ("the warm start ignored", "trainer.py",
+     "terms_fn = supervised_terms if it < warm else self.loss_terms", "terms_fn = self.loss_terms"),
     ("EMA step offset by one", "trainer.py",
      "update_teacher(self.teacher, self.student, self.ema_offset + it, cfg.ema_decay)",
      "update_teacher(self.teacher, self.student, self.ema_offset + it + 1, cfg.ema_decay)"),

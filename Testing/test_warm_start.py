@@ -10,6 +10,7 @@ import torch
 
 from CPCLSegmentLib import pace
 from CPCLSegmentLib.data import make_case
+from CPCLSegmentLib.losses import sigmoid_rampup
 from CPCLSegmentLib.settings import TrainConfig
 from CPCLSegmentLib.trainer import Trainer
 
@@ -44,8 +45,9 @@ def test_warm_start_steps_are_supervised_only_then_the_unlabeled_terms_switch_on
         if it < 3:
             assert values["ramp"] == 0.0 and "forward" not in values and "paste" not in values
             assert values["total"] == pytest.approx(values["supervised"])
-        else:
-            assert {"forward", "backward", "paste"} <= set(values) and values["ramp"] > 0
+        else:  # the ramp-up starts at the end of the warm start: r(t - W) over T = 0.4 × (6 - 3)
+            assert {"forward", "backward", "paste"} <= set(values)
+            assert values["ramp"] == pytest.approx(sigmoid_rampup(it - 3, 0.4 * 3))
 
 
 def test_the_warm_start_trains_like_supervised_only_until_it_ends():
