@@ -201,7 +201,7 @@ class Handoff:
         return names
 
 
-MAX_REWRITES = 3  # a volume that keeps changing while it is written fails the job after this many writes
+MAX_REWRITES = 3  # an input (volume or segmentation) that keeps changing while written fails the job after this many writes
 
 
 class PreparedJob(jobs.Job):
@@ -239,7 +239,7 @@ class PreparedJob(jobs.Job):
                 if not stale:
                     break
                 if n == MAX_REWRITES:
-                    raise InputError(f"volume(s) {', '.join(repr(s) for s in stale)} kept changing while written for the "
+                    raise InputError(f"input(s) {', '.join(repr(s) for s in stale)} kept changing while written for the "
                                      f"{self.name} ({n} times): start it again once they are no longer being modified")
                 prepare(cancelled)
         except Exception as e:  # noqa: BLE001 - ends the job with the message instead of a lost thread
