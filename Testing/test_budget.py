@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from CPCLSegmentLib.budget import WARM_START_BELOW_LINE, WARM_START_MEASURED_FROM, minutes_to_pay_off, recipe_for_minutes, short_run_warning
+from CPCLSegmentLib.budget import (
+    WARM_START_BELOW_LINE,
+    WARM_START_MEASURED_FROM,
+    minutes_for_warm_start,
+    minutes_to_pay_off,
+    recipe_for_minutes,
+    short_run_warning,
+)
 from CPCLSegmentLib.settings import SHORT_COPY_PASTE_RUN, TrainConfig
 
 
@@ -35,6 +42,10 @@ def test_a_budget_too_short_even_for_the_warm_start_trains_supervised_only_for_t
     assert new.method == "supervised" and not new.uses_copy_paste() and new.warm_start == 0
     assert new.iterations == 4321 and seen[-1].method == "supervised"  # the supervised pace plans the supervised run
     assert "supervised-only for these minutes instead (4321 iterations" in message and "Hold out the last case" in message
+    # how many minutes would bring the unlabeled volumes in: the warm start's pace to its measured length, and the default's
+    assert minutes_for_warm_start(2, WARM_START_MEASURED_FROM - 1) == 3 and minutes_for_warm_start(3, 440) == 5
+    assert "about 3 minutes or more to use them (a supervised warm start" in message
+    assert f"about {minutes_to_pay_off(2, 50)} to train the default recipe" in message and minutes_to_pay_off(2, 50) == 60
 
 
 def test_a_warm_start_given_is_kept():

@@ -44,6 +44,12 @@ def minutes_to_pay_off(minutes: float, planned_iterations: int) -> int:
     return int(math.ceil(minutes * SHORT_COPY_PASTE_RUN / max(planned_iterations, 1)))
 
 
+def minutes_for_warm_start(minutes: float, warm_iterations: int) -> int:
+    """The minutes that reach ``WARM_START_MEASURED_FROM`` iterations of the warm-start recipe at the pace that plans
+    ``warm_iterations`` of it in ``minutes``."""
+    return int(math.ceil(minutes * WARM_START_MEASURED_FROM / max(warm_iterations, 1)))
+
+
 def recipe_for_minutes(
     cfg: TrainConfig, planned_iterations: int, iterations_for: Callable[[TrainConfig], int], has_unlabeled: bool,
     compare_supervised: bool,
@@ -70,7 +76,9 @@ def recipe_for_minutes(
     sup.iterations = iterations_for(sup)
     message = (
         f"{short}: training supervised-only for these minutes instead ({sup.iterations} iterations; the unlabeled "
-        f"volumes are not used). {more}, or hold out a case to compare both (--validation CASES --compare-supervised; "
+        f"volumes are not used). Give about {minutes_for_warm_start(cfg.minutes, warm.iterations)} minutes or more to "
+        f"use them (a supervised warm start, then the unlabeled volumes), about {minutes_to_pay_off(cfg.minutes, planned_iterations)} "
+        "to train the default recipe, or hold out a case to compare both (--validation CASES --compare-supervised; "
         "in Slicer: \"Hold out the last case\")"
     )
     return sup, message
