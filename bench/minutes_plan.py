@@ -1,0 +1,136 @@
+"""How closely ``--minutes`` planning matches the training's wall time, through the command line a user runs.
+
+``cpcl-segment train --minutes M`` times real steps of the run's recipe(s) and plans the iterations that fit M
+minutes (``pace.iterations_for_minutes``; below 1500 default-recipe iterations ``budget.recipe_for_minutes``
+switches the recipe). This runs that command on hippocampus subjects (4 labeled + 20 unlabeled from the
+benchmark's ``train`` pool by default) with ``--progress json``, stamps every event with the wall time, and
+records the plan (recipe, iterations, ``estimated_time_s``), the training's wall time (first to last
+iteration), the time before training (checking, timing, preprocessing) and the seconds per step of each phase
+(the warm start's supervised steps, then the semi-supervised ones; per tenth of the run).
+
+    python bench/minutes_plan.py --minutes 3 5 --threads 1          # -> bench/results/minutes_plan.jsonl
+    python bench/minutes_plan.py --from-log run.log --minutes 5     # a log written by --keep-log, parsed again
+
+The wall time depends on the machine's load while the run trains: run it on a quiet machine for the ±20 %
+question, and read ``load_average_1min`` beside each record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+import torch  # noqa: E402
+
+RESULTS = C.RESULTS_DIR / "minutes_plan.jsonl"
+
+
+def command(data: Path, names: Sequence[str], labeled: int, minutes: float, out: Path) -> List[str]:
+    """The ``cpcl-segment train`` command: the first ``labeled`` names labeled, the rest unlabeled."""
+    cmd = [sys.executable, "-m", "CPCLSegmentLib.cli", "train"]
+    for n in names[:labeled]:
+        cmd += ["--labeled", str(data / "imagesTr" / f"{n}.nii.gz"), str(data / "labelsTr" / f"{n}.nii.gz")]
+    cmd += ["--unlabeled", *[str(data / "imagesTr" / f"{n}.nii.gz") for n in names[labeled:]]]
+    return cmd + ["--minutes", f"{minutes:g}", "--out", str(out / "model.pt"), "--work-dir", str(out / "work"),
+                  "--progress", "json"]
+
+
+def stamped_events(lines: Sequence[str]) -> List[Tuple[float, Dict[str, Any]]]:
+    """``(seconds since start, event)`` for each ``"<seconds> <json>"`` line (other lines skipped)."""
+    out = []
+    for line in lines:
+        stamp, _, rest = line.strip().partition(" ")
+        try:
+            out.append((float(stamp), json.loads(rest)))
+        except ValueError:
+            continue
+    return out
+
+
+def summarize(events: Sequence[Tuple[float, Dict[str, Any]]]) -> Dict[str, Any]:
+    """The plan, the training's wall time against it, and the seconds per step of each phase."""
+    summary = next(e for _, e in events if e.get("event") == "summary")
+    start = next(t for t, e in events if e.get("event") == "start")
+    steps = [(t, e) for t, e in events if e.get("event") == "progress"]
+    warnings = [e["message"] for _, e in events if e.get("event") == "warning"]
+    iters = len(steps)
+    trained = steps[-1][0] - start
+    phases: Dict[str, List[float]] = {}  # phase -> the wall time of each of its steps (its event's stamp)
+    for t, e in steps:
+        phase = "semi_supervised" if e.get("loss", {}).keys() - {"supervised", "total"} else "supervised"
+        phases.setdefault(phase, []).append(t)
+    per_step = {}  # mean seconds per step of a phase: from the step before it began to its last step
+    previous = start
+    for phase, stamps in phases.items():
+        per_step[phase] = round((stamps[-1] - previous) / len(stamps), 3)
+        previous = stamps[-1]
+    tenths = [round((steps[min(iters - 1, (k + 1) * iters // 10)][0] - steps[k * iters // 10][0])
+                    / max(1, min(iters - 1, (k + 1) * iters // 10) - k * iters // 10), 3) for k in range(10)]
+    planned = float(summary["estimated_time_s"])
+    return {
+        "method": summary["method"], "iterations": summary["iterations"], "planned_s": planned,
+        "trained_s": round(trained, 1), "trained_over_planned": round(trained / planned, 3),
+        "before_training_s": round(start, 1), "whole_run_s": round(events[-1][0], 1),
+        "seconds_per_step": per_step, "steps_per_phase": {k: len(v) for k, v in phases.items()},
+        "seconds_per_step_by_tenth": tenths, "recipe_message": warnings[-1] if warnings else None,
+    }
+
+
+def run(cmd: Sequence[str], threads: int) -> List[str]:
+    """Runs ``cmd`` with ``threads`` torch threads; returns its output lines, each stamped with the wall time."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(C.ROOT / "CPCLSegment"))
+    t0 = time.time()
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
+        for line in p.stdout:
+            lines.append(f"{time.time() - t0:.3f} {line}")
+    if p.returncode:
+        raise SystemExit("".join(lines[-20:]) + f"\nthe run failed (exit {p.returncode})")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, nargs="+", default=[3, 5])
+    p.add_argument("--labeled", type=int, default=4)
+    p.add_argument("--unlabeled", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--from-log", help="parse a stamped log instead of running (one --minutes value)")
+    p.add_argument("--keep-log", help="folder to keep each run's stamped log in")
+    p.add_argument("--note", default="", help="recorded with each result (e.g. what else ran on the machine)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)  # recorded by C.machine(): the threads the runs use
+    data = C.data_dir(None, C.HIPPOCAMPUS)
+    names = C.read_splits(data)["train"][: args.labeled + args.unlabeled]
+    for minutes in args.minutes:
+        if args.from_log:
+            lines = Path(args.from_log).read_text().splitlines()
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                lines = run(command(data, names, args.labeled, minutes, Path(tmp)), args.threads)
+            if args.keep_log:
+                Path(args.keep_log, f"minutes_{minutes:g}.log").write_text("".join(lines))
+        when = os.path.getmtime(args.from_log) if args.from_log else time.time()  # a log: when it was written
+        load = None if args.from_log else round(os.getloadavg()[0], 2)
+        record = {"minutes": minutes, "labeled": args.labeled, "unlabeled": args.unlabeled, "threads": args.threads,
+                  **summarize(stamped_events(lines)), "machine": C.machine(), "load_average_1min": load,
+                  "note": args.note, "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(when)), "versions": C.versions()}
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        print(f"--minutes {minutes:g}: {record['method']} {record['iterations']} iterations, trained "
+              f"{record['trained_s']} s for {record['planned_s']} s planned ({record['trained_over_planned']:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
