@@ -40,3 +40,18 @@ def test_tables_compare_with_supervised_only_of_the_same_plan_per_seed():
     assert cells[6] == "+3.4, +3.0"  # test vs supervised_small, per seed
     assert cells[7] == "+3.4, +2.0"  # validation
     assert cells[8] == "+7.3"  # vs the width-16 supervised run, on the seed it has
+
+
+def test_the_plot_has_one_panel_per_setting_and_every_budget_of_the_grid_on_its_axis(tmp_path, monkeypatch):
+    import equal_time as E
+    import matplotlib.figure
+
+    seen = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: seen.update(fig=fig, path=path))
+    records = [_record(r, s, 0.8, 0.8, 100, minutes=m) for r in ("supervised_small", "warm_small") for s in (0, 1) for m in (5, 10)]
+    assert E.plot(records, tmp_path / "p.png") and seen["path"] == tmp_path / "p.png"
+    (ax,) = seen["fig"].axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["5", "10", "20", "40"]  # budgets not run show as gaps
+    colours = {c.get_label(): c.lines[0].get_color() for c in ax.containers}  # one colour per recipe, as in STYLE
+    assert colours == {E.LABELS[r]: E.STYLE[r]["color"] for r in ("supervised_small", "warm_small")}
+    assert len(seen["fig"].legends) == 1 and E.plot([], tmp_path / "none.png") is False

@@ -232,7 +232,15 @@ def tables(records: Sequence[Dict[str, Any]], pace: Optional[Dict[str, Any]]) ->
     return "\n".join(lines) + "\n"
 
 
+# One colour per recipe in every panel; the width-16 plan (the product before the study) dashed.
+STYLE = {"supervised": dict(color="tab:blue", linestyle="--", marker="s"), "default": dict(color="tab:orange", linestyle="--", marker="s"),
+         "supervised_small": dict(color="tab:blue", marker="o"), "default_small": dict(color="tab:orange", marker="o"),
+         "warm_small": dict(color="tab:green", marker="D")}
+
+
 def plot(records: Sequence[Dict[str, Any]], path: Path) -> bool:
+    """Test Dice (mean ± std over seeds) against minutes, one panel per setting, one colour per recipe; the x axis
+    spans every budget of the grid (``BUDGETS``), so a budget not run yet shows as a gap; one legend below."""
     summ = summarize(records)
     panels = sorted({k[:2] for k in summ})
     if not panels:
@@ -242,19 +250,31 @@ def plot(records: Sequence[Dict[str, Any]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.9), squeeze=False)
+    handles: Dict[str, Any] = {}
     for ax, (ds, lab) in zip(axes[0], panels):
         for r in RECIPES:
             pts = sorted((k[2], 100 * np.mean(v["test"]), 100 * np.std(v["test"])) for k, v in summ.items()
                          if k[:2] == (ds, lab) and k[3] == r)
             if pts:
                 xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS.get(r, r))
+                handles[r] = ax.errorbar(xs, ys, yerr=es, capsize=3, label=LABELS.get(r, r), **STYLE.get(r, {}))
+        budgets = sorted(set(BUDGETS) | {k[2] for k in summ})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([f"{b:g}" for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlim(budgets[0] / 1.25, budgets[-1] * 1.25)
         ax.set_xlabel(f"minutes of one {THREADS}-thread CPU process")
         ax.set_ylabel("test mean Dice (%)")
-        ax.set_title(f"{ds}, {lab} labeled")
-    C.finish_figure(fig, axes[0], path)
+        ax.set_title(f"{C.DATASETS[ds].title if ds in C.DATASETS else ds}, {lab} labeled", fontsize=10)
+        ax.grid(alpha=0.3)
+    order = [r for r in RECIPES if r in handles]
+    fig.legend([handles[r] for r in order], [LABELS.get(r, r) for r in order], loc="lower center", ncol=2, fontsize=7.5,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.045 * ((len(order) + 1) // 2), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
 
 
