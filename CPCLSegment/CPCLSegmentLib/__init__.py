@@ -22,7 +22,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``RunOptions``, ``PRESETS``, ``METHODS``, ``ANNOTATED_SLICES``, ``cli_settings``, ``run_options``). imports: errors.
 - ``budget``: what a run's length can afford: the recipe for a time budget (too short for the semi-supervised
   recipe to pay off: a supervised warm start, or supervised-only) and the warning for a short run (``recipe_for_minutes``,
-  ``short_run_warning``, ``minutes_to_pay_off``, ``minutes_for_warm_start``). imports: settings.
+  ``short_run_warning``, ``minutes_to_pay_off``, ``minutes_for_warm_start``, ``supervised_only``). imports: settings.
 - ``integrity``: damage checks for every file read: gzip CRC and length, the bytes a NIfTI header promises, ITK's
   whole reason on failure (``integrity_problem``, ``error_reason``, ``native_messages``, ``itk_read``).
   imports: errors.
@@ -100,7 +100,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   losses, metrics, modelfile, network, planning, precision, prototypes, settings, steplog, teacher.
 - ``pace``: seconds per iteration timed on real ``Trainer`` steps with the run's settings, the iterations that fit
   ``--minutes`` (``step_seconds``, ``run_seconds``, ``estimate_seconds``, ``iterations_for_minutes``,
-  ``memo_timer``). imports: data, errors, settings, trainer.
+  ``memo_timer``). imports: budget, data, errors, settings, trainer.
 - ``prediction``: model file and images in, segmentations on each image's grid out (``Predictor``,
   ``back_to_image_grid``, ``predict``, ``compatibility_warnings``). imports: devices, errors, inference, io, labels,
   modelfile, preflight, preparation, writers.

@@ -31,6 +31,12 @@ WARM_START_BELOW_LINE = 0.5
 WARM_START_MEASURED_FROM = 600
 
 
+def supervised_only(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` as supervised-only: no unlabeled terms, no copy-paste, no warm start (what the planner times and trains
+    where the minutes cannot pay for more)."""
+    return replace(cfg, method="supervised", copy_paste=None, warm_start=0.0)
+
+
 def needs_long_run(cfg: TrainConfig, has_unlabeled: bool, compare_supervised: bool) -> bool:
     """Whether ``cfg`` is a recipe that only pays off from ``SHORT_COPY_PASTE_RUN`` iterations on: semi-supervised
     with copy-paste and no warm start given (a recipe measured on its own), unlabeled cases given, and no held-out
@@ -72,7 +78,7 @@ def recipe_for_minutes(
         return warm, (f"{short}: training these minutes supervised-only for the first {warm.warm_start_iterations()} "
                       f"iterations, then with the unlabeled volumes for {warm.iterations - warm.warm_start_iterations()} "
                       f"(a supervised warm start: at or above both on the benchmarks at equal minutes). {more}.")
-    sup = replace(cfg, method="supervised", copy_paste=None, warm_start=0.0)
+    sup = supervised_only(cfg)
     sup.iterations = iterations_for(sup)
     message = (
         f"{short}: training supervised-only for these minutes instead ({sup.iterations} iterations; the unlabeled "

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
+from .budget import supervised_only
 from .data import make_case
 from .errors import InputError
 from .settings import TrainConfig
@@ -65,7 +66,7 @@ def _paces(cfg: TrainConfig, num_classes: int, device: torch.device, timer: Opti
     per_it = timer(cfg, num_classes, device)
     if per_it is None or cfg.method == "supervised" or cfg.warm_start <= 0:
         return None if per_it is None else (per_it, per_it)
-    sup = timer(replace(cfg, method="supervised", copy_paste=None, warm_start=0.0), num_classes, device)
+    sup = timer(supervised_only(cfg), num_classes, device)
     return None if sup is None else (sup, per_it)
 
 
