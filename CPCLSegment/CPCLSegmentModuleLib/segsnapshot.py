@@ -52,7 +52,8 @@ class SegmentationSnapshot:
     ``color``, ``terminology``, ``labelValue``, ``layer``: an index into ``layers``). Several layers: ``firsts`` holds
     each layer's first voxel as an index (i, j, k) of the volume, ``counts`` each segment's voxels inside the volume and
     ``overlaps`` the voxels each pair of them shares there (found on the views, as rasterising would find them).
-    ``captured``: each layer's image data, scalars array (kept alive) and modification time, and the volume's grid."""
+    ``captured``: each layer's image data, scalars array (kept alive) and modification time; ``grid``: the volume's
+    IJK-to-RAS and dimensions when it was captured (None without a volume)."""
 
     voxels: np.ndarray
     ijk_to_ras: np.ndarray
@@ -66,6 +67,7 @@ class SegmentationSnapshot:
     names: List[str] = field(default_factory=list)
     volume: Any = None
     captured: List[Any] = field(default_factory=list)
+    grid: Optional[Tuple[np.ndarray, Tuple[int, int, int]]] = None
 
 
 def _layer_view(image: Any) -> Optional[Tuple[np.ndarray, np.ndarray, Tuple[int, int, int], Tuple[Any, Any, int]]]:
@@ -115,10 +117,10 @@ def snapshot_segmentation(node: Any, names: Sequence[str], volume: Any = None) -
     ijk_to_ras[:3, 3] += m[:3, :3] @ np.array(first, dtype=float)
     snap = SegmentationSnapshot(voxels, ijk_to_ras, segments, node_name(node), [c[0] for c in copies], [c[2] for c in copies],
                                 node=node, names=list(names), volume=volume, captured=[c[3] for c in copies])
-    grid = matrix_to_array(world_ijk_to_ras(volume)) if volume is not None else None
-    snap.captured.append(None if grid is None else (grid, tuple(volume.GetImageData().GetDimensions())))
+    if volume is not None:
+        snap.grid = (matrix_to_array(world_ijk_to_ras(volume)), tuple(volume.GetImageData().GetDimensions()))
     if len(order) > 1:
-        if not all(np.allclose(c[1], grid, atol=1e-4) for c in copies):
+        if not all(np.allclose(c[1], snap.grid[0], atol=1e-4) for c in copies):
             return None  # not the volume's grid: the GUI thread resamples (and settles overlaps) as before
         _count_on_the_volume(snap, volume.GetImageData().GetDimensions())
         painted = any(snap.counts.values())  # type: ignore[union-attr]
@@ -226,9 +228,8 @@ def unchanged(snap: SegmentationSnapshot) -> bool:
         now = segmentation.GetLayerDataObject(n, labelmap)
         if now is not image or now.GetPointData().GetScalars() is not scalars or int(now.GetMTime()) != mtime:
             return False
-    grid = snap.captured[-1]
-    return grid is None or (np.array_equal(matrix_to_array(world_ijk_to_ras(snap.volume)), grid[0])
-                            and tuple(snap.volume.GetImageData().GetDimensions()) == grid[1])
+    return snap.grid is None or (np.array_equal(matrix_to_array(world_ijk_to_ras(snap.volume)), snap.grid[0])
+                                 and tuple(snap.volume.GetImageData().GetDimensions()) == snap.grid[1])
 
 
 def hand_over(handoff: Handoff, snap: SegmentationSnapshot, path: str) -> None:
