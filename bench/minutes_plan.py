@@ -119,6 +119,7 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 lines = run(command(data, names, args.labeled, minutes, Path(tmp)), args.threads)
             if args.keep_log:
+                Path(args.keep_log).mkdir(parents=True, exist_ok=True)
                 Path(args.keep_log, f"minutes_{minutes:g}.log").write_text("".join(lines))
         when = os.path.getmtime(args.from_log) if args.from_log else time.time()  # a log: when it was written
         load = None if args.from_log else round(os.getloadavg()[0], 2)
