@@ -128,9 +128,12 @@ def test_gpu_check_smoke(tmp_path):
     assert res["training"]["exit"] == 0 and res["training"]["iterations_done"] == 4
 
 
-def test_cpu_bf16_smoke(tmp_path):
-    res, _ = run_script("cpu_bf16.py", tmp_path)
-    assert set(res["summary"]) == {"fp32", "bf16"} and res["bf16_over_fp32_wall"] > 0
+def test_cpu_step_smoke(tmp_path):
+    """fp32, bf16 autocast and torch.compile steps side by side: every variant timed, ratios over fp32."""
+    res, _ = run_script("cpu_step.py", tmp_path, "--variants", "bf16", "compile")
+    assert res["variants"] == ["fp32", "bf16", "compile"] and set(res["summary"]) == set(res["variants"])
+    assert res["bf16_over_fp32_wall"] > 0 and res["over_fp32"]["compile"]["cpu"] > 0
+    assert all(len(v["wall"]) == res["steps"] * res["repeats"] for v in res["raw"].values())
 
 
 def test_sampling_overlap_smoke(tmp_path):
