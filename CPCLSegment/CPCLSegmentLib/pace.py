@@ -4,8 +4,10 @@ iteration count that fits ``--minutes``.
 ``step_seconds`` builds a ``Trainer`` from the run's config (method, copy-paste, batch sizes, patch, width,
 precision, device) on two synthetic cases of the patch's size and times whole iterations, as the loop runs them:
 patch sampling and augmentation, the copy to the device, the loss terms, backward, the optimizer step and the EMA
-update, waiting for the device at the end of each. One warm-up iteration (oneDNN / cuDNN set-up), then the
-median of the next ones.
+update, waiting for the device at the end of each. Two warm-up iterations (oneDNN / cuDNN set-up, the allocator
+settling), then the median of the next six: with one and three, the same ``--minutes 5`` plan made nine times on a
+quiet 2-core CPU timed the semi-supervised step at 0.44-0.58 s (0.45 s in the run); with two and six, six plans
+timed it at 0.43-0.45 s (docs/benchmarks/equal-time.md).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .errors import InputError
 from .settings import TrainConfig
 from .trainer import Trainer
 
-TIMED_STEPS = 3  # after one warm-up step
+WARMUP_STEPS = 2
+TIMED_STEPS = 6  # after WARMUP_STEPS
 
 
 def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device, steps: int = TIMED_STEPS,
@@ -38,12 +41,12 @@ def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device, steps
     for k in range(1, num_classes):  # every class present, as in a foreground-oversampled batch
         label[tuple(slice(int(p * k / (num_classes + 1)), int(p * (k + 1) / (num_classes + 1))) for p in patch)] = k
     timed = TrainConfig.from_dict(cfg.to_dict())
-    timed.device, timed.minutes, timed.iterations, timed.sampling_workers = str(device), None, steps + 1, 0
+    timed.device, timed.minutes, timed.iterations, timed.sampling_workers = str(device), None, steps + WARMUP_STEPS, 0
     timed.warm_start = 0.0  # the recipe's own steps (a warm start's are timed as supervised-only: ``_paces``)
     try:
         trainer = Trainer(timed, [make_case("timing", image, label)], [make_case("timing-u", image)], num_classes)
         times = []
-        for it in range(steps + 1):
+        for it in range(steps + WARMUP_STEPS):
             t = clock()
             trainer.step(trainer.sample(it), it).read()  # reading the values waits for the device
             times.append(clock() - t)
@@ -52,7 +55,7 @@ def step_seconds(cfg: TrainConfig, num_classes: int, device: torch.device, steps
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return float(np.median(times[1:]))
+    return float(np.median(times[WARMUP_STEPS:]))
 
 
 StepTimer = Callable[[TrainConfig, int, torch.device], Optional[float]]
