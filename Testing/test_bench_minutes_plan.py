@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from conftest import ROOT
 
@@ -48,3 +49,29 @@ def test_the_command_is_the_users_cli_with_labeled_then_unlabeled(tmp_path):
     assert cmd[1:4] == ["-m", "CPCLSegmentLib.cli", "train"]
     assert cmd.count("--labeled") == 2 and cmd[cmd.index("--unlabeled") + 1].endswith("c.nii.gz")
     assert cmd[cmd.index("--minutes") + 1] == "5" and "json" in cmd
+
+
+def test_a_plan_only_record_reads_the_default_recipes_iterations_from_the_switch_message():
+    """``--plan-only``: the run's planned iterations from the info event that ends planning, and the default recipe's
+    from the recipe message when the minutes were too few for it (its timed step: minutes · 60 / iterations)."""
+    import minutes_plan as M
+
+    switched = M.stamped_events([
+        "3.0 " + json.dumps({"event": "warning", "message": "5 min plan only 600 iterations of semi-supervised training, and below 1500"}),
+        "3.1 " + json.dumps({"event": "info", "message": "training for about 5 min: 900 " + M.PLANNED})])
+    r = M.plan_of(switched, 5)
+    assert r["planned_iterations"] == 900 and r["default_recipe_iterations"] == 600 and r["switched"]
+    assert r["default_step_s"] == 0.5 and r["planning_s"] == 3.1
+    kept = M.stamped_events(["2.0 " + json.dumps({"event": "info", "message": "training for about 20 min: 2400 " + M.PLANNED})])
+    r = M.plan_of(kept, 20)
+    assert r["default_recipe_iterations"] == 2400 and not r["switched"] and r["default_step_s"] == 0.5
+
+
+def test_a_run_is_stopped_at_the_line_asked_for(tmp_path):
+    import minutes_plan as M
+
+    script = "import time\nprint('one', flush=True)\nprint('stop here', flush=True)\ntime.sleep(60)\nprint('never')"
+    t = time.perf_counter()
+    lines = M.run([sys.executable, "-c", script], 1, until="stop here")
+    assert [line.split(" ", 1)[1] for line in lines] == ["one\n", "stop here\n"]
+    assert time.perf_counter() - t < 30

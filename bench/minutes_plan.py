@@ -10,6 +10,7 @@ iteration), the time before training (checking, timing, preprocessing) and the s
 
     python bench/minutes_plan.py --minutes 3 5 --threads 1          # -> bench/results/minutes_plan.jsonl
     python bench/minutes_plan.py --from-log run.log --minutes 5     # a log written by --keep-log, parsed again
+    python bench/minutes_plan.py --minutes 5 --threads 2 --plan-only 6   # the plan's own spread: 6 plans, no training
 
 The wall time depends on the machine's load while the run trains: run it on a quiet machine for the ±20 %
 question, and read ``load_average_1min`` beside each record.
@@ -20,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -86,14 +88,33 @@ def summarize(events: Sequence[Tuple[float, Dict[str, Any]]]) -> Dict[str, Any]:
     }
 
 
-def run(cmd: Sequence[str], threads: int) -> List[str]:
-    """Runs ``cmd`` with ``threads`` torch threads; returns its output lines, each stamped with the wall time."""
+PLANNED = "iterations at the measured step time"  # the info event that ends planning
+
+
+def plan_of(events: Sequence[Tuple[float, Dict[str, Any]]], minutes: float) -> Dict[str, Any]:
+    """What the run planned for ``minutes``: its iterations, and those of the default recipe (the recipe message's
+    "plan only N iterations" when the minutes were too few for it; else the run's own), so the timed seconds per
+    default-recipe step (``minutes · 60 / N``)."""
+    info = next(e["message"] for _, e in events if e.get("event") == "info" and PLANNED in e.get("message", ""))
+    planned = int(re.search(r"(\d+) iterations at the measured", info).group(1))
+    switched = [e["message"] for _, e in events if e.get("event") == "warning" and "plan only" in e.get("message", "")]
+    default = int(re.search(r"plan only (\d+) iterations", switched[-1]).group(1)) if switched else planned
+    return {"planned_iterations": planned, "default_recipe_iterations": default, "switched": bool(switched),
+            "default_step_s": round(minutes * 60.0 / default, 4), "planning_s": round(events[-1][0], 1)}
+
+
+def run(cmd: Sequence[str], threads: int, until: Optional[str] = None) -> List[str]:
+    """Runs ``cmd`` with ``threads`` torch threads; returns its output lines, each stamped with the wall time. With
+    ``until``, the run is stopped at the first line containing it (that line included)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(C.ROOT / "CPCLSegment"))
     t0 = time.time()
     lines = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
         for line in p.stdout:
             lines.append(f"{time.time() - t0:.3f} {line}")
+            if until is not None and until in line:
+                p.kill()
+                return lines
     if p.returncode:
         raise SystemExit("".join(lines[-20:]) + f"\nthe run failed (exit {p.returncode})")
     return lines
@@ -108,10 +129,13 @@ def main(argv=None) -> int:
     p.add_argument("--from-log", help="parse a stamped log instead of running (one --minutes value)")
     p.add_argument("--keep-log", help="folder to keep each run's stamped log in")
     p.add_argument("--note", default="", help="recorded with each result (e.g. what else ran on the machine)")
+    p.add_argument("--plan-only", type=int, metavar="N", help="make each plan N times, stopping each run once planned")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)  # recorded by C.machine(): the threads the runs use
     data = C.data_dir(None, C.HIPPOCAMPUS)
     names = C.read_splits(data)["train"][: args.labeled + args.unlabeled]
+    if args.plan_only:
+        return plans_only(args, data, names)
     for minutes in args.minutes:
         if args.from_log:
             lines = Path(args.from_log).read_text().splitlines()
@@ -130,6 +154,23 @@ def main(argv=None) -> int:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         print(f"--minutes {minutes:g}: {record['method']} {record['iterations']} iterations, trained "
               f"{record['trained_s']} s for {record['planned_s']} s planned ({record['trained_over_planned']:.2f}x)")
+    return 0
+
+
+def plans_only(args: argparse.Namespace, data: Path, names: Sequence[str]) -> int:
+    """``--plan-only N``: the spread of the plan itself (the timed step), each ``--minutes`` value planned N times."""
+    for minutes in args.minutes:
+        for repeat in range(args.plan_only):
+            with tempfile.TemporaryDirectory() as tmp:
+                lines = run(command(data, names, args.labeled, minutes, Path(tmp)), args.threads, until=PLANNED)
+            record = {"mode": "plan_only", "minutes": minutes, "repeat": repeat, "labeled": args.labeled,
+                      "unlabeled": args.unlabeled, "threads": args.threads, **plan_of(stamped_events(lines), minutes),
+                      "machine": C.machine(), "note": args.note, "finished": time.strftime("%Y-%m-%d %H:%M"),
+                      "versions": C.versions()}
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+            print(f"--minutes {minutes:g} plan {repeat + 1}: {record['planned_iterations']} iterations; "
+                  f"{record['default_recipe_iterations']} of the default recipe ({record['default_step_s']} s per step)")
     return 0
 
 

@@ -6,8 +6,8 @@ precision, device) on two synthetic cases of the patch's size and times whole it
 patch sampling and augmentation, the copy to the device, the loss terms, backward, the optimizer step and the EMA
 update, waiting for the device at the end of each. Two warm-up iterations (oneDNN / cuDNN set-up, the allocator
 settling), then the median of the next six: with one and three, the same ``--minutes 5`` plan made nine times on a
-quiet 2-core CPU timed the semi-supervised step at 0.44-0.58 s (0.45 s in the run); with two and six, six plans
-timed it at 0.43-0.45 s (docs/benchmarks/equal-time.md).
+quiet 2-core CPU timed the semi-supervised step at 0.44-0.58 s (0.45 s in the run); with two and six, 13 of 14
+plans timed it at 0.43-0.45 s, one at 0.55 s (docs/benchmarks/equal-time.md).
 """
 
 from __future__ import annotations
