@@ -120,6 +120,18 @@ def run(cmd: Sequence[str], threads: int, until: Optional[str] = None) -> List[s
     return lines
 
 
+def append_record(args: argparse.Namespace, minutes: float, fields: Dict[str, Any], when: float, **first: Any
+                  ) -> Dict[str, Any]:
+    """One result line, appended to ``RESULTS`` and returned: ``first``, the run's setting, ``fields``, and where and
+    when (``when``, seconds since the epoch) it ran."""
+    record = {**first, "minutes": minutes, "labeled": args.labeled, "unlabeled": args.unlabeled, "threads": args.threads,
+              **fields, "machine": C.machine(), "note": args.note,
+              "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(when)), "versions": C.versions()}
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+    return record
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, nargs="+", default=[3, 5])
@@ -147,11 +159,7 @@ def main(argv=None) -> int:
                 Path(args.keep_log, f"minutes_{minutes:g}.log").write_text("".join(lines))
         when = os.path.getmtime(args.from_log) if args.from_log else time.time()  # a log: when it was written
         load = None if args.from_log else round(os.getloadavg()[0], 2)
-        record = {"minutes": minutes, "labeled": args.labeled, "unlabeled": args.unlabeled, "threads": args.threads,
-                  **summarize(stamped_events(lines)), "machine": C.machine(), "load_average_1min": load,
-                  "note": args.note, "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(when)), "versions": C.versions()}
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+        record = append_record(args, minutes, {**summarize(stamped_events(lines)), "load_average_1min": load}, when)
         print(f"--minutes {minutes:g}: {record['method']} {record['iterations']} iterations, trained "
               f"{record['trained_s']} s for {record['planned_s']} s planned ({record['trained_over_planned']:.2f}x)")
     return 0
@@ -163,12 +171,8 @@ def plans_only(args: argparse.Namespace, data: Path, names: Sequence[str]) -> in
         for repeat in range(args.plan_only):
             with tempfile.TemporaryDirectory() as tmp:
                 lines = run(command(data, names, args.labeled, minutes, Path(tmp)), args.threads, until=PLANNED)
-            record = {"mode": "plan_only", "minutes": minutes, "repeat": repeat, "labeled": args.labeled,
-                      "unlabeled": args.unlabeled, "threads": args.threads, **plan_of(stamped_events(lines), minutes),
-                      "machine": C.machine(), "note": args.note, "finished": time.strftime("%Y-%m-%d %H:%M"),
-                      "versions": C.versions()}
-            with open(RESULTS, "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
+            record = append_record(args, minutes, {"repeat": repeat, **plan_of(stamped_events(lines), minutes)},
+                                   time.time(), mode="plan_only")
             print(f"--minutes {minutes:g} plan {repeat + 1}: {record['planned_iterations']} iterations; "
                   f"{record['default_recipe_iterations']} of the default recipe ({record['default_step_s']} s per step)")
     return 0
