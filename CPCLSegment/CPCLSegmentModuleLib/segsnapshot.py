@@ -122,7 +122,7 @@ def snapshot_segmentation(node: Any, names: Sequence[str], volume: Any = None) -
     if len(order) > 1:
         if not all(np.allclose(c[1], snap.grid[0], atol=1e-4) for c in copies):
             return None  # not the volume's grid: the GUI thread resamples (and settles overlaps) as before
-        _count_on_the_volume(snap, volume.GetImageData().GetDimensions())
+        _count_on_the_volume(snap, snap.grid[1])
         painted = any(snap.counts.values())  # type: ignore[union-attr]
     else:
         painted = any(np.any(voxels == s["labelValue"]) for s in segments)
