@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULE = ROOT / "CPCLSegment" / "CPCLSegment.py"
+APP = ROOT / "CPCLSegment" / "CPCLSegmentAppLib"
+SELFTEST, INSTALLER = APP / "selftest.py", APP / "installer.py"
 GLUE_TEST = ROOT / "CPCLSegment" / "Testing" / "Python" / "CPCLSegmentGlueTest.py"
 
 
@@ -34,7 +35,7 @@ def top_level_imports(tree):
 def test_the_self_tests_ensure_dependencies_first_and_import_no_package_at_module_level():
     heavy = required_packages()
     assert {"slicerio", "monai", "torch"} <= heavy
-    for path, cls in ((MODULE, "CPCLSegmentTest"), (GLUE_TEST, "CPCLSegmentGlueTest")):
+    for path, cls in ((SELFTEST, "CPCLSegmentTest"), (GLUE_TEST, "CPCLSegmentGlueTest")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         assert not top_level_imports(tree) & heavy, (path.name, top_level_imports(tree) & heavy)
         klass = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
@@ -46,7 +47,7 @@ def test_the_self_tests_ensure_dependencies_first_and_import_no_package_at_modul
 
 
 def test_pip_ensure_installs_in_testing_mode_too():
-    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    tree = ast.parse(INSTALLER.read_text(encoding="utf-8"))
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "pip_ensure"]
     assert calls, "the installer uses slicer.packaging.pip_ensure on Slicer >= 5.12"
     for call in calls:
@@ -57,7 +58,7 @@ def test_pip_ensure_installs_in_testing_mode_too():
 def test_the_docs_say_exactly_when_torch_enters_slicer_s_process():
     """The module never imports torch; the PyTorch extension's installer does, once it has installed it."""
     doc = (ROOT / "docs" / "slicer.md").read_text(encoding="utf-8")
-    source = MODULE.read_text(encoding="utf-8")
+    source = (ROOT / "CPCLSegment" / "CPCLSegment.py").read_text(encoding="utf-8")
     assert "never imports torch" not in source.lower() and "never imports pytorch into" not in doc.lower()
     assert "installTorch" in doc and "`import torch` in Slicer's process" in doc
     assert "installTorch`` imports it here" in source

@@ -240,7 +240,8 @@ def test_one_logic_api_and_run_is_folded_into_job():
 
     assert not hasattr(logic_module, "Run") and not hasattr(logic_module, "TrainSettings")
     assert hasattr(jobs.Job, "result") and "collect" in jobs.Job.__init__.__code__.co_varnames
-    tree = ast.parse((ROOT / "CPCLSegment" / "CPCLSegment.py").read_text(encoding="utf-8"))
+    app = ROOT / "CPCLSegment" / "CPCLSegmentAppLib"
+    tree = ast.parse((app / "consolelogic.py").read_text(encoding="utf-8"))
     logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CPCLSegmentLogic")
     methods = {f.name: f for f in logic.body if isinstance(f, ast.FunctionDef)}
     for name in ("train", "segment", "rank"):
@@ -248,8 +249,8 @@ def test_one_logic_api_and_run_is_folded_into_job():
         assert len(body) == 1 and isinstance(body[0], ast.Return), f"CPCLSegmentLogic.{name} must only call the core"
         call = body[0].value
         assert isinstance(call, ast.Call) and ast.unparse(call.func) == f"self.core.{name}"
-    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CPCLSegmentWidget")
-    text = ast.unparse(widget)
+    text = "\n".join(ast.unparse(n) for name in ("widget", "panelview")
+                     for n in ast.parse((app / f"{name}.py").read_text(encoding="utf-8")).body if isinstance(n, ast.ClassDef))
     for decision in ("start_training", "start_segmentation", "check_inputs", "segmented_volume_pairs", "volumes_without_segmentation",
                      "GetNodeReference", "SetParameter"):
         assert decision not in text, f"the widget decides itself ({decision}); decisions belong to PanelController"

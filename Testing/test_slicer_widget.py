@@ -295,18 +295,26 @@ def module(monkeypatch, tmp_path, ct_path, seg_path):
     monkeypatch.setattr(util, "setSliceViewerLayers", lambda **kw: calls["layers"].append(kw), raising=False)
     monkeypatch.setattr(util, "selectModule", lambda name: calls["modules"].append(name), raising=False)
     monkeypatch.setattr(util, "mainWindow", lambda: None, raising=False)  # no main window: no exit guard installed
-    sys.modules.pop("CPCLSegment", None)
+    forget_module_file()  # imported afresh with this test's fakes
     mod = importlib.import_module("CPCLSegment")
     # the child processes get this checkout's engine and one torch thread (as the other slicer-core tests)
-    original = mod.LogicCore.__init__
+    from CPCLSegmentModuleLib.logic import LogicCore
+
+    original = LogicCore.__init__
 
     def init(self, *args, **kwargs):
         kwargs["env"] = one_thread_env()
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(mod.LogicCore, "__init__", init)
+    monkeypatch.setattr(LogicCore, "__init__", init)
     yield mod, scene, volume, segmentation, widgets, calls
-    sys.modules.pop("CPCLSegment", None)
+    forget_module_file()
+
+
+def forget_module_file():
+    """The module file and the package that imports ``qt`` and the scripted-module base classes (faked per test)."""
+    for name in [n for n in sys.modules if n == "CPCLSegment" or n.startswith("CPCLSegmentAppLib")]:
+        del sys.modules[name]
 
 
 def run_timer(widget, kind, timeout=300):
@@ -324,7 +332,7 @@ def test_the_module_file_sets_up_and_its_widget_maps_the_controller(module):
     parent = types.SimpleNamespace()
     mod.CPCLSegment(parent)
     assert parent.title == "CPCL Segment" and parent.categories == ["Segmentation"]
-    assert calls["connected"] == [("startupCompleted()", mod.registerSampleData)]  # the chest CT in Sample Data
+    assert calls["connected"] == [("startupCompleted()", mod.sampledata.register_with_slicer)]  # the chest CT in Sample Data
     widget = mod.CPCLSegmentWidget()
     widget.setup()
     widget.enter()  # starts the environment probe in a child process
@@ -435,7 +443,8 @@ def test_reload_and_exit_ask_first_while_training_runs_and_no_keeps_it(module, m
     monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, title=None, **kw: asked.append(text) or False,
                         raising=False)
     reloads = []
-    monkeypatch.setattr(mod.ScriptedLoadableModuleWidget, "onReload", lambda self: reloads.append(1))
+    monkeypatch.setattr(sys.modules["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleWidget, "onReload",
+                        lambda self: reloads.append(1))
     widget = mod.CPCLSegmentWidget()
     widget.setup()
     assert window.filters == [widget._exitGuard]

@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ROOT / "CPCLSegment" / "CPCLSegmentLib"
 MODULE_LIB = ROOT / "CPCLSegment" / "CPCLSegmentModuleLib"
+APP_LIB = ROOT / "CPCLSegment" / "CPCLSegmentAppLib"
 TOP_LEVEL = sorted((ROOT / "CPCLSegment").glob("*.py"))
-MODULE_FILES = TOP_LEVEL + sorted(MODULE_LIB.glob("*.py"))
+MODULE_FILES = TOP_LEVEL + sorted(MODULE_LIB.glob("*.py")) + sorted(APP_LIB.glob("*.py"))
 
 
 def _vermin():
@@ -57,12 +58,12 @@ def test_every_top_level_python_file_of_the_module_folder_defines_its_module_cla
         assert path.stem in classes, f"{path.name} defines no class {path.stem}: Slicer reports an error at every start"
         bases = {getattr(b, "id", getattr(b, "attr", "")) for b in classes[path.stem].bases}
         assert "ScriptedLoadableModule" in bases, f"class {path.stem} must derive from ScriptedLoadableModule"
-    for package in (ENGINE, MODULE_LIB):
+    for package in (ENGINE, MODULE_LIB, APP_LIB):
         assert (package / "__init__.py").is_file(), f"{package.name} must be a package"
 
 
 def test_the_slicer_gui_side_never_imports_torch():
-    """The module file and its Qt-free package never import torch nor touch torch.cuda (the child process
+    """The module file and its packages never import torch nor touch torch.cuda (the child process
     answers those questions), so no CUDA context lives in Slicer's process."""
     for path in MODULE_FILES:
         text = path.read_text(encoding="utf-8")
@@ -94,8 +95,8 @@ TORCH_FREE_ENGINE_MODULES = {"childinfo", "companions", "durations", "errors", "
 def test_module_actions_do_not_use_try_with_error_display():
     """slicer.util.tryWithErrorDisplay shows a dialog and re-raises, so an error in a Qt slot shows twice;
     the widget shows each action's error once (CPCLSegmentWidget._act)."""
-    text = (ROOT / "CPCLSegment" / "CPCLSegment.py").read_text(encoding="utf-8")
-    assert "tryWithErrorDisplay" not in text
+    for path in TOP_LEVEL + sorted(APP_LIB.glob("*.py")):
+        assert "tryWithErrorDisplay" not in path.read_text(encoding="utf-8"), path.name
 
 
 def test_every_module_python_file_is_listed_in_cmake():

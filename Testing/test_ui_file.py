@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 UI = ROOT / "CPCLSegment" / "Resources" / "UI" / "CPCLSegment.ui"
-MODULE = ROOT / "CPCLSegment" / "CPCLSegment.py"
+WIDGET = [ROOT / "CPCLSegment" / "CPCLSegmentAppLib" / f"{name}.py" for name in ("widget", "panelview")]
 
 # Qt widget classes (QtWidgets) that may appear in a Slicer .ui file.
 QT_WIDGETS = {
@@ -74,11 +74,11 @@ def test_every_mrml_selector_gets_the_scene():
 
 def test_every_ui_name_used_by_the_module_exists_with_the_expected_class():
     widgets = _widgets()
-    code = MODULE.read_text(encoding="utf-8")
+    code = "\n".join(p.read_text(encoding="utf-8") for p in WIDGET)
     used = set(re.findall(r"\.ui\.(\w+)", code))
     assert len(used) > 30
     missing = sorted(used - set(widgets))
-    assert not missing, f"CPCLSegment.py uses ui names missing from the .ui file: {missing}"
+    assert not missing, f"the widget uses ui names missing from the .ui file: {missing}"
     # the code calls checkedNodes() / setCheckState(node, ...) on these, currentNode() on those
     for name in ("unlabeledSelector", "segmentVolumesSelector"):
         assert widgets[name] == "qMRMLCheckableNodeComboBox"

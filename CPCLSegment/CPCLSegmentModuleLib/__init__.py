@@ -56,7 +56,7 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
 - ``rounds``: the label -> train loop's rounds: the held-out Dice change, where an added case goes
   (``round_record``, ``dice_change``, ``order_cases``). imports: none.
 - ``sampledata``: the chest CT and its segmentation as Slicer Sample Data (``sample_files``, ``load_sample``,
-  ``registration``, ``register``). imports: none.
+  ``registration``, ``register``, ``register_with_slicer``). imports: none.
 - ``trainrun``: a training run's folder, command line and what stays of it (``write_training_run``,
   ``train_command``, ``read_command``, ``can_resume``, ``collect_model``, ``keep_run_dir``,
   ``refuse_second_training``). imports: attributes, export, inputcheck, models, options, scene.

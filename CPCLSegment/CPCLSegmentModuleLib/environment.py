@@ -13,7 +13,7 @@ the panel for seconds. So:
 - **Installing** (``ensure_dependencies``) asks before anything is downloaded and raises
   ``DependencyError`` when the user declines or an install fails, so no job starts without its packages.
   The Slicer-specific installers (PyTorchUtils, ``slicer.packaging.pip_ensure``, ``slicer.util.pip_install``)
-  are passed in (``CPCLSegment.py``), so the decisions are tested without Slicer.
+  are passed in (``CPCLSegmentAppLib/installer.py``), so the decisions are tested without Slicer.
 
 No ``slicer``, ``qt``, ``vtk`` or ``torch`` import here.
 """

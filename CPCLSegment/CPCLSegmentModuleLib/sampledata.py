@@ -67,6 +67,17 @@ def load_sample(scene: Any) -> Tuple[Any, Any]:
 
 
 _registered = False
+ICON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "Icons", "CPCLSegment.png")
+
+
+def register_with_slicer() -> bool:
+    """Offers the sample in Slicer's Sample Data module (category "CPCLSegment"), with the module's icon; False in a
+    Slicer built without the Sample Data module, while slicerio is not installed, or when it is registered already."""
+    try:
+        import SampleData
+    except ImportError:
+        return False
+    return register(SampleData.SampleDataLogic, ICON)
 
 
 def register(sample_data_logic: Any, thumbnail: Optional[str] = None) -> bool:
