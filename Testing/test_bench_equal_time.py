@@ -25,6 +25,11 @@ def test_minutes_become_iterations_at_each_recipes_pace():
     # a supervised warm start of half the iterations: T (0.5 × 0.5 + 0.5 × 2.5) = 600
     small = {"default_small": {"seconds_per_iteration": 2.5}, "supervised_small": {"seconds_per_iteration": 0.5}}
     assert E.iterations_for(10, small, "warm_small") == 400
+    # the fraction as a lever: a quarter, T (0.25 × 0.5 + 0.75 × 2.5) = 600 -> 300; three quarters, T · 1 = 600 -> 600
+    assert E.iterations_for(10, small, "warm25_small") == 300 and E.iterations_for(10, small, "warm75_small") == 600
+    # the levers run when named; the default grid is the study's recipes
+    assert E.parse_args([]).recipes == E.DEFAULT_RECIPES and "warm75_small" not in E.DEFAULT_RECIPES
+    assert E.parse_args(["--recipes", "warm75_small"]).recipes == ["warm75_small"]
 
 
 def test_tables_compare_with_supervised_only_of_the_same_plan_per_seed():

@@ -63,16 +63,22 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "supervised_small": dict(method="supervised", small=True),
     "default_small": dict(method="cpcl", copy_paste=True, small=True),
     "warm_small": dict(method="cpcl", copy_paste=True, small=True, warm_start=0.5),
+    # the warm start's fraction as a lever (not in the default grid: --recipes names them)
+    "warm25_small": dict(method="cpcl", copy_paste=True, small=True, warm_start=0.25),
+    "warm75_small": dict(method="cpcl", copy_paste=True, small=True, warm_start=0.75),
 }
+DEFAULT_RECIPES = ["supervised", "default", "supervised_small", "default_small", "warm_small"]
 # A recipe with a supervised warm start: (its warm start's pace, the pace of its other iterations), as recipes
 # timed by --pace (its own steps are not timed: they would all be warm-start steps).
-PACED_AS = {"warm_small": ("supervised_small", "default_small")}
+PACED_AS = {r: ("supervised_small", "default_small") for r in ("warm_small", "warm25_small", "warm75_small")}
 LABELS = {
     "supervised": "supervised-only (width 16, patch rounded up)",
     "default": "default recipe (CPCL + copy-paste, width 16, patch rounded up)",
     "supervised_small": "supervised-only (CPU plan: width 8, patch rounded down)",
     "default_small": "default recipe (CPU plan: width 8, patch rounded down)",
     "warm_small": "supervised warm start (first half of the iterations), then the default recipe (CPU plan)",
+    "warm25_small": "supervised warm start (first quarter of the iterations), then the default recipe (CPU plan)",
+    "warm75_small": "supervised warm start (first three quarters of the iterations), then the default recipe (CPU plan)",
 }
 
 
@@ -235,7 +241,8 @@ def tables(records: Sequence[Dict[str, Any]], pace: Optional[Dict[str, Any]]) ->
 # One colour per recipe in every panel; the width-16 plan (the product before the study) dashed.
 STYLE = {"supervised": dict(color="tab:blue", linestyle="--", marker="s"), "default": dict(color="tab:orange", linestyle="--", marker="s"),
          "supervised_small": dict(color="tab:blue", marker="o"), "default_small": dict(color="tab:orange", marker="o"),
-         "warm_small": dict(color="tab:green", marker="D")}
+         "warm_small": dict(color="tab:green", marker="D"), "warm25_small": dict(color="tab:olive", marker="v"),
+         "warm75_small": dict(color="tab:purple", marker="^")}
 
 
 def plot(records: Sequence[Dict[str, Any]], path: Path) -> bool:
@@ -290,7 +297,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pace", action="store_true", help="measure every recipe's seconds per iteration (quiet machine)")
     p.add_argument("--pace-steps", type=int, default=4, help="steps per recipe per round")
     p.add_argument("--pace-rounds", type=int, default=4)
-    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=DEFAULT_RECIPES,
+                   help=f"default: {' '.join(DEFAULT_RECIPES)}")
     p.add_argument("--labeled", type=int, nargs="+", help="labeled subjects (default: 4 and 1 hippocampus, 4 la)")
     p.add_argument("--minutes", type=float, nargs="+", default=BUDGETS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
