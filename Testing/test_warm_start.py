@@ -70,5 +70,9 @@ def test_minutes_charge_the_warm_start_the_supervised_pace(monkeypatch):
     # a number W: W supervised iterations first, the rest at the semi-supervised pace; or all of it supervised
     assert pace.iterations_for_minutes(TrainConfig(minutes=10, warm_start=200), 2, cpu) == 300
     assert pace.iterations_for_minutes(TrainConfig(minutes=10, warm_start=1000), 2, cpu) == 600
+    # the trainer's own W = floor(f T): 193 iterations at f = 0.3 would be 57 + 136 × 4 = 601 s (T (f + (1 - f) 4) = 600
+    # gives 193.5); 192 are 57 + 135 × 4 = 597 s
+    assert pace.iterations_for_minutes(TrainConfig(minutes=10, warm_start=0.3), 2, cpu) == 192
+    assert pace.estimate_seconds(TrainConfig(iterations=193, warm_start=0.3), 2, cpu) == 601
     cfg = TrainConfig(iterations=240, warm_start=0.5)
     assert pace.estimate_seconds(cfg, 2, cpu) == 600  # 120 × 1 s + 120 × 4 s

@@ -101,15 +101,18 @@ def estimate_seconds(cfg: TrainConfig, num_classes: int, device: torch.device) -
 
 
 def iterations_for_minutes(cfg: TrainConfig, num_classes: int, device: torch.device, timer: Optional[StepTimer] = None) -> int:
-    """The most iterations whose ``run_seconds`` at the timed paces fit ``cfg.minutes``; at least 1."""
+    """The most iterations T whose ``run_seconds`` at the timed paces fit ``cfg.minutes``; at least 1. ``run_seconds``
+    grows with T (each added iteration is a warm-start or a semi-supervised step), and T · min(t_warm, t) <= budget
+    bounds it, so a bisection finds T for any warm start (a fraction of T or a number of iterations)."""
     paces = _paces(cfg, num_classes, device, timer)
     if not paces:
         raise InputError("--minutes: could not time a training step on this device; give --iterations instead")
-    budget, (warm_pace, pace) = cfg.minutes * 60.0, paces
-    if cfg.warm_start <= 0 or cfg.method == "supervised":
-        return max(1, int(budget / pace))
-    if cfg.warm_start < 1:  # W = f T: T (f t_warm + (1 - f) t) = budget
-        return max(1, int(budget / (cfg.warm_start * warm_pace + (1 - cfg.warm_start) * pace)))
-    if cfg.warm_start * warm_pace >= budget:  # the minutes end within the warm start
-        return max(1, int(budget / warm_pace))
-    return int(cfg.warm_start + (budget - cfg.warm_start * warm_pace) / pace)
+    budget = cfg.minutes * 60.0
+    lo, hi = 1, max(1, int(budget / min(paces)))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if run_seconds(replace(cfg, iterations=mid), *paces) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
