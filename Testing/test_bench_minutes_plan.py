@@ -51,19 +51,22 @@ def test_the_command_is_the_users_cli_with_labeled_then_unlabeled(tmp_path):
     assert cmd[cmd.index("--minutes") + 1] == "5" and "json" in cmd
 
 
-def test_a_plan_only_record_reads_the_default_recipes_iterations_from_the_switch_message():
-    """``--plan-only``: the run's planned iterations from the info event that ends planning, and the default recipe's
-    from the recipe message when the minutes were too few for it (its timed step: minutes · 60 / iterations)."""
+def test_a_plan_only_record_reads_the_default_recipes_iterations_from_the_plan_fields():
+    """``--plan-only``: the run's planned iterations and the default recipe's (before a switch to a warm start; its
+    timed step: minutes · 60 / iterations) from the ``plan`` fields of the info event that ends planning."""
     import minutes_plan as M
 
-    switched = M.stamped_events([
-        "3.0 " + json.dumps({"event": "warning", "message": "5 min plan only 600 iterations of semi-supervised training, and below 1500"}),
-        "3.1 " + json.dumps({"event": "info", "message": "training for about 5 min: 900 " + M.PLANNED})])
+    def info(minutes, iterations, requested, switched):
+        plan = {"minutes": minutes, "method": "cpcl", "iterations": iterations, "warm_start_iterations": 0,
+                "requested_iterations": requested, "switched": switched}
+        return json.dumps({"event": "info", "message": f"training for about {minutes} min: {iterations} " + M.PLANNED, "plan": plan})
+
+    switched = M.stamped_events(["3.0 " + json.dumps({"event": "warning", "message": "5 min plan only 600 iterations"}),
+                                 "3.1 " + info(5, 900, 600, True)])
     r = M.plan_of(switched, 5)
     assert r["planned_iterations"] == 900 and r["default_recipe_iterations"] == 600 and r["switched"]
     assert r["default_step_s"] == 0.5 and r["planning_s"] == 3.1
-    kept = M.stamped_events(["2.0 " + json.dumps({"event": "info", "message": "training for about 20 min: 2400 " + M.PLANNED})])
-    r = M.plan_of(kept, 20)
+    r = M.plan_of(M.stamped_events(["2.0 " + info(20, 2400, 2400, False)]), 20)
     assert r["default_recipe_iterations"] == 2400 and not r["switched"] and r["default_step_s"] == 0.5
 
 

@@ -275,6 +275,8 @@ def test_minutes_too_short_for_the_default_recipe_train_supervised_only_and_say_
     assert "training supervised-only for these minutes instead" in warning and "the unlabeled volumes are not used" in warning
     start = next(e for e in events if e.get("event") == "start")
     assert start["method"] == "supervised" and start["unlabeled"] == 0
+    plan = next(e["plan"] for e in events if "plan" in e)
+    assert plan["method"] == "supervised" and plan["switched"] and plan["iterations"] == start["iterations"]
     info = run_cli("info", out)
     assert info.returncode == 0 and "supervised" in info.stdout
 
@@ -300,6 +302,9 @@ def test_minutes_below_the_line_train_a_supervised_warm_start_then_the_unlabeled
     assert "24 iterations of semi-supervised training" in warning and "the first 16 iterations" in warning
     start = next(e for e in events if e.get("event") == "start")
     assert start["method"] == "cpcl" and start["unlabeled"] == 1 and start["iterations"] == 32
+    plan = next(e["plan"] for e in events if "plan" in e)  # the same plan as fields, for scripts reading the JSON lines
+    assert plan == {"minutes": 0.05, "method": "cpcl", "iterations": 32, "warm_start_iterations": 16, "requested_iterations": 24,
+                    "switched": True}
     steps = [e for e in events if e.get("event") == "progress"]
     warm = 16
     assert all("forward" not in e["loss"] for e in steps if e["iteration"] <= warm)

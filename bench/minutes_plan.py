@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -92,14 +91,12 @@ PLANNED = "iterations at the measured step time"  # the info event that ends pla
 
 
 def plan_of(events: Sequence[Tuple[float, Dict[str, Any]]], minutes: float) -> Dict[str, Any]:
-    """What the run planned for ``minutes``: its iterations, and those of the default recipe (the recipe message's
-    "plan only N iterations" when the minutes were too few for it; else the run's own), so the timed seconds per
-    default-recipe step (``minutes · 60 / N``)."""
-    info = next(e["message"] for _, e in events if e.get("event") == "info" and PLANNED in e.get("message", ""))
-    planned = int(re.search(r"(\d+) iterations at the measured", info).group(1))
-    switched = [e["message"] for _, e in events if e.get("event") == "warning" and "plan only" in e.get("message", "")]
-    default = int(re.search(r"plan only (\d+) iterations", switched[-1]).group(1)) if switched else planned
-    return {"planned_iterations": planned, "default_recipe_iterations": default, "switched": bool(switched),
+    """What the run planned for ``minutes`` (the ``plan`` fields of the info event that ends planning): its
+    iterations, and those of the default recipe it was asked for (before a switch to a warm start), so the timed
+    seconds per default-recipe step (``minutes · 60 / N``)."""
+    plan = next(e["plan"] for _, e in events if e.get("event") == "info" and "plan" in e)
+    planned, default = int(plan["iterations"]), int(plan["requested_iterations"])
+    return {"planned_iterations": planned, "default_recipe_iterations": default, "switched": bool(plan["switched"]),
             "default_step_s": round(minutes * 60.0 / default, 4), "planning_s": round(events[-1][0], 1)}
 
 

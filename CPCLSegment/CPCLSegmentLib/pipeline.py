@@ -244,16 +244,20 @@ def _plan_minutes(run: _Run, distributed: Any) -> TrainConfig:
     if distributed is not None:
         raise InputError("--minutes plans the iterations from one process's step time: with torchrun give --iterations")
     K, timer = len(run.classes), memo_timer()
-    cfg, switched = recipe_for_minutes(run.cfg, iterations_for_minutes(run.cfg, K, run.device, timer),
-                                       lambda c: iterations_for_minutes(c, K, run.device, timer), bool(run.unlabeled_paths),
-                                       run.request.options.compare_supervised)
+    requested = iterations_for_minutes(run.cfg, K, run.device, timer)
+    cfg, switched = recipe_for_minutes(run.cfg, requested, lambda c: iterations_for_minutes(c, K, run.device, timer),
+                                       bool(run.unlabeled_paths), run.request.options.compare_supervised)
     run.cfg = run.request.config = cfg
     run.planned_from_minutes = True
     if switched:
         if cfg.method == "supervised":
             run.unlabeled_paths = []  # not read, not preprocessed: the run is supervised-only
         run.say({"event": "warning", "message": switched})
-    run.say({"event": "info", "message": f"training for about {cfg.minutes:g} min: {cfg.iterations} iterations at the measured step time"})
+    # the plan as fields too (JSON progress): the recipe's iterations, and those of the recipe asked for (before a switch)
+    plan = {"minutes": cfg.minutes, "method": cfg.method, "iterations": cfg.iterations,
+            "warm_start_iterations": cfg.warm_start_iterations(), "requested_iterations": requested, "switched": bool(switched)}
+    run.say({"event": "info", "message": f"training for about {cfg.minutes:g} min: {cfg.iterations} iterations at the measured step time",
+             "plan": plan})
     return cfg
 
 
