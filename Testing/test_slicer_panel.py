@@ -249,7 +249,7 @@ def test_one_logic_api_and_run_is_folded_into_job():
         assert len(body) == 1 and isinstance(body[0], ast.Return), f"CPCLSegmentLogic.{name} must only call the core"
         call = body[0].value
         assert isinstance(call, ast.Call) and ast.unparse(call.func) == f"self.core.{name}"
-    text = "\n".join(ast.unparse(n) for name in ("widget", "panelview")
+    text = "\n".join(ast.unparse(n) for name in ("widget", "widgetview")
                      for n in ast.parse((app / f"{name}.py").read_text(encoding="utf-8")).body if isinstance(n, ast.ClassDef))
     for decision in ("start_training", "start_segmentation", "check_inputs", "segmented_volume_pairs", "volumes_without_segmentation",
                      "GetNodeReference", "SetParameter"):

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 UI = ROOT / "CPCLSegment" / "Resources" / "UI" / "CPCLSegment.ui"
-WIDGET = [ROOT / "CPCLSegment" / "CPCLSegmentAppLib" / f"{name}.py" for name in ("widget", "panelview")]
+WIDGET = [ROOT / "CPCLSegment" / "CPCLSegmentAppLib" / f"{name}.py" for name in ("widget", "widgetview")]
 
 # Qt widget classes (QtWidgets) that may appear in a Slicer .ui file.
 QT_WIDGETS = {

@@ -11,10 +11,10 @@ Modules, bottom-up: each imports only modules listed above it (``Testing/test_la
   ``slicer.packaging`` or pip (``SlicerInstaller``). imports: none.
 - ``consolelogic``: the console API as Slicer's scripted-module logic class, whose train, segment and rank are the
   core logic's (``CPCLSegmentLogic``). imports: installer.
-- ``panelview``: ``PanelController.view()`` shown on the ``.ui`` widgets, the settings widgets read back by the
-  setting they name, the effects the controller queues (``PanelViewMixin``). imports: none.
+- ``widgetview``: ``PanelController.view()`` shown on the ``.ui`` widgets, the settings widgets read back by the
+  setting they name, the effects the controller queues (``WidgetViewMixin``). imports: none.
 - ``widget``: the panel widget: signals to the controller's actions, the poll timer, Reload and exit asking first
-  while jobs run (``CPCLSegmentWidget``, ``ExitGuard``). imports: consolelogic, panelview.
+  while jobs run (``CPCLSegmentWidget``, ``ExitGuard``). imports: consolelogic, widgetview.
 - ``selftest``: the in-Slicer self-test: the console API and the panel flow on the chest CT (``CPCLSegmentTest``).
   imports: consolelogic.
 """

@@ -1,5 +1,5 @@
 """The panel widget Slicer instantiates (``CPCLSegmentWidget``): Qt signals call ``PanelController`` actions, a
-``qt.QTimer`` polls the background jobs, ``refresh()`` (``PanelViewMixin``) shows ``controller.view()``; and the
+``qt.QTimer`` polls the background jobs, ``refresh()`` (``WidgetViewMixin``) shows ``controller.view()``; and the
 main window's exit guard (``ExitGuard``). Every decision is ``CPCLSegmentModuleLib.panel.PanelController``'s.
 ``CPCLSegment.py`` exposes the widget under its own name, where Slicer finds it.
 """
@@ -21,7 +21,7 @@ from CPCLSegmentLib.errors import CPCLError
 from CPCLSegmentModuleLib import panel, panelguard, sampledata
 
 from .consolelogic import CPCLSegmentLogic
-from .panelview import PanelViewMixin
+from .widgetview import WidgetViewMixin
 
 
 class ExitGuard(qt.QObject):
@@ -39,7 +39,7 @@ class ExitGuard(qt.QObject):
         return False
 
 
-class CPCLSegmentWidget(PanelViewMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+class CPCLSegmentWidget(WidgetViewMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel: Qt signals call ``PanelController`` actions; ``refresh()`` shows ``controller.view()``."""
 
     POLL_MS = 250

@@ -18,7 +18,7 @@ import slicer
 from CPCLSegmentModuleLib import panelguard
 
 
-class PanelViewMixin:
+class WidgetViewMixin:
     """``refresh()`` maps the controller's view to Qt; ``_settingFromWidgets`` maps a settings widget back."""
 
     def _currentSegment(self) -> str:
