@@ -70,7 +70,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 DEFAULT_RECIPES = ["supervised", "default", "supervised_small", "default_small", "warm_small"]
 # A recipe with a supervised warm start: (its warm start's pace, the pace of its other iterations), as recipes
 # timed by --pace (its own steps are not timed: they would all be warm-start steps).
-PACED_AS = {r: ("supervised_small", "default_small") for r in ("warm_small", "warm25_small", "warm75_small")}
+PACED_AS = {r: ("supervised_small", "default_small") for r, spec in RECIPES.items() if spec.get("warm_start")}
 LABELS = {
     "supervised": "supervised-only (width 16, patch rounded up)",
     "default": "default recipe (CPCL + copy-paste, width 16, patch rounded up)",
