@@ -98,8 +98,7 @@ class CPCLSegmentWidget(WidgetViewMixin, ScriptedLoadableModuleWidget, VTKObserv
                                                                    self.ui.labeledSegmentationSelector.currentNode(),
                                                                    self.ui.sparseCheckBox.checked))
         self.ui.addAllCasesButton.connect("clicked(bool)", lambda: act(c.add_all_cases))
-        self.ui.removeCaseButton.connect("clicked(bool)", lambda: act(c.remove_cases, sorted(
-            {i.row() for i in self.ui.casesTable.selectionModel().selectedRows()})))
+        self.ui.removeCaseButton.connect("clicked(bool)", lambda: act(c.remove_cases, self._selectedRows(self.ui.casesTable)))
         self.ui.moveSegmentUpButton.connect("clicked(bool)", lambda: act(c.move_segment, self._currentSegment(), -1))
         self.ui.moveSegmentDownButton.connect("clicked(bool)", lambda: act(c.move_segment, self._currentSegment(), +1))
         self.ui.checkInputsButton.connect("clicked(bool)", lambda: act(c.check, busy=True))
