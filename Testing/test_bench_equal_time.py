@@ -27,6 +27,10 @@ def test_minutes_become_iterations_at_each_recipes_pace():
     assert E.iterations_for(10, small, "warm_small") == 400
     # the fraction as a lever: a quarter, T (0.25 × 0.5 + 0.75 × 2.5) = 600 -> 300; three quarters, T · 1 = 600 -> 600
     assert E.iterations_for(10, small, "warm25_small") == 300 and E.iterations_for(10, small, "warm75_small") == 600
+    # a learning-rate warm-up costs no time: the warm start's iterations, one setting more
+    assert E.iterations_for(10, small, "warmlr_small") == 400
+    assert {k: v for k, v in E.RECIPES["warmlr_small"].items() if k != "lr_warmup"} == E.RECIPES["warm_small"]
+    assert set(E.STYLE) == set(E.RECIPES) == set(E.LABELS)
     # the levers run when named; the default grid is the study's recipes
     assert E.parse_args([]).recipes == E.DEFAULT_RECIPES and "warm75_small" not in E.DEFAULT_RECIPES
     assert E.parse_args(["--recipes", "warm75_small"]).recipes == ["warm75_small"]

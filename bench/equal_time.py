@@ -66,6 +66,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # the warm start's fraction as a lever (not in the default grid: --recipes names them)
     "warm25_small": dict(method="cpcl", copy_paste=True, small=True, warm_start=0.25),
     "warm75_small": dict(method="cpcl", copy_paste=True, small=True, warm_start=0.75),
+    # a learning-rate warm-up as a lever: the warm start with the first tenth of the iterations' rate rising linearly
+    "warmlr_small": dict(method="cpcl", copy_paste=True, small=True, warm_start=0.5, lr_warmup=0.1),
 }
 DEFAULT_RECIPES = ["supervised", "default", "supervised_small", "default_small", "warm_small"]
 # A recipe with a supervised warm start: (its warm start's pace, the pace of its other iterations), as recipes
@@ -79,6 +81,7 @@ LABELS = {
     "warm_small": "supervised warm start (first half of the iterations), then the default recipe (CPU plan)",
     "warm25_small": "supervised warm start (first quarter of the iterations), then the default recipe (CPU plan)",
     "warm75_small": "supervised warm start (first three quarters of the iterations), then the default recipe (CPU plan)",
+    "warmlr_small": "supervised warm start (first half), learning rate warmed up over the first tenth (CPU plan)",
 }
 
 
@@ -242,7 +245,7 @@ def tables(records: Sequence[Dict[str, Any]], pace: Optional[Dict[str, Any]]) ->
 STYLE = {"supervised": dict(color="tab:blue", linestyle="--", marker="s"), "default": dict(color="tab:orange", linestyle="--", marker="s"),
          "supervised_small": dict(color="tab:blue", marker="o"), "default_small": dict(color="tab:orange", marker="o"),
          "warm_small": dict(color="tab:green", marker="D"), "warm25_small": dict(color="tab:olive", marker="v"),
-         "warm75_small": dict(color="tab:purple", marker="^")}
+         "warm75_small": dict(color="tab:purple", marker="^"), "warmlr_small": dict(color="tab:brown", marker="P")}
 
 
 def plot(records: Sequence[Dict[str, Any]], path: Path) -> bool:

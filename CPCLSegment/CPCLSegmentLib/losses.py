@@ -195,6 +195,13 @@ def sigmoid_rampup(step: float, length: float) -> float:
     return float(torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2)))
 
 
+def learning_rate(step: int, iterations: int, base: float, power: float, warmup: float = 0.0) -> float:
+    """``lr(t) = lr_0 · min(1, (t + 1) / W) · (1 - t/T)^p``: nnU-Net's poly decay over the T iterations (power p),
+    after a linear warm-up over the first W iterations (``warmup`` W = 0: none); ``step`` t counts from 0."""
+    rise = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return base * rise * (1.0 - step / iterations) ** power
+
+
 def total_loss(terms: Dict[str, torch.Tensor], ramp: float, cfg: TrainConfig) -> torch.Tensor:
     """``L = L_s + λ(t)(L_fpc + β L_bpc) + w_mt · r(t) · L_mt [+ L_cp + w_cp · r(t) · L_cp~]`` with
     ``λ(t) = λ_max · r(t)``, ``r`` the ramp-up (``sigmoid_rampup``), λ_max, β, w_mt (``cfg.mt_weight()``) and w_cp

@@ -86,6 +86,7 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata={"min": 0})
     weight_decay: float = field(default=1e-4, metadata={"min": 0})
     poly_power: float = field(default=0.9, metadata={"min": 0})
+    lr_warmup: float = field(default=0.0, metadata={"min": 0})  # linear warm-up: a fraction of the iterations (< 1) or a number
     freeze_encoder: bool = field(default=False, metadata=_flag("--freeze-encoder", "with --init: train only the decoder and head"))
     keep_model_segments: bool = field(default=False, metadata=_flag(
         "--keep-model-segments", "with --init: keep the starting model's segments that yours do not name, as extra outputs "
@@ -94,8 +95,8 @@ class TrainConfig:
     lambda_max: float = field(default=0.1, metadata={"min": 0})
     beta: float = field(default=10.0, metadata={"min": 0})
     rampup: float = field(default=0.4, metadata={"min": 0})  # ramp-up length: a fraction of the semi-supervised iterations (<= 1) or a number (> 1)
-    # Supervised warm start: the first iterations train L_s alone (no unlabeled patches, supervised-only steps); the
-    # unlabeled terms then switch on and ramp up from there. A fraction of the iterations (< 1) or a number (>= 1).
+    # Supervised warm start: the first iterations train L_s alone (supervised-only steps), then the unlabeled terms
+    # switch on and ramp up from there. A fraction of the iterations (< 1) or a number (>= 1).
     warm_start: float = field(default=0.0, metadata=_flag(
         "--warm-start", "train supervised-only for the first iterations, then add the unlabeled terms: a fraction of "
         "the iterations (< 1) or a number of iterations (default 0: none)", min=0))
@@ -121,9 +122,8 @@ class TrainConfig:
     copy_paste: Optional[bool] = None
     copy_paste_weight: float = field(default=0.5, metadata={"min": 0})
     copy_paste_size: float = field(default=2.0 / 3.0, metadata={"min": 0, "min_open": True, "max": 1, "max_open": True})
-    # network (reference: width 16, depth 4, batch norm, feature level 1, dropout 0.5). metadata "network": a model
-    # file records it; "fixed": a starting model (--init) fixes it (a different value given explicitly is refused),
-    # "adopted": the starting model's value is taken
+    # network (reference: width 16, depth 4, batch norm, feature level 1, dropout 0.5). metadata "network": a model file
+    # records it; "fixed": fixed by a starting model (--init; another value given is refused), "adopted": taken from it
     width: int = field(default=16, metadata=_flag("--width", "network width (channels of the first stage)", min=1, network="fixed"))
     depth: int = field(default=4, metadata={"min": 1, "max": 6, "network": "fixed"})
     norm: str = field(default="instance", metadata={"choices": NORMS, "network": "fixed"})
@@ -132,11 +132,9 @@ class TrainConfig:
     # A MONAI network instead of the VNet (``backbones``: an allow-listed class, its arguments, the feature level and
     # array layout), set by ``--init`` from an Auto3DSeg / bundle / MONAI-backbone model; None: the VNet above.
     backbone: Optional[Dict[str, Any]] = None
-    # data
-    foreground_oversample: float = field(default=0.33, metadata={"min": 0, "max": 1})
-    # Mirroring and rot90 are off by default: they swap left/right (lungs, kidneys) and anterior/posterior
-    # (hippocampus head/body), so a flipped patch teaches the wrong class. Turn them on for symmetric,
-    # single-structure tasks (the reference's left atrium).
+    foreground_oversample: float = field(default=0.33, metadata={"min": 0, "max": 1})  # data: nnU-Net's third
+    # Mirroring and rot90 are off by default: they swap left/right (lungs, kidneys) and anterior/posterior (hippocampus
+    # head/body), so a flipped patch teaches the wrong class. On for symmetric single-structure tasks (the left atrium).
     flip: bool = False
     rot90: bool = False
     intensity_prob: float = field(default=0.5, metadata={"min": 0, "max": 1})  # probability of each intensity augmentation (student views; reference: none)
@@ -144,8 +142,7 @@ class TrainConfig:
     teacher_noise: float = field(default=0.0, metadata={"min": 0})  # σ of clipped Gaussian noise on the teacher input (reference 0.1)
     # run
     seed: int = field(default=0, metadata=_flag("--seed", "random seed (weights, patches, augmentation)", min=0, max=2**32 - 1))
-    # metadata "resume_may_change": ``--resume`` may change it in an interrupted run (length, learning rate, how
-    # often it reports, where it runs); any other setting given differently is refused
+    # "resume_may_change": ``--resume`` may change it (length, learning rate, reporting, device); others are refused
     device: str = field(default="auto", metadata={"resume_may_change": True})  # auto | cpu | cuda | cuda:N | mps (--device)
     amp: bool = field(default=True, metadata={"resume_may_change": True})  # CUDA: bf16 / fp16 autocast by compute capability (``precision``); False: fp32 everywhere
     # bf16 autocast on a CPU with native bf16 (AMX-BF16 / AVX512-BF16; elsewhere fp32, saying why): auto | on | off
@@ -234,6 +231,10 @@ class TrainConfig:
         w = self.warm_start * self.iterations if self.warm_start < 1 else self.warm_start
         return int(min(w, self.iterations))
 
+    def lr_warmup_iterations(self) -> float:
+        """The learning-rate warm-up's length in iterations: ``lr_warmup`` × iterations when < 1, else ``lr_warmup``."""
+        return self.lr_warmup * self.iterations if self.lr_warmup < 1 else self.lr_warmup
+
     def rampup_iterations(self) -> float:
         """The ramp-up length T in iterations, counted from the end of the warm start W: ``rampup`` × (iterations - W)
         when ``rampup`` <= 1, else ``rampup``."""
@@ -282,8 +283,8 @@ class RunOptions:
                                      "not 'absent'", "--partial-segments")
     # The module holds out its last case as a validation case (the command line names validation cases itself).
     hold_out_last: bool = _option(False, MODULE + PANEL, "score the model on the last case instead of training on it")
-    # Off unless asked, on every surface (the command line's behaviour; it adds a supervised-only run, about 0.4x the
-    # time). Without it, a semi-supervised run with validation cases says how to check that the unlabeled volumes help.
+    # Off unless asked, on every surface (it adds a supervised-only run, about 0.4x the time). Without it, a run with
+    # validation cases says how to check that the unlabeled volumes help.
     compare_supervised: bool = _option(False, CLI + MODULE + PANEL, "also train supervised-only; keep the better on the "
                                        "validation cases", "--compare-supervised")
     # A later segment in the list wins where segments overlap (organ, then lesion inside it), instead of an error.

@@ -29,7 +29,7 @@ from .data import Augmenter, Case, PatchSampler
 from .devices import describe_device, is_oom, resolve_device  # noqa: F401  (re-exported)
 from .errors import InputError, TrainingDiverged
 from .loader import BatchMaker, host_batches, sampling_workers
-from .losses import LOSS_TERMS, StepInputs, sigmoid_rampup, supervised_terms, total_loss
+from .losses import LOSS_TERMS, StepInputs, learning_rate, sigmoid_rampup, supervised_terms, total_loss
 from .metrics import dice_sums, mean_from_sums
 from .modelfile import Snapshot, state_dict_cpu
 from .network import build_network
@@ -227,7 +227,7 @@ class Trainer:
         (every term, the total, lr and ramp) still on the device: reading them (``read()``, or as a mapping) waits
         for the step to finish and raises ``TrainingDiverged`` when the loss is not finite."""
         cfg = self.cfg
-        lr = cfg.lr * (1.0 - it / cfg.iterations) ** cfg.poly_power
+        lr = learning_rate(it, cfg.iterations, cfg.lr, cfg.poly_power, cfg.lr_warmup_iterations())
         for g in self.opt.param_groups:
             g["lr"] = lr
         warm = cfg.warm_start_iterations()
