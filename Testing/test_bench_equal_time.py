@@ -29,6 +29,8 @@ def test_minutes_become_iterations_at_each_recipes_pace():
     assert E.iterations_for(10, small, "warm25_small") == 300 and E.iterations_for(10, small, "warm75_small") == 600
     # a learning-rate warm-up costs no time: the warm start's iterations, one setting more
     assert E.iterations_for(10, small, "warmlr_small") == 400
+    assert E.iterations_for(10, small, "cpramp_small") == 240  # copy-paste ramped in: the default recipe's steps
+    assert E.RECIPES["cpramp_small"] == dict(E.RECIPES["default_small"], copy_paste_ramp=True)
     assert {k: v for k, v in E.RECIPES["warmlr_small"].items() if k != "lr_warmup"} == E.RECIPES["warm_small"]
     assert set(E.STYLE) == set(E.RECIPES) == set(E.LABELS)
     # the levers run when named; the default grid is the study's recipes

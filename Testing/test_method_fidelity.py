@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -351,6 +352,8 @@ def test_copy_paste_training_step_and_its_weights():
     rest = total_loss({k: v for k, v in terms.items() if not k.startswith("paste")}, r, trainer.cfg)
     total = total_loss(terms, r, trainer.cfg)
     assert float(total - rest) == pytest.approx(float(terms["paste"] + 0.5 * r * terms["paste_pseudo"]), rel=1e-5)
+    ramped = dataclasses.replace(trainer.cfg, copy_paste_ramp=True)  # copy-paste ramped in: its ground truth at r(t) too
+    assert float(total_loss(terms, r, ramped) - rest) == pytest.approx(float(r * terms["paste"] + 0.5 * r * terms["paste_pseudo"]), rel=1e-5)
     values = trainer.step(x, 3)
     assert math.isfinite(values["paste"]) and math.isfinite(values["paste_pseudo"])
     mt = tiny_trainer(method="mean_teacher", copy_paste=True, consistency_weight=0.0)  # BCP: no MSE term

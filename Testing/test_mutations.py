@@ -73,6 +73,10 @@ FAULTS = [
     ("copy-paste pseudo-label term weight ignored", "losses.py",
      "cfg.copy_paste_weight * ramp * terms[\"paste_pseudo\"]", "ramp * terms[\"paste_pseudo\"]"),
     ("β not applied", "losses.py", "(terms[\"forward\"] + cfg.beta * terms[\"backward\"])", "(terms[\"forward\"] + terms[\"backward\"])"),
+    ("copy-paste ramp ignored", "losses.py", "w_p = ramp if cfg.copy_paste_ramp else 1.0", "w_p = 1.0"),
+    ("learning-rate warm-up ignored", "trainer.py",
+     "lr = learning_rate(it, cfg.iterations, cfg.lr, cfg.poly_power, cfg.lr_warmup_iterations())",
+     "lr = learning_rate(it, cfg.iterations, cfg.lr, cfg.poly_power)"),
 ]
 
 

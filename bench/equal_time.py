@@ -68,11 +68,15 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "warm75_small": dict(method="cpcl", copy_paste=True, small=True, warm_start=0.75),
     # a learning-rate warm-up as a lever: the warm start with the first tenth of the iterations' rate rising linearly
     "warmlr_small": dict(method="cpcl", copy_paste=True, small=True, warm_start=0.5, lr_warmup=0.1),
+    # copy-paste ramped in as a lever: the default recipe with its ground-truth term at r(t) too
+    "cpramp_small": dict(method="cpcl", copy_paste=True, small=True, copy_paste_ramp=True),
 }
 DEFAULT_RECIPES = ["supervised", "default", "supervised_small", "default_small", "warm_small"]
 # A recipe with a supervised warm start: (its warm start's pace, the pace of its other iterations), as recipes
 # timed by --pace (its own steps are not timed: they would all be warm-start steps).
 PACED_AS = {r: ("supervised_small", "default_small") for r, spec in RECIPES.items() if spec.get("warm_start")}
+# A recipe that only weighs the loss terms differently: the pace of the recipe whose steps it runs.
+PACE_OF = {"cpramp_small": "default_small"}
 LABELS = {
     "supervised": "supervised-only (width 16, patch rounded up)",
     "default": "default recipe (CPCL + copy-paste, width 16, patch rounded up)",
@@ -82,6 +86,7 @@ LABELS = {
     "warm25_small": "supervised warm start (first quarter of the iterations), then the default recipe (CPU plan)",
     "warm75_small": "supervised warm start (first three quarters of the iterations), then the default recipe (CPU plan)",
     "warmlr_small": "supervised warm start (first half), learning rate warmed up over the first tenth (CPU plan)",
+    "cpramp_small": "default recipe, copy-paste ramped in with the unlabeled terms (CPU plan)",
 }
 
 
@@ -128,7 +133,7 @@ def measure_pace(data: A.Data, recipes: Sequence[str], budget: int, steps: int, 
     """Median seconds per training step of each recipe, ``THREADS`` torch threads, recipes interleaved."""
     torch.set_num_threads(THREADS)
     trainers = {}
-    recipes = [r for r in recipes if r not in PACED_AS]
+    recipes = [r for r in recipes if r not in PACED_AS and r not in PACE_OF]
     for r in recipes:
         split = C.split_train(data.splits["train"], budget, 0, data.validation_size)
         cfg = recipe_config(r, 0, data, split["labeled"])
@@ -167,7 +172,7 @@ def iterations_for(minutes: float, pace: Dict[str, Any], recipe: str) -> int:
         f = RECIPES[recipe]["warm_start"]
         t_sup, t = (pace[r]["seconds_per_iteration"] for r in PACED_AS[recipe])
         return max(1, int(math.floor(minutes * 60.0 / (f * t_sup + (1 - f) * t))))
-    return max(1, int(math.floor(minutes * 60.0 / pace[recipe]["seconds_per_iteration"])))
+    return max(1, int(math.floor(minutes * 60.0 / pace[PACE_OF.get(recipe, recipe)]["seconds_per_iteration"])))
 
 
 def jobs_for(data: A.Data, pace: Dict[str, Any], recipes: Sequence[str], budgets: Sequence[int], minutes: Sequence[float],
@@ -245,7 +250,8 @@ def tables(records: Sequence[Dict[str, Any]], pace: Optional[Dict[str, Any]]) ->
 STYLE = {"supervised": dict(color="tab:blue", linestyle="--", marker="s"), "default": dict(color="tab:orange", linestyle="--", marker="s"),
          "supervised_small": dict(color="tab:blue", marker="o"), "default_small": dict(color="tab:orange", marker="o"),
          "warm_small": dict(color="tab:green", marker="D"), "warm25_small": dict(color="tab:olive", marker="v"),
-         "warm75_small": dict(color="tab:purple", marker="^"), "warmlr_small": dict(color="tab:brown", marker="P")}
+         "warm75_small": dict(color="tab:purple", marker="^"), "warmlr_small": dict(color="tab:brown", marker="P"),
+         "cpramp_small": dict(color="tab:pink", marker="X")}
 
 
 def plot(records: Sequence[Dict[str, Any]], path: Path) -> bool:

@@ -203,17 +203,19 @@ def learning_rate(step: int, iterations: int, base: float, power: float, warmup:
 
 
 def total_loss(terms: Dict[str, torch.Tensor], ramp: float, cfg: TrainConfig) -> torch.Tensor:
-    """``L = L_s + λ(t)(L_fpc + β L_bpc) + w_mt · r(t) · L_mt [+ L_cp + w_cp · r(t) · L_cp~]`` with
+    """``L = L_s + λ(t)(L_fpc + β L_bpc) + w_mt · r(t) · L_mt [+ w_p(t) · L_cp + w_cp · r(t) · L_cp~]`` with
     ``λ(t) = λ_max · r(t)``, ``r`` the ramp-up (``sigmoid_rampup``), λ_max, β, w_mt (``cfg.mt_weight()``) and w_cp
-    (``cfg.copy_paste_weight``) from the config; absent terms count 0."""
+    (``cfg.copy_paste_weight``) from the config, w_p(t) = r(t) with ``cfg.copy_paste_ramp`` (copy-paste ramped in),
+    else 1; absent terms count 0."""
     loss = terms["supervised"]
     if "forward" in terms:
         loss = loss + cfg.lambda_max * ramp * (terms["forward"] + cfg.beta * terms["backward"])
     w_mt = cfg.mt_weight()
     if "consistency" in terms and w_mt:
         loss = loss + w_mt * ramp * terms["consistency"]
-    if "paste" in terms:  # copy-paste: ground truth at weight 1, the teacher's pseudo-labels at copy_paste_weight · r(t)
-        loss = loss + terms["paste"] + cfg.copy_paste_weight * ramp * terms["paste_pseudo"]
+    if "paste" in terms:  # copy-paste: ground truth at weight 1 (or r(t)), the teacher's pseudo-labels at w_cp · r(t)
+        w_p = ramp if cfg.copy_paste_ramp else 1.0
+        loss = loss + w_p * terms["paste"] + cfg.copy_paste_weight * ramp * terms["paste_pseudo"]
     return loss
 
 

@@ -91,8 +91,7 @@ class TrainConfig:
     keep_model_segments: bool = field(default=False, metadata=_flag(
         "--keep-model-segments", "with --init: keep the starting model's segments that yours do not name, as extra outputs "
         "(your labeled cases then count them as background where they do not label them)"))
-    # CPCL loss: L = L_s + λ(t)(L_fpc + β L_bpc) [+ w_mt · r(t) · L_mt]
-    lambda_max: float = field(default=0.1, metadata={"min": 0})
+    lambda_max: float = field(default=0.1, metadata={"min": 0})  # CPCL loss: L = L_s + λ(t)(L_fpc + β L_bpc) [+ ...]
     beta: float = field(default=10.0, metadata={"min": 0})
     rampup: float = field(default=0.4, metadata={"min": 0})  # ramp-up length: a fraction of the semi-supervised iterations (<= 1) or a number (> 1)
     # Supervised warm start: the first iterations train L_s alone (supervised-only steps), then the unlabeled terms
@@ -116,11 +115,12 @@ class TrainConfig:
     # Cross-image copy-paste (bidirectional copy-paste, Bai et al. CVPR 2023), for cpcl and mean_teacher: labeled
     # patch i and unlabeled patch i are mixed through a box of copy_paste_size of the patch (inward for even i: the
     # unlabeled box pasted into the labeled patch; outward for odd i); the student learns the ground truth where it
-    # is known (term "paste", weight 1) and the teacher's pseudo-label elsewhere ("paste_pseudo", weight
-    # copy_paste_weight · r(t)). None (the default): on for cpcl, where it won on the validation cases of both
-    # benchmarks (BENCHMARKS.md), off for mean_teacher (the plain baseline); ``uses_copy_paste()``.
+    # is known (term "paste", weight 1, or r(t) with copy_paste_ramp) and the teacher's pseudo-label elsewhere
+    # ("paste_pseudo", copy_paste_weight · r(t)). None (the default): on for cpcl, where it won on the validation cases
+    # of both benchmarks, off for mean_teacher (the plain baseline); ``uses_copy_paste()``.
     copy_paste: Optional[bool] = None
     copy_paste_weight: float = field(default=0.5, metadata={"min": 0})
+    copy_paste_ramp: bool = False
     copy_paste_size: float = field(default=2.0 / 3.0, metadata={"min": 0, "min_open": True, "max": 1, "max_open": True})
     # network (reference: width 16, depth 4, batch norm, feature level 1, dropout 0.5). metadata "network": a model file
     # records it; "fixed": fixed by a starting model (--init; another value given is refused), "adopted": taken from it
