@@ -86,7 +86,7 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata={"min": 0})
     weight_decay: float = field(default=1e-4, metadata={"min": 0})
     poly_power: float = field(default=0.9, metadata={"min": 0})
-    lr_warmup: float = field(default=0.0, metadata={"min": 0})  # linear warm-up: a fraction of the iterations (< 1) or a number
+    lr_warmup: float = field(default=0.0, metadata={"min": 0})  # linear warm-up: a fraction (< 1) or number of iterations
     freeze_encoder: bool = field(default=False, metadata=_flag("--freeze-encoder", "with --init: train only the decoder and head"))
     keep_model_segments: bool = field(default=False, metadata=_flag(
         "--keep-model-segments", "with --init: keep the starting model's segments that yours do not name, as extra outputs "
@@ -132,7 +132,7 @@ class TrainConfig:
     # A MONAI network instead of the VNet (``backbones``: an allow-listed class, its arguments, the feature level and
     # array layout), set by ``--init`` from an Auto3DSeg / bundle / MONAI-backbone model; None: the VNet above.
     backbone: Optional[Dict[str, Any]] = None
-    foreground_oversample: float = field(default=0.33, metadata={"min": 0, "max": 1})  # data: nnU-Net's third
+    foreground_oversample: float = field(default=0.33, metadata={"min": 0, "max": 1})  # data: as nnU-Net
     # Mirroring and rot90 are off by default: they swap left/right (lungs, kidneys) and anterior/posterior (hippocampus
     # head/body), so a flipped patch teaches the wrong class. On for symmetric single-structure tasks (the left atrium).
     flip: bool = False
