@@ -66,3 +66,19 @@ def test_the_plot_has_one_panel_per_setting_and_every_budget_of_the_grid_on_its_
     colours = {c.get_label(): c.lines[0].get_color() for c in ax.containers}  # one colour per recipe, as in STYLE
     assert colours == {E.LABELS[r]: E.STYLE[r]["color"] for r in ("supervised_small", "warm_small")}
     assert len(seen["fig"].legends) == 1 and E.plot([], tmp_path / "none.png") is False
+
+
+def test_the_all_labeled_bound_is_a_line_in_its_data_set_s_panels_not_a_panel(tmp_path, monkeypatch):
+    import equal_time as E
+    import matplotlib.figure
+
+    seen = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: seen.update(fig=fig))
+    la = [dict(_record(r, s, 0.85, 0.85, 100), dataset="la", budget=8, key=f"la{r}{s}") for r in ("supervised_small", "warm_small")
+          for s in (0, 1)]
+    bound = [dict(_record("supervised_small", 0, 0.915, 0.91, 100), dataset="la", budget=E.BOUND_LABELED["la"], key="bound")]
+    assert E.plot(la + bound, tmp_path / "p.png")
+    (ax,) = seen["fig"].axes  # one panel: the 8-labeled one
+    assert "8 labeled" in ax.get_title()
+    assert [line.get_ydata()[0] for line in ax.lines if line.get_linestyle() == ":"] == [91.5]
+    assert E.BOUND_LABEL in [t.get_text() for t in seen["fig"].legends[0].get_texts()]
