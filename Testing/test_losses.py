@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,23 +114,6 @@ def test_learning_rate_warms_up_linearly_then_decays_as_poly():
     assert learning_rate(4, 100, 2.0, 1.0, warmup=10) == pytest.approx(2.0 * 0.5 * 0.96)
     assert learning_rate(9, 100, 1.0, 0.9, warmup=10) == pytest.approx(0.91 ** 0.9)  # full height from step W - 1 on
     assert learning_rate(60, 100, 1.0, 0.9, warmup=10) == learning_rate(60, 100, 1.0, 0.9)
-
-
-def test_the_trainer_steps_with_the_warm_up_schedule():
-    from CPCLSegmentLib.data import make_case
-    from CPCLSegmentLib.trainer import Trainer
-
-    rng = np.random.RandomState(0)
-    img = rng.randn(16, 32, 32).astype(np.float32)
-    cfg = TrainConfig(patch_size=(16, 16, 16), width=4, depth=2, device="cpu", method="supervised", iterations=8,
-                      lr=0.01, lr_warmup=0.5)
-    assert cfg.lr_warmup_iterations() == 4 and TrainConfig(iterations=8, lr_warmup=3).lr_warmup_iterations() == 3
-    t = Trainer(cfg, [make_case("a", img, (img > 0.5).astype(np.int16))], [], 2)
-    for it in range(8):
-        values = t.step(t.sample(it), it).read()
-        assert values["lr"] == pytest.approx(learning_rate(it, 8, 0.01, 0.9, 4))
-        assert t.opt.param_groups[0]["lr"] == pytest.approx(values["lr"])
-    assert [learning_rate(i, 8, 0.01, 0.9, 4) for i in range(3)] == pytest.approx([0.0025, 0.005 * 0.875 ** 0.9, 0.0075 * 0.75 ** 0.9])
 
 
 def test_consistency_and_rampup():

@@ -1,6 +1,7 @@
 """The supervised warm start (``TrainConfig.warm_start``): its first iterations are supervised-only steps (no
 unlabeled patches sampled, L_s alone), the unlabeled terms then switch on with their ramp-up counted from there, and
-``--minutes`` charges the warm-start iterations the supervised pace."""
+``--minutes`` charges the warm-start iterations the supervised pace; and the learning-rate warm-up
+(``TrainConfig.lr_warmup``) the trainer steps with."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from CPCLSegmentLib import pace
 from CPCLSegmentLib.data import make_case
-from CPCLSegmentLib.losses import sigmoid_rampup
+from CPCLSegmentLib.losses import learning_rate, sigmoid_rampup
 from CPCLSegmentLib.settings import TrainConfig
 from CPCLSegmentLib.trainer import Trainer
 
@@ -58,6 +59,16 @@ def test_the_warm_start_trains_like_supervised_only_until_it_ends():
         sup.step(sup.sample(it), it).read()
     a, b = warm.student.state_dict(), sup.student.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_trainer_steps_with_the_learning_rate_warm_up():
+    t = _trainer(method="supervised", iterations=8, lr=0.01, lr_warmup=0.5)
+    assert t.cfg.lr_warmup_iterations() == 4 and TrainConfig(iterations=8, lr_warmup=3).lr_warmup_iterations() == 3
+    for it in range(8):
+        values = t.step(t.sample(it), it).read()
+        assert values["lr"] == pytest.approx(learning_rate(it, 8, 0.01, 0.9, 4))
+        assert t.opt.param_groups[0]["lr"] == pytest.approx(values["lr"])
+    assert [learning_rate(i, 8, 0.01, 0.9, 4) for i in range(3)] == pytest.approx([0.0025, 0.005 * 0.875 ** 0.9, 0.0075 * 0.75 ** 0.9])
 
 
 def test_minutes_charge_the_warm_start_the_supervised_pace(monkeypatch):
