@@ -81,4 +81,4 @@ def test_the_all_labeled_bound_is_a_line_in_its_data_set_s_panels_not_a_panel(tm
     (ax,) = seen["fig"].axes  # one panel: the 8-labeled one
     assert "8 labeled" in ax.get_title()
     assert [line.get_ydata()[0] for line in ax.lines if line.get_linestyle() == ":"] == [91.5]
-    assert E.BOUND_LABEL in [t.get_text() for t in seen["fig"].legends[0].get_texts()]
+    assert E.BOUND_LABEL.format(minutes=10) in [t.get_text() for t in seen["fig"].legends[0].get_texts()]

@@ -248,7 +248,7 @@ def tables(records: Sequence[Dict[str, Any]], pace: Optional[Dict[str, Any]]) ->
 
 # The all-labeled bound per data set (supervised-only on every training case): a line in the plot, not a panel.
 BOUND_LABELED = {"la": 70}
-BOUND_LABEL = "supervised-only on all labeled training cases, 10 minutes (the bound)"
+BOUND_LABEL = "supervised-only on all labeled training cases (the bound), {minutes:g} minutes"
 
 # One colour per recipe in every panel; the width-16 plan (the product before the study) dashed.
 STYLE = {"supervised": dict(color="tab:blue", linestyle="--", marker="s"), "default": dict(color="tab:orange", linestyle="--", marker="s"),
@@ -281,7 +281,8 @@ def plot(records: Sequence[Dict[str, Any]], path: Path) -> bool:
                 handles[r] = ax.errorbar(xs, ys, yerr=es, capsize=3, label=LABELS.get(r, r), **STYLE.get(r, {}))
         for k, v in summ.items():  # the all-labeled bound of this data set: a dotted line at its score
             if k[:2] == (ds, BOUND_LABELED.get(ds)) and k[3] == "supervised_small":
-                handles["bound"] = ax.axhline(100 * np.mean(v["test"]), color="grey", linestyle=":")
+                handles["bound"] = ax.axhline(100 * np.mean(v["test"]), color="grey", linestyle=":",
+                                              label=BOUND_LABEL.format(minutes=k[2]))
         budgets = sorted(set(BUDGETS) | {k[2] for k in summ})
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets)
@@ -293,7 +294,7 @@ def plot(records: Sequence[Dict[str, Any]], path: Path) -> bool:
         ax.set_title(f"{C.DATASETS[ds].title if ds in C.DATASETS else ds}, {lab} labeled", fontsize=10)
         ax.grid(alpha=0.3)
     order = [r for r in [*RECIPES, "bound"] if r in handles]
-    fig.legend([handles[r] for r in order], [LABELS.get(r, BOUND_LABEL) for r in order], loc="lower center", ncol=2, fontsize=7.5,
+    fig.legend([handles[r] for r in order], [handles[r].get_label() for r in order], loc="lower center", ncol=2, fontsize=7.5,
                frameon=False)
     fig.tight_layout(rect=(0, 0.04 + 0.045 * ((len(order) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=110)
