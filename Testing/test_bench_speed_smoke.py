@@ -129,10 +129,13 @@ def test_gpu_check_smoke(tmp_path):
 
 
 def test_cpu_step_smoke(tmp_path):
-    """fp32, bf16 autocast and torch.compile steps side by side: every variant timed, ratios over fp32."""
-    res, _ = run_script("cpu_step.py", tmp_path, "--variants", "bf16", "compile")
-    assert res["variants"] == ["fp32", "bf16", "compile"] and set(res["summary"]) == set(res["variants"])
-    assert res["bf16_over_fp32_wall"] > 0 and res["over_fp32"]["compile"]["cpu"] > 0
+    """fp32, bf16 autocast, torch.compile and channels-last steps side by side: every variant timed, ratios over
+    fp32; only the channels-last variant trains in channels-last memory format."""
+    res, _ = run_script("cpu_step.py", tmp_path, "--variants", "bf16", "compile", "channels_last")
+    assert res["variants"] == ["fp32", "bf16", "compile", "channels_last"] and set(res["summary"]) == set(res["variants"])
+    assert res["bf16_over_fp32_wall"] > 0 and res["over_fp32"]["compile"]["cpu"] > 0 and res["over_fp32"]["channels_last"]["wall"] > 0
+    assert res["memory_format"] == {"fp32": "contiguous_format", "bf16": "contiguous_format", "compile": "contiguous_format",
+                                    "channels_last": "channels_last_3d"}
     assert all(len(v["wall"]) == res["steps"] * res["repeats"] for v in res["raw"].values())
 
 
