@@ -163,3 +163,26 @@ def test_a_cpu_bf16_run_steps_in_bf16_where_the_cpu_has_it(monkeypatch):
     handle.remove()
     assert torch.bfloat16 in seen and np.isfinite(values["total"])
     assert all(p.dtype == torch.float32 for p in trainer.student.parameters())  # weights and optimizer stay fp32
+
+
+def test_the_cpu_trains_in_channels_last_as_cuda_does_and_computes_the_same_step():
+    """``channels_last`` (default on) puts the networks and the step's 5-D activations in channels-last 3D on the
+    CPU; off, both stay contiguous; the two compute the same losses and the same gradients (up to rounding; not the
+    same updated weights: the optimizer's first step divides by sqrt(v) + eps, where rounding-level gradients grow)."""
+    fmt, seen, values, grads = torch.channels_last_3d, {}, {}, {}
+    for on in (True, False):
+        t = _tiny_trainer(channels_last=on, copy_paste=True)
+        weights = [p for net in (t.student, t.teacher) for p in net.parameters() if p.dim() == 5]
+        if on:  # every conv weight channels-last (a 1-channel or 1×1×1 kernel is both), most not contiguous
+            assert all(p.is_contiguous(memory_format=fmt) for p in weights)
+            assert sum(not p.is_contiguous() for p in weights) > len(weights) // 2
+        else:
+            assert all(p.is_contiguous() for p in weights)
+        t.student.encoder[0][0].register_forward_hook(lambda m, i, o, on=on: seen.setdefault(on, o))  # width channels
+        values[on] = t.step(t.sample(0), 0).read()
+        grads[on] = {k: p.grad for k, p in t.student.named_parameters()}  # kept until the next step
+    assert seen[True].is_contiguous(memory_format=fmt) and not seen[True].is_contiguous() and seen[False].is_contiguous()
+    assert {"forward", "backward", "paste"} <= set(values[True]) and set(values[True]) == set(values[False])
+    assert all(values[True][k] == pytest.approx(values[False][k], rel=1e-4, abs=1e-6) for k in values[True])
+    for k, g in grads[False].items():
+        assert float((grads[True][k] - g).abs().max()) <= 1e-4 * float(g.abs().max()) + 1e-9, k

@@ -147,7 +147,7 @@ class TrainConfig:
     amp: bool = field(default=True, metadata={"resume_may_change": True})  # CUDA: bf16 / fp16 autocast by compute capability (``precision``); False: fp32 everywhere
     # bf16 autocast on a CPU with native bf16 (AMX-BF16 / AVX512-BF16; elsewhere fp32, saying why): auto | on | off
     cpu_bf16: str = field(default="off", metadata={"choices": CPU_BF16_CHOICES, "resume_may_change": True})
-    channels_last: bool = field(default=True, metadata={"resume_may_change": True})  # CUDA only
+    channels_last: bool = field(default=True, metadata={"resume_may_change": True})  # channels_last_3d: CUDA and CPU
     compile: bool = field(default=False, metadata={"resume_may_change": True})
     # processes sampling patches ahead of the step (torch DataLoader workers); None: none (4 is the GPU check's setting)
     sampling_workers: Optional[int] = field(default=None, metadata={"min": 0, "resume_may_change": True})
