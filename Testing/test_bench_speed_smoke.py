@@ -71,6 +71,7 @@ def test_memory_smoke(tmp_path):
     res, table = run_script("memory.py", tmp_path)
     rows = res["grid"]
     assert [r["method"] for r in rows] == ["cpcl", "supervised"]
+    assert all(r["channels_last"] and not r["copy_paste"] for r in rows)  # the engine's default memory format
     for r in rows:
         assert r["peak_rss_bytes"] >= r["base_rss_bytes"] > 0
         assert r["estimate"]["total"] > 0

@@ -48,7 +48,9 @@ GRID = [
     ("mean_teacher 48x64x64 w16 2+2", "mean_teacher", (48, 64, 64), 2, 2, 16, 2),
     ("supervised 48x64x64 w16 2", "supervised", (48, 64, 64), 2, 2, 16, 2),
     ("cpcl 48x64x64 w16 1+1", "cpcl", (48, 64, 64), 1, 1, 16, 2),
-    ("cpcl 48x64x48 w16 2+2 (hippocampus CPU plan)", "cpcl", (48, 64, 48), 2, 2, 16, 3),
+    ("cpcl 48x64x48 w16 2+2 (hippocampus, width 16)", "cpcl", (48, 64, 48), 2, 2, 16, 3),
+    ("cpcl 32x48x32 w8 2+2 copy-paste (hippocampus CPU plan)", "cpcl", (32, 48, 32), 2, 2, 8, 3, True),
+    ("cpcl 32x64x80 w8 2+2 copy-paste (left atrium CPU plan)", "cpcl", (32, 64, 80), 2, 2, 8, 2, True),
     ("cpcl 16x96x96 w16 2+2 K8 (CTChest4 CPU plan)", "cpcl", (16, 96, 96), 2, 2, 16, 8),
     ("cpcl 64x64x64 w16 2+2 (CPU patch cap)", "cpcl", (64, 64, 64), 2, 2, 16, 4),
     ("cpcl 48x64x64 w32 2+2", "cpcl", (48, 64, 64), 2, 2, 32, 2),
@@ -99,8 +101,10 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
     patch, k, width = tuple(spec["patch"]), int(spec["K"]), int(spec["width"])
     lb, ub = int(spec["labeled"]), int(spec["unlabeled"])
     amp = device.type == "cuda" and bool(spec.get("amp", False))
-    cfg = config(spec["method"], patch, width, labeled_batch=lb, unlabeled_batch=ub, device=str(device), amp=amp)
-    est = estimate_memory(patch, lb, ub, width, 4, k, spec["method"], cfg.optimizer, amp, device_type=device.type)
+    cfg = config(spec["method"], patch, width, labeled_batch=lb, unlabeled_batch=ub, device=str(device), amp=amp,
+                 copy_paste=bool(spec.get("copy_paste")), channels_last=bool(spec.get("channels_last", True)))
+    est = estimate_memory(patch, lb, ub, width, 4, k, spec["method"], cfg.optimizer, amp, device_type=device.type,
+                          copy_paste=cfg.uses_copy_paste())
     batches = make_batches(1, lb, ub, patch, k, 0, device)
     runner = StepRunner(cfg, k)
     if device.type == "cuda":
@@ -128,11 +132,17 @@ def run_child(spec: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def grid(settings: List[Any], steps: int, device: str, threads: Optional[int], log) -> List[Dict[str, Any]]:
+def grid(settings: List[Any], steps: int, device: str, threads: Optional[int], log, channels_last: bool = True,
+         match: Optional[str] = None) -> List[Dict[str, Any]]:
+    """One child per setting ``(name, method, patch, labeled, unlabeled, width, K[, copy-paste])`` whose name
+    contains ``match``; ``channels_last``: the engine's memory-format setting (default on, as in the product)."""
     rows = []
-    for name, method, patch, lb, ub, width, k in settings:
+    for name, method, patch, lb, ub, width, k, *cp in settings:
+        if match and match not in name:
+            continue
         spec = {"method": method, "patch": list(patch), "labeled": lb, "unlabeled": ub, "width": width, "K": k,
-                "steps": steps, "device": device, "threads": threads, "amp": device.startswith("cuda")}
+                "steps": steps, "device": device, "threads": threads, "amp": device.startswith("cuda"),
+                "copy_paste": bool(cp and cp[0]), "channels_last": channels_last}
         r = run_child(spec)
         est = r["estimate"]["total"]
         training = r["peak_rss_bytes"] - r["base_rss_bytes"]
@@ -191,7 +201,7 @@ def parse_bytes(text: str) -> float:
     return float(num) * {"B": 1, "KiB": 1024, "MiB": MIB, "GiB": 1024**3, "TiB": 1024**4}[unit]
 
 
-def cli_runs(iterations: int, threads: Optional[int], log) -> Dict[str, Any]:
+def cli_runs(iterations: int, threads: Optional[int], log, channels_last: bool = True) -> Dict[str, Any]:
     data = slicerio_data_dir()
     ct, seg = str(data / "CTChest4.nrrd"), str(data / "Segmentation.seg.nrrd")
     base = cli_base(threads)
@@ -203,9 +213,14 @@ def cli_runs(iterations: int, threads: Optional[int], log) -> Dict[str, Any]:
             ("train CTChest4 (128x128x34), all 7 segments", ["train", "--labeled", ct, seg, "--unlabeled", ct]),
             ("train CT 256x256x128, all 7 segments", ["train", "--labeled", big, seg, "--unlabeled", big]),
         ]
+        extra: List[str] = []
+        if not channels_last:  # the engine's setting, in a --config file as a user would
+            (Path(d) / "contiguous.json").write_text('{"channels_last": false}')
+            extra = ["--config", str(Path(d) / "contiguous.json")]
         for name, a in cases:
             model = str(Path(d) / (name.split()[1] + ".pt"))
-            r = cli_run([*a, "--out", model, "--iterations", str(iterations), "--device", "cpu", "--progress", "json"], threads)
+            r = cli_run([*a, "--out", model, "--iterations", str(iterations), "--device", "cpu", "--progress", "json", *extra],
+                        threads)
             summary = next(e for e in r["events"] if e.get("event") == "summary")
             est = parse_bytes(summary["estimated_memory"])
             row = {"name": name, "command": r["command"].replace(d, "$TMP").replace(str(data), "$SLICERIO_DATA"),
@@ -254,6 +269,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--only", choices=["cli", "grid"], default=None)
+    p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
+                   help="the engine's channels_last setting (default on) for every run")
+    p.add_argument("--match", help="only the grid settings whose name contains this")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--iterations", type=int, default=2, help="training iterations of the CLI runs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (grid only)")
@@ -273,17 +291,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result: Dict[str, Any] = {"benchmark": "memory", "command": " ".join(["python", "bench/memory.py", *(argv or sys.argv[1:])]),
                               "machine": machine_info()}
     if args.smoke:
-        result["grid"] = grid(SMOKE_GRID, 1, args.device, args.threads, log)
+        result["grid"] = grid(SMOKE_GRID, 1, args.device, args.threads, log, args.memory_format == "channels_last")
     else:
         if args.only in (None, "cli") and args.device == "cpu":
-            result["cli"] = cli_runs(args.iterations, args.threads, log)
+            result["cli"] = cli_runs(args.iterations, args.threads, log, args.memory_format == "channels_last")
         if args.only in (None, "grid"):
-            result["grid"] = grid(GRID, args.steps, args.device, args.threads, log)
+            result["grid"] = grid(GRID, args.steps, args.device, args.threads, log, args.memory_format == "channels_last",
+                                  args.match)
+    out = Path(args.out) if args.out else RESULTS_DIR / ("memory_smoke.json" if args.smoke else "memory.json")
     if result.get("grid"):
         result["proposal"] = proposal(result["grid"], result.get("cli"))
         print(table(result), flush=True)
+        if not args.smoke:
+            out.with_suffix(".md").write_text(table(result) + "\n", encoding="utf-8")
     result["machine"]["load_average_at_end"] = load_average()
-    out = Path(args.out) if args.out else RESULTS_DIR / ("memory_smoke.json" if args.smoke else "memory.json")
     write_json(out, result)
     log(f"wrote {out}")
     return 0
