@@ -3,7 +3,7 @@
 One ``speed_common.StepRunner`` per variant (real ``Trainer`` objects, the product's step: loss terms under the
 trainer's autocast, backward, optimizer, EMA), all starting from the same weights:
 
-- ``fp32``: the default (``cpu_bf16="off"``, eager);
+- ``fp32``: the baseline every ratio is over (``cpu_bf16="off"``, eager, contiguous);
 - ``bf16``: ``cpu_bf16="on"``, bf16 autocast where the CPU computes bf16 natively (``precision.cpu_native_bf16``);
 - ``compile``: ``compile: true``, the student under ``torch.compile`` (inductor's C++ code on the CPU), fp32;
 - ``channels_last``: ``channels_last: true`` (the engine's default), networks and 5-D inputs in channels-last 3D
