@@ -290,20 +290,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     result: Dict[str, Any] = {"benchmark": "memory", "command": " ".join(["python", "bench/memory.py", *(argv or sys.argv[1:])]),
                               "machine": machine_info()}
+    channels_last = args.memory_format == "channels_last"
     if args.smoke:
-        result["grid"] = grid(SMOKE_GRID, 1, args.device, args.threads, log, args.memory_format == "channels_last")
+        result["grid"] = grid(SMOKE_GRID, 1, args.device, args.threads, log, channels_last)
     else:
         if args.only in (None, "cli") and args.device == "cpu":
-            result["cli"] = cli_runs(args.iterations, args.threads, log, args.memory_format == "channels_last")
+            result["cli"] = cli_runs(args.iterations, args.threads, log, channels_last)
         if args.only in (None, "grid"):
-            result["grid"] = grid(GRID, args.steps, args.device, args.threads, log, args.memory_format == "channels_last",
-                                  args.match)
+            result["grid"] = grid(GRID, args.steps, args.device, args.threads, log, channels_last, args.match)
     out = Path(args.out) if args.out else RESULTS_DIR / ("memory_smoke.json" if args.smoke else "memory.json")
     if result.get("grid"):
         result["proposal"] = proposal(result["grid"], result.get("cli"))
-        print(table(result), flush=True)
+        text = table(result)
+        print(text, flush=True)
         if not args.smoke:
-            out.with_suffix(".md").write_text(table(result) + "\n", encoding="utf-8")
+            out.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
     result["machine"]["load_average_at_end"] = load_average()
     write_json(out, result)
     log(f"wrote {out}")
