@@ -76,6 +76,11 @@ def run_rank(rank, world, init_file, out_file, differentiable=True):
     if rank == 0:
         check = [e for e in events if e["event"] == "distributed_check"][0]
         torch.save({"student": trainer.student.state_dict(), "loss": events[1]["loss"], "check": check}, out_file)
+    # as in the CLI, the trainer (whose DDP reducer holds the process group) is gone before the group is destroyed,
+    # and every rank is done with its collectives: a rank once aborted at exit here ("terminate called without an
+    # active exception") with the trainer still alive
+    del trainer
+    dist.barrier()
     ctx.close()
 
 

@@ -27,6 +27,7 @@ Semantics (also in docs/command-line.md, "Training on many GPUs"):
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -109,6 +110,9 @@ class DistributedContext:
         return bool(t.item() > 0)
 
     def close(self) -> None:
+        """Destroys the process group, after collecting unreachable objects that may still hold it (a DDP
+        reducer in a reference cycle): gloo's threads must not outlive the group at the interpreter's exit."""
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
