@@ -140,6 +140,17 @@ def test_cpu_step_smoke(tmp_path):
     assert all(len(v["wall"]) == res["steps"] * res["repeats"] for v in res["raw"].values())
 
 
+def test_predict_layout_smoke(tmp_path):
+    """Sliding-window prediction in both layouts: each timed, the ratio their medians', the same probabilities."""
+    res, _ = run_script("predict_layout.py", tmp_path)
+    r = res["scenarios"]["smoke"]
+    assert r["weight_layout"] == {"contiguous": "contiguous", "channels_last": "channels_last_3d"}
+    assert all(len(v["wall"]) == res["repeats"] == 2 for v in r["raw"].values())
+    s = r["summary"]
+    assert r["channels_last_over_contiguous"]["wall"] == pytest.approx(s["channels_last"]["median_wall_s"] / s["contiguous"]["median_wall_s"])
+    assert 0 <= r["max_abs_probability_difference"] < 1e-4
+
+
 def test_sampling_overlap_smoke(tmp_path):
     res, _ = run_script("sampling_overlap.py", tmp_path)
     assert set(res["summary"]) == {"in_process", "worker"} and res["worker_over_in_process_wall"] > 0
