@@ -5,9 +5,13 @@ Every measurement runs in a **fresh child process** so its peak is its own:
 - ``cli``: the default Slicer / CLI settings. ``python -m CPCLSegmentLib.cli train`` with nothing but the
   data, ``--iterations``, ``--device cpu`` (so width 16, depth 4, batch 2 + 2, the planned patch) on
   (a) slicerio's real chest CT with its Slicer-written segmentation (all 7 segments; the CT is also the
-  unlabeled case) and (b) the same CT synthesised at 256×256×128 (labels resampled onto it by the engine),
-  plus ``cli predict`` on (b). Peak RSS of the child from ``os.wait4`` (the kernel's ``ru_maxrss``); the
-  estimate is the one the CLI prints in its ``summary`` event.
+  unlabeled case), (b) the same CT synthesised at 256×256×128 (labels resampled onto it by the engine) and
+  (c) (b) with ``STUDY_SIZE`` more CTs of that size unlabeled (a study: does the process grow with the number
+  of volumes?), (d) the CT synthesised at 512×512×300 (a real CT's size), plus ``cli predict`` on (b). The runs
+  share one preprocessing cache folder, empty at the start, as a user's first runs: (c) reads (b)'s CT from it
+  and preprocesses its others. Peak RSS of the child from ``os.wait4`` (the kernel's ``ru_maxrss``), and the
+  largest anonymous and file-backed parts seen while polling (``wait_polling_rss``); the estimate is the one
+  the CLI prints in its ``summary`` event. ``--match`` picks CLI runs by name, as it picks grid settings.
 - ``grid``: training steps (``speed_common.StepRunner``: the trainer's exact step on random batches) for
   several patch / batch / width / method settings. The child records its RSS after imports (``base``:
   interpreter + torch + MONAI), then builds the networks and runs ``--steps`` steps; peak RSS − base is what
@@ -41,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_common import RESULTS_DIR, ROOT, load_average, machine_info, slicerio_data_dir, synth_ct, write_json  # noqa: E402
 
 MIB = 1024.0**2
+STUDY_SIZE = 8  # the CLI's study run: this many more 256x256x~128 CTs in the unlabeled stream
 
 # (name, method, patch (D, H, W), labeled batch, unlabeled batch, width, K)
 GRID = [
@@ -166,15 +171,17 @@ def _raw(estimate: Dict[str, float]) -> float:
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def cli_run(args: Sequence[str], threads: Optional[int]) -> Dict[str, Any]:
+def cli_run(args: Sequence[str], threads: Optional[int], cache_dir: Optional[str] = None) -> Dict[str, Any]:
     env = dict(os.environ)
+    if cache_dir:  # the preprocessing cache (prepcache): the benchmark's own, cold at its start
+        env["CPCL_SEGMENT_CACHE_DIR"] = cache_dir
     env["PYTHONPATH"] = str(ROOT / "CPCLSegment") + os.pathsep + env.get("PYTHONPATH", "")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "CPCLSegmentLib.cli", *args]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        _, status, ru = os.wait4(proc.pid, 0)
+        status, ru, split = wait_polling_rss(proc.pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
@@ -183,7 +190,34 @@ def cli_run(args: Sequence[str], threads: Optional[int]) -> Dict[str, Any]:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {stderr[-3000:]}")
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     return {"command": "cpcl-segment " + " ".join(args), "peak_rss_bytes": ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024.0),
-            "cpu_s": ru.ru_utime + ru.ru_stime, "events": events}
+            "cpu_s": ru.ru_utime + ru.ru_stime, "events": events, **split}
+
+
+def wait_polling_rss(pid: int, every: float = 0.2):
+    """``os.wait4(pid)``, reading the child's ``/proc/<pid>/status`` meanwhile (Linux): the largest anonymous
+    resident memory seen (``RssAnon``: what the process needs) and file-backed (``RssFile``: pages of the files
+    it maps, e.g. the preprocessing cache's arrays, which the kernel can drop and re-read), polled every
+    ``every`` seconds (a peak between two polls can be missed; ``ru_maxrss`` is the exact peak of their sum)."""
+    import time
+
+    peaks = {"RssAnon": 0.0, "RssFile": 0.0}
+    status_file = f"/proc/{pid}/status"
+    while True:
+        done, status, ru = os.wait4(pid, os.WNOHANG)
+        if done:
+            break
+        try:
+            with open(status_file) as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], float(value.split()[0]) * 1024.0)
+        except (OSError, ValueError, IndexError):
+            pass
+        time.sleep(every)
+    polled = os.path.exists("/proc/self/status")
+    return status, ru, {"peak_rss_anon_bytes": peaks["RssAnon"] if polled else None,
+                        "peak_rss_file_bytes": peaks["RssFile"] if polled else None}
 
 
 def cli_base(threads: Optional[int]) -> float:
@@ -201,38 +235,58 @@ def parse_bytes(text: str) -> float:
     return float(num) * {"B": 1, "KiB": 1024, "MiB": MIB, "GiB": 1024**3, "TiB": 1024**4}[unit]
 
 
-def cli_runs(iterations: int, threads: Optional[int], log, channels_last: bool = True) -> Dict[str, Any]:
+def cli_runs(iterations: int, threads: Optional[int], log, channels_last: bool = True, match: Optional[str] = None) -> Dict[str, Any]:
     data = slicerio_data_dir()
     ct, seg = str(data / "CTChest4.nrrd"), str(data / "Segmentation.seg.nrrd")
     base = cli_base(threads)
     log(f"[cli] import-only child: peak RSS {base / MIB:.0f} MiB")
     out: Dict[str, Any] = {"import_only_peak_rss_bytes": base, "runs": []}
     with tempfile.TemporaryDirectory(prefix="cpcl-mem-bench-") as d:
-        big = synth_ct(Path(d) / "ct256.nrrd")["path"]
-        cases = [
-            ("train CTChest4 (128x128x34), all 7 segments", ["train", "--labeled", ct, seg, "--unlabeled", ct]),
-            ("train CT 256x256x128, all 7 segments", ["train", "--labeled", big, seg, "--unlabeled", big]),
+        tmp = Path(d)
+        big = str(tmp / "ct256.nrrd")
+
+        def study():  # STUDY_SIZE more CTs of about (b)'s size, each of a different length from (b) and from each
+            # other (different content: the preprocessing cache is keyed by content)
+            return [synth_ct(tmp / f"study{i}.nrrd", (256, 256, 112 + 2 * i))["path"] for i in range(STUDY_SIZE)]
+
+        def large():  # a CT of a real study's size
+            return synth_ct(tmp / "ct512.nrrd", (512, 512, 300))["path"]
+
+        cases = [  # (name, the arguments, made when the case runs: the synthetic CTs are written then)
+            ("train CTChest4 (128x128x34), all 7 segments", lambda: ["--labeled", ct, seg, "--unlabeled", ct]),
+            ("train CT 256x256x128, all 7 segments", lambda: ["--labeled", big, seg, "--unlabeled", big]),
+            (f"train CT 256x256x128, all 7 segments, {STUDY_SIZE} more such CTs unlabeled",
+             lambda: ["--labeled", big, seg, "--unlabeled", big, *study()]),
+            ("train CT 512x512x300, all 7 segments", lambda: ["--labeled", large(), seg, "--unlabeled", str(tmp / "ct512.nrrd")]),
         ]
+        synth_ct(tmp / "ct256.nrrd")
         extra: List[str] = []
         if not channels_last:  # the engine's setting, in a --config file as a user would
             (Path(d) / "contiguous.json").write_text('{"channels_last": false}')
             extra = ["--config", str(Path(d) / "contiguous.json")]
-        for name, a in cases:
-            model = str(Path(d) / (name.split()[1] + ".pt"))
-            r = cli_run([*a, "--out", model, "--iterations", str(iterations), "--device", "cpu", "--progress", "json", *extra],
-                        threads)
+        for i, (name, a) in enumerate(cases):
+            if match and match not in name:
+                continue
+            model = str(Path(d) / f"model{i}.pt")
+            r = cli_run(["train", *a(), "--out", model, "--iterations", str(iterations), "--device", "cpu", "--progress", "json", *extra],
+                        threads, str(Path(d) / "cache"))
             summary = next(e for e in r["events"] if e.get("event") == "summary")
             est = parse_bytes(summary["estimated_memory"])
             row = {"name": name, "command": r["command"].replace(d, "$TMP").replace(str(data), "$SLICERIO_DATA"),
                    "patch_dhw": summary["patch_size"], "estimate_bytes": est, "peak_rss_bytes": r["peak_rss_bytes"],
                    "training_peak_bytes": r["peak_rss_bytes"] - base, "ratio_peak_to_estimate": r["peak_rss_bytes"] / est,
-                   "ratio_training_to_estimate": (r["peak_rss_bytes"] - base) / est, "cpu_s": r["cpu_s"]}
+                   "ratio_training_to_estimate": (r["peak_rss_bytes"] - base) / est, "cpu_s": r["cpu_s"],
+                   "peak_rss_anon_bytes": r["peak_rss_anon_bytes"], "peak_rss_file_bytes": r["peak_rss_file_bytes"]}
             out["runs"].append(row)
-            log(f"[cli] {name}: patch {row['patch_dhw']}, peak RSS {row['peak_rss_bytes'] / MIB:.0f} MiB, "
+            split = (f" (polled peaks: anonymous {row['peak_rss_anon_bytes'] / MIB:.0f} MiB, file-backed "
+                     f"{row['peak_rss_file_bytes'] / MIB:.0f} MiB)") if row["peak_rss_anon_bytes"] is not None else ""
+            log(f"[cli] {name}: patch {row['patch_dhw']}, peak RSS {row['peak_rss_bytes'] / MIB:.0f} MiB{split}, "
                 f"estimate {est / MIB:.0f} MiB, peak / estimate {row['ratio_peak_to_estimate']:.2f}")
-        model = str(Path(d) / "CT.pt")
+        model = str(Path(d) / "model1.pt")  # trained on (b)
+        if not os.path.exists(model):
+            return out
         r = cli_run(["predict", "--model", model, "--image", big, "--out", str(Path(d) / "pred.seg.nrrd"), "--device", "cpu",
-                     "--progress", "none"], threads)
+                     "--progress", "none"], threads, str(Path(d) / "cache"))
         out["predict"] = {"name": "predict CT 256x256x128 with the model trained on it", "peak_rss_bytes": r["peak_rss_bytes"],
                           "cpu_s": r["cpu_s"], "command": r["command"].replace(d, "$TMP")}
         log(f"[cli] predict 256x256x128: peak RSS {r['peak_rss_bytes'] / MIB:.0f} MiB")
@@ -271,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--only", choices=["cli", "grid"], default=None)
     p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
                    help="the engine's channels_last setting (default on) for every run")
-    p.add_argument("--match", help="only the grid settings whose name contains this")
+    p.add_argument("--match", help="only the grid settings and CLI runs whose name contains this")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--iterations", type=int, default=2, help="training iterations of the CLI runs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (grid only)")
@@ -295,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result["grid"] = grid(SMOKE_GRID, 1, args.device, args.threads, log, channels_last)
     else:
         if args.only in (None, "cli") and args.device == "cpu":
-            result["cli"] = cli_runs(args.iterations, args.threads, log, channels_last)
+            result["cli"] = cli_runs(args.iterations, args.threads, log, channels_last, args.match)
         if args.only in (None, "grid"):
             result["grid"] = grid(GRID, args.steps, args.device, args.threads, log, channels_last, args.match)
     out = Path(args.out) if args.out else RESULTS_DIR / ("memory_smoke.json" if args.smoke else "memory.json")
