@@ -32,6 +32,25 @@ def test_memory_estimate_is_what_it_was(args, total, shown):
     assert est == pytest.approx(total, rel=1e-4) and format_bytes(est) == shown
 
 
+def test_the_largest_volume_counts_on_the_cpu_only():
+    """Preprocessing holds the largest volume in the process: on the CPU the estimate adds
+    ``CPU_BYTES_PER_VOLUME_VOXEL`` per voxel of it (a 512x512x300 CT: 900 MiB), the GPU's does not change; the
+    largest volume is taken on its own grid or at the target spacing, whichever has more voxels."""
+    from CPCLSegmentLib.planning import CPU_BYTES_PER_VOLUME_VOXEL, largest_volume_voxels
+
+    args = ((32, 48, 32), 2, 2, 8, 4, 3, "cpcl", "sgd", False)
+    ct = 512 * 512 * 300
+    cpu, cpu_ct = estimate_memory(*args, "cpu", True), estimate_memory(*args, "cpu", True, ct)
+    assert cpu_ct["volume"] == CPU_BYTES_PER_VOLUME_VOXEL * ct and cpu["volume"] == 0.0
+    assert cpu_ct["total"] - cpu["total"] == pytest.approx(900 * 2**20, rel=1e-3)
+    assert estimate_memory(*args, "cuda", True, ct)["total"] == estimate_memory(*args, "cuda", True)["total"]
+    grids = [((512, 512, 300), (0.7, 0.7, 1.0)), ((128, 128, 34), (3.0, 3.0, 10.0))]
+    assert largest_volume_voxels(grids, (1.4, 1.4, 2.0)) == ct  # coarser target: the image grid is larger
+    assert largest_volume_voxels(grids, (1.5, 1.5, 2.5)) == ct
+    assert largest_volume_voxels(grids[1:], (1.5, 1.5, 5.0)) == 256 * 256 * 68  # finer target: the model grid
+    assert largest_volume_voxels([], None) == 0.0
+
+
 def test_planned_patches_are_what_they_were():
     plans = [((40, 56, 40), (1, 1, 1), "cpu", (32, 48, 32)), ((300, 512, 512), (0.8, 0.8, 1.5), "cuda", (128, 128, 128)),
              ((34, 128, 128), (3, 3, 10), "cpu", (16, 96, 96)), ((200, 256, 256), (1, 1, 1), "cuda", (128, 128, 128))]

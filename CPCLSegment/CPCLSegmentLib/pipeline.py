@@ -57,7 +57,7 @@ from .preparation import CaseInfo, Emit, LabeledInput, TrainRequest, inspect_cas
 from .preprocessing import open_cache, preprocess_cases
 from .pretrained import read_starting_point, starting_state
 from .resume import resume_checkpoint
-from .trainchecks import check_case_grids, check_disk_space, check_request
+from .trainchecks import check_case_grids, check_disk_space, check_request, unlabeled_grids
 from .trainer import TrainConfig, Trainer, TrainResult
 
 __all__ = ["LabeledInput", "TrainRequest", "train", "compare_supervised"]
@@ -209,7 +209,8 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     for info in infos:
         info.counts.update({c: 0 for c in range(len(classes), len(all_classes))})
     classes = all_classes
-    plan = plan_run(request, classes, infos, fg_samples, is_ct, init_record, device, say)
+    grids = [(size, sp) for _path, size, sp in unlabeled_grids(request)]  # the largest volume counts in the memory plan
+    plan = plan_run(request, classes, infos, fg_samples, is_ct, init_record, device, say, grids)
     if checkpoint is not None:  # the interrupted run's grid and normalisation, whatever planning says today
         plan.update(spacing=checkpoint["plan"].get("spacing"), normalization=checkpoint["plan"].get("normalization", plan["normalization"]))
     sparse = [item.image for item, info in zip(request.labeled, infos) if info.known_fraction < 1.0]

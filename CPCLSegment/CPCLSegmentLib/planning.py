@@ -41,6 +41,9 @@ BYTES_OVERHEAD = 1.35  # GPU: allocator slack, cuDNN workspaces, prototype maps 
 # validation) plus the tensors counted below at factor 1.0; 512 MiB fell short by up to 390 MiB in the CLI
 # runs at width 8 (docs/benchmarks/memory.md), so 1 GiB keeps the estimate an upper bound.
 CPU_PROCESS_BASE = 1024 * 1024**2
+# CPU: preprocessing the largest volume (reading, reorienting, resampling image and segments) on top of that; a
+# 512x512x300 CT peaked 8.4 bytes per voxel over the estimate without this term (docs/benchmarks/memory.md)
+CPU_BYTES_PER_VOLUME_VOXEL = 12.0
 
 
 def median_spacing(spacings: Sequence[Sequence[float]]) -> List[float]:
@@ -83,9 +86,12 @@ def estimate_memory(
     amp: bool = False,
     device_type: str = "cuda",
     copy_paste: bool = False,
+    volume_voxels: float = 0.0,
 ) -> Dict[str, float]:
     """Estimated peak training memory in bytes, with its parts (CPU: peak RSS of the process; CUDA:
-    allocated GPU memory). ``copy_paste``: the student also sees one mixed patch per labeled/unlabeled pair."""
+    allocated GPU memory). ``copy_paste``: the student also sees one mixed patch per labeled/unlabeled pair.
+    ``volume_voxels``: the largest volume's voxels (``largest_volume_voxels``), preprocessed in the process on
+    the CPU (``CPU_BYTES_PER_VOLUME_VOXEL`` each; no part of the GPU's memory)."""
     voxels = float(np.prod(patch))
     cfg = dict(width=width, depth=depth, num_classes=num_classes)
     per_voxel = activation_voxels_per_input_voxel(cfg)
@@ -98,8 +104,20 @@ def estimate_memory(
         losses += num_classes * voxels * student_batch * 4.0
     params = count_params(width, depth, num_classes) * 4.0 * (5 if optimizer == "sgd" else 6)
     raw = activations + teacher + losses + params
-    total = CPU_PROCESS_BASE + raw if device_type == "cpu" else raw * BYTES_OVERHEAD
-    return {"total": total, "activations": activations, "teacher": teacher, "losses": losses, "parameters": params}
+    volume = CPU_BYTES_PER_VOLUME_VOXEL * float(volume_voxels) if device_type == "cpu" else 0.0
+    total = CPU_PROCESS_BASE + raw + volume if device_type == "cpu" else raw * BYTES_OVERHEAD
+    return {"total": total, "activations": activations, "teacher": teacher, "losses": losses, "parameters": params,
+            "volume": volume}
+
+
+def largest_volume_voxels(grids: Sequence[Tuple[Sequence[int], Sequence[float]]], spacing: Optional[Sequence[float]]) -> float:
+    """The most voxels one volume has, on its own grid or at the target ``spacing`` (x, y, z mm), over ``grids``
+    (each volume's size and spacing, x y z): the largest array preprocessing holds."""
+    most = 0.0
+    for size, sp in grids:
+        model = shape_at_spacing(size, sp, spacing or sp)
+        most = max(most, float(np.prod([float(v) for v in size])), float(np.prod([float(v) for v in model])))
+    return most
 
 
 def available_memory(device_type: str, device_index: Optional[int] = None) -> Optional[float]:
@@ -240,9 +258,11 @@ def smaller_after_oom(cfg: Any, num_classes: int, device_type: str, free: Option
 
 
 def plan_run(request: TrainRequest, classes: List[Dict[str, Any]], infos: Sequence[CaseInfo], fg_samples: Sequence[np.ndarray],
-             looks_ct: bool, init_record: Optional[Dict[str, Any]], device: torch.device, emit: Emit) -> Dict[str, Any]:
+             looks_ct: bool, init_record: Optional[Dict[str, Any]], device: torch.device, emit: Emit,
+             other_grids: Sequence[Tuple[Sequence[int], Sequence[float]]] = ()) -> Dict[str, Any]:
     """The run's plan: target spacing, normalisation, patch size (set in ``request.config`` when not given)
-    and the memory estimate. A starting model (``init_record``) fixes spacing and normalisation."""
+    and the memory estimate (with the largest of the labeled cases and ``other_grids``, the other volumes'
+    sizes and spacings). A starting model (``init_record``) fixes spacing and normalisation."""
     cfg = request.config
     if init_record is not None:
         spacing = init_record.get("spacing")
@@ -268,9 +288,10 @@ def plan_run(request: TrainRequest, classes: List[Dict[str, Any]], infos: Sequen
             budget, cfg.method, planned_amp(cfg, device), cfg.uses_copy_paste(),
         )
         cfg.patch_size = patch
-    if est is None:
+    volume = largest_volume_voxels([(i.size, i.spacing) for i in infos] + list(other_grids), spacing)
+    if est is None or device.type == "cpu":
         est = estimate_memory(cfg.patch_size, cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth, len(classes),
-                              cfg.method, cfg.optimizer, planned_amp(cfg, device), device.type, cfg.uses_copy_paste())
+                              cfg.method, cfg.optimizer, planned_amp(cfg, device), device.type, cfg.uses_copy_paste(), volume)
     return {"spacing": spacing, "normalization": normalization, "patch_size": list(cfg.patch_size),
             "median_shape": median_shape, "memory": est, "orientation": CANONICAL_ORIENTATION}
 
@@ -325,7 +346,7 @@ def check_memory(plan: Dict[str, Any], device: torch.device, cfg: Any, num_class
     free = available_memory(device.type, device.index)
     need = plan["memory"]["total"]
     if free is not None and need > free:
-        smaller = smaller_patch(cfg.patch_size, free * 0.9, cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth,
+        smaller = smaller_patch(cfg.patch_size, free * 0.9 - plan["memory"].get("volume", 0.0), cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth,
                                 num_classes, cfg.method, cfg.optimizer, bool(cfg.amp and device.type == "cuda"), device.type,
                                 cfg.uses_copy_paste())
         patch = (f"a smaller patch (e.g. --patch-size {xyz(smaller)}, estimated to fit)" if smaller else

@@ -108,15 +108,23 @@ def check_each_case_once(request: TrainRequest, say: Emit) -> None:
                                  "(its Dice would not say how the model does on new cases); give it in one role only")
 
 
+def unlabeled_grids(request: TrainRequest) -> List[Tuple[str, Any, Any]]:
+    """``(path, size xyz, spacing xyz)`` of the unlabeled and validation images, from their headers (those whose
+    header cannot be read alone are left out: reading them whole says what is wrong)."""
+    grids = []
+    for path in list(request.unlabeled) + [v.image for v in request.validation]:
+        header = cio.read_header(path)
+        if header is not None:
+            grids.append((path, header[0], header[1]))
+    return grids
+
+
 def check_case_grids(request: TrainRequest, infos: Sequence[CaseInfo], spacing: Optional[Sequence[float]], say: Emit,
                      planned: bool) -> None:
     """Every case at the target spacing: nothing collapses to a few voxels or explodes past memory
     (``planning.check_grids``). ``planned``: the spacing was planned here (not given, nor fixed by a model)."""
     cases = [(i.name, i.size, i.spacing, True) for i in infos]
-    for path in list(request.unlabeled) + [v.image for v in request.validation]:
-        header = cio.read_header(path)
-        if header is not None:
-            cases.append((path, header[0], header[1], False))
+    cases += [(path, size, sp, False) for path, size, sp in unlabeled_grids(request)]
     check_grids(spacing, cases, say, planned)
 
 
