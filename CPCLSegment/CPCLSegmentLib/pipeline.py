@@ -221,9 +221,10 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
         say({"event": "warning", "message": "no unlabeled cases given: training supervised-only" + (
             "; --compare-supervised has nothing to compare (both models would be this supervised one), so one model is trained"
             if request.options.compare_supervised else "")})
-    check_memory(plan, device, cfg, len(classes))
     planned = request.options.spacing is None and init_record is None and checkpoint is None
+    # first the grids: a case too large at the target spacing is named (the memory estimate counts the largest)
     check_case_grids(request, infos, plan["spacing"], say, planned)
+    check_memory(plan, device, cfg, len(classes))
     if cfg.minutes is not None and checkpoint is None:
         cfg = _plan_minutes(run, distributed)
     if rank0:
