@@ -209,8 +209,8 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
     for info in infos:
         info.counts.update({c: 0 for c in range(len(classes), len(all_classes))})
     classes = all_classes
-    grids = [(size, sp) for _path, size, sp in unlabeled_grids(request)]  # the largest volume counts in the memory plan
-    plan = plan_run(request, classes, infos, fg_samples, is_ct, init_record, device, say, grids)
+    others = unlabeled_grids(request)  # headers read once: the memory plan (the largest volume) and the grid check
+    plan = plan_run(request, classes, infos, fg_samples, is_ct, init_record, device, say, [(size, sp) for _, size, sp in others])
     if checkpoint is not None:  # the interrupted run's grid and normalisation, whatever planning says today
         plan.update(spacing=checkpoint["plan"].get("spacing"), normalization=checkpoint["plan"].get("normalization", plan["normalization"]))
     sparse = [item.image for item, info in zip(request.labeled, infos) if info.known_fraction < 1.0]
@@ -223,7 +223,7 @@ def _prepare(request: TrainRequest, emit: Emit, distributed: Any) -> _Run:
             if request.options.compare_supervised else "")})
     planned = request.options.spacing is None and init_record is None and checkpoint is None
     # first the grids: a case too large at the target spacing is named (the memory estimate counts the largest)
-    check_case_grids(request, infos, plan["spacing"], say, planned)
+    check_case_grids(infos, others, plan["spacing"], say, planned)
     check_memory(plan, device, cfg, len(classes))
     if cfg.minutes is not None and checkpoint is None:
         cfg = _plan_minutes(run, distributed)

@@ -346,7 +346,7 @@ def check_memory(plan: Dict[str, Any], device: torch.device, cfg: Any, num_class
     free = available_memory(device.type, device.index)
     need = plan["memory"]["total"]
     if free is not None and need > free:
-        smaller = smaller_patch(cfg.patch_size, free * 0.9 - plan["memory"].get("volume", 0.0), cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth,
+        smaller = smaller_patch(cfg.patch_size, free * 0.9 - plan["memory"]["volume"], cfg.labeled_batch, cfg.unlabeled_batch, cfg.width, cfg.depth,
                                 num_classes, cfg.method, cfg.optimizer, bool(cfg.amp and device.type == "cuda"), device.type,
                                 cfg.uses_copy_paste())
         patch = (f"a smaller patch (e.g. --patch-size {xyz(smaller)}, estimated to fit)" if smaller else

@@ -119,12 +119,13 @@ def unlabeled_grids(request: TrainRequest) -> List[Tuple[str, Any, Any]]:
     return grids
 
 
-def check_case_grids(request: TrainRequest, infos: Sequence[CaseInfo], spacing: Optional[Sequence[float]], say: Emit,
-                     planned: bool) -> None:
+def check_case_grids(infos: Sequence[CaseInfo], others: Sequence[Tuple[str, Any, Any]], spacing: Optional[Sequence[float]],
+                     say: Emit, planned: bool) -> None:
     """Every case at the target spacing: nothing collapses to a few voxels or explodes past memory
-    (``planning.check_grids``). ``planned``: the spacing was planned here (not given, nor fixed by a model)."""
+    (``planning.check_grids``); ``others``: the unlabeled and validation images (``unlabeled_grids``). ``planned``:
+    the spacing was planned here (not given, nor fixed by a model)."""
     cases = [(i.name, i.size, i.spacing, True) for i in infos]
-    cases += [(path, size, sp, False) for path, size, sp in unlabeled_grids(request)]
+    cases += [(path, size, sp, False) for path, size, sp in others]
     check_grids(spacing, cases, say, planned)
 
 
